@@ -1,0 +1,1 @@
+"""pronghorn: fast, exact LoRA fine-tuning of Llama-family models."""

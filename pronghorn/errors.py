@@ -1,0 +1,21 @@
+"""Exceptions pronghorn raises for bad input. Each names the file/row/field at fault."""
+
+
+class PronghornError(Exception):
+    """Base class for errors caused by the user's input or environment, not by a bug."""
+
+
+class CheckpointError(PronghornError):
+    """A model or adapter checkpoint is missing, corrupt or of an unsupported kind."""
+
+
+class UnsupportedModelError(PronghornError):
+    """The checkpoint's architecture is not one pronghorn implements."""
+
+
+class DataError(PronghornError):
+    """A dataset file or row cannot be used; the message names the file, row and field."""
+
+
+class OutputExistsError(PronghornError):
+    """The output location already holds something and overwriting was not asked for."""

@@ -1,0 +1,9 @@
+"""Hot ops, each a plain PyTorch reference plus (later) a Triton kernel, behind one function."""
+
+from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from .lora_linear import lora_linear
+from .rmsnorm import rms_norm
+from .rope import apply_rope, rope_cos_sin
+from .swiglu import swiglu
+
+__all__ = ["IGNORE_INDEX", "apply_rope", "linear_cross_entropy", "lora_linear", "rms_norm", "rope_cos_sin", "swiglu"]

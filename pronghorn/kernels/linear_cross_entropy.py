@@ -1,0 +1,51 @@
+"""Output head + cross-entropy without materialising logits for ignored positions.
+
+``hidden`` [N, H] and ``labels`` [N] are already aligned (the caller shifts). Rows whose label is
+``ignore_index`` are dropped before the matmul; the rest run in chunks so the [tokens x vocab] logits
+never exist all at once. ``num_items`` (tokens counted over a whole accumulated batch) makes
+gradient accumulation exact: each micro-batch returns sum / num_items.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Mean (over ``num_items`` if given, else over the non-ignored tokens) cross-entropy of hidden @ weight^T."""
+    keep = labels != ignore_index
+    h, y = hidden[keep], labels[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = F.linear(h[start : start + chunk_size], weight).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        total = total + F.cross_entropy(logits, y[start : start + chunk_size], reduction="sum")
+    if num_items is None:
+        num_items = keep.sum()
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(total.device)
+    return total / num_items
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The single entry point model code calls for the training loss."""
+    return linear_cross_entropy_reference(hidden, weight, labels, num_items, ignore_index, softcap)

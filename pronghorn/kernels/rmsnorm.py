@@ -1,0 +1,19 @@
+"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back (as Hugging Face does)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """Plain PyTorch RMSNorm. ``offset=1.0`` gives the Gemma form ``(1 + w)``."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight + offset if offset else weight
+    return w * h.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm over the last dimension; the single entry point model code calls."""
+    return rms_norm_reference(x, weight, eps, offset)

@@ -1,0 +1,95 @@
+"""Grouped-query self-attention through torch SDPA, with causal, padding and sliding-window masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import apply_rope, rms_norm
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .linear import Linear
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, q_len, kv_len] (True = may attend), or None when plain causal suffices.
+
+    Queries are the last ``q_len`` of ``kv_len`` positions. ``attention_mask`` [B, kv_len] marks real
+    tokens (1) and padding (0). A query with no visible key (a padding row) is let see every key so
+    SDPA stays finite; its output is never used.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and window is None and (q_len == kv_len or q_len == 1):
+        return None
+    past = kv_len - q_len
+    q_idx = torch.arange(past, kv_len, device=device)[:, None]
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed[None, None]
+    if padded:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention with GQA (k/v have fewer heads than q)."""
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.window_of(layer_idx)
+        kw = dict(dtype=dtype, device=device)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, cfg.qkv_bias, **kw)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, cfg.qkv_bias, **kw)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, cfg.qkv_bias, **kw)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = _HeadNorm(self.head_dim, cfg.rms_norm_eps, **kw)
+            self.k_norm = _HeadNorm(self.head_dim, cfg.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict, cache: KVCache | None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        mask = masks[self.window]
+        causal = mask is None and t > 1 and t == k.shape[2]
+        out = sdpa(q, k, v, mask, causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class _HeadNorm(nn.Module):
+    """Per-head RMSNorm of q and k (Qwen3)."""
+
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

@@ -1,0 +1,174 @@
+"""The decoder-only transformer shared by Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and SmolLM2.
+
+Module and parameter names follow Hugging Face (``model.layers.3.self_attn.q_proj.weight``), so HF
+checkpoints and PEFT adapters map 1:1. Family differences are config flags (see ``config.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..kernels import IGNORE_INDEX, linear_cross_entropy, rms_norm, rope_cos_sin, swiglu
+from .attention import Attention, build_attention_mask
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .linear import Linear
+from .rope_scaling import rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.self_attn = Attention(cfg, layer_idx, **kw)
+        self.mlp = MLP(cfg, **kw)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    def forward(self, x, cos, sin, masks, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.gradient_checkpointing = False
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        seq_len = int(position_ids.max()) + 1 if cfg.rope["rope_type"] == "dynamic" else None
+        key = (position_ids.device, seq_len)
+        if getattr(self, "_inv_freq_key", None) != key:
+            inv, scale = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
+            self._inv_freq, self._rope_scale, self._inv_freq_key = inv.to(position_ids.device), scale, key
+        return rope_cos_sin(self._inv_freq, position_ids, dtype, self._rope_scale)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, t)
+        cos, sin = self._rope(position_ids, x.dtype)
+        windows = {self.cfg.window_of(i) for i in range(len(self.layers))}
+        masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device) for w in windows}
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, masks, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks, cache)
+        if cache is not None:
+            cache.advance(t)
+        return self.norm(x)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Decoder + output head. ``forward`` matches transformers' CausalLM calling convention."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, dtype=dtype, device=device)
+        if cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, device=device)
+        self.lora_config = None  # set when an adapter is attached (models.lora.LoRAConfig)
+
+    # --- transformers-style accessors (HF Trainer / TRL look for these) ---
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool | None = None,
+        **unused,
+    ) -> CausalLMOutputWithPast:
+        """With ``labels`` the loss is the mean next-token cross-entropy over non-ignored labels (or the sum
+        divided by ``num_items_in_batch``). While training with labels, logits are not materialised unless
+        ``return_logits=True``; otherwise they are returned as transformers does."""
+        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        loss = None
+        if labels is not None:
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            loss = linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1), num_items_in_batch
+            )
+        if return_logits is None:
+            return_logits = labels is None or not (self.training and torch.is_grad_enabled())
+        logits = None
+        if return_logits:
+            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = self.lm_head(h)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)

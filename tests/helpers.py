@@ -1,0 +1,52 @@
+"""Shared test helpers: tiny configs of every family, built both as HF models and as pronghorn models."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from pronghorn.models.config import ModelConfig
+from pronghorn.models.decoder import DecoderForCausalLM
+
+_BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, hidden_act="silu")
+
+TINY_CONFIGS = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "llama3_gqa_rope_scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama_linear_rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "llama_dynamic_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        max_position_embeddings=8, rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    "llama_yarn_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    "llama_bias_headdim": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True, head_dim=16)),
+    "smollm2_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=100000.0)),
+    "mistral_sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5, head_dim=16)),
+    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen2_sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+}
+
+
+def make_pair(name: str, dtype=torch.float32, seed: int = 0):
+    """(hf_model, pronghorn_model) with identical random weights."""
+    cfg_cls, model_cls, extra = TINY_CONFIGS[name]
+    kwargs = {**_BASE, **extra}
+    hf_cfg = getattr(transformers, cfg_cls)(**kwargs)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(hf_cfg).to(dtype).eval()
+    with torch.no_grad():  # norms are ones by default; randomise them so they are tested
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = DecoderForCausalLM(ModelConfig.from_hf_dict(hf_cfg.to_dict()), dtype=dtype)
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    assert all(k == "lm_head.weight" for k in missing), missing
+    ours.tie_weights()
+    return hf, ours.eval()
