@@ -7,6 +7,7 @@ import transformers
 
 from pronghorn.models.config import ModelConfig
 from pronghorn.models.decoder import DecoderForCausalLM
+from pronghorn.models.lora import LoRAConfig, attach_lora
 
 _BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, hidden_act="silu")
@@ -50,3 +51,21 @@ def make_pair(name: str, dtype=torch.float32, seed: int = 0):
     assert all(k == "lm_head.weight" for k in missing), missing
     ours.tie_weights()
     return hf, ours.eval()
+
+
+def tiny_lora_model(dropout=0.0, dtype=torch.float32):
+    _, model = make_pair("llama3_gqa_rope_scaling", dtype=dtype)
+    attach_lora(model, LoRAConfig(r=4, lora_alpha=8, lora_dropout=dropout), seed=11)
+    return model
+
+
+def random_examples(n=16, seed=0):
+    """Sequences of different lengths whose first few labels are masked (a 'prompt')."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(5, 21, (1,), generator=g))
+        ids = torch.randint(3, 97, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, length - 2, (1,), generator=g))
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out

@@ -26,9 +26,10 @@ def linear_cross_entropy_reference(
     """Mean (over ``num_items`` if given, else over the non-ignored tokens) cross-entropy of hidden @ weight^T."""
     keep = labels != ignore_index
     h, y = hidden[keep], labels[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # at least fp32
+    total = hidden.new_zeros((), dtype=acc)
     for start in range(0, h.shape[0], chunk_size):
-        logits = F.linear(h[start : start + chunk_size], weight).float()
+        logits = F.linear(h[start : start + chunk_size], weight).to(acc)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         total = total + F.cross_entropy(logits, y[start : start + chunk_size], reduction="sum")

@@ -70,7 +70,8 @@ def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 3407) -> nn.Mo
     gen = torch.Generator().manual_seed(seed)
     count = 0
     for _, module in lora_targets(model, config.target_modules, config.layers_to_transform):
-        module.add_lora(config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, generator=gen)
+        dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32  # adapters: >= fp32
+        module.add_lora(config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, gen, dtype)
         count += 1
     if count == 0:
         raise PronghornError(f"no module matched target_modules={config.target_modules}")

@@ -1,0 +1,297 @@
+"""Read a GGUF checkpoint (llama.cpp's format) into a Hugging Face-style config and float32 state dict.
+
+Only dense decoder families pronghorn implements are accepted: ``llama`` (Llama, SmolLM2, Mistral-as-llama)
+and ``qwen2``. Quantized tensors are dequantized with ``gguf.quants.dequantize``; llama.cpp's rope
+permutation of the ``llama`` q/k projections is undone, so the result matches what transformers loads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# GGUF per-layer tensor stem -> Hugging Face per-layer module name.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Tensors llama.cpp writes that carry no weights of their own (old rotary inv_freq caches).
+_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
+
+
+@dataclass
+class GGUFCheckpoint:
+    """What :func:`read_gguf` returns: HF ``config.json``-style dict, HF-named float32 tensors, chat template."""
+
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    chat_template: str | None = None
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Read the GGUF file at ``path`` into a :class:`GGUFCheckpoint` (float32, Hugging Face names).
+
+    Raises :class:`CheckpointError` for a missing, truncated or corrupt file (naming the file and, where it
+    applies, the tensor) and :class:`UnsupportedModelError` for architectures other than llama/qwen2.
+    """
+    path = Path(path)
+    reader = _open_reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise CheckpointError(f"{path}: GGUF metadata lacks general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported; pronghorn reads {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config(reader, path, arch, tensors)
+    state_dict = _state_dict(path, arch, config, tensors)
+    return GGUFCheckpoint(config=config, state_dict=state_dict, chat_template=_field(reader, "tokenizer.chat_template"))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The Hugging Face fast tokenizer embedded in the GGUF at ``path`` (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises assorted types for bad metadata
+        raise CheckpointError(f"{path}: cannot build the tokenizer from the GGUF metadata: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file (expected a .gguf checkpoint)")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # ValueError for bad magic, assorted errors for truncated files
+        raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from e
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    """A metadata value as plain Python (str, int, float, bool or list of them); float32 values rounded."""
+    from gguf import GGUFValueType
+
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+
+    def scalar(part, vtype):
+        if vtype == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        value = part[0]
+        if vtype == GGUFValueType.FLOAT32:
+            return float(str(value))  # shortest repr: 1e-05, not 9.999999747378752e-06
+        if vtype == GGUFValueType.BOOL:
+            return bool(value)
+        return value.item()
+
+    if f.types[0] == GGUFValueType.ARRAY:
+        return [scalar(f.parts[i], f.types[-1]) for i in f.data]
+    return scalar(f.parts[f.data[0]], f.types[0])
+
+
+def _config(reader, path: Path, arch: str, tensors: dict) -> dict[str, Any]:
+    def need(key: str):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden = need("embedding_length")
+    n_heads = need("attention.head_count")
+    n_kv = _field(reader, f"{arch}.attention.head_count_kv", n_heads)
+    head_dim = _field(reader, f"{arch}.attention.key_length")
+    if head_dim is None and arch == "llama":
+        head_dim = _field(reader, f"{arch}.rope.dimension_count")
+    head_dim = head_dim or hidden // n_heads
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        embed = tensors.get("token_embd.weight")
+        if tokens is None and embed is None:
+            raise CheckpointError(f"{path}: GGUF has neither {arch}.vocab_size, a vocabulary nor token_embd.weight")
+        vocab = len(tokens.data) if tokens is not None else int(embed.shape[1])
+    rope_theta = _field(reader, f"{arch}.rope.freq_base", 10000.0)
+
+    config: dict[str, Any] = {
+        "architectures": [_HF_CLASS[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": need("context_length"),
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(reader, path, arch, tensors, rope_theta, head_dim),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": arch == "qwen2",
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    if arch == "qwen2":
+        config["use_sliding_window"] = False
+    for gguf_name, hf_name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        token_id = _field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
+        if token_id is not None:
+            config[f"{hf_name}_token_id"] = token_id
+    return config
+
+
+def _rope_scaling(reader, path: Path, arch: str, tensors: dict, rope_theta: float, head_dim: int) -> dict | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind is None and _field(reader, f"{arch}.rope.scale_linear") is not None:  # older llama.cpp key
+        kind, factor = "linear", _field(reader, f"{arch}.rope.scale_linear")
+    if "rope_freqs.weight" in tensors:
+        if kind not in (None, "none"):
+            raise UnsupportedModelError(f"{path}: rope_freqs tensor together with rope scaling {kind!r}")
+        return _llama3_rope_scaling(path, tensors["rope_freqs.weight"], rope_theta, head_dim)
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": factor}
+        extra = {
+            "original_context_length": "original_max_position_embeddings",
+            "attn_factor": "attention_factor",
+            "yarn_beta_fast": "beta_fast",
+            "yarn_beta_slow": "beta_slow",
+        }
+        for gguf_key, hf_key in extra.items():
+            value = _field(reader, f"{arch}.rope.scaling.{gguf_key}")
+            if value is not None:
+                scaling[hf_key] = value
+        return scaling
+    raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported")
+
+
+def _llama3_rope_scaling(path: Path, tensor, rope_theta: float, head_dim: int) -> dict:
+    """Recover Llama 3.x ``rope_scaling`` from llama.cpp's ``rope_freqs`` tensor (per-frequency divisors).
+
+    llama.cpp bakes the llama3 rule into that tensor and drops the parameters; we try the values every
+    Llama 3.x release uses and accept one only if it reproduces the tensor.
+    """
+    from gguf.quants import dequantize
+
+    stored = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
+    factor = float(stored.max())
+    freqs = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float64)
+    wavelen = 2 * math.pi / freqs
+    for original in (8192, 4096, 16384, 32768, 2048):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
+            smooth = (original / wavelen - low) / (high - low)
+            mid = 1 / ((1 - smooth) / factor + smooth)
+            expect = np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid))
+            if expect.shape == stored.shape and np.allclose(expect, stored, rtol=1e-4, atol=0):
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": original,
+                }
+    raise UnsupportedModelError(
+        f"{path}: tensor rope_freqs.weight holds rope frequency factors that match no known llama3 rope scaling"
+    )
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+
+def _expected_tensors(arch: str, config: dict, tensors: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(gguf name, HF name, numpy shape) for every tensor the model needs, in HF order."""
+    h, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q_out, kv_out = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {
+        "attn_q": (q_out, h), "attn_k": (kv_out, h), "attn_v": (kv_out, h), "attn_output": (h, q_out),
+        "ffn_gate": (inter, h), "ffn_up": (inter, h), "ffn_down": (h, inter), "attn_norm": (h,), "ffn_norm": (h,),
+    }  # fmt: skip
+    out = [("token_embd.weight", "model.embed_tokens.weight", (config["vocab_size"], h))]
+    for i in range(config["num_hidden_layers"]):
+        for stem in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            out.append((f"blk.{i}.{stem}.weight", f"model.layers.{i}.{_LAYER_NAMES[stem]}.weight", shapes[stem]))
+            if arch == "qwen2" and stem in ("attn_q", "attn_k", "attn_v"):
+                out.append((f"blk.{i}.{stem}.bias", f"model.layers.{i}.{_LAYER_NAMES[stem]}.bias", shapes[stem][:1]))
+        for stem in ("attn_norm", "ffn_norm"):
+            out.append((f"blk.{i}.{stem}.weight", f"model.layers.{i}.{_LAYER_NAMES[stem]}.weight", shapes[stem]))
+    out.append(("output_norm.weight", "model.norm.weight", (h,)))
+    if "output.weight" in tensors:
+        out.append(("output.weight", "lm_head.weight", (config["vocab_size"], h)))
+    return out
+
+
+def _state_dict(path: Path, arch: str, config: dict, tensors: dict) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    expected = _expected_tensors(arch, config, tensors)
+    known = {g for g, _, _ in expected} | {"rope_freqs.weight"}
+    extra = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
+    if extra:
+        raise UnsupportedModelError(
+            f"{path}: {arch} GGUF holds tensors pronghorn does not know ({', '.join(extra[:5])}"
+            f"{', ...' if len(extra) > 5 else ''}); refusing to drop weights silently"
+        )
+    state_dict: dict[str, torch.Tensor] = {}
+    for gguf_name, hf_name, shape in expected:
+        t = tensors.get(gguf_name)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {gguf_name} (for {hf_name}) is missing from the GGUF file")
+        found = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if found != shape:
+            raise CheckpointError(f"{path}: tensor {gguf_name} has shape {found}, expected {shape} from the metadata")
+        try:
+            if t.data.nbytes != t.n_bytes:
+                raise ValueError(f"holds {t.data.nbytes} bytes, expected {t.n_bytes}")
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {gguf_name} (file truncated or corrupt?): {e}") from e
+        if arch == "llama" and gguf_name.startswith("blk.") and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if ".attn_q." in gguf_name else config["num_key_value_heads"]
+            w = _unpermute(w, heads)
+        if not w.flags.writeable or not w.flags.c_contiguous:
+            w = np.array(w, dtype=np.float32, order="C")  # memory-mapped F32 views: copy out of the file
+        state_dict[hf_name] = torch.from_numpy(w)
+    return state_dict
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute`` of q/k rows (interleaved rope pairs -> HF's rotate-half layout)."""
+    d = w.shape[0] // n_head // 2
+    return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,124 @@
+"""One entry point for every checkpoint source: "default", a HF directory, a .gguf file, a hub id, an adapter dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .adapter_format import is_adapter_dir, load_adapter, read_adapter_config
+from .builder import build_model
+from .config import ModelConfig
+from .decoder import DecoderForCausalLM
+from .hf_checkpoint import read_state_dict
+
+DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
+
+
+@dataclass
+class Loaded:
+    model: DecoderForCausalLM
+    tokenizer: object
+    base_name: str  # what to record as base_model_name_or_path
+    base_dir: Path | None  # the local HF directory of the base weights, when there is one
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on a GPU (fp16 if it lacks bf16), fp32 on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_local(name: str, token: str | None = None, revision: str | None = None) -> tuple[Path, str]:
+    """(local path, name to record) for a model name: "default", a path, or a Hugging Face hub id."""
+    if name in DEFAULT_NAMES:
+        from .default_model import default_model_dir
+
+        return default_model_dir(), "default"
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return path, str(name)
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such file or directory (and not a hub id of the form owner/name)")
+    return _download(name, token, revision), name
+
+
+def _download(repo_id: str, token: str | None, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise CheckpointError(
+            f"{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If this machine is offline, pass a local checkpoint directory, a .gguf file, or 'default'."
+        ) from None
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: tokenizer could not be loaded ({type(e).__name__}: {e})") from None
+
+
+def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    model_cls: type[DecoderForCausalLM] = DecoderForCausalLM, token: str | None = None,
+                    revision: str | None = None) -> Loaded:
+    """Load a base model (or a base + PEFT adapter when ``name`` is an adapter directory) and its tokenizer."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    path, recorded = resolve_local(str(name), token, revision)
+    if path.is_dir() and is_adapter_dir(path):
+        _, raw = read_adapter_config(path)
+        base = raw.get("base_model_name_or_path")
+        if not base:
+            raise CheckpointError(f"{path / 'adapter_config.json'}: field 'base_model_name_or_path' is empty; "
+                                  "load the base model first and attach the adapter")
+        loaded = load_pretrained(base, dtype, device, model_cls, token)
+        load_adapter(loaded.model, path)
+        loaded.model.to(device)
+        if (path / "tokenizer_config.json").is_file():
+            loaded.tokenizer = load_tokenizer(path)
+        return loaded
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_loading import load_gguf_tokenizer, read_gguf
+
+        ckpt = read_gguf(path)
+        cfg = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
+        model = build_model(cfg, ckpt.state_dict, dtype, device, str(path), model_cls)
+        tokenizer = load_gguf_tokenizer(path)
+        base_dir = None
+    elif path.is_dir():
+        cfg = ModelConfig.from_file(path / "config.json")
+        model = build_model(cfg, read_state_dict(path), dtype, device, str(path), model_cls)
+        tokenizer = load_tokenizer(path)
+        base_dir = path
+    else:
+        raise CheckpointError(f"{path}: not a checkpoint directory, adapter directory or .gguf file")
+    model.name_or_path = recorded
+    _apply_generation_config(model, path)
+    return Loaded(model, tokenizer, recorded, base_dir)
+
+
+def _apply_generation_config(model: DecoderForCausalLM, path: Path) -> None:
+    gen = path / "generation_config.json" if path.is_dir() else None
+    model.generation_config = {}
+    if gen is not None and gen.is_file():
+        try:
+            model.generation_config = json.loads(gen.read_text())
+        except json.JSONDecodeError:
+            pass
