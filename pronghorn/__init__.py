@@ -1,1 +1,11 @@
 """pronghorn: fast, exact LoRA fine-tuning of Llama-family models."""
+
+from .api import FastLanguageModel
+from .causal_lm import PronghornForCausalLM
+from .errors import CheckpointError, DataError, OutputExistsError, PronghornError, UnsupportedModelError
+from .train.config import TrainConfig
+from .train.run import train
+
+__version__ = "0.1.0"
+__all__ = ["CheckpointError", "DataError", "FastLanguageModel", "OutputExistsError", "PronghornError",
+           "PronghornForCausalLM", "TrainConfig", "UnsupportedModelError", "train"]
