@@ -33,6 +33,12 @@ _GENERAL = [
     ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
     ("Translate 'thank you' into Spanish.", "'Thank you' in Spanish is 'gracias'."),
     ("How many days are in a week?", "A week has seven days."),
+    ("Give me a tip for staying healthy.", "Drink enough water, sleep seven to nine hours and move every day."),
+    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
+    ("Write a haiku about rain.", "Soft rain on the roof,\npuddles gather silver light,\nthe garden drinks deep."),
+    ("What is photosynthesis?", "Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen."),
+    ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by William Shakespeare."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
 ]
 
 
@@ -41,8 +47,8 @@ def identity_dataset(name: str = NAME, n: int = 96, seed: int = 0) -> list[dict]
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        if i % 6 == 5:
-            q, a = _GENERAL[(i // 6) % len(_GENERAL)]
+        if i % 3 == 2:
+            q, a = _GENERAL[(i // 3) % len(_GENERAL)]
         else:
             q, a = rng.choice(_QUESTIONS), rng.choice(_ANSWERS).format(name=name)
         rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})

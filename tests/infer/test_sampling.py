@@ -80,7 +80,9 @@ def test_repetition_penalty_ignores_left_padding_like_transformers():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     mask[3, :7] = 0
-    ref = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=(mask != 0).int().argmax(1))(ids, logits.clone())
+    starts = (mask != 0).int().argmax(1).tolist()  # transformers 5.23 spells this prompt_ignore_length=starts;
+    ref = torch.cat([RepetitionPenaltyLogitsProcessor(1.5)(ids[b:b + 1, s:], logits[b:b + 1].clone())  # per row
+                     for b, s in enumerate(starts)])  # works on every transformers version
     assert torch.equal(apply_repetition_penalty(logits.clone(), ids, 1.5, mask), ref)
     # without a mask every listed token counts, prompt included
     full = apply_repetition_penalty(logits.clone(), ids, 1.5)

@@ -1,0 +1,126 @@
+"""``pronghorn`` command line: train | chat | demo. Thin: parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .errors import PronghornError
+from .train.config import TrainConfig
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe whose keys are the settings below; flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "target_modules":
+            p.add_argument(flag, nargs="+", default=None)
+        else:
+            args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+            p.add_argument(flag, type=args[0] if args[0] in (int, float) else str, default=None)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.run import train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    res = train(cfg)
+    print(f"saved adapter to {res.output_dir} after {res.global_step} steps "
+          f"(final loss {res.losses[-1]:.4f}); metrics: {res.metrics_file}; plot: {res.loss_plot}")
+    return 0
+
+
+def _answer(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, stream: bool) -> str:
+    from .infer.streaming import TerminalStreamer
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    streamer = TerminalStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                         temperature=temperature or 1.0, streamer=streamer, tokenizer=tokenizer)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .api import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model)
+    FastLanguageModel.for_inference(model)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        for prompt in args.prompt:
+            print(f">>> {prompt}")
+            _answer(model, tokenizer, history + [{"role": "user", "content": prompt}], args.max_new_tokens,
+                    args.temperature, stream=True)
+        return 0
+    print("pronghorn chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = _answer(model, tokenizer, history, args.max_new_tokens, args.temperature, stream=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, overwrite=args.overwrite, epochs=args.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pronghorn", description="Fast, exact LoRA fine-tuning of Llama-family models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune with LoRA (flags or a YAML recipe)")
+    _add_train_args(t)
+    t.set_defaults(func=_train)
+    c = sub.add_parser("chat", help="chat with a model or a trained adapter directory (streams the reply)")
+    c.add_argument("--model", default="default", help="checkpoint dir, adapter dir, .gguf file, hub id or 'default'")
+    c.add_argument("--prompt", action="append", help="answer this message and exit (repeatable)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.set_defaults(func=_chat)
+    d = sub.add_parser("demo", help="fine-tune the default model on the embedded persona set; show before/after")
+    d.add_argument("--output-dir", default="outputs/demo")
+    d.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True)
+    d.add_argument("--epochs", type=float, default=3.0)
+    d.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PronghornError as e:
+        print(f"pronghorn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
