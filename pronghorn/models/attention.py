@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import apply_rope, rms_norm
+from ..kernels import apply_rope
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
+from .norm import RMSNorm
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -60,8 +61,8 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, cfg.qkv_bias, **kw)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, cfg.o_bias, **kw)
         if cfg.qk_norm:
-            self.q_norm = _HeadNorm(self.head_dim, cfg.rms_norm_eps, **kw)
-            self.k_norm = _HeadNorm(self.head_dim, cfg.rms_norm_eps, **kw)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, **kw)
         else:
             self.q_norm = self.k_norm = None
 
@@ -82,14 +83,3 @@ class Attention(nn.Module):
         out = sdpa(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-
-class _HeadNorm(nn.Module):
-    """Per-head RMSNorm of q and k (Qwen3)."""
-
-    def __init__(self, dim: int, eps: float, dtype=None, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)

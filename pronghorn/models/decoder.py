@@ -12,22 +12,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..kernels import IGNORE_INDEX, linear_cross_entropy, rms_norm, rope_cos_sin, swiglu
+from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
+from .norm import RMSNorm
 from .rope_scaling import rope_inv_freq
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype=None, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
