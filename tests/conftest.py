@@ -1,3 +1,12 @@
+import os
+
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter when there is no GPU. Kernel modules are imported
+# lazily (never by `import pronghorn`), so setting this here, before any test runs one, is enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 
