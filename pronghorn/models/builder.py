@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from .config import ModelConfig
 from .decoder import DecoderForCausalLM
+from .rope_scaling import rope_inv_freq
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device | str = "cpu", source: str = "checkpoint",
                 model_cls: type[DecoderForCausalLM] = DecoderForCausalLM) -> DecoderForCausalLM:
     """Instantiate on the meta device and adopt the given tensors (no double allocation)."""
+    _check_rope(config, source)
     with torch.device("meta"):
         model = model_cls(config, dtype=dtype)
     expected = dict(model.state_dict())
@@ -39,6 +41,17 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
+
+
+def _check_rope(config: ModelConfig, source: str) -> None:
+    """Fail at load time, naming the checkpoint, not at the first forward pass."""
+    try:
+        rope_inv_freq(config.rope, config.head_dim, config.max_position_embeddings)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{source}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{source}: rope scaling {config.rope.get('rope_type')!r} needs the field "
+                              f"{e.args[0]!r}, which the config lacks") from None
 
 
 def init_random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,

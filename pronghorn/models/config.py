@@ -57,6 +57,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: must hold a JSON object, found {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = d.get("architectures")
@@ -80,6 +82,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: required field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError):
+            bad = next(k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads") if not isinstance(d.get(k), int) or isinstance(d[k], bool))
+            raise CheckpointError(f"{source}: field {bad!r} must be an integer, found {d.get(bad)!r}") from None
         kv_heads = d.get("num_key_value_heads") or heads
         head_dim = d.get("head_dim") or hidden // heads
         sliding, layer_types = _attention_layout(model_type, d, n_layers)

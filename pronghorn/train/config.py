@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,5 +79,42 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PronghornError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        raw = {k: _coerce(v, hints[k], f"{path}: setting {k!r}") for k, v in raw.items()}
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """A YAML value as the field's type. PyYAML reads ``1e-4`` (no dot) as a string, so numbers are parsed here."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
+    if value is None:
+        if union and type(None) in typing.get_args(kind):
+            return None
+        raise PronghornError(f"{where}: a value is required (got null)")
+    target = options[0]
+    if typing.get_origin(target) is list:
+        if isinstance(value, str):
+            return list(ALL_TARGETS) if value == "all-linear" else [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise PronghornError(f"{where}: expected a list of names, got {value!r}")
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise PronghornError(f"{where}: expected true or false, got {value!r}")
+    if target in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, (int, float)):
+                if target is float:
+                    return float(number)
+                if float(number).is_integer():
+                    return int(number)
+        except ValueError:
+            pass
+        raise PronghornError(f"{where}: expected {'an integer' if target is int else 'a number'}, got {value!r}")
+    if target is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise PronghornError(f"{where}: expected {getattr(target, '__name__', target)}, got {value!r}")
