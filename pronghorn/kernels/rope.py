@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_support import use_triton
+
 
 def rope_cos_sin(
     inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0
@@ -33,5 +35,9 @@ def apply_rope_reference(
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k together; the single entry point model code calls."""
+    """RoPE on q and k together; the single entry point model code calls (Triton kernel on CUDA)."""
+    if use_triton(q, k, cos, sin):
+        from .rope_triton import RoPEFunction
+
+        return RoPEFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
