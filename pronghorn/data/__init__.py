@@ -1,39 +1,57 @@
 """SFT data layer: dataset files -> validated rows -> token ids + labels -> padded batches."""
 
 from .collate import pad_batch
+from .convert import alpaca_messages, sharegpt_messages, standardize_sharegpt
 from .formats import (
+    ALPACA,
     FORMATS,
     MESSAGE_FIELDS,
     MESSAGES,
     PROMPT_COMPLETION,
     ROLES,
+    SHAREGPT,
     TEXT,
     Example,
     check_format_name,
     detect_format,
+    register_format,
     validate_record,
 )
+from .oasst import OASST, is_oasst_tree, oasst_conversations
+from .pretokenized import TOKENIZED, is_pretokenized, validate_pretokenized
 from .records import Record, as_record, load_records, records_from_rows
 from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_dataset, tokenize_record
 
 __all__ = [
+    "ALPACA",
     "FORMATS",
     "IGNORE_INDEX",
     "MESSAGES",
     "MESSAGE_FIELDS",
+    "OASST",
     "PROMPT_COMPLETION",
     "ROLES",
+    "SHAREGPT",
     "TEXT",
+    "TOKENIZED",
     "TRAIN_ON",
     "Example",
     "Record",
+    "alpaca_messages",
     "as_record",
     "check_format_name",
     "detect_format",
+    "is_oasst_tree",
+    "is_pretokenized",
     "load_records",
+    "oasst_conversations",
     "pad_batch",
     "records_from_rows",
+    "register_format",
+    "sharegpt_messages",
+    "standardize_sharegpt",
     "tokenize_dataset",
     "tokenize_record",
+    "validate_pretokenized",
     "validate_record",
 ]

@@ -1,14 +1,23 @@
-"""Load dataset rows from ``.json`` / ``.jsonl`` files, keeping where each row came from.
+"""Load dataset rows from files and folders, keeping where each row came from.
+
+Sources: ``.json`` (a list of objects, or ``{"data": [...]}``), ``.jsonl``, ``.csv`` (header row, every cell a
+string; read with the standard library), ``.parquet`` (needs ``pyarrow``), ``.txt`` (one document per
+non-blank line -> ``{"text": line}``), a folder of such files (read in sorted path order, hidden files
+skipped), and a Hugging Face ``datasets.Dataset`` / ``IterableDataset`` object (when ``datasets`` is installed).
 
 Every row is wrapped in a :class:`Record` that remembers its file and position, so that any later error
 (format validation, tokenization, truncation) can name the culprit: ``data.jsonl line 7`` (1-based line of a
-JSONL file) or ``data.json index 3 (0-based)`` (position in a JSON list).
+JSONL, CSV or text file; for CSV the line where the row starts) or ``data.json index 3 (0-based)`` (position in
+a JSON list, a Parquet file or an in-memory dataset).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -17,7 +26,7 @@ from ..errors import DataError
 
 __all__ = ["Record", "as_record", "load_records", "records_from_rows"]
 
-SUFFIXES = (".json", ".jsonl")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -62,27 +71,112 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<memory>
     return records
 
 
-def load_records(path: str | os.PathLike) -> list[Record]:
-    """Read every row of a ``.json`` (a list of objects, or ``{"data": [...]}``) or ``.jsonl`` file.
+def load_records(source: str | os.PathLike | Any) -> list[Record]:
+    """Read every row of a dataset file, a folder of dataset files, or a ``datasets`` (Iterable)Dataset.
 
-    Blank JSONL lines are skipped. Raises :class:`DataError` for a missing file, an unsupported suffix,
-    invalid JSON (with its line number), a row that is not an object, or a dataset with no rows.
+    Blank JSONL / text lines are skipped. Raises :class:`DataError` for a missing file, an unsupported suffix,
+    invalid JSON (with its line number), a malformed CSV row, a row that is not an object, a Parquet file
+    without ``pyarrow`` installed, a folder with no dataset file, or a dataset with no rows.
     """
-    path = Path(path)
+    if _is_hf_dataset(source):
+        name = getattr(getattr(source, "info", None), "dataset_name", None)
+        return records_from_rows(source, source=f"<datasets {type(source).__name__}{' ' + name if name else ''}>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_records expects a path or a datasets.Dataset, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        return _load_folder(path)
     name = str(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(f"{name}: unsupported dataset file type {suffix or '(no suffix)'!r}; expected .json or .jsonl")
+        raise DataError(
+            f"{name}: unsupported dataset file type {suffix or '(no suffix)'!r}; expected one of {', '.join(SUFFIXES)}"
+        )
     if not path.is_file():
         raise DataError(f"{name}: no such file" if not path.exists() else f"{name}: not a regular file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not valid UTF-8 text (byte {e.start}): {e.reason}") from None
-    records = _parse_jsonl(text, name) if suffix == ".jsonl" else _parse_json(text, name)
+    if suffix == ".parquet":
+        records = _read_parquet(path, name)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: not valid UTF-8 text (byte {e.start}): {e.reason}") from None
+        parse = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".txt": _parse_txt}[suffix]
+        records = parse(text, name)
     if not records:
         raise DataError(f"{name}: the dataset is empty (no rows)")
     return records
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    mod = sys.modules.get("datasets")  # only if the user imported it: never import it ourselves
+    if mod is None:
+        return False
+    kinds = tuple(k for k in (getattr(mod, "Dataset", None), getattr(mod, "IterableDataset", None)) if k)
+    return bool(kinds) and isinstance(obj, kinds)
+
+
+def _load_folder(path: Path) -> list[Record]:
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"{path}: the folder holds no dataset file ({', '.join(SUFFIXES)})")
+    return [rec for f in files for rec in load_records(f)]
+
+
+def _parse_csv(text: str, name: str) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as e:
+        raise DataError(f"{name} line 1: invalid CSV: {e}") from None
+    if not header or any(not h.strip() for h in header):
+        raise DataError(f"{name} line 1: the CSV header has an empty column name ({header!r})")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DataError(f"{name} line 1: the CSV header repeats column(s) {', '.join(map(repr, dupes))}")
+    records = []
+    line = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{name} line {line}: invalid CSV: {e}") from None
+        if cells and any(c.strip() for c in cells):
+            if len(cells) != len(header):
+                raise DataError(
+                    f"{name} line {line}: expected {len(header)} CSV fields like the header, got {len(cells)}"
+                )
+            records.append(Record(source=name, index=line, row=dict(zip(header, cells)), kind="line"))
+        line = reader.line_num + 1
+    return records
+
+
+def _parse_txt(text: str, name: str) -> list[Record]:
+    return [
+        Record(source=name, index=lineno, row={"text": line}, kind="line")
+        for lineno, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def _read_parquet(path: Path, name: str) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{name}: reading Parquet files needs the 'pyarrow' package (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{name}: not a readable Parquet file: {e}") from None
+    return [Record(source=name, index=i, row=row, kind="index") for i, row in enumerate(rows)]
 
 
 def _parse_jsonl(text: str, name: str) -> list[Record]:

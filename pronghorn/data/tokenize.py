@@ -20,6 +20,8 @@ import jinja2
 
 from ..errors import DataError
 from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
+from .oasst import OASST, oasst_conversations
+from .pretokenized import TOKENIZED, pretokenized_labels
 from .records import Record, as_record
 
 __all__ = ["IGNORE_INDEX", "TRAIN_ON", "tokenize_record", "tokenize_dataset"]
@@ -51,12 +53,14 @@ def tokenize_record(
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 tokens (or None), got {max_length}")
     ex = validate_record(row, fmt)
-    if ex.fmt == TEXT:
+    if ex.fmt == TOKENIZED:
+        ids, labels = pretokenized_labels(ex, tokenizer)
+    elif ex.fmt == TEXT:
         ids, labels = _tokenize_text(ex.text, tokenizer)
     elif ex.fmt == PROMPT_COMPLETION and not ex.conversational:
         ids, labels = _tokenize_prompt_completion(ex.prompt, ex.completion, tokenizer)
     else:
-        if ex.fmt == MESSAGES:
+        if ex.messages is not None:
             messages, first = ex.messages, 0
         else:  # conversational prompt-completion: train the completion's assistant messages only
             messages, first = ex.prompt + ex.completion, len(ex.prompt)
@@ -76,15 +80,20 @@ def tokenize_dataset(
     train_on: str = "all_assistant",
     chat_template: str | None = None,
     progress: bool = True,
+    oasst_best_only: bool = True,
 ) -> list[dict[str, list[int]]]:
     """Tokenize every record (see :func:`tokenize_record`); the format is detected from the first record.
 
+    OpenAssistant tree rows are first expanded into their root-to-leaf conversations (see
+    :func:`~pronghorn.data.oasst.oasst_conversations`; ``oasst_best_only`` picks top-ranked replies only).
     Bad rows are collected (up to 10) and reported together in one :class:`DataError`.
     """
     records = [as_record(r, "<memory>", i) for i, r in enumerate(records)]
     if not records:
         raise DataError("the dataset is empty (no rows)")
     fmt = detect_format(records[0]) if fmt is None else check_format_name(fmt)
+    if fmt == OASST:
+        records, fmt = oasst_conversations(records, best_only=oasst_best_only, source=records[0].source), MESSAGES
     out, errors = [], []
     for rec in _progress(records, f"Tokenizing {fmt} rows", progress):
         try:
@@ -135,9 +144,10 @@ def _tokenize_chat(
         )
 
     def render(msgs: list[dict], generation_prompt: bool) -> str:
+        extra = {"tools": ex.tools} if ex.tools else {}
         try:
             return tokenizer.apply_chat_template(
-                msgs, chat_template=chat_template, add_generation_prompt=generation_prompt, tokenize=False
+                msgs, chat_template=chat_template, add_generation_prompt=generation_prompt, tokenize=False, **extra
             )
         except jinja2.TemplateError as e:
             raise rec.error(ex.field, f"the chat template failed to render this conversation: {e}") from None
@@ -158,7 +168,21 @@ def _tokenize_chat(
                 )
         if len(end_text) <= len(start_text):
             raise rec.error(_message_field(ex, i), "the chat template renders this assistant message as nothing")
+        for call in messages[i].get("tool_calls") or []:
+            if call["function"]["name"] not in end_text[len(start_text):]:
+                raise rec.error(
+                    f"{_message_field(ex, i)}.tool_calls",
+                    f"the chat template does not render tool calls (the call to {call['function']['name']!r} "
+                    "is missing from its rendering); use a chat template that supports tool calling",
+                )
         spans.append((len(start_text), len(end_text)))
+    for j, msg in enumerate(messages):
+        if msg["role"] == "tool" and msg["content"].strip() not in full:
+            raise rec.error(
+                _message_field(ex, j),
+                "the chat template does not render tool messages (this tool result is missing from the "
+                "rendering); use a chat template that supports the 'tool' role",
+            )
 
     ids, offsets = _encode_with_offsets(tokenizer, full, add_special_tokens=False)
     specials = _special_ids(tokenizer)
@@ -231,10 +255,7 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def _message_field(ex: Example, i: int) -> str:
-    if ex.fmt == MESSAGES:
-        return f"{ex.field}[{i}]"
-    n = len(ex.prompt)
-    return f"prompt[{i}]" if i < n else f"completion[{i - n}]"
+    return ex.message_field(i)
 
 
 def _progress(items: Iterable, description: str, enabled: bool) -> Iterable:

@@ -79,7 +79,7 @@ BAD_ROWS = [
     ({"messages": [U, {"role": "assistant", "content": None}]}, None, "messages[1].content", ["must be a string"]),
     ({"messages": [U, {"role": "assistant", "content": ""}]}, None, "messages[1].content", ["empty"]),
     ({"messages": [U, {"role": "bot", "content": "x"}]}, None, "messages[1].role", ["unknown role 'bot'"]),
-    ({"conversations": [{"from": "human", "value": "hi"}]}, None, "conversations[0]", ["ShareGPT"]),
+    ({"conversations": [{"from": "human", "value": "hi"}]}, MESSAGES, "conversations[0]", ["ShareGPT"]),
     ({"messages": [U]}, None, "messages[0].role", ["must end with an 'assistant'"]),
     ({"messages": [U, A, U]}, None, "messages[2].role", ["must end with an 'assistant'"]),
     ({"messages": [S]}, None, "messages[0].role", ["must end with an 'assistant'"]),

@@ -69,7 +69,7 @@ def test_records_from_rows():
         ("blank.jsonl", "\n  \n\n", ["blank.jsonl", "empty"]),
         ("nodata.json", '{"rows": []}', ["nodata.json", "'data'"]),
         ("scalar.json", "42", ["scalar.json", "list"]),
-        ("data.txt", "hello\n", ["data.txt", ".txt", "unsupported"]),
+        ("data.xml", "<a/>\n", ["data.xml", ".xml", "unsupported"]),
     ],
 )
 def test_bad_files(tmp_path, name, text, expected):
