@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .triton_support import use_triton
+
 IGNORE_INDEX = -100
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def linear_cross_entropy_reference(
@@ -48,5 +51,12 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """The single entry point model code calls for the training loss."""
+    """The single entry point model code calls for the training loss.
+
+    CUDA tensors take the fused chunked Triton path (``linear_cross_entropy_triton``), anything else the
+    PyTorch reference; both compute the same function."""
+    if use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
+        from .linear_cross_entropy_triton import linear_cross_entropy_triton
+
+        return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap)
     return linear_cross_entropy_reference(hidden, weight, labels, num_items, ignore_index, softcap)
