@@ -1,5 +1,14 @@
 """SFT data layer: dataset files -> validated rows -> token ids + labels -> padded batches."""
 
+from .chat_templates import (
+    CHAT_TEMPLATES,
+    ChatTemplate,
+    get_chat_template,
+    list_chat_templates,
+    render_chat,
+    show_masked_sample,
+    train_on_responses_only,
+)
 from .collate import pad_batch
 from .convert import alpaca_messages, sharegpt_messages, standardize_sharegpt
 from .formats import (
@@ -24,6 +33,7 @@ from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_dataset, tokenize_record
 
 __all__ = [
     "ALPACA",
+    "CHAT_TEMPLATES",
     "FORMATS",
     "IGNORE_INDEX",
     "MESSAGES",
@@ -35,23 +45,29 @@ __all__ = [
     "TEXT",
     "TOKENIZED",
     "TRAIN_ON",
+    "ChatTemplate",
     "Example",
     "Record",
     "alpaca_messages",
     "as_record",
     "check_format_name",
     "detect_format",
+    "get_chat_template",
     "is_oasst_tree",
     "is_pretokenized",
+    "list_chat_templates",
     "load_records",
     "oasst_conversations",
     "pad_batch",
     "records_from_rows",
     "register_format",
+    "render_chat",
     "sharegpt_messages",
+    "show_masked_sample",
     "standardize_sharegpt",
     "tokenize_dataset",
     "tokenize_record",
+    "train_on_responses_only",
     "validate_pretokenized",
     "validate_record",
 ]
