@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_support import use_triton
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """Plain PyTorch RMSNorm. ``offset=1.0`` gives the Gemma form ``(1 + w)``."""
@@ -15,5 +17,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm over the last dimension; the single entry point model code calls."""
+    """RMSNorm over the last dimension; the single entry point model code calls.
+
+    CUDA tensors take the Triton kernel (hand-written backward, dW only when ``weight`` is trainable);
+    anything else takes the PyTorch reference.
+    """
+    if use_triton(x, weight):
+        from .rmsnorm_triton import RMSNormFunction
+
+        return RMSNormFunction.apply(x, weight, eps, offset)
     return rms_norm_reference(x, weight, eps, offset)

@@ -5,11 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .triton_support import use_triton
+
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up; the single entry point model code calls."""
+    """silu(gate) * up; the single entry point model code calls.
+
+    CUDA tensors of one shape take the Triton kernel (its backward recomputes silu from gate and up);
+    anything else takes the PyTorch reference.
+    """
+    if gate.shape == up.shape and use_triton(gate, up):
+        from .swiglu_triton import SwiGLUFunction
+
+        return SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)

@@ -1,0 +1,101 @@
+"""SwiGLU in Triton with a hand-written backward (the fast path of ``kernels.swiglu`` on CUDA tensors).
+
+Forward: ``silu(gate)`` in fp32, rounded to the gate's dtype (as ``F.silu`` returns it), times ``up``, rounded
+once to the output dtype: the reference's order, so bf16 outputs match it bit for bit up to the last bit of
+``exp``. The backward saves nothing but ``gate`` and ``up`` and recomputes the sigmoid from them, in fp32.
+
+Inputs are viewed as [rows, columns] with a unit column stride, so slices of a fused gate/up projection
+(``gu[..., :I]``, ``gu[..., I:]``) run without a copy; row offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+_MAX_BLOCK = 2048
+
+
+@triton.jit
+def _swiglu_fwd_kernel(Y, G, U, stride_y, stride_g, stride_u, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)  # F.silu's formula and rounding
+    tl.store(Y + row * stride_y + cols, (act * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DG, DU, DY, G, U,
+    stride_dg, stride_du, stride_dy, stride_g, stride_u, n_cols,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    denom = 1.0 + tl.exp(-g)
+    sig = 1.0 / denom
+    act = (g / denom).to(G.dtype.element_ty).to(tl.float32)  # the forward's rounded silu
+    du = dy * act
+    dg = dy * u * (sig * (1.0 + g * (1.0 - sig)))  # silu'(g) = sig * (1 + g * (1 - sig))
+    tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A [rows, last dim] view (a copy only when the last dimension is not unit-stride)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK, num_warps): one row per grid row, column blocks of at most ``_MAX_BLOCK``."""
+    block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
+    return (n_rows, triton.cdiv(n_cols, block)), block, 4 if block <= 1024 else 8
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor, name: str) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"{name}: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` with the Triton forward and a recomputing backward; ``apply(gate, up)``."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        _check(gate, up, "swiglu")
+        g2, u2 = _rows(gate), _rows(up)
+        y = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+        if y.numel():
+            grid, block, warps = _launch(*g2.shape)
+            _swiglu_fwd_kernel[grid](
+                y, g2, u2, y.stride(0), g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=block, num_warps=warps
+            )
+        ctx.save_for_backward(g2, u2)
+        ctx.shape = gate.shape
+        return y.view(gate.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        g2, u2 = ctx.saved_tensors
+        dy2 = _rows(dy)
+        dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
+        du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
+        if dg.numel():
+            grid, block, warps = _launch(*g2.shape)
+            _swiglu_bwd_kernel[grid](
+                dg, du, dy2, g2, u2,
+                dg.stride(0), du.stride(0), dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],
+                BLOCK=block, num_warps=warps,
+            )
+        return dg.view(ctx.shape), du.view(ctx.shape)
