@@ -1,0 +1,165 @@
+"""Per-op time and peak memory: pronghorn's Triton kernel vs the PyTorch reference, torch.compile of the
+reference, and Liger-Kernel (when importable), at the Llama-3.1-8B and Llama-3.2-1B shapes.
+
+    python benchmarks/kernels.py --tokens 4096,16384 --json kernels.json
+
+Times are CUDA-event medians over --iters runs after warm-up; "fwd+bwd" includes the backward of a
+random upstream gradient. Bandwidth (GB/s) counts each input read once and each output written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SHAPES = {
+    "llama-3.1-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256),
+    "llama-3.2-1b": dict(hidden=2048, inter=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256),
+}
+
+
+def _bench(fn, iters: int) -> tuple[float, float]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _runner(impl, inputs, backward: bool):
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = impl(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        if backward:
+            loss = sum((o.float() * 1.0).sum() if o.dim() == 0 else (o * torch.ones_like(o)).float().sum()
+                       for o in outs)
+            loss.backward()
+    return run
+
+
+def cases(shape: dict, tokens: int, dtype=torch.bfloat16):
+    import importlib
+
+    # the package re-exports functions under the module names, so import the modules explicitly
+    lce_mod, rmsnorm, rope, swiglu = (importlib.import_module(f"pronghorn.kernels.{m}")
+                                      for m in ("linear_cross_entropy", "rmsnorm", "rope", "swiglu"))
+
+    dev = "cuda"
+    h, hd = shape["hidden"], shape["head_dim"]
+
+    def t(*s, grad=True, scale=1.0):
+        return (torch.randn(*s, device=dev, dtype=dtype) * scale).requires_grad_(grad)
+
+    x, w = t(tokens, h), t(h, grad=False)
+    yield "rmsnorm", (x, w, 1e-5), dict(pronghorn=rmsnorm.rms_norm, reference=rmsnorm.rms_norm_reference), \
+        2 * x.numel() * 2
+
+    b, seq = tokens // 2048 or 1, min(tokens, 2048)
+    q = t(b, shape["heads"], seq, hd)
+    k = t(b, shape["kv_heads"], seq, hd)
+    pos = torch.arange(seq, device=dev)[None].expand(b, seq)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    cos, sin = rope.rope_cos_sin(inv, pos, dtype)
+    yield "rope", (q, k, cos, sin), dict(pronghorn=rope.apply_rope, reference=rope.apply_rope_reference), \
+        2 * (q.numel() + k.numel()) * 2
+
+    g, u = t(tokens, shape["inter"]), t(tokens, shape["inter"])
+    yield "swiglu", (g, u), dict(pronghorn=swiglu.swiglu, reference=swiglu.swiglu_reference), 3 * g.numel() * 2
+
+    hid = t(tokens, h, scale=0.5)
+    head = t(shape["vocab"], h, grad=False, scale=0.02)
+    labels = torch.randint(0, shape["vocab"], (tokens,), device=dev)
+    yield "linear_cross_entropy", (hid, head, labels), dict(
+        pronghorn=lce_mod.linear_cross_entropy,
+        reference=lambda a, b_, c: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(a, b_).float(), c)), 2 * tokens * h * shape["vocab"]
+
+
+def _liger(name):
+    try:
+        if name == "rmsnorm":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+            return lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
+        if name == "rope":
+            from liger_kernel.ops.rope import LigerRopeFunction
+            return lambda q, k, c, s: LigerRopeFunction.apply(q, k, c, s)
+        if name == "swiglu":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+            return LigerSiLUMulFunction.apply
+        if name == "linear_cross_entropy":
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+            loss = LigerFusedLinearCrossEntropyLoss()
+            return lambda a, b_, c: loss(b_, a, c)
+    except Exception:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="llama-3.1-8b,llama-3.2-1b")
+    ap.add_argument("--tokens", default="4096,16384")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", default="kernels.json")
+    a = ap.parse_args()
+    rows = []
+    for sname in a.shapes.split(","):
+        for tokens in map(int, a.tokens.split(",")):
+            for op, inputs, impls, work in cases(SHAPES[sname], tokens):
+                impls = dict(impls)
+                if not a.no_compile:
+                    impls["torch.compile"] = torch.compile(impls["reference"], dynamic=False)
+                lig = _liger(op)
+                if lig is not None:
+                    impls["liger"] = lig
+                for backward in (False, True):
+                    for name, fn in impls.items():
+                        try:
+                            ms, gib = _bench(_runner(fn, inputs, backward), a.iters)
+                        except Exception as e:  # an implementation that cannot run this case
+                            rows.append(dict(shape=sname, tokens=tokens, op=op, pass_="fwd+bwd" if backward else "fwd",
+                                             impl=name, error=f"{type(e).__name__}: {str(e)[:120]}"))
+                            continue
+                        unit = "TFLOP/s" if op == "linear_cross_entropy" else "GB/s"
+                        rate = work * (3 if backward and op == "linear_cross_entropy" else 1) / (ms * 1e-3)
+                        rate = rate / 1e12 if unit == "TFLOP/s" else rate / 1e9
+                        rows.append(dict(shape=sname, tokens=tokens, op=op, pass_="fwd+bwd" if backward else "fwd",
+                                         impl=name, ms=round(ms, 4), peak_gib=round(gib, 3),
+                                         rate=round(rate, 1), unit=unit))
+                        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'shape':<13}{'tok':>6} {'op':<21}{'pass':<8}{'impl':<14}{'ms':>9}{'GiB':>8}{'rate':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14} {r['error']}")
+        else:
+            print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14}{r['ms']:>9}"
+                  f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}")
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with open(a.json, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
