@@ -22,7 +22,6 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
