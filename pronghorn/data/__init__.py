@@ -31,7 +31,13 @@ from .pretokenized import TOKENIZED, is_pretokenized, validate_pretokenized
 from .records import Record, as_record, load_records, records_from_rows
 from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_dataset, tokenize_record
 
+from .packing import OVERLONG_POLICIES, PACKING_STRATEGIES, collate_packed, pack_examples
+
 __all__ = [
+    "OVERLONG_POLICIES",
+    "PACKING_STRATEGIES",
+    "collate_packed",
+    "pack_examples",
     "ALPACA",
     "CHAT_TEMPLATES",
     "FORMATS",

@@ -15,17 +15,39 @@ from .norm import RMSNorm
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
+def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token sequence index [B, T] of a packed batch: a new sequence starts wherever a position does not
+    exceed the one before it (``position_ids[t] <= position_ids[t-1]``)."""
+    starts = position_ids[:, 1:] <= position_ids[:, :-1]
+    return F.pad(starts.long(), (1, 0)).cumsum(-1)
+
+
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, q_len: int, kv_len: int, window: int | None, device: torch.device
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    window: int | None,
+    device: torch.device,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask [B|1, 1, q_len, kv_len] (True = may attend), or None when plain causal suffices.
 
     Queries are the last ``q_len`` of ``kv_len`` positions. ``attention_mask`` [B, kv_len] marks real
     tokens (1) and padding (0). A query with no visible key (a padding row) is let see every key so
     SDPA stays finite; its output is never used.
+
+    ``position_ids`` [B, q_len] (padding-free packed batches): when there is no past (``q_len == kv_len``),
+    no padding, and some row's positions restart (see :func:`sequence_ids`), a document mask is added so
+    a query only sees keys of its own sequence. Detecting a restart costs one host sync (``.any()``); the
+    mask is only built for packed batches, so the ``is_causal`` fast path stays for ordinary ones.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and window is None and (q_len == kv_len or q_len == 1):
+    docs = None
+    if position_ids is not None and not padded and q_len == kv_len and q_len > 1:
+        docs = sequence_ids(position_ids.to(device))
+        if not bool(docs[:, -1].any()):  # host sync: any restart in any row?
+            docs = None
+    if docs is None and not padded and window is None and (q_len == kv_len or q_len == 1):
         return None
     past = kv_len - q_len
     q_idx = torch.arange(past, kv_len, device=device)[:, None]
@@ -34,6 +56,8 @@ def build_attention_mask(
     if window is not None:
         allowed = allowed & (q_idx - k_idx < window)
     allowed = allowed[None, None]
+    if docs is not None:
+        allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
     if padded:
         allowed = allowed & attention_mask[:, None, None, :].bool()
     return allowed | ~allowed.any(-1, keepdim=True)

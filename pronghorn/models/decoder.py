@@ -79,11 +79,12 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         past = cache.length if cache is not None else 0
+        packed_positions = position_ids if past == 0 else None  # packed (padding-free) batches: no past only
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, t)
         cos, sin = self._rope(position_ids, x.dtype)
         windows = {self.cfg.window_of(i) for i in range(len(self.layers))}
-        masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device) for w in windows}
+        masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions) for w in windows}
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, masks, cache, use_reentrant=False)
