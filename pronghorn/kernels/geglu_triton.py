@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .triton_support import as_rows, elementwise_launch
+
 _MAX_BLOCK = 2048
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -79,18 +81,6 @@ def _geglu_bwd_kernel(
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A [rows, last dim] view (a copy only when the last dimension is not unit-stride)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _launch(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
-    """(grid, BLOCK, num_warps): one row per grid row, column blocks of at most ``_MAX_BLOCK``."""
-    block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
-    return (n_rows, triton.cdiv(n_cols, block)), block, 4 if block <= 1024 else 8
-
-
 class GeGLUFunction(torch.autograd.Function):
     """``gelu(gate) * up`` with the Triton forward and a recomputing backward; ``apply(gate, up, approximate)``."""
 
@@ -100,10 +90,10 @@ class GeGLUFunction(torch.autograd.Function):
             raise ValueError(f"geglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
         if approximate not in ("none", "tanh"):
             raise ValueError(f"geglu: approximate={approximate!r}, expected 'none' or 'tanh'")
-        g2, u2 = _rows(gate), _rows(up)
+        g2, u2 = as_rows(gate), as_rows(up)
         y = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
         if y.numel():
-            grid, block, warps = _launch(*g2.shape)
+            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
             _geglu_fwd_kernel[grid](
                 y, g2, u2, y.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],
                 TANH=approximate == "tanh", BLOCK=block, num_warps=warps,
@@ -116,11 +106,11 @@ class GeGLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         g2, u2 = ctx.saved_tensors
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
         du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
         if dg.numel():
-            grid, block, warps = _launch(*g2.shape)
+            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
             _geglu_bwd_kernel[grid](
                 dg, du, dy2, g2, u2,
                 dg.stride(0), du.stride(0), dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .triton_support import as_rows, elementwise_launch
+
 _MAX_BLOCK = 2048
 
 
@@ -50,18 +52,6 @@ def _swiglu_bwd_kernel(
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A [rows, last dim] view (a copy only when the last dimension is not unit-stride)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _launch(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
-    """(grid, BLOCK, num_warps): one row per grid row, column blocks of at most ``_MAX_BLOCK``."""
-    block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
-    return (n_rows, triton.cdiv(n_cols, block)), block, 4 if block <= 1024 else 8
-
-
 def _check(gate: torch.Tensor, up: torch.Tensor, name: str) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"{name}: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
@@ -73,10 +63,10 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         _check(gate, up, "swiglu")
-        g2, u2 = _rows(gate), _rows(up)
+        g2, u2 = as_rows(gate), as_rows(up)
         y = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
         if y.numel():
-            grid, block, warps = _launch(*g2.shape)
+            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
             _swiglu_fwd_kernel[grid](
                 y, g2, u2, y.stride(0), g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=block, num_warps=warps
             )
@@ -88,11 +78,11 @@ class SwiGLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         g2, u2 = ctx.saved_tensors
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
         du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
         if dg.numel():
-            grid, block, warps = _launch(*g2.shape)
+            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
             _swiglu_bwd_kernel[grid](
                 dg, du, dy2, g2, u2,
                 dg.stride(0), du.stride(0), dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],

@@ -33,3 +33,16 @@ def row_block(n: int, max_block: int = 65536) -> tuple[int, int]:
         raise ValueError(f"row of {n} elements exceeds the kernel's maximum block {max_block}")
     warps = 4 if block < 2048 else 8 if block < 8192 else 16 if block < 32768 else 32
     return block, warps
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A [rows, last dim] view of ``t`` (a copy only when the last dimension is not unit-stride)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def elementwise_launch(n_rows: int, n_cols: int, max_block: int = 2048) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK, num_warps) for an elementwise kernel: one row per grid row, column blocks of at most
+    ``max_block`` elements."""
+    block = min(1 << max(0, (n_cols - 1).bit_length()), max_block)
+    return (n_rows, -(-n_cols // block)), block, 4 if block <= 1024 else 8
