@@ -20,19 +20,22 @@ SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=1000, hidden_size=576, inter
                      rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU the kernels run in Triton's interpreter
+
+
 def _train(steps=20):
-    model = init_random_model(ModelConfig.from_hf_dict(SMOLLM2_SHAPE), torch.float32, "cpu", seed=0, std=0.05)
+    model = init_random_model(ModelConfig.from_hf_dict(SMOLLM2_SHAPE), torch.float32, DEVICE, seed=0, std=0.05)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).to(DEVICE) * 0.1)
     attach_lora(model, LoRAConfig(r=8, lora_alpha=16), seed=1)
     model.train()
     # SGD with momentum: Adam divides by sqrt(v), which turns fp32 rounding noise in near-zero gradient
     # components into lr-sized steps and would hide real differences behind a loose weight tolerance
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)  # a smooth trajectory: 7.7 -> 0.02
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 1000, (2, 24), generator=g)
+    ids = torch.randint(0, 1000, (2, 24), generator=g).to(DEVICE)
     labels = ids.clone()
     labels[:, :5] = -100  # a masked "prompt"
     losses = []
@@ -47,10 +50,12 @@ def _train(steps=20):
 
 def test_kernels_train_like_the_reference(monkeypatch):
     pytest.importorskip("triton")
+    modules = [importlib.import_module(f"pronghorn.kernels.{op}") for op in OPS]
+    for mod in modules:  # the reference path, also on a GPU
+        monkeypatch.setattr(mod, "use_triton", lambda *tensors: False)
     ref_losses, ref_w = _train()
     calls = {op: 0 for op in OPS}
-    for op in OPS:
-        mod = importlib.import_module(f"pronghorn.kernels.{op}")
+    for op, mod in zip(OPS, modules):
 
         def forced(*tensors, _op=op):
             calls[_op] += 1
