@@ -14,20 +14,8 @@ from pronghorn.data import (
     tokenize_dataset,
     tokenize_record,
 )
+from chat_reference import IM_END, SMOL_GENERATION_TEMPLATE
 from pronghorn.errors import DataError
-
-IM_END = "<|im_end|>"
-
-# SmolLM2's own template with {% generation %} around what should be trained (content + <|im_end|>), so that
-# transformers' return_assistant_tokens_mask gives an independent oracle; it renders the same string.
-SMOL_GENERATION_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def _runs(labels):
