@@ -35,8 +35,11 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
         if tuple(sd[key].shape) != tuple(ref.shape):
             raise CheckpointError(f"{source}: tensor {key} has shape {tuple(sd[key].shape)}, "
                                   f"config.json implies {tuple(ref.shape)}")
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    nf4 = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}  # QLoRA bases (kernels.nf4.NF4Weight)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items() if k not in nf4}
     model.load_state_dict(sd, strict=False, assign=True)
+    for key, w in nf4.items():
+        model.get_submodule(key.rsplit(".", 1)[0]).use_nf4(w.to(device).with_dtype(dtype))
     model.tie_weights()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..kernels import lora_linear
+from ..kernels.nf4 import NF4Weight, quantize_nf4
 
 
 class Linear(nn.Module):
@@ -46,13 +47,41 @@ class Linear(nn.Module):
     def remove_lora(self) -> None:
         self.lora_A = self.lora_B = None
 
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.weight, NF4Weight)
+
+    def quantize_nf4(self, blocksize: int = 64, compress_statistics: bool = True) -> None:
+        """Store the base weight as NF4 (bitsandbytes layout, QLoRA); compute stays in the weight's dtype."""
+        if not self.is_quantized:
+            self.use_nf4(quantize_nf4(self.weight.detach(), blocksize, compress_statistics))
+
+    def use_nf4(self, weight: NF4Weight) -> None:
+        """Replace the base weight by an already quantized one (e.g. read from a bnb-4bit checkpoint)."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"NF4 weight {tuple(weight.shape)} for a [{self.out_features}, {self.in_features}] layer")
+        del self.weight
+        self.weight = weight
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a plain tensor (dequantized when stored as NF4), e.g. for export."""
+        return self.weight.dequantize() if self.is_quantized else self.weight
+
     @torch.no_grad()
     def merge_lora(self) -> None:
-        """Fold the adapter into the base weight (W += s * B A) and drop it."""
+        """Fold the adapter into the base weight (W += s * B A) and drop it. An NF4 base is dequantized first
+        and stays dense (re-quantizing would round the merged weight again)."""
         if self.has_lora:
+            if self.is_quantized:
+                self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.lora_scaling
             self.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
             self.remove_lora()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if self.is_quantized and prefix + "weight" in state_dict:  # bitsandbytes' name for the packed NF4 data
+            state_dict[prefix + "weight.packed"] = state_dict.pop(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_A is None or not self.lora_enabled:

@@ -15,6 +15,7 @@ from .builder import build_model
 from .config import ModelConfig
 from .decoder import DecoderForCausalLM
 from .hf_checkpoint import read_state_dict
+from .quantized_checkpoint import prepare_state_dict
 
 DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
 
@@ -77,7 +78,7 @@ def load_tokenizer(path: Path):
 
 def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                     model_cls: type[DecoderForCausalLM] = DecoderForCausalLM, token: str | None = None,
-                    revision: str | None = None) -> Loaded:
+                    revision: str | None = None, load_in_4bit: bool = False) -> Loaded:
     """Load a base model (or a base + PEFT adapter when ``name`` is an adapter directory) and its tokenizer."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -88,7 +89,7 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
         if not base:
             raise CheckpointError(f"{path / 'adapter_config.json'}: field 'base_model_name_or_path' is empty; "
                                   "load the base model first and attach the adapter")
-        loaded = load_pretrained(base, dtype, device, model_cls, token)
+        loaded = load_pretrained(base, dtype, device, model_cls, token, load_in_4bit=load_in_4bit)
         load_adapter(loaded.model, path)
         loaded.model.to(device)
         if (path / "tokenizer_config.json").is_file():
@@ -99,12 +100,14 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
 
         ckpt = read_gguf(path)
         cfg = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
-        model = build_model(cfg, ckpt.state_dict, dtype, device, str(path), model_cls)
+        sd = prepare_state_dict(ckpt.state_dict, ckpt.config, load_in_4bit, dtype, device, str(path))
+        model = build_model(cfg, sd, dtype, device, str(path), model_cls)
         tokenizer = load_gguf_tokenizer(path)
         base_dir = None
     elif path.is_dir():
         cfg = ModelConfig.from_file(path / "config.json")
-        model = build_model(cfg, read_state_dict(path), dtype, device, str(path), model_cls)
+        sd = prepare_state_dict(read_state_dict(path), cfg.hf_config, load_in_4bit, dtype, device, str(path))
+        model = build_model(cfg, sd, dtype, device, str(path), model_cls)
         tokenizer = load_tokenizer(path)
         base_dir = path
     else:

@@ -334,11 +334,10 @@ def test_fast_language_model_loads_dir(checkpoints):
     assert tokenizer.pad_token_id is not None
 
 
-@pytest.mark.parametrize("kwarg", ["load_in_4bit", "load_in_8bit"])
-def test_quantized_loading_not_implemented(checkpoints, kwarg):
+def test_8bit_loading_not_implemented(checkpoints):  # 4-bit (NF4 QLoRA): tests/models/test_qlora.py
     d = checkpoints["single_untied"][1]
-    with pytest.raises(NotImplementedError, match=r"not implemented.*load_in_4bit=False"):
-        FastLanguageModel.from_pretrained(str(d), **{kwarg: True})
+    with pytest.raises(NotImplementedError, match=r"load_in_8bit.*load_in_4bit=True"):
+        FastLanguageModel.from_pretrained(str(d), load_in_8bit=True)
 
 
 def test_trust_remote_code_refused(checkpoints):
