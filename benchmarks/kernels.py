@@ -2,6 +2,12 @@
 reference, and Liger-Kernel (when importable), at the Llama-3.1-8B and Llama-3.2-1B shapes.
 
     python benchmarks/kernels.py --tokens 4096,16384 --json kernels.json
+    python benchmarks/kernels.py --ops lora_linear,lora_qkv,lora_mlp --json lora.json   # the LoRA ops only
+    python benchmarks/kernels.py --smoke      # tiny shapes, CPU allowed: checks the script runs
+
+The LoRA ops (r=16, fp32 adapters on a bf16 base under bf16 autocast, as the trainer runs them) also time
+"unfused": pronghorn's single-projection ops composed as the model did before fusing (three ``lora_linear``
+calls; and those around ``swiglu`` for the MLP).
 
 Times are CUDA-event medians over --iters runs after warm-up; "fwd+bwd" includes the backward of a
 random upstream gradient. Bandwidth (GB/s) counts each input read once and each output written once.
@@ -18,10 +24,21 @@ import torch
 SHAPES = {
     "llama-3.1-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256),
     "llama-3.2-1b": dict(hidden=2048, inter=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256),
+    "smoke": dict(hidden=48, inter=80, heads=4, kv_heads=2, head_dim=12, vocab=97),
 }
+LORA_RANK = 16
+FLOP_OPS = {"linear_cross_entropy": 3, "lora_linear": 2, "lora_qkv": 2, "lora_mlp": 2}  # fwd+bwd / fwd FLOPs
 
 
 def _bench(fn, iters: int) -> tuple[float, float]:
+    if not torch.cuda.is_available():  # --smoke on a CPU: wall time, no memory figure
+        fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2], 0.0
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -60,7 +77,7 @@ def cases(shape: dict, tokens: int, dtype=torch.bfloat16):
     lce_mod, rmsnorm, rope, swiglu = (importlib.import_module(f"pronghorn.kernels.{m}")
                                       for m in ("linear_cross_entropy", "rmsnorm", "rope", "swiglu"))
 
-    dev = "cuda"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     h, hd = shape["hidden"], shape["head_dim"]
 
     def t(*s, grad=True, scale=1.0):
@@ -90,6 +107,52 @@ def cases(shape: dict, tokens: int, dtype=torch.bfloat16):
         reference=lambda a, b_, c: torch.nn.functional.cross_entropy(
             torch.nn.functional.linear(a, b_).float(), c)), 2 * tokens * h * shape["vocab"]
 
+    yield from lora_cases(shape, tokens, dev, dtype)
+
+
+def _autocast(fn):
+    """``fn`` under the trainer's bf16 autocast."""
+    def run(*args):
+        with torch.autocast(args[0].device.type, dtype=torch.bfloat16):
+            return fn(*args)
+    return run
+
+
+def lora_cases(shape: dict, tokens: int, dev: str, dtype=torch.bfloat16, r: int = LORA_RANK):
+    """LoRA ops: inputs are (x, then weight, A, B per projection); frozen base in ``dtype``, fp32 adapters."""
+    from pronghorn.kernels import LoRAProjection, lora_linear, lora_mlp, lora_qkv, swiglu
+    from pronghorn.kernels.lora_linear import lora_linear_reference
+    from pronghorn.kernels.lora_mlp import lora_mlp_reference
+    from pronghorn.kernels.lora_qkv import lora_qkv_reference
+
+    h, inter, s = shape["hidden"], shape["inter"], 2.0
+    q_out, kv_out = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+
+    def proj(n_in, n_out):
+        w = (torch.randn(n_out, n_in, device=dev) * n_in**-0.5).to(dtype)
+        a = (torch.randn(r, n_in, device=dev) * n_in**-0.5).requires_grad_()
+        return [w, a, (torch.randn(n_out, r, device=dev) * 0.01).requires_grad_()]
+
+    def projs(flat):
+        return [LoRAProjection(flat[i], None, flat[i + 1], flat[i + 2], s) for i in range(0, len(flat), 3)]
+
+    def per_proj(fn):
+        return _autocast(lambda x, *flat: fn(x, *projs(flat)))
+
+    x = torch.randn(tokens, h, device=dev).to(dtype).requires_grad_()
+    linear = lambda f: per_proj(lambda x, p: f(x, *p))  # noqa: E731
+    yield "lora_linear", (x, *proj(h, inter)), dict(
+        pronghorn=linear(lora_linear), reference=linear(lora_linear_reference)), 2 * tokens * h * inter
+
+    yield "lora_qkv", (x, *proj(h, q_out), *proj(h, kv_out), *proj(h, kv_out)), dict(
+        pronghorn=per_proj(lora_qkv), reference=per_proj(lora_qkv_reference),
+        unfused=per_proj(lambda x, *ps: tuple(lora_linear(x, *p) for p in ps))), 2 * tokens * h * (q_out + 2 * kv_out)
+
+    unfused_mlp = lambda x, g, u, d: lora_linear(swiglu(lora_linear(x, *g), lora_linear(x, *u)), *d)  # noqa: E731
+    yield "lora_mlp", (x, *proj(h, inter), *proj(h, inter), *proj(inter, h)), dict(
+        pronghorn=per_proj(lora_mlp), reference=per_proj(lora_mlp_reference), unfused=per_proj(unfused_mlp)), \
+        2 * tokens * h * inter * 3
+
 
 def _liger(name):
     try:
@@ -117,11 +180,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", default="kernels.json")
+    ap.add_argument("--ops", default="", help="comma-separated subset of ops (default: all)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations, no compile (runs on a CPU)")
     a = ap.parse_args()
+    if a.smoke:
+        a.shapes, a.tokens, a.iters, a.no_compile = "smoke", "64", 2, True
     rows = []
     for sname in a.shapes.split(","):
         for tokens in map(int, a.tokens.split(",")):
             for op, inputs, impls, work in cases(SHAPES[sname], tokens):
+                if a.ops and op not in a.ops.split(","):
+                    continue
                 impls = dict(impls)
                 if not a.no_compile:
                     impls["torch.compile"] = torch.compile(impls["reference"], dynamic=False)
@@ -136,8 +205,8 @@ def main() -> None:
                             rows.append(dict(shape=sname, tokens=tokens, op=op, pass_="fwd+bwd" if backward else "fwd",
                                              impl=name, error=f"{type(e).__name__}: {str(e)[:120]}"))
                             continue
-                        unit = "TFLOP/s" if op == "linear_cross_entropy" else "GB/s"
-                        rate = work * (3 if backward and op == "linear_cross_entropy" else 1) / (ms * 1e-3)
+                        unit = "TFLOP/s" if op in FLOP_OPS else "GB/s"
+                        rate = work * (FLOP_OPS.get(op, 1) if backward else 1) / (ms * 1e-3)
                         rate = rate / 1e12 if unit == "TFLOP/s" else rate / 1e9
                         rows.append(dict(shape=sname, tokens=tokens, op=op, pass_="fwd+bwd" if backward else "fwd",
                                          impl=name, ms=round(ms, 4), peak_gib=round(gib, 3),
@@ -150,7 +219,8 @@ def main() -> None:
         else:
             print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14}{r['ms']:>9}"
                   f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}")
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU smoke run)"
+    meta = dict(gpu=gpu, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     try:
         import triton
         meta["triton"] = triton.__version__

@@ -2,11 +2,16 @@
 
 from .geglu import geglu
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from .lora_linear import lora_linear
+from .linear_logprobs import linear_logprobs
+from .lora_linear import LoRAProjection, fusable_projections, lora_linear
+from .lora_mlp import lora_mlp
+from .lora_qkv import lora_qkv
 from .rmsnorm import rms_norm
 from .rope import apply_rope, rope_cos_sin
 from .swiglu import swiglu
 
 __all__ = [
-    "IGNORE_INDEX", "apply_rope", "geglu", "linear_cross_entropy", "lora_linear", "rms_norm", "rope_cos_sin", "swiglu",
+    "IGNORE_INDEX", "LoRAProjection", "apply_rope", "fusable_projections", "geglu", "linear_cross_entropy", "linear_logprobs",
+    "lora_linear",
+    "lora_mlp", "lora_qkv", "rms_norm", "rope_cos_sin", "swiglu",
 ]

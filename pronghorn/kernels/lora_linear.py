@@ -1,9 +1,44 @@
-"""Linear layer with an optional low-rank adapter: y = x W^T + b + s * dropout(x) A^T B^T."""
+"""Linear layer with an optional low-rank adapter: y = x W^T + b + s * dropout(x) A^T B^T.
+
+``lora_linear_reference`` is PEFT's computation in plain PyTorch (the test oracle). ``LoRALinearFunction``
+computes the same function with a hand-written backward for a frozen base: it saves only the input ``x``
+(usually already kept alive by the layer before), the rank-r product ``x A^T`` and the adapter matrices;
+its backward forms the rank-r products first (``dY (sB)`` [N, r]) and accumulates the adapter's share of
+``dX`` into the base's in place, so no [N, in] or [N, out] temporary of the adapter ever exists.
+
+Dtypes follow PEFT and autocast exactly. Without autocast the base runs in its own dtype and the adapter in
+the adapter's (fp32 adapters on a bf16 base: the delta is computed in fp32 and cast back). Under autocast
+(the trainer's bf16 on CUDA) every matmul runs in the autocast dtype, as ``F.linear`` does there. The
+Function resolves those dtypes once, outside (``_autocast_dtype``), and casts explicitly with autocast
+switched off inside its forward and backward; so the backward computes in the forward's dtypes whatever
+autocast state the autograd engine runs it in (the job ``torch.amp.custom_bwd`` does, here for any device).
+
+The base weight may be a tensor or a quantized weight with ``dequantize(dtype)`` (``kernels.nf4.NF4Weight``):
+it is dequantized in the forward and again in the backward, never saved dequantized.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .triton_support import use_triton
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast never casts fp64
+
+
+class LoRAProjection(NamedTuple):
+    """One projection of a fused multi-projection op: frozen base (``weight`` [out, in], ``bias``) + adapter."""
+
+    weight: object  # torch.Tensor or a quantized weight with .dequantize(dtype)
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor  # [r, in]
+    lora_B: torch.Tensor  # [out, r]
+    scaling: float
 
 
 def lora_linear_reference(
@@ -17,6 +52,8 @@ def lora_linear_reference(
     training: bool = False,
 ) -> torch.Tensor:
     """Plain PyTorch LoRA linear. The adapter runs in its own dtype (as PEFT does) and is cast back."""
+    if not isinstance(weight, torch.Tensor):  # a quantized base (NF4Weight): dequantize to its compute dtype
+        weight = weight.dequantize()
     y = F.linear(x, weight, bias)
     if lora_A is None:
         return y
@@ -25,6 +62,214 @@ def lora_linear_reference(
         h = F.dropout(h, p=dropout, training=True)
     delta = F.linear(F.linear(h, lora_A), lora_B) * scaling
     return y + delta.to(y.dtype)
+
+
+# --- dtype and matmul helpers shared by the fused LoRA ops (lora_mlp, lora_qkv) ----------------------------
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type`` now, or None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cast(t: torch.Tensor | None, cdt: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` as autocast would hand it to a matmul in ``cdt`` (None: unchanged)."""
+    if t is None or cdt is None or t.dtype not in _AUTOCAST_ELIGIBLE:
+        return t
+    return t.to(cdt)
+
+
+def _no_autocast(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _dense(weight, cdt: torch.dtype | None) -> torch.Tensor:
+    """The base weight as a tensor in the dtype its matmul runs in."""
+    if not isinstance(weight, torch.Tensor):
+        weight = weight.dequantize(cdt) if cdt is not None else weight.dequantize()
+    return _cast(weight, cdt)
+
+
+def _adapter_dtype(lora_A: torch.Tensor, cdt: torch.dtype | None) -> torch.dtype:
+    return cdt if cdt is not None and lora_A.dtype in _AUTOCAST_ELIGIBLE else lora_A.dtype
+
+
+def _scaled_b(lora_B: torch.Tensor, scaling: float, adt: torch.dtype) -> torch.Tensor:
+    """``s * B`` in the adapter's compute dtype: with it ``x A^T (sB)^T`` is the delta and ``dY (sB)`` the rank-r
+    factor of both ``dA`` and the adapter's share of ``dX``."""
+    b = lora_B.to(adt)
+    return b * scaling if scaling != 1.0 else b
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * (a @ b)`` as one matmul (beta=0: the uninitialised input is ignored)."""
+    if scaling == 1.0:
+        return a @ b
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+
+
+def _add_delta(y: torch.Tensor, xa: torch.Tensor, bs: torch.Tensor) -> None:
+    """``y += (xa bs^T).to(y.dtype)`` in place: one matmul with accumulation when the dtypes agree."""
+    if xa.dtype == y.dtype:
+        y.addmm_(xa, bs.t())
+    else:
+        y.add_((xa @ bs.t()).to(y.dtype))
+
+
+def _adapter_input_grad(dx: torch.Tensor | None, p: torch.Tensor, a: torch.Tensor, x_dtype: torch.dtype):
+    """``dx + (p a).to(x_dtype)``, accumulated in place into ``dx`` (the base's share, in ``x_dtype``) when the
+    dtypes agree; ``dx`` None: the adapter's share alone."""
+    if dx is None:
+        return (p @ a).to(x_dtype)
+    if p.dtype == dx.dtype:
+        return dx.addmm_(p, a)
+    return dx.add_((p @ a).to(x_dtype))
+
+
+def _base_input_grad(dy: torch.Tensor, w: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    return (dy.to(w.dtype) @ w).to(x_dtype)
+
+
+def _shared_input_forward(x2: torch.Tensor, projs, cdt, adt):
+    """The outputs [N, out_i] of several LoRA projections of one input ``x2`` [N, in]; the adapters' A are
+    stacked, so ``x A^T`` for all of them is one matmul. Returns (outputs, xa [N, sum r], A stack, [s_i B_i])."""
+    xb = _cast(x2, cdt)
+    a = (torch.cat([p.lora_A for p in projs]) if len(projs) > 1 else projs[0].lora_A).to(adt)  # cast once
+    bss = [_scaled_b(p.lora_B, p.scaling, adt) for p in projs]
+    xa = x2.to(adt) @ a.t()
+    outs, start = [], 0
+    for p, bs in zip(projs, bss):
+        y = F.linear(xb, _dense(p.weight, cdt), _cast(p.bias, cdt))
+        _add_delta(y, xa[:, start:start + bs.shape[1]], bs)
+        start += bs.shape[1]
+        outs.append(y)
+    return outs, xa, a, bss
+
+
+def _shared_input_backward(dys, x2, xa, a, bss, weights, scalings, cdt, need_x: bool):
+    """Gradients of ``_shared_input_forward``: (dx or None, [dA_i], [dB_i]) in the compute dtypes. The rank-r
+    factors ``dY_i (s_i B_i)`` are stacked so ``dA`` and the adapters' share of ``dx`` are one matmul each, and
+    every share of ``dx`` accumulates in place into one buffer."""
+    dyas = [dy.to(a.dtype) for dy in dys]
+    ranks = [bs.shape[1] for bs in bss]
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    dbs = [_mm_scaled(dya.t(), xa[:, st:st + r], s) for dya, st, r, s in zip(dyas, starts, ranks, scalings)]
+    p = torch.cat([dya @ bs for dya, bs in zip(dyas, bss)], 1) if len(bss) > 1 else dyas[0] @ bss[0]
+    das = (p.t() @ x2.to(a.dtype)).split(ranks)
+    dx = None
+    if need_x:
+        for dy, weight in zip(dys, weights):
+            w = _dense(weight, cdt)
+            if dx is not None and dy.dtype == w.dtype == dx.dtype:
+                dx.addmm_(dy, w)
+            elif dx is not None:
+                dx.add_(_base_input_grad(dy, w, x2.dtype))
+            else:
+                dx = _base_input_grad(dy, w, x2.dtype)
+        dx = _adapter_input_grad(dx, p, a, x2.dtype)
+    return dx, das, dbs
+
+
+def _flat(projs) -> list:
+    return [t for p in projs for t in p]
+
+
+def _unflat(flat) -> list[LoRAProjection]:
+    return [LoRAProjection(*flat[i:i + 5]) for i in range(0, len(flat), 5)]
+
+
+def _adapter_grads(das, dbs, dtypes, needs) -> list:
+    """Per projection (None, None, dA, dB, None) for ``apply``'s flat argument list, in the adapters' dtypes
+    (``dtypes``: (A's, B's) per projection); None where ``needs`` (needs_input_grad of that list) says so."""
+    out = []
+    for i, (da, db, (a_dtype, b_dtype)) in enumerate(zip(das, dbs, dtypes)):
+        need_a, need_b = needs[5 * i + 2], needs[5 * i + 3]
+        out += [None, None, da.to(a_dtype) if need_a else None, db.to(b_dtype) if need_b else None, None]
+    return out
+
+
+def fusable_projections(layers, training: bool) -> list[LoRAProjection] | None:
+    """The ``LoRAProjection`` of each layer when all can run in one fused LoRA op, else None.
+
+    ``layers`` are projection modules with ``weight``, ``bias``, ``lora_A``, ``lora_B``, ``lora_scaling``,
+    ``lora_dropout`` and ``lora_enabled`` (``models.linear.Linear``). Fusable: every layer has an enabled
+    adapter, no dropout to apply (fused ops apply none), a frozen base, and the adapters share dtype and device.
+    """
+    projs = []
+    for m in layers:
+        if m.lora_A is None or not m.lora_enabled or (training and m.lora_dropout) or _trains_base(m.weight, m.bias):
+            return None
+        projs.append(LoRAProjection(m.weight, m.bias, m.lora_A, m.lora_B, m.lora_scaling))
+    a0 = projs[0].lora_A
+    if any(p.lora_A.dtype != a0.dtype or p.lora_A.device != a0.device for p in projs):
+        return None
+    return projs
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``apply(x, weight, bias, lora_A, lora_B, scaling, dropout, cdt)``: the LoRA linear with a frozen base.
+
+    ``dropout`` is the probability applied to the adapter's input (0 outside training); ``cdt`` the autocast
+    dtype at the call (``_autocast_dtype``) or None. Gradients: x (unless it needs none), lora_A, lora_B;
+    the base ``weight`` and ``bias`` must not require grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout, cdt):
+        dev = x.device.type
+        x2 = x.reshape(-1, x.shape[-1])
+        adt = _adapter_dtype(lora_A, cdt)
+        keep = keep_scale = None
+        with _no_autocast(dev):
+            y = F.linear(_cast(x2, cdt), _dense(weight, cdt), _cast(bias, cdt))
+            a, bs = lora_A.to(adt), _scaled_b(lora_B, scaling, adt)
+            if dropout:
+                # the reference's dropout call on a tensor of the same shape and dtype: same random stream
+                noise = F.dropout(torch.ones(x2.shape, dtype=lora_A.dtype, device=x.device), dropout, True)
+                keep = noise != 0
+                keep_scale = noise.amax() if noise.numel() else noise.new_ones(())  # 1 / (1 - p) as dropout rounds it
+                xin = (x2.to(lora_A.dtype) * noise).to(adt)
+            else:
+                xin = x2.to(adt)
+            xa = xin @ a.t()
+            _add_delta(y, xa, bs)
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        w_saved = weight if isinstance(weight, torch.Tensor) and need_x else None
+        ctx.save_for_backward(x if need_a else None, xa if need_b else None, a, bs, w_saved, keep, keep_scale)
+        ctx.qweight = None if isinstance(weight, torch.Tensor) or not need_x else weight
+        ctx.scaling, ctx.cdt, ctx.a_dtype, ctx.b_dtype = scaling, cdt, lora_A.dtype, lora_B.dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, xa, a, bs, weight, keep, keep_scale = ctx.saved_tensors
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        dx = da = db = None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        with _no_autocast(dy.device.type):
+            dya = dy2.to(a.dtype)
+            if need_b:
+                db = _mm_scaled(dya.t(), xa, ctx.scaling).to(ctx.b_dtype)
+            if need_a or need_x:
+                p = dya @ bs  # s dY B  [N, r]
+                noise = None if keep is None else keep.to(ctx.a_dtype) * keep_scale
+            if need_a:
+                x2 = x.reshape(-1, x.shape[-1])
+                xin = x2.to(a.dtype) if noise is None else (x2.to(ctx.a_dtype) * noise).to(a.dtype)
+                da = (p.t() @ xin).to(ctx.a_dtype)
+            if need_x:
+                w = _dense(weight if ctx.qweight is None else ctx.qweight, ctx.cdt)
+                dx = _base_input_grad(dy2, w, ctx.x_dtype)
+                if noise is None:
+                    dx = _adapter_input_grad(dx, p, a, ctx.x_dtype)
+                else:
+                    dx = dx + ((p @ a).to(ctx.a_dtype) * noise).to(ctx.x_dtype)
+                dx = dx.view(ctx.x_shape)
+        return dx, None, None, da, db, None, None, None
 
 
 def lora_linear(
@@ -37,5 +282,17 @@ def lora_linear(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """The single entry point model code calls for every projection (with or without an adapter)."""
-    return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
+    """The single entry point model code calls for every projection (with or without an adapter).
+
+    CUDA inputs with an adapter on a frozen base (weight and bias need no gradient) take
+    ``LoRALinearFunction``; anything else (CPU tensors, no adapter, a base being trained) the reference.
+    Dispatch is by device, as for every kernel (``use_triton``): the CPU keeps PEFT's exact op sequence.
+    """
+    if lora_A is None or _trains_base(weight, bias) or not use_triton(x):
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
+    p = dropout if training else 0.0
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, _autocast_dtype(x.device.type))
+
+
+def _trains_base(weight, bias) -> bool:
+    return (isinstance(weight, torch.Tensor) and weight.requires_grad) or (bias is not None and bias.requires_grad)

@@ -7,9 +7,13 @@ never needs Triton. Tests run the kernels on the CPU with ``TRITON_INTERPRET=1``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
+
+_REFERENCE_ONLY = contextvars.ContextVar("pronghorn_reference_only", default=False)
 
 
 @functools.cache
@@ -21,9 +25,30 @@ def triton_available() -> bool:
     return True
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is on a CUDA device and Triton is importable."""
-    return all(t.is_cuda for t in tensors) and triton_available()
+    """True when every tensor is a CUDA tensor of a dtype the kernels take (fp16/bf16/fp32), Triton is
+    importable and no :func:`reference_kernels` block is active."""
+    return (not _REFERENCE_ONLY.get() and all(t.is_cuda and t.dtype in _KERNEL_DTYPES for t in tensors)
+            and triton_available())
+
+
+@contextlib.contextmanager
+def reference_kernels(enabled: bool = True):
+    """Inside the block every op takes its PyTorch reference, on any device (the oracle the fast path is
+    compared against, e.g. a whole training run). Scoped to this thread / async context."""
+    token = _REFERENCE_ONLY.set(enabled)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
+def reference_only() -> bool:
+    """True inside a :func:`reference_kernels` block (for fast paths not gated by :func:`use_triton`)."""
+    return _REFERENCE_ONLY.get()
 
 
 def row_block(n: int, max_block: int = 65536) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import apply_rope
+from ..kernels import apply_rope, fusable_projections, lora_qkv
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
@@ -66,6 +66,12 @@ def build_attention_mask(
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """Scaled dot-product attention with GQA (k/v have fewer heads than q)."""
     if q.shape[1] != k.shape[1]:
+        b, hq, t, d = q.shape
+        if t == 1 and mask is not None and mask.shape[1] == 1:
+            # one query per head (decoding): the heads sharing a k/v head become that head's query rows, so
+            # any SDPA backend takes the masked call without repeating k/v (a GQA mask often means the math one)
+            out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], hq // k.shape[1], d), k, v, attn_mask=mask)
+            return out.reshape(b, hq, 1, d)
         if _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         rep = q.shape[1] // k.shape[1]
@@ -94,9 +100,11 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict, cache: KVCache | None
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        fused = fusable_projections((self.q_proj, self.k_proj, self.v_proj), self.training)
+        q, k, v = lora_qkv(x, *fused) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)

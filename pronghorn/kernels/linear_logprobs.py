@@ -1,0 +1,169 @@
+"""Per-token log-probabilities of given labels from hidden states and the output head, without [N x V] logits.
+
+``hidden`` [N, H], ``weight`` [V, H] (the lm_head), ``labels`` [N] already aligned (the caller shifts).
+Returns fp32 ``log_softmax(hidden @ weight^T)[i, labels[i]]`` for every row, 0 where the label is
+``ignore_index``. This is what preference losses (DPO, ORPO, KTO, SimPO) need: summed or averaged
+log-probs of a completion, for the policy (with gradients) and the reference (without).
+
+How (:class:`LinearLogprobsFunction`): ignored rows are dropped before any matmul; the rest run in chunks
+of rows, so at most one [rows, V] logits chunk exists at a time. Each chunk's logits are computed in the
+input dtype (as an unfused head would), the log-sum-exp is accumulated in fp32.
+
+- **Frozen head** (LoRA / QLoRA, the usual case): the gradient with respect to ``hidden`` is produced
+  during the forward: for row i, d logp_i / d hidden_i = (onehot - softmax_i) @ W, a [rows, H] matrix that
+  does not depend on the upstream gradient; backward only scales its rows by ``grad_output``. One head
+  matmul pair per chunk, no recompute, and nothing of size V is kept.
+- **Trainable head**: dW = sum_i g_i (onehot - softmax_i)^T h_i needs the upstream gradient g, so the
+  forward keeps only the per-row log-sum-exp and the backward recomputes each chunk's logits.
+- Without any gradient (the reference model under ``no_grad``): the forward only, nothing saved.
+
+Row math: on CUDA the CE row kernel of the fused head (``linear_cross_entropy_triton._ce_rows``: online fp32
+max/sum over vocab blocks, writes ``lse - x[label]`` per row and, when asked, ``softmax - onehot`` in place)
+is reused as is; on the CPU the same quantities come from torch ops in fp32. Reference for the tests:
+:func:`linear_logprobs_reference` (full logits + ``log_softmax`` + ``gather``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .triton_support import use_triton
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 1 << 30  # logits chunk budget (rows x V x itemsize)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Plain version: full logits (input dtype), fp32 log_softmax, gather; 0 at ignored rows."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = F.linear(hidden, weight).to(acc).log_softmax(-1)
+    keep = labels != ignore_index
+    picked = logp.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, picked, picked.new_zeros(()))
+
+
+def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
+    """Per row: ``-logp`` (= lse - x[label], fp32); with ``write_grad`` the rows become softmax - onehot."""
+    x = logits.float()
+    lse = torch.logsumexp(x, -1)
+    neg = lse - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if write_grad:
+        g = torch.exp(x - lse.unsqueeze(-1))
+        g.scatter_add_(-1, labels.unsqueeze(-1), g.new_full((labels.numel(), 1), -1.0))
+        logits.copy_(g)
+    return neg
+
+
+def _rows(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, triton_rows: bool) -> torch.Tensor:
+    if not triton_rows:
+        return _rows_torch(logits, labels, write_grad)
+    from .linear_cross_entropy_triton import _ce_rows
+
+    neg = torch.empty(labels.numel(), dtype=torch.float32, device=logits.device)
+    _ce_rows(logits, labels, neg, IGNORE_INDEX, None, write_grad)
+    return neg
+
+
+def _chunk_rows(n: int, vocab: int, itemsize: int, chunk_size: int | None) -> int:
+    cap = chunk_size if chunk_size else max(1, CHUNK_BYTES // (vocab * itemsize))
+    chunks = max(1, math.ceil(n / cap))
+    return max(1, math.ceil(n / chunks))
+
+
+def _dweight_add(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) + dlogits^T @ h, with fp32 accumulation of the product."""
+    if dlogits.is_cuda and dlogits.dtype != torch.float32:
+        if acc is None:
+            return torch.mm(dlogits.t(), h, out_dtype=torch.float32)
+        return torch.addmm(acc, dlogits.t(), h, out_dtype=torch.float32, out=acc)
+    part = (dlogits.t() @ h).float()
+    return part if acc is None else acc.add_(part)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, need_dh, need_dw, triton_rows):
+        N, H = hidden.shape
+        V = weight.shape[0]
+        keep = labels != ignore_index
+        idx = keep.nonzero().squeeze(-1)  # one host sync: the matmul shapes need the count
+        n = idx.numel()
+        y = labels.index_select(0, idx)
+        if n:
+            torch._assert_async(((y >= 0) & (y < V)).all(), "linear_logprobs: a label is outside [0, vocab)")
+        out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        rows = _chunk_rows(n, V, hidden.element_size(), chunk_size)
+        grads_now = need_dh and not need_dw  # frozen head: d hidden in the forward
+        dh_c = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device) if grads_now else None
+        buf = torch.empty(min(rows, n), V, dtype=hidden.dtype, device=hidden.device)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            h_c = hidden.index_select(0, idx[s:e])
+            logits = buf[: e - s]
+            torch.mm(h_c, weight.t(), out=logits)
+            neg = _rows(logits, y[s:e], grads_now, triton_rows)
+            out.index_copy_(0, idx[s:e], -neg)
+            if grads_now:
+                torch.mm(logits, weight, out=dh_c[s:e])  # (softmax - onehot) @ W = -d logp / d h
+        del buf
+        ctx.mark_non_differentiable(labels)
+        ctx.mode = "scale" if grads_now else "recompute" if need_dw else "none"
+        ctx.shape, ctx.rows, ctx.triton_rows, ctx.weight_dtype = (N, H), rows, triton_rows, weight.dtype
+        if ctx.mode == "scale":
+            ctx.save_for_backward(dh_c, idx)
+        elif ctx.mode == "recompute":
+            ctx.save_for_backward(hidden, weight, y, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        N, H = ctx.shape
+        if ctx.mode == "none":
+            return None, None, None, None, None, None, None, None
+        g = grad_out.float()
+        if ctx.mode == "scale":
+            dh_c, idx = ctx.saved_tensors
+            scale = -g.index_select(0, idx).unsqueeze(-1)
+            dh = torch.zeros(N, H, dtype=dh_c.dtype, device=dh_c.device)
+            dh.index_copy_(0, idx, (dh_c.float() * scale).to(dh_c.dtype))
+            return dh, None, None, None, None, None, None, None
+        hidden, weight, y, idx = ctx.saved_tensors
+        need_dh = ctx.needs_input_grad[0]
+        n, rows = idx.numel(), ctx.rows
+        dh = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device) if need_dh else None
+        dw = None
+        buf = torch.empty(min(rows, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            h_c = hidden.index_select(0, idx[s:e])
+            logits = buf[: e - s]
+            torch.mm(h_c, weight.t(), out=logits)
+            _rows(logits, y[s:e], True, ctx.triton_rows)  # logits <- softmax - onehot = -d logp / d logits
+            scale = -g.index_select(0, idx[s:e]).unsqueeze(-1)  # d loss / d logits = scale * (softmax - onehot)
+            if need_dh:
+                dh.index_copy_(0, idx[s:e], ((logits @ weight).float() * scale).to(hidden.dtype))
+            dw = _dweight_add(dw, logits, (h_c.float() * scale).to(h_c.dtype))
+        if dw is None:
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        return dh, dw.to(ctx.weight_dtype), None, None, None, None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
+                    triton_rows: bool | None = None) -> torch.Tensor:
+    """fp32 per-row log-prob of ``labels`` under ``softmax(hidden @ weight^T)`` (0 at ignored rows), chunked.
+
+    ``chunk_size`` caps the rows per logits chunk (default: a ~1 GiB chunk). ``triton_rows`` picks the Triton
+    row kernel (default: on CUDA tensors when Triton is importable)."""
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)  # differentiable cast (autocast-style mixed dtypes)
+    if triton_rows is None:
+        triton_rows = use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES
+    grad = torch.is_grad_enabled()
+    return LinearLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_size,
+                                        grad and hidden.requires_grad, grad and weight.requires_grad, triton_rows)

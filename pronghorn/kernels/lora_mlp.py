@@ -1,0 +1,88 @@
+"""The gated MLP ``down(silu(gate(x)) * up(x))`` with LoRA on all three projections, as one op.
+
+Compared with the three ``lora_linear`` calls and ``swiglu`` it composes, it saves one [N, intermediate]
+activation per layer: the SwiGLU output ``h`` is not kept for the backward (the down adapter's ``dA`` and the
+SwiGLU backward need it, so the backward recomputes it from the saved ``gate``/``up`` with ``kernels.swiglu``,
+whose CUDA kernel costs one elementwise pass). Saved: ``x``, ``gate``, ``up`` and the rank-r products. The
+gate/up adapters share one ``x A^T`` matmul and one ``dA`` matmul, and both projections' input gradients
+accumulate in place into one buffer (see ``lora_qkv`` for the same scheme).
+
+Same dtype rules as ``lora_linear`` (PEFT's, autocast's); no dropout (``fusable_projections``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .lora_linear import (
+    LoRAProjection,
+    _adapter_dtype,
+    _adapter_grads,
+    _autocast_dtype,
+    _flat,
+    _no_autocast,
+    _shared_input_backward,
+    _shared_input_forward,
+    _unflat,
+    lora_linear_reference,
+)
+from .swiglu import swiglu
+from .triton_support import use_triton
+
+
+def lora_mlp_reference(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection):
+    """The composition the fused op replaces: three reference LoRA linears around ``swiglu``."""
+    return lora_linear_reference(swiglu(lora_linear_reference(x, *gate), lora_linear_reference(x, *up)), *down)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """``apply(x, cdt, *gate, *up, *down)`` (each projection's five ``LoRAProjection`` fields) -> y."""
+
+    @staticmethod
+    def forward(ctx, x, cdt, *flat):
+        gate, up, down = _unflat(flat)
+        x2 = x.reshape(-1, x.shape[-1])
+        adt = _adapter_dtype(gate.lora_A, cdt)
+        with _no_autocast(x.device.type):
+            (g, u), xa, a, bss = _shared_input_forward(x2, (gate, up), cdt, adt)
+            with torch.no_grad():
+                h = swiglu(g, u)
+            (y,), xa_d, a_d, (bs_d,) = _shared_input_forward(h, (down,), cdt, adt)
+        del h
+        ctx.save_for_backward(x, g, u, xa, a, *bss, xa_d, a_d, bs_d)
+        ctx.projs = [p._replace(lora_A=None, lora_B=None) for p in (gate, up, down)]
+        ctx.dtypes = [(p.lora_A.dtype, p.lora_B.dtype) for p in (gate, up, down)]
+        ctx.cdt = cdt
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, g, u, xa, a, bs_g, bs_u, xa_d, a_d, bs_d = ctx.saved_tensors
+        gate, up, down = ctx.projs
+        x2 = x.reshape(-1, x.shape[-1])
+        with _no_autocast(x.device.type):
+            with torch.enable_grad():
+                g_, u_ = g.detach().requires_grad_(), u.detach().requires_grad_()
+                h = swiglu(g_, u_)
+            dh, (da_d,), (db_d,) = _shared_input_backward(
+                [dy.reshape(-1, dy.shape[-1])], h.detach(), xa_d, a_d, [bs_d], [down.weight], [down.scaling],
+                ctx.cdt, True,
+            )
+            dg, du = torch.autograd.grad(h, (g_, u_), dh)
+            del h, dh
+            dx, (da_g, da_u), (db_g, db_u) = _shared_input_backward(
+                [dg, du], x2, xa, a, [bs_g, bs_u], [gate.weight, up.weight], [gate.scaling, up.scaling], ctx.cdt,
+                ctx.needs_input_grad[0],
+            )
+        grads = _adapter_grads([da_g, da_u, da_d], [db_g, db_u, db_d], ctx.dtypes, ctx.needs_input_grad[2:])
+        return (None if dx is None else dx.view(x.shape), None, *grads)
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection) -> torch.Tensor:
+    """``down(swiglu(gate(x), up(x)))`` with each projection a LoRA linear on a frozen base (see
+    ``fusable_projections``). CUDA tensors take ``LoRAMLPFunction``, anything else the reference."""
+    if not use_triton(x):
+        return lora_mlp_reference(x, gate, up, down)
+    return LoRAMLPFunction.apply(x, _autocast_dtype(x.device.type), *_flat((gate, up, down)))

@@ -1,0 +1,80 @@
+"""The q/k/v projections of attention as one LoRA op over their shared input.
+
+The base weights stay three separate tensors (parameter names are Hugging Face's; a concatenated copy
+would cost ``(q + 2 kv) x hidden`` more memory per layer for one larger matmul). What fusing buys:
+
+- forward: ``x A^T`` for the three adapters is one matmul against the stacked A's ([3r, in]), so ``x`` is
+  read once for all adapters; each delta is added to its base output inside the base matmul's accumulation;
+- backward: ``dA`` of all three is one matmul ``[dQ sB_q, dK sB_k, dV sB_v]^T x``; ``dX`` is accumulated in
+  place (three base matmuls and one stacked adapter matmul into one buffer) instead of three [N, in]
+  gradients that autograd then adds together;
+- saved for backward: ``x`` (once) and ``x A^T`` [N, 3r]; the rest are the adapters' small matrices.
+
+Same dtype rules as ``lora_linear`` (PEFT's, autocast's). No dropout: ``fusable_projections`` only offers
+projections with none to apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .lora_linear import (
+    LoRAProjection,
+    _adapter_dtype,
+    _adapter_grads,
+    _autocast_dtype,
+    _flat,
+    _no_autocast,
+    _shared_input_backward,
+    _shared_input_forward,
+    _unflat,
+    lora_linear_reference,
+)
+from .triton_support import use_triton
+
+
+def lora_qkv_reference(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
+    """The three reference LoRA linears the fused op replaces."""
+    return tuple(lora_linear_reference(x, *p) for p in (q, k, v))
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """``apply(x, cdt, *q, *k, *v)`` (each projection's five ``LoRAProjection`` fields) -> (q, k, v)."""
+
+    @staticmethod
+    def forward(ctx, x, cdt, *flat):
+        projs = _unflat(flat)
+        x2 = x.reshape(-1, x.shape[-1])
+        adt = _adapter_dtype(projs[0].lora_A, cdt)
+        with _no_autocast(x.device.type):
+            outs, xa, a, bss = _shared_input_forward(x2, projs, cdt, adt)
+        ctx.save_for_backward(x, xa, a, *bss)
+        ctx.projs, ctx.cdt = [p._replace(lora_A=None, lora_B=None) for p in projs], cdt
+        ctx.dtypes = [(p.lora_A.dtype, p.lora_B.dtype) for p in projs]
+        lead = x.shape[:-1]
+        return tuple(y.view(*lead, y.shape[-1]) for y in outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *dys):
+        x, xa, a, *bss = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
+        projs = ctx.projs
+        with _no_autocast(x.device.type):
+            dx, das, dbs = _shared_input_backward(
+                dys, x2, xa, a, bss, [p.weight for p in projs], [p.scaling for p in projs], ctx.cdt,
+                ctx.needs_input_grad[0],
+            )
+        grads = _adapter_grads(das, dbs, ctx.dtypes, ctx.needs_input_grad[2:])
+        return (None if dx is None else dx.view(x.shape), None, *grads)
+
+
+def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
+    """(q, k, v) = the three LoRA projections of ``x`` [..., hidden], each [..., out_i]; the same values as
+    ``lora_linear`` on each, with adapters on frozen bases (see ``fusable_projections``). CUDA tensors take
+    ``LoRAQKVFunction``, anything else the reference."""
+    if not use_triton(x):
+        return lora_qkv_reference(x, q, k, v)
+    return LoRAQKVFunction.apply(x, _autocast_dtype(x.device.type), *_flat((q, k, v)))
