@@ -24,3 +24,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs
+
+# Optional: llama.cpp runs our GGUF exports (builds llama-cpp-python from source: about 10 minutes on 2 cores).
+.PHONY: test-llamacpp
+test-llamacpp: $(STAMP)
+	$(PY) -m pip install -q llama-cpp-python
+	$(PY) -m pytest -q tests/export/test_llamacpp.py

@@ -1,8 +1,14 @@
-"""Write a model's LoRA adapter in PEFT format (loads with peft.PeftModel.from_pretrained, vLLM, llama.cpp)."""
+"""Write a model's LoRA adapter in PEFT format (loads with peft.PeftModel.from_pretrained, vLLM, llama.cpp).
+
+The adapter holds only the LoRA matrices (``modules_to_save`` is always empty), which is what vLLM serves. A
+model whose embeddings, LM head or other base weights were trained as well cannot be expressed that way: the
+export warns and names them, and the merged export (save_pretrained_merged / GGUF) keeps them.
+"""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from safetensors.torch import save
@@ -26,6 +32,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     if config is None:
         raise PronghornError("the model has no LoRA adapter to save; call get_peft_model first")
     path = check_output_dir(path, overwrite, marker_files=MODEL_FILES)
+    _warn_trained_base(model)
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
     with atomic_file(path / ADAPTER_WEIGHTS) as f:
@@ -33,3 +40,18 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     with atomic_file(path / ADAPTER_CONFIG, "w") as f:
         f.write(json.dumps(peft_config_dict(config, base), indent=2) + "\n")
     return path
+
+
+def _warn_trained_base(model: nn.Module) -> None:
+    """Warn when parameters outside the LoRA matrices are trainable: the adapter file cannot carry them."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("lora_A", "lora_B"))]
+    if not names:
+        return
+    embed = [n for n in names if "embed_tokens" in n or n.startswith("lm_head")]
+    what = "the embeddings / LM head" if embed else "base weights"
+    warnings.warn(
+        f"{what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) are trainable, but a PEFT adapter "
+        "for vLLM holds only the LoRA matrices (no modules_to_save): those weights are NOT in the adapter. "
+        "Export the merged model (save_pretrained_merged / save_pretrained_gguf) to keep them",
+        UserWarning, stacklevel=3,
+    )
