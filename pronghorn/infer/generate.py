@@ -4,6 +4,12 @@
 Batched prompts must be LEFT-padded. Position ids are ``cumsum(attention_mask) - 1``, so a padded row
 produces the tokens it would produce alone (except on sliding-window layers, whose window counts cache
 slots, padding included, exactly as in transformers).
+
+Two decode loops compute the same tokens. The eager one (the reference, and the CPU default) grows its
+inputs every step. The static one (``decode_mode="static"`` or ``"graph"``, the CUDA default) decodes
+into a :class:`~pronghorn.models.kv_cache.StaticKVCache` with step inputs kept on the device, replays the
+step as a CUDA graph (``"graph"``), and looks at the host only every ``SYNC_EVERY`` steps to see whether
+every row has stopped (every step when a streamer, stop strings or unseeded sampling need it).
 """
 
 from __future__ import annotations
@@ -11,10 +17,15 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.kv_cache import KVCache
 from .sampling import check_sampling_args, sample_next
+from .static_decode import get_runner, graphs_supported
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+SYNC_EVERY = 16  # static loop: decode steps between host checks for "every row has stopped"
 
 # transformers arguments that would change the result if honoured; anything else in **kwargs is ignored.
 _UNSUPPORTED = {
@@ -41,6 +52,7 @@ def generate(
     streamer: Any = None,
     seed: int | None = None,
     use_cache: bool = True,
+    decode_mode: str = "auto",
     **ignored_hf_kwargs: Any,
 ) -> torch.LongTensor:
     """Continue each prompt row by up to ``max_new_tokens`` tokens; returns [B, prompt_len + new].
@@ -52,6 +64,8 @@ def generate(
     tokenizer's pad/eos id). Generation ends when every row has stopped. ``seed`` makes sampling
     reproducible (a private generator); without it torch's global RNG is used, as transformers does.
     ``streamer.put`` receives the prompt, then each new token; ``streamer.end()`` is called at the end.
+    ``decode_mode``: "eager" (reference loop), "static" (static cache, sync-free steps), "graph" (static
+    steps replayed as a CUDA graph; CUDA only) or "auto" ("graph" where supported, else "eager").
     """
     for name, default in _UNSUPPORTED.items():
         if name in ignored_hf_kwargs and ignored_hf_kwargs[name] not in (default, None):
@@ -85,16 +99,20 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
+    mode = _pick_mode(decode_mode, model, use_cache)
 
     states = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.inference_mode():
-            out = _decode(
-                model, input_ids, mask, max_new_tokens, eos, pad_token_id, stops, tokenizer, streamer, use_cache,
-                dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repetition_penalty=repetition_penalty, generator=generator),
-            )
+            sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, generator=generator)
+            if mode == "eager":
+                out = _decode(model, input_ids, mask, max_new_tokens, eos, pad_token_id, stops, tokenizer, streamer,
+                              use_cache, sampling)
+            else:
+                out = _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_token_id, stops, tokenizer,
+                                     streamer, sampling, mode == "graph", strict=decode_mode == "graph")
     finally:
         for m, training in states:
             m.training = training
@@ -148,6 +166,75 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
     if streamer is not None:
         streamer.end()
     return seq
+
+
+def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenizer, streamer, sampling,
+                   use_graph, strict):
+    """The eager loop's tokens from shape-static steps: tokens go into a preallocated output, stops are
+    tracked on the device, and the host checks for "all rows stopped" only every ``SYNC_EVERY`` steps (the
+    few extra steps it may run produce padding that is cut off)."""
+    batch, prompt_len = input_ids.shape
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    if max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
+        return input_ids.clone()
+    padded = not bool(mask.all())
+    runner = get_runner(model, batch, prompt_len + max_new_tokens, use_graph)
+    runner.strict = strict
+    seq = F.pad(input_ids, (0, max_new_tokens), value=pad_id if pad_id is not None else 0)
+    full_mask = F.pad(mask, (0, max_new_tokens), value=1)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    stopped_at = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+    stopping = bool(eos or stops)
+    unseeded_sampling = sampling["do_sample"] and sampling["generator"] is None  # keep global RNG use exact
+    sync_every = 1 if streamer is not None or stops or unseeded_sampling else SYNC_EVERY
+
+    logits = runner.prefill(model, input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), padded)
+    done = 0
+    for step in range(max_new_tokens):
+        end = prompt_len + step
+        next_ids = sample_next(logits.float(), seq[:, :end], mask=full_mask[:, :end], **sampling)
+        if pad_id is not None:
+            next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
+        seq[:, end] = next_ids
+        done = step + 1
+        if streamer is not None:
+            streamer.put(next_ids.cpu())
+        if stopping:
+            stop = (next_ids[:, None] == eos_t).any(-1) if eos else torch.zeros_like(unfinished)
+            if stops:
+                stop |= _hits_stop_string(seq[:, prompt_len:end + 1], unfinished, stops, tokenizer)
+            stop &= unfinished
+            stopped_at = torch.where(stop, step, stopped_at)
+            unfinished &= ~stop
+        if step == max_new_tokens - 1:
+            break
+        if stopping and done % sync_every == 0 and not bool(unfinished.any()):
+            break
+        logits = runner.step(model, next_ids)
+    if stopping and not bool(unfinished.any()):
+        done = int(stopped_at.max()) + 1
+    if streamer is not None:
+        streamer.end()
+    return seq[:, : prompt_len + done]
+
+
+def _pick_mode(decode_mode: str, model: nn.Module, use_cache: bool) -> str:
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+    if not use_cache:
+        if decode_mode in ("static", "graph"):
+            raise ValueError(f"decode_mode={decode_mode!r} decodes into a KV cache; it needs use_cache=True")
+        return "eager"
+    if decode_mode == "auto":
+        return "graph" if graphs_supported(model) else "eager"
+    if decode_mode == "graph" and not graphs_supported(model):
+        raise ValueError("decode_mode='graph' needs a model on a CUDA device whose rope is not dynamic NTK "
+                         "(which reads positions on the host each step); use 'static' or 'eager'")
+    return decode_mode
 
 
 def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:

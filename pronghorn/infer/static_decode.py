@@ -1,0 +1,132 @@
+"""Static-shape decode steps: a :class:`StaticKVCache` plus device-side step inputs, optionally captured once
+in a CUDA graph and replayed for every token.
+
+A step reads the token ids from ``ids`` [B, 1] and positions from ``pos`` [B, 1], writes its keys/values at
+the cache's device-side slot, and advances slot and positions in place: no host synchronisation, the same
+shapes every step, so the whole forward (LoRA adapters unmerged included) is one graph launch. Sampling
+runs outside the graph on the returned logits, so random draws are those of the eager path.
+
+A runner is kept per model (the latest only, dropped with the model) and reused while the batch size,
+cache length and parameters (storage, adapters switched on or off) are unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..models.kv_cache import StaticKVCache
+
+CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up so graphs are reused across nearby prompt lengths
+WARMUP_STEPS = 2
+
+_RUNNERS: "weakref.WeakKeyDictionary[nn.Module, DecodeRunner]" = weakref.WeakKeyDictionary()
+
+
+def graphs_supported(model: nn.Module) -> bool:
+    """CUDA graphs need a CUDA model and step shapes/values free of host decisions (dynamic NTK rope reads
+    the largest position on the host every step, so it decodes eagerly)."""
+    rope = getattr(model.config, "rope", None) or {}
+    return model.device.type == "cuda" and rope.get("rope_type") != "dynamic"
+
+
+def cache_length(tokens: int) -> int:
+    return -(-tokens // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What a captured graph depends on besides shapes: parameter/buffer storage and adapter switches."""
+    params = tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in [*model.parameters(), *model.buffers()])
+    adapters = tuple((getattr(m, "lora_enabled", None), getattr(m, "lora_scaling", None))
+                     for m in model.modules() if hasattr(m, "lora_enabled"))
+    return params, adapters
+
+
+class DecodeRunner:
+    """Prefill then one-token decode steps on a static cache; ``use_graph`` captures the step (CUDA)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool):
+        cfg, device = model.config, model.device
+        self.cache = StaticKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len,
+                                   model.dtype, device)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.use_graph = use_graph
+        self.strict = False  # True: a failed capture raises instead of falling back to graph-less steps
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # the graph's output buffer
+        self.key = (batch, max_len, use_graph, _signature(model))
+
+    def prefill(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                padded: bool) -> torch.Tensor:
+        """Run the prompt (eagerly) into the cache; return the last position's logits [B, V]."""
+        self.cache.reset()
+        out = model(input_ids=input_ids, attention_mask=mask if padded else None, position_ids=positions,
+                    past_key_values=self.cache, logits_to_keep=1)
+        self.cache.start_decoding(mask if padded else None)
+        self.pos.copy_(positions[:, -1:] + 1)
+        return out.logits[:, -1]
+
+    def step(self, model: nn.Module, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``next_ids`` [B]; return the logits [B, V] of the next position (a buffer the next step
+        overwrites when graphed: use it before stepping again)."""
+        self.ids.copy_(next_ids[:, None])
+        if not self.use_graph:
+            return self._forward(model)
+        if self.graph is None:
+            try:
+                self._capture(model)
+            except Exception as e:  # noqa: BLE001 - anything the step does that a graph cannot hold
+                if self.strict:
+                    raise
+                warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
+                              "decoding without a graph", RuntimeWarning, stacklevel=3)
+                self.use_graph = False  # the key keeps use_graph=True: later calls reuse this runner, no retry
+                return self._forward(model)
+        self.graph.replay()
+        return self.logits
+
+    def _forward(self, model: nn.Module) -> torch.Tensor:
+        out = model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, logits_to_keep=1)
+        self.pos.add_(1)
+        return out.logits[:, -1]
+
+    def _capture(self, model: nn.Module) -> None:
+        """Warm up on a side stream (lazy initialisations, kernel compilation), rewind the step state, capture.
+        Warm-up writes only into slots the real steps overwrite."""
+        index, pos = self.cache.index.clone(), self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_STEPS):
+                    self._forward(model)
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+            self.cache.index.copy_(index)
+            self.pos.copy_(pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward(model)
+        self.graph = graph
+
+
+def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool) -> DecodeRunner:
+    """The model's runner for ``batch`` rows of up to ``tokens`` tokens (reused when it fits, else new)."""
+    max_len = cache_length(tokens)
+    runner = _RUNNERS.get(model)
+    if runner is not None and runner.key == (batch, max_len, use_graph, _signature(model)):
+        return runner
+    _RUNNERS.pop(model, None)  # free the old graph and cache before allocating new ones
+    runner = DecodeRunner(model, batch, max_len, use_graph)
+    _RUNNERS[model] = runner
+    return runner
+
+
+def release(model: nn.Module) -> None:
+    """Drop the model's cached runner (its KV cache and graph memory), e.g. before training again."""
+    _RUNNERS.pop(model, None)
+
