@@ -27,17 +27,41 @@ from .formats import (
     validate_record,
 )
 from .oasst import OASST, is_oasst_tree, oasst_conversations
+from .preference import (
+    KTOExample,
+    PreferencePair,
+    kto_examples,
+    load_preference_records,
+    preference_pairs,
+    tokenize_kto,
+    tokenize_preference,
+)
+from .preference_collate import collate_kto, collate_preference
 from .pretokenized import TOKENIZED, is_pretokenized, validate_pretokenized
 from .records import Record, as_record, load_records, records_from_rows
 from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_dataset, tokenize_record
 
 from .packing import OVERLONG_POLICIES, PACKING_STRATEGIES, collate_packed, pack_examples
+from .prepare import prepare_dataset
+from .truncation import OVERLONG_ROWS, TRUNCATION_MODES
 
 __all__ = [
+    "KTOExample",
+    "PreferencePair",
+    "collate_kto",
+    "collate_preference",
+    "kto_examples",
+    "load_preference_records",
+    "preference_pairs",
+    "tokenize_kto",
+    "tokenize_preference",
     "OVERLONG_POLICIES",
     "PACKING_STRATEGIES",
     "collate_packed",
     "pack_examples",
+    "prepare_dataset",
+    "OVERLONG_ROWS",
+    "TRUNCATION_MODES",
     "ALPACA",
     "CHAT_TEMPLATES",
     "FORMATS",

@@ -6,6 +6,11 @@ sequence; the model derives a document mask from the restarts so attention never
 the model shifts labels (the label at position ``i`` is predicted from position ``i - 1``), so that label
 would otherwise be predicted from the previous sequence's last token. A sequence run alone never uses its
 first label either, so packed and unpacked losses are the same.
+
+Strategies: ``"bfd"`` (best-fit decreasing: whole sequences, reordered, into as few rows as fit) and
+``"chunk"`` (concatenate-and-chunk, for pretraining text: the sequences in order, cut into rows of exactly
+``max_length`` tokens, the last row possibly shorter; a document cut at a row end continues in the next row
+as a new sequence, its positions restarting at 0, since the next row cannot see its beginning).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .tokenize import IGNORE_INDEX
 
 __all__ = ["OVERLONG_POLICIES", "PACKING_STRATEGIES", "collate_packed", "pack_examples"]
 
-PACKING_STRATEGIES = ("bfd",)
+PACKING_STRATEGIES = ("bfd", "chunk")
 OVERLONG_POLICIES = ("error", "truncate", "split", "drop")
 
 
@@ -28,7 +33,8 @@ def _as_list(x) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
-def _sequences(examples, max_length: int, overlong: str, stats: dict) -> list[tuple[list[int], list[int]]]:
+def _sequences(examples, max_length: int, overlong: str, stats: dict,
+               truncation_mode: str = "keep_start") -> list[tuple[list[int], list[int]]]:
     seqs = []
     for i, ex in enumerate(examples):
         ids = _as_list(ex["input_ids"])
@@ -44,9 +50,10 @@ def _sequences(examples, max_length: int, overlong: str, stats: dict) -> list[tu
                 f"example {i} has {len(ids)} tokens, more than max_length={max_length}; truncate it first "
                 f"(or pass overlong='truncate', 'split' or 'drop')"
             )
-        elif overlong == "truncate":  # keep the start
+        elif overlong == "truncate":
             stats["truncated"] += 1
-            seqs.append((ids[:max_length], labels[:max_length]))
+            keep = slice(0, max_length) if truncation_mode == "keep_start" else slice(len(ids) - max_length, None)
+            seqs.append((ids[keep], labels[keep]))
         elif overlong == "split":  # consecutive chunks, each its own sequence
             stats["split"] += 1
             seqs.extend((ids[s:s + max_length], labels[s:s + max_length]) for s in range(0, len(ids), max_length))
@@ -75,22 +82,48 @@ def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _chunks(lengths: list[int], capacity: int) -> list[tuple[int, int, int, int]]:
+    """Concatenate-and-chunk: ``(sequence, start, end, row)`` pieces, in order, filling rows of ``capacity``."""
+    pieces, row, free = [], 0, capacity
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            if free == 0:
+                row, free = row + 1, capacity
+            take = min(free, n - start)
+            pieces.append((i, start, start + take, row))
+            start, free = start + take, free - take
+    return pieces
+
+
+def _rows_of(pieces: list[tuple[int, int, int, int]]) -> list[list[int]]:
+    rows: list[list[int]] = []
+    for k, (*_, row) in enumerate(pieces):
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(k)
+    return rows
+
+
 def pack_examples(
     examples: Sequence[Mapping[str, Any]],
     max_length: int,
     strategy: str = "bfd",
     overlong: str = "error",
     return_stats: bool = False,
+    truncation_mode: str = "keep_start",
 ):
     """Pack ``examples`` (each with ``input_ids`` and optional ``labels``, lists or 1-D tensors) into rows of
     at most ``max_length`` tokens by best-fit decreasing.
 
     Returns a list of rows ``{"input_ids", "labels", "position_ids"}`` (lists of ints); every token of every
     kept sequence appears exactly once. ``overlong`` decides what happens to an example longer than
-    ``max_length``: ``"error"`` (a :class:`DataError`), ``"truncate"`` (keep the first ``max_length`` tokens),
+    ``max_length``: ``"error"`` (a :class:`DataError`), ``"truncate"`` (keep the first ``max_length`` tokens, or
+    the last ones with ``truncation_mode="keep_end"``),
     ``"split"`` (consecutive chunks, each packed as its own sequence) or ``"drop"``. With ``return_stats``
     the result is ``(rows, stats)``, ``stats`` counting sequences, rows, tokens and truncated / split /
-    dropped examples.
+    dropped examples. ``strategy="chunk"`` concatenates the examples in order and cuts rows of exactly
+    ``max_length`` tokens instead (``overlong`` does not apply: long documents continue across rows).
     """
     if strategy not in PACKING_STRATEGIES:
         raise ValueError(f"strategy must be one of {PACKING_STRATEGIES}, got {strategy!r}")
@@ -98,10 +131,19 @@ def pack_examples(
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
     stats = {"truncated": 0, "split": 0, "dropped": 0}
-    seqs = _sequences(examples, max_length, overlong, stats)
+    if strategy == "chunk":
+        seqs = _sequences(examples, 1 << 62, "error", stats)
+        bins = _chunks([len(ids) for ids, _ in seqs], max_length)
+        seqs = [(seqs[i][0][a:b], seqs[i][1][a:b]) for i, a, b, _ in bins]
+        bins = _rows_of(bins)
+    else:
+        seqs = _sequences(examples, max_length, overlong, stats, truncation_mode)
+        bins = _best_fit_decreasing([len(ids) for ids, _ in seqs], max_length)
     rows = []
-    for members in _best_fit_decreasing([len(ids) for ids, _ in seqs], max_length):
+    for members in bins:
         input_ids, labels, position_ids = [], [], []
         for i in members:
             ids, lab = seqs[i]

@@ -3,7 +3,9 @@
 Sources: ``.json`` (a list of objects, or ``{"data": [...]}``), ``.jsonl``, ``.csv`` (header row, every cell a
 string; read with the standard library), ``.parquet`` (needs ``pyarrow``), ``.txt`` (one document per
 non-blank line -> ``{"text": line}``), a folder of such files (read in sorted path order, hidden files
-skipped), and a Hugging Face ``datasets.Dataset`` / ``IterableDataset`` object (when ``datasets`` is installed).
+skipped), a Hugging Face ``datasets.Dataset`` / ``IterableDataset`` object (when ``datasets`` is installed), and
+a Hugging Face Hub dataset name (``"openai/gsm8k"``: any string that is not an existing path nor a dataset file
+name; loaded with ``datasets.load_dataset``, so it needs ``datasets`` and a network or its local cache).
 
 Every row is wrapped in a :class:`Record` that remembers its file and position, so that any later error
 (format validation, tokenization, truncation) can name the culprit: ``data.jsonl line 7`` (1-based line of a
@@ -17,6 +19,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +74,12 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<memory>
     return records
 
 
-def load_records(source: str | os.PathLike | Any) -> list[Record]:
-    """Read every row of a dataset file, a folder of dataset files, or a ``datasets`` (Iterable)Dataset.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def load_records(source: str | os.PathLike | Any, split: str = "train", subset: str | None = None) -> list[Record]:
+    """Read every row of a dataset file, a folder of dataset files, a ``datasets`` (Iterable)Dataset, or a
+    Hugging Face Hub dataset (``split`` and ``subset``, its configuration name, apply to Hub datasets only).
 
     Blank JSONL / text lines are skipped. Raises :class:`DataError` for a missing file, an unsupported suffix,
     invalid JSON (with its line number), a malformed CSV row, a row that is not an object, a Parquet file
@@ -88,6 +95,8 @@ def load_records(source: str | os.PathLike | Any) -> list[Record]:
         return _load_folder(path)
     name = str(path)
     suffix = path.suffix.lower()
+    if isinstance(source, str) and not path.exists() and suffix not in SUFFIXES and _HUB_NAME.match(source):
+        return _load_hub(source, split, subset)
     if suffix not in SUFFIXES:
         raise DataError(
             f"{name}: unsupported dataset file type {suffix or '(no suffix)'!r}; expected one of {', '.join(SUFFIXES)}"
@@ -106,6 +115,25 @@ def load_records(source: str | os.PathLike | Any) -> list[Record]:
     if not records:
         raise DataError(f"{name}: the dataset is empty (no rows)")
     return records
+
+
+def _load_hub(name: str, split: str, subset: str | None) -> list[Record]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{name}: no such file or folder; to load it as a Hugging Face Hub dataset install the 'datasets' "
+            "package (pip install datasets)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # offline, unknown name, unknown split, gated: datasets raises many kinds
+        raise DataError(
+            f"{name}: no such file or folder, and loading it as a Hugging Face Hub dataset (split {split!r}) "
+            f"failed: {type(e).__name__}: {e}. Without a network, download it where there is one (or point at "
+            "a local .json/.jsonl/.csv/.parquet/.txt file or folder)"
+        ) from None
+    return records_from_rows(ds, source=f"{name}[{split}]")
 
 
 def _is_hf_dataset(obj: Any) -> bool:

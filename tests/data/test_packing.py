@@ -106,3 +106,25 @@ def test_collate_packed():
         assert (batch["input_ids"][i, n:] == 0).all() and (batch["labels"][i, n:] == -100).all()
         assert batch["position_ids"][i].tolist() == r["position_ids"] + list(range(pad))
     assert batch["position_ids"].dtype == torch.long
+
+
+def test_concatenate_and_chunk():
+    examples = [{"input_ids": list(range(100 * k, 100 * k + n))} for k, n in enumerate([5, 12, 3, 7])]
+    rows, stats = pack_examples(examples, 8, strategy="chunk", return_stats=True)
+    flat = [t for ex in examples for t in ex["input_ids"]]
+    assert [len(r["input_ids"]) for r in rows] == [8, 8, 8, 3]  # every row full but the last
+    assert sum((r["input_ids"] for r in rows), []) == flat  # order kept, every token once
+    assert stats["rows"] == 4 and stats["tokens"] == 27
+    # positions restart at each document start and at each row start (a continued document is a new sequence)
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert rows[1]["position_ids"] == list(range(8))
+    assert rows[2]["position_ids"] == [0, 0, 1, 2, 0, 1, 2, 3]
+    # the first label of every piece is masked: nothing is predicted across a boundary
+    assert rows[0]["labels"] == [-100, 1, 2, 3, 4, -100, 101, 102]
+    assert rows[2]["labels"][:2] == [-100, -100] and rows[2]["labels"][4] == -100
+
+
+def test_truncate_keep_end():
+    rows, stats = pack_examples([{"input_ids": list(range(10))}], 4, overlong="truncate",
+                                truncation_mode="keep_end", return_stats=True)
+    assert rows[0]["input_ids"] == [6, 7, 8, 9] and stats["truncated"] == 1
