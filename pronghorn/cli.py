@@ -19,6 +19,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "gradient_checkpointing":  # a bare flag means "on"; also auto | off | offload | unsloth
+            p.add_argument(flag, nargs="?", const="on", default=None)
         elif f.name == "target_modules":
             p.add_argument(flag, nargs="+", default=None)
         else:
@@ -35,8 +37,11 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     res = train(cfg)
-    print(f"saved adapter to {res.output_dir} after {res.global_step} steps "
-          f"(final loss {res.losses[-1]:.4f}); metrics: {res.metrics_file}; plot: {res.loss_plot}")
+    from .train.distributed import env_from_os
+
+    if env_from_os().is_main:  # under torchrun: one report, from rank 0
+        print(f"saved adapter to {res.output_dir} after {res.global_step} steps "
+              f"(final loss {res.losses[-1]:.4f}); metrics: {res.metrics_file}; plot: {res.loss_plot}")
     return 0
 
 
@@ -57,19 +62,21 @@ def _chat(args: argparse.Namespace) -> int:
     model, tokenizer = FastLanguageModel.from_pretrained(args.model)
     FastLanguageModel.for_inference(model)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    if args.prompt:
-        for prompt in args.prompt:
-            print(f">>> {prompt}")
-            _answer(model, tokenizer, history + [{"role": "user", "content": prompt}], args.max_new_tokens,
-                    args.temperature, stream=True)
-        return 0
-    print("pronghorn chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
+    scripted = iter(args.prompt) if args.prompt else None  # --prompt turns: one conversation, then exit
+    if scripted is None:
+        print("pronghorn chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.")
     while True:
-        try:
-            line = input(">>> ").strip()
-        except EOFError:
-            print()
-            return 0
+        if scripted is not None:
+            line = next(scripted, None)
+            if line is None:
+                return 0
+            print(f">>> {line}")
+        else:
+            try:
+                line = input(">>> ").strip()
+            except EOFError:
+                print()
+                return 0
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
@@ -89,6 +96,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export.command import export
+
+    paths = export(args.model, args.out, args.format, adapter=args.adapter, quant=args.quant,
+                   overwrite=args.overwrite, base_checkpoint=args.base_checkpoint, max_shard_size=args.max_shard_size)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pronghorn", description="Fast, exact LoRA fine-tuning of Llama-family models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     c = sub.add_parser("chat", help="chat with a model or a trained adapter directory (streams the reply)")
     c.add_argument("--model", default="default", help="checkpoint dir, adapter dir, .gguf file, hub id or 'default'")
-    c.add_argument("--prompt", action="append", help="answer this message and exit (repeatable)")
+    c.add_argument("--prompt", action="append",
+                   help="a user turn; repeat for a multi-turn conversation (history kept), then exit")
     c.add_argument("--system", help="system prompt")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -107,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True)
     d.add_argument("--epochs", type=float, default=3.0)
     d.set_defaults(func=_demo)
+    e = sub.add_parser("export", help="write a merged HF checkpoint, GGUF files (+ Ollama Modelfile) or a PEFT adapter")
+    e.add_argument("--model", default="default", help="checkpoint dir, adapter dir, .gguf file, hub id or 'default'")
+    e.add_argument("--adapter", help="PEFT adapter dir to apply to --model (checked against its names and shapes)")
+    e.add_argument("--format", choices=("merged", "gguf", "lora"), default="merged")
+    e.add_argument("--quant", nargs="+", help="GGUF methods, one file each: f16 bf16 f32 q8_0 q5_0 q4_0 q6_k q4_k q4_k_m")
+    e.add_argument("--out", required=True, help="directory to create (must be empty unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--base-checkpoint", help="merge into this 16-bit checkpoint's weights (for a 4-bit base)")
+    e.add_argument("--max-shard-size", default="5GB", help="merged safetensors shard size (e.g. 5GB, 500MB)")
+    e.set_defaults(func=_export)
     return parser
 
 

@@ -44,6 +44,13 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         return dict(self.hf_config)
 
+    # transformers' PretrainedConfig interface, as far as HF Trainer and TRL's SFTTrainer use it
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.hf_config, "model_type": self.model_type}
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> "ModelConfig":
+        return self
+
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)

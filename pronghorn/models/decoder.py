@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
+from .checkpointing import checkpoint_mode, layer_modes, run_layers
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
@@ -84,12 +84,11 @@ class DecoderModel(nn.Module):
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, t)
         cos, sin = self._rope(position_ids, x.dtype)
         windows = {self.cfg.window_of(i) for i in range(len(self.layers))}
-        masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions) for w in windows}
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, masks, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, masks, cache)
+        masks = cache.decode_masks(windows, x.dtype) if cache is not None else None  # static decode: no syncs
+        if masks is None:
+            masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions)
+                     for w in windows}
+        x = run_layers(self.layers, x, (cos, sin, masks, cache), layer_modes(self, x))  # keep/recompute/offload
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -128,8 +127,13 @@ class DecoderForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self.model.gradient_checkpointing = True
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None) -> None:
+        """``mode``: on | offload | auto | off (models/checkpointing.py). Without one (how HF Trainer and TRL
+        call it), a model already set to a checkpointing mode keeps it; otherwise it becomes "on"."""
+        if mode is None:
+            mode = self.model.gradient_checkpointing or "on"
+        mode = checkpoint_mode(mode)
+        self.model.gradient_checkpointing = False if mode == "off" else mode
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False

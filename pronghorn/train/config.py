@@ -11,7 +11,9 @@ from typing import Any
 import yaml
 
 from ..errors import PronghornError
+from ..models.checkpointing import checkpoint_mode
 from ..models.lora import ALL_TARGETS
+from .optimizers import optimizer_name
 
 
 @dataclass
@@ -48,14 +50,45 @@ class TrainConfig:
     # runtime
     dtype: str | None = None  # float32 | bfloat16 | float16; None = bf16 on GPU, fp32 on CPU
     device: str | None = None
-    gradient_checkpointing: bool = False
     logging_steps: int = 1
     save_steps: int | None = None  # adapter checkpoints every N steps (None = only at the end)
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
     progress: bool = True
+    # memory and speed (models/checkpointing.py, train/optimizers.py, data/packing.py)
+    gradient_checkpointing: str | bool = "auto"  # auto | on (true) | offload ("unsloth") | off (false)
+    optim: str = "adamw_torch_fused"  # adamw_torch | adamw_torch_fused | adamw_8bit (bitsandbytes, GPU)
+    packing: bool = False  # padding-free rows of <= max_length tokens (batch_size counts rows); positions restart
+    # multi-GPU, when launched by torchrun / accelerate launch (a single process ignores these); docs/multi_gpu.md
+    distributed: str = "auto"  # auto (LoRA: ddp, full fine-tuning: fsdp) | ddp | fsdp
+    distributed_timeout_s: float = 1800.0  # a collective waiting longer (a dead or stuck rank) ends every rank
+    # preference training (pronghorn.train.preference_trainer); names as TRL's DPOConfig / KTOConfig / ORPOConfig
+    method: str = "sft"  # sft | dpo | orpo | kto
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust | simpo (reference-free)
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    max_prompt_length: int | None = None  # longer prompts keep their end
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0  # kto
+    precompute_ref_log_probs: bool = False
+    skip_bad_rows: bool = False  # drop (and count) bad preference rows instead of stopping
+    # SFT data pipeline (pronghorn.data; skip_bad_rows above applies to SFT rows too) and NEFTune
+    truncation_mode: str = "keep_start"  # keep_start | keep_end (rows longer than max_length)
+    overlong: str = "truncate"  # truncate | split | drop | error
+    neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings while training (e.g. 5)
 
     def __post_init__(self):
+        self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
+        self.optim = optimizer_name(self.optim)
+        if self.method not in ("sft", "dpo", "orpo", "kto"):
+            raise PronghornError(f"method must be sft, dpo, orpo or kto, got {self.method!r}")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            raise PronghornError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise PronghornError(f"truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
+        if self.overlong not in ("truncate", "split", "drop", "error"):
+            raise PronghornError(f"overlong must be truncate, split, drop or error, got {self.overlong!r}")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
             raise PronghornError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_length", "r"):
@@ -93,6 +126,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if union and type(None) in typing.get_args(kind):
             return None
         raise PronghornError(f"{where}: a value is required (got null)")
+    if len(options) > 1:  # e.g. str | bool: the first type that takes the value
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except PronghornError:
+                pass
+        raise PronghornError(f"{where}: expected {' or '.join(o.__name__ for o in options)}, got {value!r}")
     target = options[0]
     if typing.get_origin(target) is list:
         if isinstance(value, str):

@@ -14,6 +14,8 @@ from ..files import check_output_dir
 from ..models.loader import load_pretrained
 from ..models.lora import LoRAConfig, attach_lora, trainable_parameters
 from .config import TrainConfig
+from .distributed import failure_guard, init_distributed, load_placement
+from .neftune import activate_neftune
 from .trainer import Trainer, TrainResult
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -36,21 +38,32 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     and loss.png into ``output_dir``.
     """
     cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    if cfg.method != "sft":  # DPO / ORPO / KTO (train/preference_run.py)
+        from .preference_run import train_preference
+
+        return train_preference(cfg)
     if cfg.data is None:
         raise PronghornError("no training data given (a .json/.jsonl file, or 'demo')")
     if not cfg.resume_from_checkpoint:  # fail before the slow load, not after
         check_output_dir(cfg.output_dir, cfg.overwrite, marker_files=MODEL_FILES + ("metrics.jsonl",))
     records = identity_dataset() if cfg.data == "demo" else load_records(cfg.data)
-    loaded = load_pretrained(cfg.model, parse_dtype(cfg.dtype), cfg.device)
+    env = init_distributed(cfg.distributed_timeout_s)  # under torchrun / accelerate launch: join the job
+    device, dtype = load_placement(cfg.distributed, env, cfg.device, parse_dtype(cfg.dtype))
+    loaded = load_pretrained(cfg.model, dtype, device)
     model, tokenizer = loaded.model, loaded.tokenizer
     examples = tokenize_dataset(records, tokenizer, cfg.data_format, cfg.max_length, train_on=cfg.train_on,
-                                progress=cfg.progress)
+                                progress=cfg.progress and env.is_main, truncation_mode=cfg.truncation_mode,
+                                overlong=cfg.overlong, skip_bad_rows=cfg.skip_bad_rows)
     attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                   target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing)  # auto | on | offload | off
+    if cfg.neftune_noise_alpha:
+        activate_neftune(model, cfg.neftune_noise_alpha)
     trainable, total = trainable_parameters(model)
-    print(f"pronghorn: {loaded.base_name} on {model.device} ({model.dtype}), {len(examples)} examples, "
-          f"LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds: {trainable:,} of {total:,} parameters train")
-    torch.manual_seed(cfg.seed)
-    return Trainer(model, tokenizer, examples, cfg, loaded.base_name).train()
+    if env.is_main:
+        print(f"pronghorn: {loaded.base_name} on {model.device} ({model.dtype}), {len(examples)} examples, "
+              f"LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds: {trainable:,} of {total:,} parameters "
+              f"train" + (f", {env.world_size} ranks ({cfg.distributed})" if env.distributed else ""))
+    torch.manual_seed(cfg.seed + env.rank)  # LoRA dropout masks differ per rank; the adapter init does not
+    with failure_guard(env, cfg.output_dir):
+        return Trainer(model, tokenizer, examples, cfg, loaded.base_name).train()

@@ -1,4 +1,6 @@
-"""The native SFT training loop: AdamW, warmup + decay, exact gradient accumulation, clipping, resume."""
+"""The native SFT training loop: AdamW (train/optimizers.py), warmup + decay, exact gradient accumulation,
+clipping, resume; with ``packing`` the examples are packed once into padding-free rows (data/packing.py) and
+the steps draw rows, the model keeping the sequences of a row apart by their restarting ``position_ids``."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import torch
 from torch import nn
 
 from ..data.collate import pad_batch
+from ..data.packing import collate_packed, pack_examples
 from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES, save_adapter
 from ..files import check_output_dir
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
-from .metrics import MetricsLog
+from .distributed import DataParallel
+from .optimizers import build_optimizer
 from .progress import TrainProgress
 from .schedule import lr_multiplier
 
@@ -45,17 +49,18 @@ class Trainer:
         self.model, self.tokenizer, self.examples, self.cfg = model, tokenizer, train_examples, config
         self.base_name = base_name or getattr(model, "name_or_path", None)
         self.out = Path(config.output_dir)
+        self.dist = DataParallel(model, config.distributed)  # one process: a no-op; see train/distributed.py
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first")
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon, weight_decay=config.weight_decay,
-            **({"fused": True} if self.device.type == "cuda" else {}),
-        )
-        per_step = config.batch_size * config.gradient_accumulation_steps
-        self.steps_per_epoch = math.ceil(len(train_examples) / per_step)
+        self.optimizer = build_optimizer(self.params, config.optim, config.learning_rate,
+                                         (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+                                         config.weight_decay, self.device)
+        if config.packing:  # padding-free: whole sequences in rows of max_length tokens, each with its positions
+            self.examples = pack_examples(train_examples, config.max_length)
+        per_step = config.batch_size * config.gradient_accumulation_steps * self.dist.world_size
+        self.steps_per_epoch = math.ceil(len(self.examples) / per_step)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.warmup = config.warmup_steps or int(config.warmup_ratio * self.total_steps)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -67,8 +72,9 @@ class Trainer:
     def step_examples(self, step: int) -> list[dict]:
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        per_step = self.cfg.batch_size * self.cfg.gradient_accumulation_steps
-        return [self.examples[i] for i in order[index * per_step:(index + 1) * per_step].tolist()]
+        per_step = self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.dist.world_size
+        step = [self.examples[i] for i in order[index * per_step:(index + 1) * per_step].tolist()]
+        return self.dist.shard(step, self.cfg.batch_size)  # this rank's share (all of it in one process)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -79,19 +85,24 @@ class Trainer:
         """Forward/backward ``examples`` in micro-batches of ``batch_size``; every micro-batch loss is its
         token sum divided by the trained tokens of the whole accumulated batch, so the accumulated gradient
         equals that of one big batch. Returns (mean loss over those tokens, tokens seen)."""
-        num_items = sum(count_trained_tokens(e) for e in examples)
+        num_items = self.dist.loss_normalizer(sum(count_trained_tokens(e) for e in examples))
         if num_items == 0:
             raise PronghornError("an optimizer step has no trainable token (all labels masked)")
         total, tokens = 0.0, 0
         for i in range(0, len(examples), self.cfg.batch_size):
-            batch = pad_batch(examples[i:i + self.cfg.batch_size], self.pad_id)
+            chunk = examples[i:i + self.cfg.batch_size]
+            batch = collate_packed(chunk, self.pad_id) if self.cfg.packing else pad_batch(chunk, self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            tokens += int(batch["attention_mask"].sum())
-            with self._autocast():
-                loss = self.model(**batch, num_items_in_batch=num_items).loss
+            tokens += sum(len(e["input_ids"]) for e in chunk)
+            with self._autocast(), self.dist.grad_sync(i + self.cfg.batch_size >= len(examples)):
+                loss = self.dist.forward(**batch, num_items_in_batch=num_items).loss
             loss.backward()
             total += float(loss.detach())
-        return total, tokens
+        return self.dist.reduce_stats(total, tokens)
+
+    def step_metrics(self) -> dict:
+        """Extra values for the metrics row of the step just taken (none here; subclasses add theirs)."""
+        return {}
 
     def train_step(self, examples: list[dict]) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad norm before clipping, tokens)."""
@@ -123,17 +134,17 @@ class Trainer:
         resume = self._resume_point()
         if resume is None:
             check_output_dir(self.out, cfg.overwrite, marker_files=MODEL_FILES + ("metrics.jsonl",))
-            for old in list_checkpoints(self.out):  # only reached with overwrite=True or none present
+            for old in list_checkpoints(self.out) if self.dist.is_main else []:  # overwrite=True or none there
                 shutil.rmtree(old)
         self.out.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.out / "metrics.jsonl", resume=resume is not None)
+        log = self.dist.metrics_log(self.out / "metrics.jsonl", resume=resume is not None)  # rank 0 writes
         start = 0
         if resume is not None:
             start = load_checkpoint(resume, self.model, self.optimizer)["global_step"]
             log.truncate_after(start)
         losses = [r["loss"] for r in log.rows if "loss" in r]
         self.model.train()
-        with TrainProgress(self.total_steps, start, enabled=cfg.progress) as bar:
+        with TrainProgress(self.total_steps, start, enabled=cfg.progress and self.dist.is_main) as bar:
             for step in range(start, self.total_steps):
                 lr = self._set_lr(step)
                 t0 = time.perf_counter()
@@ -142,15 +153,18 @@ class Trainer:
                 losses.append(loss)
                 row = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4), "loss": loss,
                        "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": round(tokens / dt, 1)}
+                row.update(self.step_metrics())  # hook: subclasses add their own (preference rewards, ...)
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     log.log(row)
                 bar.update(step + 1, loss, lr)
-                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps:
+                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps \
+                        and self.dist.is_main:
                     save_checkpoint(self.out / f"checkpoint-{step + 1}", self.model, self.optimizer,
                                     {"global_step": step + 1, "total_steps": self.total_steps}, self.base_name)
                     prune_checkpoints(self.out, cfg.save_total_limit)
         self.model.eval()
-        save_adapter(self.model, self.out, self.base_name, overwrite=True)
-        self.tokenizer.save_pretrained(str(self.out))
+        if self.dist.is_main:
+            save_adapter(self.model, self.out, self.base_name, overwrite=True)
+            self.tokenizer.save_pretrained(str(self.out))
         plot = log.plot_loss(self.out / "loss.png")
         return TrainResult(self.out, self.total_steps, losses, log.path, plot)

@@ -1,0 +1,235 @@
+"""DPO training throughput and peak memory: pronghorn's PreferenceTrainer vs TRL's DPOTrainer + PEFT (+ Liger).
+
+Same workload for every system: random-init weights with the real architecture config, bf16, LoRA r=16
+alpha=16 dropout 0 on q,k,v,o,gate,up,down, gradient checkpointing on, AdamW, max_grad_norm 1, sigmoid DPO
+beta 0.1, reference = the same model with adapters disabled (no reference copy, not precomputed), B pairs
+per step, every pair a P-token prompt and C-token chosen / rejected completions (2B sequences of P + C
+tokens per step). Token ids are random words of a small word-level tokenizer built here, so TRL tokenizes
+the strings to exactly these lengths, offline. Tokens/s = 2 B (P + C) / median step time of steps 3..N;
+peak = torch.cuda.max_memory_allocated over the training steps (weights included).
+
+    python benchmarks/preference.py --json preference.json                     # H100: llama-3.2-1b
+    python benchmarks/preference.py --smoke                                    # CPU, tiny, seconds
+
+Systems: ``pronghorn``, ``trl+peft`` (needs trl, peft, datasets), ``trl+peft+liger`` (also liger-kernel; skipped
+when it is not importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.train_e2e import TARGETS, WORKLOADS  # noqa: E402
+
+WORKLOADS = dict(WORKLOADS)
+WORKLOADS["tiny"] = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1031, tie_word_embeddings=True, rope_theta=10000.0,
+                          max_position_embeddings=512), 2, 64, "random")
+N_WORDS = 1000  # tokenizer words w0..w999 -> ids 3..1002; ids 0/1/2 are pad/bos/eos
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(N_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _rows(pairs: int, prompt: int, completion: int, seed: int = 0) -> list[dict]:
+    """Token rows; completions end with EOS (id 2) as TRL adds it to string completions."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: (torch.randint(0, N_WORDS, (n,), generator=g) + 3).tolist()
+    return [{"prompt_ids": words(prompt), "chosen_ids": words(completion - 1) + [2],
+             "chosen_mask": [1] * completion, "rejected_ids": words(completion - 1) + [2],
+             "rejected_mask": [1] * completion} for _ in range(pairs)]
+
+
+def _text(ids: list[int]) -> str:
+    return " ".join(f"w{i - 3}" for i in ids if i >= 3)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+
+
+def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype) -> dict:
+    from pronghorn.models.builder import init_random_model
+    from pronghorn.models.config import ModelConfig
+    from pronghorn.models.lora import LoRAConfig, attach_lora
+    from pronghorn.train.config import TrainConfig
+    from pronghorn.train.preference_trainer import PreferenceTrainer
+
+    config = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, **cfg})
+    model = init_random_model(config, dtype, device)
+    attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
+    model.gradient_checkpointing_enable()
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    with tempfile.TemporaryDirectory() as out:
+        tc = TrainConfig(output_dir=out, method="dpo", beta=0.1, batch_size=len(rows), gradient_accumulation_steps=1,
+                         learning_rate=1e-4, max_grad_norm=1.0, progress=False)
+        trainer = PreferenceTrainer(model, tok, rows, tc)
+        model.train()
+        _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, loss = [], None
+        for _ in range(steps):
+            _sync(device)
+            t = time.perf_counter()
+            loss, _, _ = trainer.train_step(rows)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        peak = _peak(device)
+    del trainer, model
+    return {"times": times, "peak_gib": peak, "loss": loss}
+
+
+def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, liger: bool) -> dict:
+    import datasets
+    import trl
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+    tok = _tokenizer()
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1,
+                                             eos_token_id=2)).to(dtype)
+    ds = datasets.Dataset.from_list([{"prompt": _text(r["prompt_ids"]), "chosen": " " + _text(r["chosen_ids"]),
+                                      "rejected": " " + _text(r["rejected_ids"])} for r in rows] * steps)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            _sync(device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, *a, **k):
+            _sync(device)
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            _sync(device)
+            times.append(time.perf_counter() - self.t)
+
+    P, C = len(rows[0]["prompt_ids"]), len(rows[0]["chosen_ids"])
+    with tempfile.TemporaryDirectory() as out:
+        args = trl.DPOConfig(
+            output_dir=out, per_device_train_batch_size=len(rows), gradient_accumulation_steps=1, max_steps=steps,
+            learning_rate=1e-4, max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"], max_length=P + C,
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+            bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", report_to="none", logging_steps=1,
+            save_strategy="no", disable_tqdm=True, use_liger_kernel=liger, dataloader_num_workers=0, seed=0)
+        peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                 peft_config=peft_config, callbacks=[Timer()])
+        first = trainer.train_dataset[0]
+        assert len(first["prompt_ids"]) == P and len(first["chosen_ids"]) == C, "TRL tokenized other lengths"
+        trainer.train()
+        peak = _peak(device)
+        loss = trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None
+    del trainer, model
+    return {"times": times, "peak_gib": peak, "loss": loss}
+
+
+def measure(system: str, workload: str, steps: int, device: str, pairs: int | None, prompt: int | None,
+            completion: int | None) -> dict:
+    cfg, batch, seq = WORKLOADS[workload][:3]
+    pairs = pairs or batch
+    prompt = prompt or seq // 4
+    completion = completion or seq // 4
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = _rows(pairs, prompt, completion)
+    torch.manual_seed(0)
+    if system == "pronghorn":
+        r = run_pronghorn(cfg, rows, steps, device, dtype)
+    else:
+        r = run_trl(cfg, rows, steps, device, dtype, liger=system.endswith("liger"))
+    steady = statistics.median(r["times"][2:] if len(r["times"]) > 2 else r["times"])
+    tokens = 2 * pairs * (prompt + completion)
+    out = dict(system=system, workload=workload, pairs=pairs, prompt=prompt, completion=completion,
+               step_s=round(steady, 4), tok_s=round(tokens / steady), peak_gib=r["peak_gib"],
+               loss=None if r["loss"] is None else round(float(r["loss"]), 4))
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def available(system: str) -> str | None:
+    """None when the system can run here, else why not."""
+    import importlib.util
+
+    need = {"trl+peft": ["trl", "peft", "datasets"], "trl+peft+liger": ["trl", "peft", "datasets", "liger_kernel"]}
+    missing = [m for m in need.get(system, []) if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default="llama-3.2-1b")
+    ap.add_argument("--systems", default="pronghorn,trl+peft,trl+peft+liger")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default: the workload's batch)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: seq / 4)")
+    ap.add_argument("--completion", type=int, default=None, help="completion tokens each side (default: seq / 4)")
+    ap.add_argument("--json", default="preference.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 3 steps")
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    if a.smoke:
+        a.workloads, a.steps = "tiny", 3
+    rows = []
+    for w in a.workloads.split(","):
+        for s in a.systems.split(","):
+            why = available(s)
+            if why:
+                print(f"skip {s}: {why}", flush=True)
+                continue
+            rows.append(measure(s, w, a.steps, device, a.pairs, a.prompt, a.completion))
+            print(json.dumps(rows[-1]), flush=True)
+    base = {r["workload"]: r for r in rows if r["system"] == "trl+peft"}
+    print(f"\n{'workload':<14} {'system':<16} {'tok/s':>8} {'peak GiB':>9} {'speed vs trl+peft':>18} {'memory vs':>10}")
+    for r in rows:
+        ref = base.get(r["workload"])
+        speed = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
+        mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}x" if ref and r["peak_gib"] and ref["peak_gib"] else "-"
+        print(f"{r['workload']:<14} {r['system']:<16} {r['tok_s']:>8} {str(r['peak_gib']):>9} {speed:>18} {mem:>10}")
+    import transformers
+
+    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), smoke=a.smoke)
+    for mod in ("trl", "peft", "liger_kernel"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    with open(a.json, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

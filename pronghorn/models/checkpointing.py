@@ -1,0 +1,274 @@
+"""Gradient checkpointing per decoder layer: keep, recompute, or offload the layer input to the host.
+
+Modes a user picks (``use_gradient_checkpointing`` / ``TrainConfig.gradient_checkpointing``):
+
+- ``"off"``: every layer keeps its activations (fastest, most memory).
+- ``"on"``: every layer keeps only its input and is recomputed in the backward pass.
+- ``"offload"``: like ``"on"``, but the input itself goes to pinned host memory on a side CUDA stream and is
+  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact).
+- ``"auto"`` (the default): :func:`plan_memory` decides per layer from the free device memory and an estimate
+  of each layer's activation bytes (:func:`layer_activation_bytes`), so a big GPU never recomputes and a
+  small one still fits. The plan is printed in one line the first time a batch shape needs it.
+
+Every mode computes the same function: recomputation replays the layer with the RNG and autocast state of
+the original forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import PronghornError
+from ..kernels.triton_support import reference_kernels, reference_only
+
+MODES = ("off", "on", "offload", "auto")
+_ALIASES = {"unsloth": "offload", "true": "on", "false": "off", "none": "off"}
+_GIB = 2**30
+
+
+def checkpoint_mode(value) -> str:
+    """The mode for a user's setting: ``True`` -> on, ``False``/``None`` -> off, ``"unsloth"`` -> offload."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "on"
+    if isinstance(value, str):
+        mode = _ALIASES.get(value.strip().lower(), value.strip().lower())
+        if mode in MODES:
+            return mode
+    raise PronghornError(f"gradient checkpointing must be one of {MODES}, True, False or 'unsloth'; got {value!r}")
+
+
+# --- the memory plan: pure arithmetic, testable with made-up numbers ---
+
+def layer_activation_bytes(tokens: int, hidden: int, intermediate: int, q_dim: int, kv_dim: int, act_bytes: int,
+                           lora_rank: int = 0, lora_projections: int = 0, lora_bytes: int = 4) -> int:
+    """Bytes autograd keeps for one decoder layer's backward, for ``tokens`` = batch x sequence length.
+
+    Per token: the layer input and the residual after attention (2 x hidden), both norm outputs (2 x hidden),
+    q, the attention output and its head-merged copy (3 x q_dim), k and v (2 x kv_dim), gate, up and their
+    product (3 x intermediate), all in the activation dtype; each adapted projection adds its rank-r product
+    ``x A^T`` (``lora_bytes`` per element; the LoRA function saves no cast copy of its input).
+    """
+    base = act_bytes * (4 * hidden + 3 * q_dim + 2 * kv_dim + 3 * intermediate)
+    return tokens * (base + lora_projections * lora_rank * lora_bytes)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    modes: tuple[str, ...]  # per layer: keep | recompute | offload
+    free_bytes: int
+    need_bytes: int  # the estimated peak of this plan
+    fits: bool
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{self.modes.count(m)} {m}" for m in ("keep", "recompute", "offload"))
+        note = "" if self.fits else " (may not fit: batch or sequence too large for this device)"
+        return (f"{len(self.modes)} layers: {counts}; estimated {self.need_bytes / _GIB:.2f} GiB of "
+                f"{self.free_bytes / _GIB:.2f} GiB free{note}")
+
+
+def plan_memory(free_bytes: int, layers: int, layer_bytes: int, input_bytes: int, fixed_bytes: int = 0,
+                can_offload: bool = True, headroom: float = 0.1) -> MemoryPlan:
+    """Per-layer modes that fit ``free_bytes`` with the least recomputation.
+
+    ``layer_bytes``: one layer's kept activations; ``input_bytes``: its input alone (what recomputation
+    keeps); ``fixed_bytes``: the rest of a step's peak (loss, gradients in flight). ``headroom`` of the free
+    memory stays unused (fragmentation, allocator rounding). Prefers keeping every layer; else recomputes the
+    fewest layers; else moves the inputs of the earliest layers (needed last in the backward) to the host,
+    with two layer inputs on the device for the prefetch. Layers are ordered offload, recompute, keep.
+    """
+    usable = free_bytes * (1 - headroom)
+    budget = usable - fixed_bytes
+    n, a, i = layers, layer_bytes, input_bytes
+    if n * a <= budget:
+        return MemoryPlan(("keep",) * n, free_bytes, fixed_bytes + n * a, True)
+    # recompute the rest: inputs of every layer, activations of the kept ones, one layer rebuilt in the backward
+    keep = min(n - 1, math.floor((budget - n * i - a) / (a - i))) if a > i else n - 1
+    if keep >= 0 or not can_offload:
+        keep = max(keep, 0)
+        need = fixed_bytes + keep * a + (n - keep) * i + a
+        return MemoryPlan(("recompute",) * (n - keep) + ("keep",) * keep, free_bytes, need, need <= usable)
+    # offload the earliest inputs: the rest stay on the device, plus two in flight for the prefetch
+    on_device = max(0, min(n, math.floor((budget - a - 2 * i) / i))) if i else n
+    need = fixed_bytes + (on_device + 2) * i + a
+    return MemoryPlan(("offload",) * (n - on_device) + ("recompute",) * on_device, free_bytes, need,
+                      need <= usable)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes new tensors can take on ``device``: the driver's free memory plus what PyTorch's allocator holds
+    unused; host RAM available for a CPU; None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def plan_for_model(model, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                   free_bytes: int | None = None) -> MemoryPlan:
+    """The auto plan for a DecoderModel on a batch of ``batch`` x ``seq_len`` tokens."""
+    cfg, tokens, act = model.cfg, batch * seq_len, torch.empty((), dtype=dtype).element_size()
+    adapted = [m for m in model.layers[0].modules() if getattr(m, "has_lora", False)]
+    rank = adapted[0].lora_A.shape[0] if adapted else 0
+    autocast = torch.is_autocast_enabled(device.type)
+    lora_dtype = torch.get_autocast_dtype(device.type) if autocast else adapted[0].lora_A.dtype if adapted else dtype
+    layer = layer_activation_bytes(tokens, cfg.hidden_size, cfg.intermediate_size,
+                                   cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+                                   act, rank, len(adapted), torch.empty((), dtype=lora_dtype).element_size())
+    inputs = tokens * cfg.hidden_size * act
+    # loss: a chunk of fp32 logits and its gradient; backward: a few fp32 hidden-sized gradients
+    fixed = min(tokens, 4096) * cfg.vocab_size * 4 * 2 + 4 * tokens * cfg.hidden_size * 4
+    free = free_memory(device) if free_bytes is None else free_bytes
+    if free is None:
+        return MemoryPlan(("keep",) * len(model.layers), 0, fixed + len(model.layers) * layer, True)
+    return plan_memory(free, len(model.layers), layer, inputs, fixed, can_offload=device.type == "cuda")
+
+
+# --- running the layers ---
+
+def layer_modes(model, x: torch.Tensor) -> tuple[str, ...] | None:
+    """Per-layer modes for this forward of a DecoderModel, or None when nothing is checkpointed."""
+    mode = checkpoint_mode(model.gradient_checkpointing)
+    if mode == "off" or not (model.training and torch.is_grad_enabled()):
+        return None
+    n = len(model.layers)
+    if mode == "on":
+        return ("recompute",) * n
+    if mode == "offload":
+        return ("offload",) * n
+    plans = model.__dict__.setdefault("_checkpoint_plans", {})
+    seq = -(-x.shape[1] // 256) * 256  # lengths in buckets of 256 (planned for the bucket's end): few plans
+    key = (x.shape[0], seq, x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+    if key not in plans:
+        plans[key] = plan_for_model(model, x.shape[0], seq, x.dtype, x.device)
+        if plans[key].modes != model.__dict__.get("_checkpoint_logged"):  # one line per change of plan
+            print(f"pronghorn: gradient checkpointing auto for batch {x.shape[0]} x {seq} tokens: "
+                  f"{plans[key].summary()}", flush=True)
+            model.__dict__["_checkpoint_logged"] = plans[key].modes
+    modes = plans[key].modes
+    return None if all(m == "keep" for m in modes) else modes
+
+
+def run_layers(layers, x: torch.Tensor, args: tuple, modes: tuple[str, ...] | None) -> torch.Tensor:
+    """``x`` through every layer (called as ``layer(x, *args)``) with the given per-layer modes."""
+    if modes is None:
+        for layer in layers:
+            x = layer(x, *args)
+        return x
+    previous = None  # the host slot of the last offloaded layer: its backward runs right after ours
+    reference = reference_only()  # recomputation (in autograd's thread) must take the same kernels
+    for layer, mode in zip(layers, modes):
+        if mode == "keep":
+            x = layer(x, *args)
+        elif mode == "recompute":
+            x = checkpoint(layer, x, *args, use_reentrant=False,
+                           context_fn=lambda: (contextlib.nullcontext(), reference_kernels(reference)))
+        else:
+            params = [p for p in layer.parameters() if p.requires_grad]
+            if not params and not x.requires_grad:
+                x = layer(x, *args)
+                continue
+            previous = _HostSlot(previous)
+            x = _OffloadedLayer.apply(layer, args, previous, x, *params)
+    return x
+
+
+class _HostSlot:
+    """One layer input parked in pinned host memory; ``fetch`` brings it back and starts the prefetch of
+    the slot whose backward comes next (the previous layer's)."""
+
+    _streams: dict = {}
+
+    def __init__(self, previous: "_HostSlot | None"):
+        self.previous, self.host, self.device_copy, self.ready = previous, None, None, None
+
+    @classmethod
+    def _side_stream(cls, device: torch.device):
+        if device not in cls._streams:
+            cls._streams[device] = torch.cuda.Stream(device)
+        return cls._streams[device]
+
+    def store(self, x: torch.Tensor) -> None:
+        self.device = x.device
+        if not x.is_cuda:  # nothing to offload to: keep the input, recompute from it
+            self.host = x.detach()
+            return
+        stream = self._side_stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self.host.copy_(x.detach(), non_blocking=True)
+        x.record_stream(stream)  # the allocator must not reuse x before the copy is done
+
+    def prefetch(self) -> None:
+        if self.device_copy is not None or self.host is None or self.device.type != "cuda":
+            return
+        stream = self._side_stream(self.device)
+        with torch.cuda.stream(stream):
+            self.device_copy = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def fetch(self) -> torch.Tensor:
+        if self.device.type != "cuda":
+            x, self.host = self.host, None
+            return x
+        self.prefetch()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.ready)
+        x, self.device_copy, self.host = self.device_copy, None, None
+        x.record_stream(current)
+        if self.previous is not None:
+            self.previous.prefetch()
+        return x
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """A layer whose input is parked in a :class:`_HostSlot` and which is recomputed in the backward.
+    The layer's trainable parameters are inputs, so their gradients flow even when ``x`` needs none."""
+
+    @staticmethod
+    def forward(ctx, layer, args, slot: _HostSlot, x, *params):
+        ctx.layer, ctx.args, ctx.slot, ctx.reference = layer, args, slot, reference_only()
+        ctx.rng = _rng_state(x.device)
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        slot.store(x)
+        return layer(x, *args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.slot.fetch().detach().requires_grad_(ctx.needs_input_grad[3])
+        params = [p for p in ctx.layer.parameters() if p.requires_grad]
+        device = x.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            _set_rng_state(device, ctx.rng)
+            with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
+                    reference_kernels(ctx.reference):
+                out = ctx.layer(x, *ctx.args)
+        inputs = ([x] if x.requires_grad else []) + params
+        grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        gx = grads.pop(0) if x.requires_grad else None
+        return (None, None, None, gx, *grads)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

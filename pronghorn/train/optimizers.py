@@ -1,0 +1,51 @@
+"""The optimizers ``TrainConfig.optim`` names: torch AdamW (fused or foreach) and bitsandbytes' 8-bit AdamW.
+
+Names follow Hugging Face ``TrainingArguments.optim`` / TRL, so recipes carry over: ``adamw_torch``,
+``adamw_torch_fused`` (the default: one fused kernel per step on a GPU), ``adamw_8bit`` (also
+``adamw_bnb_8bit``; bitsandbytes, CUDA only) and ``paged_adamw_8bit`` / ``paged_adamw_32bit`` (bitsandbytes'
+paged variants, whose state can spill to host memory). Anything else is refused with the list.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from ..errors import PronghornError
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+_ALIASES = {"adamw": "adamw_torch_fused", "adamw_bnb_8bit": "adamw_8bit", "adamw_torch_8bit": "adamw_8bit"}
+_BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
+def optimizer_name(name: str) -> str:
+    """The canonical name for ``name`` (HF/TRL spellings accepted), or a PronghornError listing the choices."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in OPTIMIZERS:
+        raise PronghornError(f"optim {name!r} is not supported; choose one of {list(OPTIMIZERS)} "
+                             f"(HF/TRL names: {sorted(_ALIASES)} map onto these)")
+    return key
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas: tuple[float, float],
+                    eps: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``name`` for ``params`` living on ``device``."""
+    name = optimizer_name(name)
+    params = list(params)
+    kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, foreach=device.type == "cuda", **kw)
+    if name == "adamw_torch_fused":
+        fused = device.type in ("cuda", "cpu")  # torch's fused AdamW kernels exist for these
+        return torch.optim.AdamW(params, fused=fused, **kw)
+    if device.type != "cuda":
+        raise PronghornError(f"optim {name!r} runs on a CUDA GPU only (bitsandbytes); on {device.type} use "
+                             f"optim='adamw_torch_fused'")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise PronghornError(f"optim {name!r} needs bitsandbytes: `pip install bitsandbytes`, or use "
+                             f"optim='adamw_torch_fused'") from None
+    return getattr(bnb.optim, _BNB_CLASSES[name])(params, **kw)

@@ -1,0 +1,234 @@
+"""Preference training (DPO and its IPO / hinge / robust / SimPO variants, ORPO, KTO) on the native loop.
+
+:class:`PreferenceTrainer` is the SFT :class:`~pronghorn.train.trainer.Trainer` (optimizer, schedule, exact
+accumulation, checkpoints, resume, metrics.jsonl, progress) with another ``accumulate_gradients``:
+
+- **One forward for both sides.** A micro-batch of B pairs is one padded batch of 2B rows, chosen then rejected
+  (:func:`~pronghorn.data.preference_collate.collate_preference`).
+- **No logits.** Per-token log-probs come from the final hidden states and the lm_head weight through the
+  chunked :func:`~pronghorn.kernels.linear_logprobs.linear_logprobs`; the [tokens x vocab] logits never exist.
+- **No reference copy.** The reference is the same model with its LoRA adapters switched off, run under
+  ``no_grad`` (or a ``ref_model`` given explicitly, e.g. for full fine-tuning). With
+  ``precompute_ref_log_probs`` it is run once over the dataset before training and stored per row.
+- **Exact accumulation.** Each micro-batch adds ``sum(per-pair losses) / pairs in the optimizer step`` (ORPO's
+  NLL: ``-sum(chosen token log-probs) / chosen tokens in the step``), so the accumulated gradient equals one big
+  batch's. KTO's KL reference point is estimated per micro-batch, as TRL does per device batch.
+
+Logged per step (means over the step's pairs, TRL's names): ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins``, ``rewards/accuracies`` (strictly chosen > rejected; not for KTO), ``logps/chosen``,
+``logps/rejected`` (summed over the completion; ORPO / SimPO: per-token means, what their losses use), plus
+``nll_loss`` / ``log_odds_ratio`` (ORPO) and ``kl`` (KTO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.preference_collate import add_kl_completions, collate_kto, collate_preference
+from ..errors import PronghornError
+from ..kernels.linear_logprobs import linear_logprobs
+from ..models.decoder import DecoderForCausalLM
+from ..models.lora import set_lora_enabled
+from .config import TrainConfig
+from .preference_losses import DPO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
+from .trainer import Trainer
+
+IGNORE_INDEX = -100
+METHODS = ("dpo", "orpo", "kto")
+
+
+def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs of each row's labelled tokens (fp32), their count) for a batch with unshifted
+    ``labels``. pronghorn models never build logits; any other causal LM goes through its logits."""
+    shifted = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    if isinstance(model, DecoderForCausalLM):
+        hidden = model.model(batch["input_ids"], batch["attention_mask"])
+        tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, shifted.reshape(-1))
+        tok = tok.view(shifted.shape)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        keep = shifted != IGNORE_INDEX
+        tok = logits.float().log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    return tok.sum(-1), (shifted != IGNORE_INDEX).sum(-1)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block: our LoRA switched off, or a PEFT model's ``disable_adapter()``."""
+    if getattr(model, "lora_config", None) is not None:
+        set_lora_enabled(model, False)
+        try:
+            yield model
+        finally:
+            set_lora_enabled(model, True)
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        raise PronghornError("a reference is needed but the model has no adapter to disable; attach LoRA, pass "
+                             "ref_model=, or use a reference-free loss (method='orpo', loss_type='simpo')")
+
+
+class PreferenceTrainer(Trainer):
+    def __init__(self, model: nn.Module, tokenizer, train_rows: list[dict], config: TrainConfig,
+                 base_name: str | None = None, ref_model: nn.Module | None = None):
+        if config.method not in METHODS:
+            raise PronghornError(f"PreferenceTrainer needs method dpo, orpo or kto, got {config.method!r}")
+        if config.method == "dpo" and config.loss_type not in DPO_LOSS_TYPES:
+            raise PronghornError(f"loss_type {config.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+        rows = add_kl_completions(train_rows, config.batch_size) if config.method == "kto" else list(train_rows)
+        super().__init__(model, tokenizer, rows, config, base_name)
+        dist = getattr(self, "dist", None)
+        if dist is not None and getattr(dist, "world_size", 1) > 1:
+            raise PronghornError("preference training runs in a single process for now (no torchrun)")
+        self.ref_model = ref_model
+        self.uses_reference = config.method == "kto" or (config.method == "dpo" and config.loss_type != "simpo")
+        self._step_metrics: dict = {}
+        if self.uses_reference and config.precompute_ref_log_probs:
+            self.examples = self.precompute_reference(self.examples)
+
+    # --- forward passes ---
+    def _batch(self, rows: list[dict]) -> dict:
+        if self.cfg.method == "kto":
+            batch, kl = collate_kto(rows, self.pad_id)
+            return {"main": self._to(batch), "kl": self._to(kl)}
+        return {"main": self._to(collate_preference(rows, self.pad_id))}
+
+    def _to(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict) -> dict[str, torch.Tensor]:
+        ctx = contextlib.nullcontext(self.ref_model) if self.ref_model is not None else adapters_disabled(self.model)
+        with ctx as ref, self._autocast():
+            return {k: completion_logps(ref, b)[0] for k, b in batch.items()}
+
+    def precompute_reference(self, rows: list[dict]) -> list[dict]:
+        """Copies of ``rows`` with the reference's log-probs stored (one pass, batches of ``batch_size``)."""
+        out = []
+        for i in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[i:i + self.cfg.batch_size]
+            ref = self._reference_logps(self._batch(chunk))
+            n = len(chunk)
+            for j, r in enumerate(chunk):
+                if self.cfg.method == "kto":
+                    extra = {"ref_logps": float(ref["main"][j]), "ref_kl_logps": float(ref["kl"][j])}
+                else:
+                    extra = {"ref_chosen_logps": float(ref["main"][j]), "ref_rejected_logps": float(ref["main"][n + j])}
+                out.append({**r, **extra})
+        return out
+
+    def _stored_or_computed_reference(self, rows: list[dict], batch: dict) -> dict[str, torch.Tensor]:
+        if self.cfg.method == "kto" and all("ref_logps" in r for r in rows):
+            t = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=self.device)
+            return {"main": t("ref_logps"), "kl": t("ref_kl_logps")}
+        if self.cfg.method != "kto" and all("ref_chosen_logps" in r for r in rows):
+            vals = [r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
+            return {"main": torch.tensor(vals, dtype=torch.float32, device=self.device)}
+        return self._reference_logps(batch)
+
+    # --- one micro-batch: (loss to backpropagate, metric sums) ---
+    def micro_batch_loss(self, rows: list[dict], num_rows: int, num_chosen_tokens: int) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        batch = self._batch(rows)
+        with self._autocast():
+            logps, counts = completion_logps(self.model, batch["main"])
+        stats: dict[str, float] = {}
+        if cfg.method == "kto":
+            label = torch.tensor([bool(r["label"]) for r in rows], device=self.device)
+            ref = self._stored_or_computed_reference(rows, batch)
+            with torch.no_grad(), self._autocast():
+                kl_logps = completion_logps(self.model, batch["kl"])[0]
+            kl = kto_kl(kl_logps, ref["kl"])
+            out = kto_loss(logps[label], logps[~label], ref["main"][label], ref["main"][~label], kl, cfg.beta,
+                           cfg.desirable_weight, cfg.undesirable_weight)
+            loss = out.losses.sum() / num_rows
+            stats.update({"kl": float(kl) * len(rows), "n_chosen": int(label.sum()),
+                          "n_rejected": int((~label).sum()), "rewards/chosen": float(out.chosen_rewards.sum()),
+                          "rewards/rejected": float(out.rejected_rewards.sum()),
+                          "logps/chosen": float(logps[label].detach().sum()),
+                          "logps/rejected": float(logps[~label].detach().sum())})
+            return loss, stats
+        b = len(rows)
+        chosen, rejected = logps[:b], logps[b:]
+        n_c, n_r = counts[:b], counts[b:]
+        if cfg.method == "orpo" or cfg.loss_type == "simpo":
+            chosen, rejected = chosen / n_c.clamp(min=1), rejected / n_r.clamp(min=1)  # per-token means
+        if cfg.method == "orpo":
+            out, log_odds = orpo_loss(chosen, rejected, cfg.beta)
+            nll = -logps[:b].sum() / num_chosen_tokens
+            loss = out.losses.sum() / num_rows + nll
+            stats.update({"nll_loss": float(nll.detach()) * num_rows,
+                          "log_odds_ratio": float(F.logsigmoid(log_odds).sum()),
+                          "log_odds_chosen": float(log_odds.sum())})
+        elif cfg.loss_type == "simpo":
+            out = simpo_loss(chosen, rejected, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+            loss = out.losses.sum() / num_rows
+        else:
+            ref = self._stored_or_computed_reference(rows, batch)["main"]
+            out = dpo_loss(chosen, rejected, ref[:b], ref[b:], cfg.beta, cfg.loss_type, cfg.label_smoothing, n_c, n_r)
+            loss = out.losses.sum() / num_rows
+        margins = out.chosen_rewards - out.rejected_rewards
+        stats.update({"rewards/chosen": float(out.chosen_rewards.sum()),
+                      "rewards/rejected": float(out.rejected_rewards.sum()),
+                      "rewards/margins": float(margins.sum()), "rewards/accuracies": float((margins > 0).sum()),
+                      "logps/chosen": float(chosen.detach().sum()), "logps/rejected": float(rejected.detach().sum())})
+        return loss, stats
+
+    def accumulate_gradients(self, examples: list[dict]) -> tuple[float, int]:
+        num_rows = len(examples)
+        num_chosen_tokens = max(1, sum(sum(r.get("chosen_mask", ())) for r in examples))
+        total, tokens, sums = 0.0, 0, defaultdict(float)
+        for i in range(0, num_rows, self.cfg.batch_size):
+            rows = examples[i:i + self.cfg.batch_size]
+            loss, stats = self.micro_batch_loss(rows, num_rows, num_chosen_tokens)
+            loss.backward()
+            total += float(loss.detach())
+            tokens += sum(len(r["prompt_ids"]) * (1 if self.cfg.method == "kto" else 2)
+                          + len(r.get("completion_ids", ())) + len(r.get("chosen_ids", ()))
+                          + len(r.get("rejected_ids", ())) for r in rows)
+            for k, v in stats.items():
+                sums[k] += v
+        self._step_metrics = self._means(sums, num_rows)
+        return total, tokens
+
+    def _means(self, sums: dict, num_rows: int) -> dict:
+        if self.cfg.method != "kto":
+            return {k: round(v / num_rows, 6) for k, v in sums.items()}
+        nc, nr = sums.pop("n_chosen"), sums.pop("n_rejected")
+        out = {"kl": round(sums.pop("kl") / num_rows, 6)}
+        for side, n in (("chosen", nc), ("rejected", nr)):
+            if n:
+                out[f"rewards/{side}"] = round(sums[f"rewards/{side}"] / n, 6)
+                out[f"logps/{side}"] = round(sums[f"logps/{side}"] / n, 6)
+        if nc and nr:
+            out["rewards/margins"] = round(out["rewards/chosen"] - out["rewards/rejected"], 6)
+        return out
+
+    def step_metrics(self) -> dict:
+        return dict(self._step_metrics)
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict]) -> dict:
+        """Loss and reward metrics of held-out rows (no gradient, model in eval mode, then restored)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.cfg.method == "kto":
+                rows = add_kl_completions(rows, self.cfg.batch_size)
+            num_chosen_tokens = max(1, sum(sum(r.get("chosen_mask", ())) for r in rows))
+            total, sums = 0.0, defaultdict(float)
+            for i in range(0, len(rows), self.cfg.batch_size):
+                loss, stats = self.micro_batch_loss(rows[i:i + self.cfg.batch_size], len(rows), num_chosen_tokens)
+                total += float(loss)
+                for k, v in stats.items():
+                    sums[k] += v
+            return {"loss": total, **self._means(sums, len(rows))}
+        finally:
+            self.model.train(was_training)

@@ -1,0 +1,253 @@
+"""Data-parallel training on 2 CPU processes (gloo): 2 ranks x batch B == 1 rank x batch 2B, for DDP and FSDP2,
+with gradient accumulation, uneven tokens per rank and a filler micro-batch; a dead or stuck rank ends the
+others with a clear error and leaves the last checkpoint intact; ``pronghorn train`` runs under torchrun.
+
+The pytest process is the 1-rank reference; this same file, run as a script, is the worker of each rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # worker: make tests/ importable like pytest does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest
+import torch
+
+from helpers import make_pair, random_examples, tiny_lora_model
+from pronghorn.data.collate import pad_batch
+from pronghorn.train.config import TrainConfig
+from pronghorn.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+N_EXAMPLES = 13  # steps of 8 examples: the second step has 5, so one rank runs a filler micro-batch
+TRAIN = dict(gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, lr_scheduler="constant", seed=5)
+SHORT_TIMEOUT_S = 6.0
+
+
+class _Tokenizer:  # the trainer only reads the pad/eos ids and saves the tokenizer
+    pad_token_id, eos_token_id = 0, 1
+
+    def save_pretrained(self, path):
+        Path(path, "tokenizer_config.json").write_text("{}")
+
+
+def _trainer(out, batch_size, **kw) -> Trainer:
+    cfg = TrainConfig(output_dir=str(out), progress=False, overwrite=True, batch_size=batch_size, **{**TRAIN, **kw})
+    return Trainer(tiny_lora_model(), _Tokenizer(), random_examples(N_EXAMPLES), cfg, base_name="tiny")
+
+
+def _first_grads_and_curve(out, batch_size, **kw) -> dict:
+    t = _trainer(out, batch_size, **kw)
+    loss, tokens = t.accumulate_gradients(t.step_examples(0))
+    grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    t.optimizer.zero_grad(set_to_none=True)
+    sharded = hasattr(t.model.model.layers[0].mlp.up_proj.weight, "full_tensor")  # an FSDP DTensor shard
+    return {"loss": loss, "tokens": tokens, "grads": grads, "curve": t.train().losses, "sharded": sharded}
+
+
+def _full_finetune_grads(dp_strategy: str | None) -> dict:
+    """Full fine-tuning (every parameter trains) of the same 8 examples; with a strategy, this rank's share."""
+    from pronghorn.train.distributed import DataParallel, full_state_dict
+
+    _, model = make_pair("llama3_gqa_rope_scaling")
+    model.train()
+    examples = random_examples(8, seed=3)
+    dp = DataParallel(model, dp_strategy) if dp_strategy else None
+    mine = dp.shard(examples, 2) if dp else examples
+    count = sum(sum(1 for y in e["labels"][1:] if y != -100) for e in mine)
+    norm = dp.loss_normalizer(count) if dp else count
+    for i in range(0, len(mine), 2 if dp else 4):
+        batch = pad_batch(mine[i:i + (2 if dp else 4)], 0)
+        (dp.forward if dp else model)(**batch, num_items_in_batch=norm).loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+             for n, p in model.named_parameters()}
+    return {"grads": grads, "state": full_state_dict(model)}
+
+
+# ---------------------------------------------------------------- worker (one per rank) ----------------------
+def _worker(mode: str, out: Path) -> int:
+    from pronghorn.errors import PronghornError
+    from pronghorn.train.distributed import failure_guard, init_distributed
+
+    env = init_distributed(SHORT_TIMEOUT_S if mode in ("dies", "hangs") else 120.0)
+    if mode == "equivalence":
+        for strategy in ("ddp", "fsdp"):
+            res = _first_grads_and_curve(out / strategy, 2, distributed=strategy)
+            torch.save(res, out / f"{strategy}-rank{env.rank}.pt")
+        torch.save(_full_finetune_grads("fsdp"), out / f"full-rank{env.rank}.pt")
+        return 0
+    t = _trainer(out, 2, max_steps=6, save_steps=1, save_total_limit=2, distributed="ddp",
+                 distributed_timeout_s=SHORT_TIMEOUT_S)
+    if env.rank == 1:
+        real_step, calls = t.train_step, []
+
+        def failing_step(examples):
+            calls.append(1)
+            if len(calls) == 3:
+                if mode == "dies":
+                    raise RuntimeError("injected failure on rank 1")
+                time.sleep(600)  # stuck: only the timeout can end rank 0
+            return real_step(examples)
+
+        t.train_step = failing_step
+    start = time.monotonic()
+    try:
+        with failure_guard(env, out):
+            t.train()
+    except PronghornError as e:
+        print(f"pronghorn: error after {time.monotonic() - start:.1f}s: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- launching ----------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           "CUDA_VISIBLE_DEVICES": "", **extra}  # CPU processes and gloo, also on a machine with GPUs
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None) if k not in extra else None
+    return env
+
+
+def _spawn(mode: str, out: Path, world: int = 2) -> list[subprocess.Popen]:
+    """One process per rank with the variables torchrun would set (no torchrun agent, which would kill the
+    survivors itself: here the survivors must notice on their own)."""
+    port = str(_free_port())
+    return [subprocess.Popen(
+        [sys.executable, __file__, mode, str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port))
+        for r in range(world)]
+
+
+def _wait(procs, timeout):
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            results.append((p.returncode, stdout + stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    """fp32 summation order differs between the runs: tolerance relative to the tensor's largest entry."""
+    return bool((a - b).abs().max() <= rel * max(b.abs().max(), 1e-30))
+
+
+@pytest.mark.parametrize("n,world,batch", [(13, 2, 2), (5, 2, 2), (3, 4, 1), (1, 2, 3), (16, 3, 2)])
+def test_every_rank_gets_a_share_and_the_same_number_of_micro_batches(n, world, batch):
+    from pronghorn.train.distributed import FILLER, shard_examples
+
+    shares = [shard_examples(list(range(n)), r, world, batch) for r in range(world)]
+    assert [x for share in shares for x in share if x is not FILLER] == list(range(n))  # contiguous, each once
+    assert len({-(-len(share) // batch) for share in shares}) == 1
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    for rc, log in _wait(_spawn("equivalence", out), timeout=240):
+        assert rc == 0, log[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory):
+    return _first_grads_and_curve(tmp_path_factory.mktemp("ref"), 4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(two_rank_results, one_rank_reference, strategy):
+    ref = one_rank_reference
+    ranks = [torch.load(two_rank_results / f"{strategy}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for got in ranks:
+        assert got["sharded"] == (strategy == "fsdp")
+        assert got["tokens"] == ref["tokens"]
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert got["grads"].keys() == ref["grads"].keys()
+        for name, g in ref["grads"].items():
+            assert _close(got["grads"][name], g, 3e-6), name
+        assert got["curve"] == pytest.approx(ref["curve"], rel=1e-5)
+    for name, g in ranks[0]["grads"].items():  # the replicas hold the same averaged gradient, bit for bit
+        assert torch.equal(g, ranks[1]["grads"][name]), name
+
+
+def test_fsdp_full_finetuning_gradients_and_full_state(two_rank_results):
+    ref = _full_finetune_grads(None)
+    for r in (0, 1):
+        got = torch.load(two_rank_results / f"full-rank{r}.pt", weights_only=True)
+        for name, g in ref["grads"].items():
+            assert _close(got["grads"][name], g, 3e-6), name
+        if r == 0:  # the gathered full state dict is the unsharded model's
+            assert got["state"].keys() == ref["state"].keys()
+            assert all(torch.equal(got["state"][k], v) for k, v in ref["state"].items())
+        else:
+            assert got["state"] == {}
+
+
+@pytest.mark.parametrize("mode", ["dies", "hangs"])
+def test_a_failed_rank_ends_the_others_and_keeps_the_last_checkpoint(tmp_path, mode):
+    from pronghorn.train.checkpoint import list_checkpoints, load_checkpoint
+
+    procs = _spawn(mode, tmp_path)
+    (rc0, log0), = _wait(procs[:1], timeout=180)
+    if mode == "dies":
+        (rc1, log1), = _wait(procs[1:], timeout=30)
+        assert rc1 != 0 and "injected failure on rank 1" in log1
+    else:
+        assert procs[1].poll() is None  # still stuck in its 600 s sleep: end it
+        procs[1].kill()
+        procs[1].wait()
+    assert rc0 == 2, log0[-3000:]
+    assert "rank 0 of 2: lost contact with the other ranks" in log0
+    assert f"the last complete checkpoint is {tmp_path / 'checkpoint-2'}" in log0
+    seconds = float(re.search(r"error after ([0-9.]+)s", log0).group(1))  # from the start of training
+    assert seconds < SHORT_TIMEOUT_S + 30, seconds  # the stuck rank sleeps 600 s: rank 0 did not wait for it
+    found = list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["checkpoint-1", "checkpoint-2"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a half-written checkpoint is left"
+    t = _trainer(tmp_path / "fresh", 2)
+    assert load_checkpoint(found[-1], t.model, t.optimizer)["global_step"] == 2
+
+
+def test_cli_train_under_torchrun(tmp_path, smollm2_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Pronghorn fact {i}: it runs {'very ' * i}fast."}) + "\n"
+                            for i in range(6)))
+    out, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {smollm2_dir}\ndata: {data}\nmax_steps: 2\nbatch_size: 1\n"
+                      "gradient_accumulation_steps: 1\nr: 4\nmax_length: 32\nsave_steps: 1\ndtype: float32\n")
+    # "--" ends torchrun's own options: its parser would take pronghorn's --r as an abbreviation of its --rdzv-*
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "pronghorn.cli", "--", "train", "--config", str(recipe), "--output-dir",
+           str(out), "--no-progress", "--r", "4"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # one writer
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-1").is_dir()
+    assert res.stdout.count("saved adapter to") == 1 and res.stdout.count("2 ranks (auto)") == 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
