@@ -29,9 +29,11 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is a CUDA tensor of a dtype the kernels take (fp16/bf16/fp32), Triton is
-    importable and no :func:`reference_kernels` block is active."""
-    return (not _REFERENCE_ONLY.get() and all(t.is_cuda and t.dtype in _KERNEL_DTYPES for t in tensors)
+    """True when every tensor is a CUDA tensor, every floating one of a dtype the kernels take (fp16/bf16/
+    fp32; integer labels and positions pass), Triton is importable and no :func:`reference_kernels` block
+    is active."""
+    return (not _REFERENCE_ONLY.get()
+            and all(t.is_cuda and (t.dtype in _KERNEL_DTYPES or not t.is_floating_point()) for t in tensors)
             and triton_available())
 
 
