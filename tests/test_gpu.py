@@ -70,3 +70,17 @@ def test_trainer_runs_on_cuda_with_autocast(tmp_path):
                   batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-2, lr_scheduler="constant")).train()
     assert all(torch.isfinite(torch.tensor(res.losses)))
     assert res.losses[-1] < res.losses[0]
+
+
+def test_training_loss_takes_the_fused_head(monkeypatch):
+    """The model's training loss must run the Triton head on CUDA (int64 labels included), not the reference."""
+    import pronghorn.kernels.linear_cross_entropy as lce
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference head ran on CUDA")
+
+    monkeypatch.setattr(lce, "linear_cross_entropy_reference", refuse)
+    _, model = make_pair("llama3_gqa_rope_scaling")
+    model = model.to("cuda", torch.bfloat16).train()
+    ids = torch.randint(0, 97, (2, 17), device="cuda")
+    model(input_ids=ids, labels=ids).loss.backward()

@@ -32,9 +32,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """True when every tensor is a CUDA tensor, every floating one of a dtype the kernels take (fp16/bf16/
     fp32; integer labels and positions pass), Triton is importable and no :func:`reference_kernels` block
     is active."""
-    return (not _REFERENCE_ONLY.get()
-            and all(t.is_cuda and (t.dtype in _KERNEL_DTYPES or not t.is_floating_point()) for t in tensors)
+    return (not _REFERENCE_ONLY.get() and all(t.is_cuda and kernel_dtype_ok(t) for t in tensors)
             and triton_available())
+
+
+def kernel_dtype_ok(t: torch.Tensor) -> bool:
+    """Floating tensors must be fp16/bf16/fp32 (fp64 takes the reference); integer ones (labels, positions)
+    always pass."""
+    return t.dtype in _KERNEL_DTYPES or not t.is_floating_point()
 
 
 @contextlib.contextmanager
