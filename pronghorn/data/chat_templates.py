@@ -401,7 +401,8 @@ def _decode_with_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[
     return text, offsets
 
 
-def _special_ids(tokenizer: Any) -> set[int]:
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (its list plus added tokens marked special)."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for tok_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
         if getattr(added, "special", False):
@@ -490,7 +491,7 @@ def train_on_responses_only(
         response_part = t.response_part if response_part is None else response_part
     if not response_part:
         raise ValueError("response_part must be a non-empty string")
-    specials = _special_ids(tokenizer)
+    specials = special_token_ids(tokenizer)
 
     def mask(rows: Any) -> Any:
         if hasattr(rows, "map") and hasattr(rows, "column_names"):  # datasets.Dataset

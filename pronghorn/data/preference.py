@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jinja2
 
 from ..errors import DataError
+from .chat_templates import special_token_ids
 from .convert import sharegpt_messages
 from .formats import _check_conversation
 from .oasst import _ROLES, _check_node, is_oasst_tree
@@ -400,7 +401,7 @@ def _encode(rec: Record, prompt, completions: list[tuple[str, Any]], tokenizer: 
 
     prompt_text = render(prompt, True)
     prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    specials = _special_ids(tokenizer)
+    specials = special_token_ids(tokenizer)
     out = []
     for field, msgs in completions:
         full = render(prompt + msgs, False)
@@ -436,10 +437,3 @@ def _bos(tokenizer: Any) -> list[int]:
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos] if bos is not None else []
 
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for tok_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-        if getattr(added, "special", False):
-            ids.add(tok_id)
-    return ids

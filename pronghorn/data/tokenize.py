@@ -28,6 +28,7 @@ import jinja2
 import numpy as np
 
 from ..errors import DataError
+from .chat_templates import special_token_ids
 from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
 from .oasst import OASST, oasst_conversations
 from .pretokenized import TOKENIZED, pretokenized_labels
@@ -97,7 +98,7 @@ def tokenize_batch(
     """Tokenize a batch of records with one call to the fast tokenizer. Per record: ``(examples, outcome)`` as
     :func:`~pronghorn.data.truncation.fit_to_length` returns it, or the :class:`DataError` of a bad row."""
     results: list[Any] = [None] * len(records)
-    specials = _special_ids(tokenizer)
+    specials = special_token_ids(tokenizer)
     plans: list[tuple[int, _Plan]] = []
     for i, rec in enumerate(records):
         try:
@@ -369,13 +370,6 @@ def _overlapping(off: np.ndarray, start: int, end: int) -> np.ndarray:
     a, b = off[:, 0], off[:, 1]
     return np.where(a == b, (start <= a) & (a < end), (a < end) & (b > start))
 
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for tok_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-        if getattr(added, "special", False):
-            ids.add(tok_id)
-    return ids
 
 
 def _eos_id(tokenizer: Any) -> int:

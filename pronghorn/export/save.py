@@ -46,22 +46,10 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | Path, tokeniz
 
 
 def _save_merged_4bit(model: nn.Module, path: str | Path, tokenizer, dtype: torch.dtype, overwrite: bool) -> Path:
-    try:
-        from ..models.quantized_checkpoint import bnb_quantization_config, save_bnb_4bit_state
-    except ImportError:  # pragma: no cover - the QLoRA layer is missing
-        raise NotImplementedError("merged_4bit_forced needs pronghorn's bnb-4bit writer, which this install lacks; "
-                                  "use save_method='merged_16bit' (or a q4_k_m GGUF for 4-bit serving)") from None
-    from safetensors.torch import save_file
+    from ..models.quantized_checkpoint import write_bnb_4bit_files
 
-    from .merged import _DTYPE_NAMES
-
-    tensors = save_bnb_4bit_state(model, dtype)
-    config = dict(model.config.to_hf_dict())
-    config["quantization_config"] = bnb_quantization_config(dtype)
-    config["torch_dtype"] = _DTYPE_NAMES.get(dtype, "bfloat16")
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_bnb_4bit_files(model, tmp, dtype)
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model, tokenizer), indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
         _chmod_like_mkdir(tmp)

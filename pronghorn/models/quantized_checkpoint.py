@@ -147,18 +147,24 @@ def _nf4_for_export(module: Linear, dtype: torch.dtype | None) -> NF4Weight:
     return quantize_nf4(w, dtype=dtype or w.dtype)
 
 
+def write_bnb_4bit_files(model: nn.Module, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """config.json (with ``quantization_config``) and model.safetensors of a bnb-4bit checkpoint, into an
+    existing (temporary) directory."""
+    tensors = save_bnb_4bit_state(model, dtype)
+    compute = dtype or getattr(model, "dtype", torch.bfloat16)
+    config = dict(model.config.to_hf_dict())
+    config["quantization_config"] = bnb_quantization_config(compute)
+    config["torch_dtype"] = _DTYPE_NAMES.get(compute, "bfloat16")
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_bnb_4bit_dir(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
                       overwrite: bool = False) -> Path:
     """Write config.json (with ``quantization_config``) and model.safetensors of a bnb-4bit checkpoint.
 
     Tokenizer and generation files are the caller's (the export layer writes them beside these).
     """
-    tensors = save_bnb_4bit_state(model, dtype)
-    compute = dtype or getattr(model, "dtype", torch.bfloat16)
-    config = dict(model.config.to_hf_dict())
-    config["quantization_config"] = bnb_quantization_config(compute)
-    config["torch_dtype"] = _DTYPE_NAMES.get(compute, "bfloat16")
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_bnb_4bit_files(model, tmp, dtype)
     return Path(path)
