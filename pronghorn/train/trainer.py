@@ -88,7 +88,7 @@ class Trainer:
         num_items = self.dist.loss_normalizer(sum(count_trained_tokens(e) for e in examples))
         if num_items == 0:
             raise PronghornError("an optimizer step has no trainable token (all labels masked)")
-        total, tokens = 0.0, 0
+        total, tokens = None, 0  # summed on the device: one host sync per step, not per micro-batch
         for i in range(0, len(examples), self.cfg.batch_size):
             chunk = examples[i:i + self.cfg.batch_size]
             batch = collate_packed(chunk, self.pad_id) if self.cfg.packing else pad_batch(chunk, self.pad_id)
@@ -97,8 +97,8 @@ class Trainer:
             with self._autocast(), self.dist.grad_sync(i + self.cfg.batch_size >= len(examples)):
                 loss = self.dist.forward(**batch, num_items_in_batch=num_items).loss
             loss.backward()
-            total += float(loss.detach())
-        return self.dist.reduce_stats(total, tokens)
+            total = loss.detach() if total is None else total + loss.detach()
+        return self.dist.reduce_stats(float(total), tokens)
 
     def step_metrics(self) -> dict:
         """Extra values for the metrics row of the step just taken (none here; subclasses add theirs)."""
