@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import typing
 
-from .errors import PronghornError
+from .errors import LostPeersError, PronghornError
 from .train.config import TrainConfig
 
 
@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PronghornError as e:
         print(f"pronghorn: error: {e}", file=sys.stderr)
+        if isinstance(e, LostPeersError):
+            from .train.distributed import exit_now
+
+            exit_now(2)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

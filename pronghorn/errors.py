@@ -19,3 +19,9 @@ class DataError(PronghornError):
 
 class OutputExistsError(PronghornError):
     """The output location already holds something and overwriting was not asked for."""
+
+
+class LostPeersError(PronghornError):
+    """A distributed run lost contact with another rank. The process group cannot be shut down cleanly after
+    this (its communication threads may still be blocked), so a command-line process should end with
+    :func:`pronghorn.train.distributed.exit_now` rather than a normal interpreter exit."""

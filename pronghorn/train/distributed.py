@@ -19,7 +19,7 @@ One process per GPU. The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ordinary tensors on every rank. For full fine-tuning FSDP manages (and reduce-scatters) every parameter;
   :func:`full_state_dict` gathers full tensors for export.
 - **Failures**: the process group has a finite timeout, and :func:`failure_guard` turns a lost peer into a
-  clear :class:`PronghornError`; checkpoints are written by rank 0 only, atomically.
+  clear :class:`LostPeersError` (the CLI then ends with :func:`exit_now`); checkpoints are written by rank 0 only, atomically.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import PronghornError
+from ..errors import LostPeersError, PronghornError
 from .metrics import MetricsLog
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -108,6 +108,18 @@ def init_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> D
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                             device_id=env.device if backend == "nccl" else None)
     return env
+
+
+def exit_now(code: int) -> None:
+    """End this process after a :class:`LostPeersError`: flush the output and skip the interpreter's teardown,
+    whose destruction of the broken process group's still-running threads can abort the process (exit -6,
+    "terminate called without an active exception") instead of returning ``code``."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def shutdown() -> None:
@@ -387,7 +399,7 @@ def failure_guard(env: DistEnv, output_dir=None) -> Iterator[None]:
             found = list_checkpoints(Path(output_dir))
             where = (f"; the last complete checkpoint is {found[-1]} (resume_from_checkpoint: latest)" if found
                      else f"; no checkpoint was saved in {output_dir}")
-        raise PronghornError(
+        raise LostPeersError(
             f"rank {env.rank} of {env.world_size}: lost contact with the other ranks during a collective "
             f"(another rank probably failed or stopped; see its log){where}. Cause: {str(e).splitlines()[0]}"
         ) from e

@@ -76,7 +76,7 @@ def _full_finetune_grads(dp_strategy: str | None) -> dict:
 # ---------------------------------------------------------------- worker (one per rank) ----------------------
 def _worker(mode: str, out: Path) -> int:
     from pronghorn.errors import PronghornError
-    from pronghorn.train.distributed import failure_guard, init_distributed
+    from pronghorn.train.distributed import exit_now, failure_guard, init_distributed
 
     env = init_distributed(SHORT_TIMEOUT_S if mode in ("dies", "hangs") else 120.0)
     if mode == "equivalence":
@@ -105,7 +105,7 @@ def _worker(mode: str, out: Path) -> int:
             t.train()
     except PronghornError as e:
         print(f"pronghorn: error after {time.monotonic() - start:.1f}s: {e}", file=sys.stderr)
-        return 2
+        exit_now(2)  # like the CLI: a normal exit can abort while the broken process group's threads run
     return 0
 
 
