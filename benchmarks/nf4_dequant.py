@@ -3,6 +3,7 @@ at the Llama-3.1-8B projection shapes, each checked equal to the reference first
 
     python benchmarks/nf4_dequant.py --json nf4_dequant.json          # CUDA
     python benchmarks/nf4_dequant.py --smoke                          # tiny, CPU (Triton interpreter)
+    python benchmarks/nf4_dequant.py --sweep                          # + every tile (values/program, warps)
 
 GB/s counts the packed bytes + 8-bit absmax read once and the 16-bit output written once.
 """
@@ -18,6 +19,8 @@ import torch
 
 SHAPES = {"q_proj 4096x4096": (4096, 4096), "k_proj 1024x4096": (1024, 4096),
           "gate_proj 14336x4096": (14336, 4096), "down_proj 4096x14336": (4096, 14336)}
+
+TILES = [(v, w) for v in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)]
 
 
 def _time(fn, iters: int) -> float:
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on the CPU under the interpreter")
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel at other tiles (values, warps)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -72,6 +76,9 @@ def main() -> None:
         ref = dequantize_nf4_reference(w, dtype)
         impls = {"pronghorn-triton": lambda d=dtype, w=w: dequantize_nf4_triton(w, d),
                  "torch-reference": lambda d=dtype, w=w: dequantize_nf4_reference(w, d)}
+        for vpp, warps in (TILES if a.sweep else ()):
+            impls[f"triton {vpp}v/{warps}w"] = (lambda d=dtype, w=w, v=vpp, nw=warps:
+                                                dequantize_nf4_triton(w, d, values_per_program=v, num_warps=nw))
         bnb = _bnb(w)
         if bnb is not None:
             impls["bitsandbytes"] = bnb
@@ -82,9 +89,9 @@ def main() -> None:
             rows.append(dict(shape=name, impl=impl, dtype=a.dtype, ms=round(ms, 4),
                              gb_s=round(nbytes / (ms * 1e-3) / 1e9, 1), equal_to_reference=equal))
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'shape':<24}{'impl':<18}{'ms':>9}{'GB/s':>9}  equal")
+    print(f"\n{'shape':<24}{'impl':<22}{'ms':>9}{'GB/s':>9}  equal")
     for r in rows:
-        print(f"{r['shape']:<24}{r['impl']:<18}{r['ms']:>9}{r['gb_s']:>9}  {r['equal_to_reference']}")
+        print(f"{r['shape']:<24}{r['impl']:<22}{r['ms']:>9}{r['gb_s']:>9}  {r['equal_to_reference']}")
     if a.json:
         meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
                     date=time.strftime("%Y-%m-%d"))

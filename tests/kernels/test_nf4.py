@@ -61,6 +61,17 @@ def test_triton_kernel_equals_reference(shape, out_dtype, double_quant):
     assert torch.equal(got, dequantize_nf4_reference(w, out_dtype))
 
 
+@pytest.mark.parametrize("blocksize,values_per_program,num_warps", [(64, 64, 1), (64, 256, 2), (128, 4096, 4),
+                                                                   (256, 512, 8), (96, 4096, 4)])
+def test_triton_kernel_tiles_and_blocksizes(blocksize, values_per_program, num_warps):
+    """One block per program up to many; blocksizes other than 64 (96 is not a power of two: the reference)."""
+    from pronghorn.kernels.nf4_triton import dequantize_nf4_triton
+
+    w = quantize_nf4(_weight((130, 257), torch.bfloat16, seed=2), blocksize=blocksize)
+    got = dequantize_nf4_triton(w, torch.float32, values_per_program=values_per_program, num_warps=num_warps)
+    assert torch.equal(got, dequantize_nf4_reference(w, torch.float32))
+
+
 def test_dequantize_dispatches_by_device():
     w = quantize_nf4(_weight((16, 64), torch.bfloat16))
     assert w.dequantize().dtype == torch.bfloat16
