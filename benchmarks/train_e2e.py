@@ -125,7 +125,8 @@ def gsm8k_batches(batch: int, seq: int, steps: int, smoke: bool) -> list[tuple[d
     return [(collate_packed(c, tokenizer.pad_token_id or 0), sum(len(r["input_ids"]) for r in c)) for c in chunks]
 
 
-def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, device: str) -> dict:
+def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, device: str,
+            profile: bool = False) -> dict:
     from pronghorn.train.optimizers import build_optimizer
 
     cfg, batch, seq, data = WORKLOADS[workload]
@@ -148,16 +149,20 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, loss = [], None
-    for b in batches:
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def step(b):
         with torch.autocast(device, dtype=dtype, enabled=cuda):
             loss = model(**b).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, loss = [], None
+    for b in batches:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step(b)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -167,7 +172,12 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
                batch=batch, seq=seq, step_s=round(times[mid], 4), tok_s=round(tokens[mid] / times[mid]),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                loss=round(float(loss), 4))
-    del model, opt, params, loss, batches
+    if profile:  # after the timed steps, so the profiler's overhead does not touch tok/s or the peak
+        from step_profile import limit, profile_steps
+
+        out["profile"] = profile_steps(lambda: step(batches[-1]), steps=2)
+        out["limit"] = limit(out["profile"])
+    model = opt = params = loss = batches = None  # free before the next row (the closure holds them too)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -184,6 +194,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lowest-memory", action="store_true", help="preset: --gc offload (every layer input on "
                                                                  "the host, prefetched for the backward)")
     ap.add_argument("--optim", default="adamw_torch_fused", help="adamw_torch_fused | adamw_torch | adamw_8bit")
+    ap.add_argument("--profile", action="store_true", help="also profile 2 steps per row: device time per kernel "
+                                                           "category, idle gaps, host syncs (benchmarks/step_profile)")
     ap.add_argument("--smoke", action="store_true", help="tiny workloads, 3 steps, every --gc mode; runs on a CPU")
     ap.add_argument("--json", default=None, help="results file (default train_e2e.json; --smoke: a temp file)")
     a = ap.parse_args(argv)
@@ -204,7 +216,7 @@ def main(argv=None) -> None:
     for w in a.workloads.split(","):
         for s in a.systems.split(","):
             for mode in modes if s.startswith("pronghorn") else ["on"]:
-                rows.append(measure(s, w, a.steps, mode, a.optim, device))
+                rows.append(measure(s, w, a.steps, mode, a.optim, device, a.profile))
                 print(json.dumps(rows[-1]), flush=True)
     base = {r["workload"]: r for r in rows if r["system"] == "hf+peft"}
     print(f"\n{'workload':<20} {'system':<10} {'gc':<8} {'tok/s':>8} {'peak GiB':>9} {'vs hf+peft':>10}")
@@ -212,7 +224,12 @@ def main(argv=None) -> None:
         ref = base.get(r["workload"])
         ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
         print(f"{r['workload']:<20} {r['system']:<10} {r['gc']:<8} {r['tok_s']:>8} {str(r['peak_gib']):>9} "
-              f"{ratio:>10}")
+              f"{ratio:>10}" + (f"  limit: {r['limit']}" if "limit" in r else ""))
+    if a.profile:
+        print("\nper step, ms (" + ", ".join(f"{r['workload']}/{r['system']}/{r['gc']}" for r in rows) + "):")
+        for r in rows:
+            print(f"{r['workload']:<20} {r['system']:<16} {r['gc']:<8} " +
+                  " ".join(f"{k}={v}" for k, v in r["profile"].items()))
     import transformers
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),

@@ -1,0 +1,78 @@
+"""What limits a training step: device time per kernel category, GPU idle time (launch gaps, host waits) and host
+synchronizations, from ``torch.profiler`` over a few steps. Used by ``train_e2e.py --profile``.
+
+Categories by kernel name: matmul (cuBLAS/CUTLASS/nvjet GEMMs), attention (flash / memory-efficient SDPA),
+nf4 (our dequantization), triton (our other fused kernels: norms, RoPE, SwiGLU, cross-entropy, LoRA),
+copy (memcpy/memset: offload traffic), nccl, and elementwise (every other PyTorch kernel). ``idle`` is the
+wall time in which no kernel ran. On a CPU (the smoke run) the categories are taken from the CPU operators.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+_CATEGORIES = [  # first match wins
+    ("nccl", re.compile(r"nccl", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy_", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|scaled_dot", re.I)),
+    ("nf4", re.compile(r"nf4", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|addmm|\bmm\b|aten::mm|aten::bmm|linear", re.I)),
+    ("triton", re.compile(r"^_|triton|_kernel$", re.I)),
+]
+_SYNC = re.compile(r"synchronize|_local_scalar_dense|cudaMemcpy(?!Async)", re.I)
+
+
+def category(name: str) -> str:
+    return next((c for c, pat in _CATEGORIES if pat.search(name)), "elementwise")
+
+
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def profile_steps(step: Callable[[], None], steps: int = 2) -> dict:
+    """Run ``step`` ``steps`` times under the profiler; per-step milliseconds by category, idle, wall, syncs."""
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels = [e for e in events if e.device_type == device_type and (cuda or e.cpu_parent is None)]
+    by_cat: dict[str, float] = {}
+    for e in kernels:
+        c = category(e.name)
+        by_cat[c] = by_cat.get(c, 0.0) + e.time_range.elapsed_us()
+    starts = [e.time_range.start for e in events]
+    ends = [e.time_range.end for e in events]
+    wall_us = (max(ends) - min(starts)) if events else 0.0
+    busy = _busy_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    syncs = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and _SYNC.search(e.name))
+    per = 1e-3 / steps
+    out = {f"{c}_ms": round(v * per, 2) for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
+    out.update(idle_ms=round(max(0.0, wall_us - busy) * per, 2), wall_ms=round(wall_us * per, 2),
+               host_syncs_per_step=round(syncs / steps, 1))
+    return out
+
+
+def limit(p: dict) -> str:
+    """The largest share of the step, in words (for the table and docs/benchmarks.md)."""
+    parts = {k[:-3]: v for k, v in p.items() if k.endswith("_ms") and k != "wall_ms"}
+    if not parts or not p.get("wall_ms"):
+        return "-"
+    top = max(parts, key=parts.get)
+    return f"{top} {100 * parts[top] / p['wall_ms']:.0f}%"
