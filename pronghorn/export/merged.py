@@ -25,12 +25,12 @@ from torch import nn
 
 from ..errors import CheckpointError, PronghornError
 from ..files import atomic_dir
+from ..models.config import hf_dtype_name
 from ..models.hf_checkpoint import INDEX, SINGLE, safetensors_files
 from ..models.linear import Linear
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
 
@@ -203,7 +203,7 @@ def save_merged(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     config = dict(model.config.to_hf_dict())
     config.pop("quantization_config", None)
-    config["torch_dtype"] = _DTYPE_NAMES.get(dtype, "float32")
+    config["torch_dtype"] = hf_dtype_name(dtype, "float32")
     with atomic_dir(path, overwrite=overwrite) as tmp:
         _write_shards(iter_merged(model, dtype, base_checkpoint), tmp, max_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -141,6 +141,12 @@ def _attention_layout(model_type: str, d: dict[str, Any], n_layers: int) -> tupl
     return window, list(types)
 
 
+def hf_dtype_name(dtype, default: str) -> str:
+    """config.json's ``torch_dtype`` string for a torch float dtype (``default`` for any other)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else default
+
+
 def normalise_rope(d: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Merge the old (``rope_theta`` + ``rope_scaling``) and new (``rope_parameters``) HF spellings."""
     rope: dict[str, Any] = {}

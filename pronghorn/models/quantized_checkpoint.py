@@ -23,11 +23,11 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..files import atomic_dir
+from .config import hf_dtype_name
 from ..kernels.nf4 import BNB_KEYS, STATE_KEY, NF4Weight, quantize_nf4
 from .linear import Linear
 from .lora import ALL_TARGETS
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def is_projection_key(key: str) -> bool:
@@ -40,7 +40,7 @@ def bnb_quantization_config(compute_dtype: torch.dtype, double_quant: bool = Tru
     """config.json's ``quantization_config`` for an NF4 checkpoint, as transformers writes it."""
     return {
         "_load_in_4bit": True, "_load_in_8bit": False,
-        "bnb_4bit_compute_dtype": _DTYPE_NAMES.get(compute_dtype, "bfloat16"),
+        "bnb_4bit_compute_dtype": hf_dtype_name(compute_dtype, "bfloat16"),
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
@@ -154,7 +154,7 @@ def write_bnb_4bit_files(model: nn.Module, directory: Path, dtype: torch.dtype |
     compute = dtype or getattr(model, "dtype", torch.bfloat16)
     config = dict(model.config.to_hf_dict())
     config["quantization_config"] = bnb_quantization_config(compute)
-    config["torch_dtype"] = _DTYPE_NAMES.get(compute, "bfloat16")
+    config["torch_dtype"] = hf_dtype_name(compute, "bfloat16")
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
