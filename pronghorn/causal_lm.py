@@ -128,6 +128,14 @@ class PronghornForCausalLM(DecoderForCausalLM):
         finally:
             set_lora_enabled(self, True)
 
+    def as_reference(self):
+        """This model with its adapters disabled, as a separate module that owns no weights: the no-copy
+        reference for TRL's ``DPOTrainer(model, ref_model=model.as_reference(), ...)`` / ``KTOTrainer``
+        (see pronghorn/reference_view.py for why ``ref_model=None`` is not enough there)."""
+        from .reference_view import ReferenceView
+
+        return ReferenceView(self)
+
     def print_trainable_parameters(self) -> None:
         trainable, total = trainable_parameters(self)
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")

@@ -107,12 +107,18 @@ def generate(
         with torch.inference_mode():
             sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, generator=generator)
-            if mode == "eager":
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            if max_new_tokens == 0:
+                out = input_ids
+            elif mode == "eager":
                 out = _decode(model, input_ids, mask, max_new_tokens, eos, pad_token_id, stops, tokenizer, streamer,
                               use_cache, sampling)
             else:
                 out = _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_token_id, stops, tokenizer,
                                      streamer, sampling, mode == "graph", strict=decode_mode == "graph")
+            if streamer is not None:
+                streamer.end()
     finally:
         for m, training in states:
             m.training = training
@@ -123,13 +129,6 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     padded = not bool(mask.all())
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    if max_new_tokens == 0:
-        if streamer is not None:
-            streamer.end()
-        return input_ids.clone()
-
     cache = None
     if use_cache:
         cfg = model.config
@@ -163,8 +162,6 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
         else:
             out = model(input_ids=seq, attention_mask=mask if padded else None, position_ids=positions,
                         logits_to_keep=1)
-    if streamer is not None:
-        streamer.end()
     return seq
 
 
@@ -174,12 +171,6 @@ def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, t
     tracked on the device, and the host checks for "all rows stopped" only every ``SYNC_EVERY`` steps (the
     few extra steps it may run produce padding that is cut off)."""
     batch, prompt_len = input_ids.shape
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    if max_new_tokens == 0:
-        if streamer is not None:
-            streamer.end()
-        return input_ids.clone()
     padded = not bool(mask.all())
     runner = get_runner(model, batch, prompt_len + max_new_tokens, use_graph)
     runner.strict = strict
@@ -217,8 +208,6 @@ def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, t
         logits = runner.step(model, next_ids)
     if stopping and not bool(unfinished.any()):
         done = int(stopped_at.max()) + 1
-    if streamer is not None:
-        streamer.end()
     return seq[:, : prompt_len + done]
 
 

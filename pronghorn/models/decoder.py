@@ -129,13 +129,18 @@ class DecoderForCausalLM(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None) -> None:
         """``mode``: on | offload | auto | off (models/checkpointing.py). Without one (how HF Trainer and TRL
-        call it), a model already set to a checkpointing mode keeps it; otherwise it becomes "on"."""
+        call it), a model already set to a checkpointing mode keeps it, one switched off by
+        ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
+        forwards); otherwise it becomes "on"."""
         if mode is None:
-            mode = self.model.gradient_checkpointing or "on"
+            mode = self.model.gradient_checkpointing or self.__dict__.get("_disabled_checkpoint_mode") or "on"
+        self.__dict__.pop("_disabled_checkpoint_mode", None)
         mode = checkpoint_mode(mode)
         self.model.gradient_checkpointing = False if mode == "off" else mode
 
     def gradient_checkpointing_disable(self) -> None:
+        if self.model.gradient_checkpointing:
+            self.__dict__["_disabled_checkpoint_mode"] = self.model.gradient_checkpointing
         self.model.gradient_checkpointing = False
 
     def forward(

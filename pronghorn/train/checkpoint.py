@@ -40,16 +40,32 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 for key, value in optimizer.state.get(p, {}).items():
                     tensors[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         save_file(tensors, str(tmp / OPTIMIZER))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / RNG))
+        save_rng_state(tmp)
         (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
     return path
 
 
+def save_rng_state(directory: Path) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(directory / RNG))
+
+
+def load_rng_state(directory: Path) -> None:
+    rng = load_file(str(directory / RNG))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore adapter weights, optimizer moments and RNG from ``path``; return the saved trainer state."""
+    if (path / "sharded").is_dir():
+        raise CheckpointError(f"{path}: a sharded full fine-tuning checkpoint, but this model trains LoRA "
+                              "adapters; resume it with the same (full fine-tuning) setup")
     for name in (STATE, OPTIMIZER, RNG, ADAPTER_WEIGHTS):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing; {path} is not a complete pronghorn checkpoint")
@@ -69,12 +85,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             if st:
                 st["step"] = st["step"].cpu()
                 optimizer.state[p] = st
-    rng = load_file(str(path / RNG))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    load_rng_state(path)
     return json.loads((path / STATE).read_text())
 
 

@@ -190,6 +190,21 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def _nf4_storage_as_frozen_parameters(model: nn.Module) -> None:
+    """Let FSDP shard a QLoRA base: ``fully_shard`` shards parameters only (buffers are replicated), so the
+    packed NF4 bytes and block statistics of every :class:`NF4Weight` become frozen uint8/int32 parameters.
+    FSDP then shards them on dim 0 like any frozen weight and all-gathers them (as bytes, alongside the layer's
+    other parameters) before the layer runs; the layer reads ``weight.packed`` as before. Names, and so the
+    state dict, do not change; the tiny code tables stay buffers."""
+    from ..kernels.nf4 import NF4Weight
+
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            for name in ("packed", "absmax"):
+                if name in m._buffers:
+                    m.register_parameter(name, nn.Parameter(m._buffers.pop(name), requires_grad=False))
+
+
 class _ReplicatedGradReducer:
     """All-reduce (average) the gradients of parameters FSDP leaves replicated, in buckets launched as soon as
     a bucket's last gradient is accumulated, so communication overlaps the rest of backward."""
@@ -284,6 +299,7 @@ class DataParallel:
         if replicated:  # the same adapter on every rank, whatever each rank's initialisation was
             for _, p in replicated:
                 dist.broadcast(p.data, 0)
+        _nf4_storage_as_frozen_parameters(model)
         for layer in _decoder_layers(model):
             fully_shard(layer, mesh=mesh, ignored_params=ignored)
         fully_shard(model, mesh=mesh, ignored_params=ignored)
@@ -366,13 +382,9 @@ class _ReadOnlyMetricsLog(MetricsLog):
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state as full CPU tensors on rank 0 (empty elsewhere), gathered from FSDP shards;
     a plain ``state_dict`` for an unsharded model. Every rank must call it (it is a collective)."""
-    from torch.distributed.fsdp import FSDPModule
+    from .fsdp_gather import full_state_dict as gather
 
-    if not isinstance(model, FSDPModule):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return gather(model)
 
 
 _COMM_ERRORS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "closed", "broken pipe")

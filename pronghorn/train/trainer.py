@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .config import TrainConfig
 from .distributed import DataParallel
 from .optimizers import build_optimizer
 from .progress import TrainProgress
+from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from .schedule import lr_multiplier
 
 
@@ -65,7 +67,9 @@ class Trainer:
         self.warmup = config.warmup_steps or int(config.warmup_ratio * self.total_steps)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
-        compute = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+        compute = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
+                       torch.float32)
+        self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
         self.autocast_dtype = compute if self.device.type == "cuda" and compute != torch.float32 else None
 
     # --- data order: a function of (seed, step) only, so resuming needs no saved iterator ---
@@ -129,6 +133,31 @@ class Trainer:
             return found[-1]
         return Path(r)
 
+    def _save_checkpoint(self, step: int) -> None:
+        state = {"global_step": step, "total_steps": self.total_steps}
+        path = self.out / f"checkpoint-{step}"
+        if self.full_finetuning:  # every rank writes its shards (train/sharded_checkpoint.py)
+            save_sharded_checkpoint(path, self.model, self.optimizer, state)
+        elif self.dist.is_main:
+            save_checkpoint(path, self.model, self.optimizer, state, self.base_name)
+        if self.dist.is_main:
+            prune_checkpoints(self.out, self.cfg.save_total_limit)
+
+    def _save_full_model(self) -> None:
+        """Full fine-tuning: the whole model as a Hugging Face checkpoint (config.json, safetensors shards,
+        tokenizer) in ``output_dir``, gathered from the ranks' shards onto rank 0's host."""
+        from ..export.merged import save_merged
+        from .fsdp_gather import gathered
+
+        with gathered(self.model) as model:
+            if model is None:
+                return
+            tmp = self.out / ".model.tmp"
+            save_merged(model, tmp, self.tokenizer, overwrite=True)
+            for f in sorted(tmp.iterdir()):  # next to metrics.jsonl and the checkpoints, one file at a time
+                os.replace(f, self.out / f.name)
+            tmp.rmdir()
+
     def train(self) -> TrainResult:
         cfg = self.cfg
         resume = self._resume_point()
@@ -140,7 +169,8 @@ class Trainer:
         log = self.dist.metrics_log(self.out / "metrics.jsonl", resume=resume is not None)  # rank 0 writes
         start = 0
         if resume is not None:
-            start = load_checkpoint(resume, self.model, self.optimizer)["global_step"]
+            load = load_sharded_checkpoint if self.full_finetuning else load_checkpoint
+            start = load(resume, self.model, self.optimizer)["global_step"]
             log.truncate_after(start)
         losses = [r["loss"] for r in log.rows if "loss" in r]
         self.model.train()
@@ -157,13 +187,12 @@ class Trainer:
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     log.log(row)
                 bar.update(step + 1, loss, lr)
-                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps \
-                        and self.dist.is_main:
-                    save_checkpoint(self.out / f"checkpoint-{step + 1}", self.model, self.optimizer,
-                                    {"global_step": step + 1, "total_steps": self.total_steps}, self.base_name)
-                    prune_checkpoints(self.out, cfg.save_total_limit)
+                if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps:
+                    self._save_checkpoint(step + 1)
         self.model.eval()
-        if self.dist.is_main:
+        if self.full_finetuning:
+            self._save_full_model()
+        elif self.dist.is_main:
             save_adapter(self.model, self.out, self.base_name, overwrite=True)
             self.tokenizer.save_pretrained(str(self.out))
         plot = log.plot_loss(self.out / "loss.png")

@@ -41,6 +41,10 @@ def test_get_peft_model_maps_use_gradient_checkpointing():
     model.gradient_checkpointing_enable()  # how HF Trainer / TRL call it: the chosen mode is kept
     assert model.model.gradient_checkpointing == "offload"
     model.gradient_checkpointing_disable()
+    assert model.model.gradient_checkpointing is False
+    model.gradient_checkpointing_enable()  # TRL's disable/re-enable around reference forwards keeps the mode
+    assert model.model.gradient_checkpointing == "offload"
+    model.gradient_checkpointing_enable(mode="off")
     model.gradient_checkpointing_enable()
     assert model.model.gradient_checkpointing == "on"
     _, model = make_pair("smollm2_tied")

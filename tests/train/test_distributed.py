@@ -40,18 +40,63 @@ class _Tokenizer:  # the trainer only reads the pad/eos ids and saves the tokeni
         Path(path, "tokenizer_config.json").write_text("{}")
 
 
-def _trainer(out, batch_size, **kw) -> Trainer:
+def tiny_qlora_model():
+    """QLoRA: every projection's base stored as NF4 (bitsandbytes layout), LoRA adapters on top."""
+    from pronghorn.models.lora import LoRAConfig, attach_lora
+    from pronghorn.models.quantized_checkpoint import quantize_model_nf4
+
+    _, model = make_pair("llama3_gqa_rope_scaling")
+    quantize_model_nf4(model)
+    attach_lora(model, LoRAConfig(r=4, lora_alpha=8), seed=11)
+    return model
+
+
+def tiny_full_model():  # full fine-tuning (every parameter trains), tied embeddings
+    return make_pair("smollm2_tied")[1]
+
+
+def _trainer(out, batch_size, model_fn=tiny_lora_model, **kw) -> Trainer:
     cfg = TrainConfig(output_dir=str(out), progress=False, overwrite=True, batch_size=batch_size, **{**TRAIN, **kw})
-    return Trainer(tiny_lora_model(), _Tokenizer(), random_examples(N_EXAMPLES), cfg, base_name="tiny")
+    return Trainer(model_fn(), _Tokenizer(), random_examples(N_EXAMPLES), cfg, base_name="tiny")
 
 
-def _first_grads_and_curve(out, batch_size, **kw) -> dict:
-    t = _trainer(out, batch_size, **kw)
+def _full_tensors(model) -> dict:
+    """Every parameter and buffer as a full tensor (DTensor shards gathered the plain way: full_tensor)."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for n, t in named}
+
+
+def _first_grads_and_curve(out, batch_size, model_fn=tiny_lora_model, **kw) -> dict:
+    t = _trainer(out, batch_size, model_fn, **kw)
     loss, tokens = t.accumulate_gradients(t.step_examples(0))
     grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
     t.optimizer.zero_grad(set_to_none=True)
     sharded = hasattr(t.model.model.layers[0].mlp.up_proj.weight, "full_tensor")  # an FSDP DTensor shard
-    return {"loss": loss, "tokens": tokens, "grads": grads, "curve": t.train().losses, "sharded": sharded}
+    sharded = sharded or hasattr(t.model.model.layers[0].mlp.up_proj.weight, "packed") and hasattr(
+        t.model.model.layers[0].mlp.up_proj.weight.packed, "full_tensor")  # QLoRA: the NF4 bytes are sharded
+    curve = t.train().losses
+    return {"loss": loss, "tokens": tokens, "grads": grads, "curve": curve, "sharded": sharded,
+            "weights": _full_tensors(t.model), "model": t.model}
+
+
+def _sharded_runs(out: Path, rank: int) -> None:
+    """FSDP2 full fine-tuning, interrupted and resumed from a sharded checkpoint; QLoRA under FSDP2 and the
+    exports of both from the sharded model."""
+    from pronghorn.export.save import save_pretrained_merged
+    from pronghorn.train.fsdp_gather import gathered
+
+    run = dict(max_steps=4, save_steps=1, save_total_limit=2, distributed="fsdp")
+    first = _trainer(out / "full", 2, tiny_full_model, **run).train().losses
+    kept = [p.name for p in sorted((out / "full").glob("checkpoint-*"))]
+    resumed = _trainer(out / "full", 2, tiny_full_model, resume_from_checkpoint=str(out / "full" / "checkpoint-2"),
+                       **run)
+    res = {"first": first, "resumed": resumed.train().losses, "kept": kept,
+           "weights": _full_tensors(resumed.model)}
+    q = _first_grads_and_curve(out / "qlora", 2, tiny_qlora_model, distributed="fsdp")
+    with gathered(q.pop("model")) as model:  # after training: rank 0 exports from the gathered shards
+        if model is not None:
+            save_pretrained_merged(model, out / "qlora-merged", _Tokenizer())
+    torch.save({**res, "qlora": q}, out / f"sharded-rank{rank}.pt")
 
 
 def _full_finetune_grads(dp_strategy: str | None) -> dict:
@@ -82,8 +127,10 @@ def _worker(mode: str, out: Path) -> int:
     if mode == "equivalence":
         for strategy in ("ddp", "fsdp"):
             res = _first_grads_and_curve(out / strategy, 2, distributed=strategy)
+            res.pop("model")
             torch.save(res, out / f"{strategy}-rank{env.rank}.pt")
         torch.save(_full_finetune_grads("fsdp"), out / f"full-rank{env.rank}.pt")
+        _sharded_runs(out, env.rank)
         return 0
     t = _trainer(out, 2, max_steps=6, save_steps=1, save_total_limit=2, distributed="ddp",
                  distributed_timeout_s=SHORT_TIMEOUT_S)
