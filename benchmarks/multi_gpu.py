@@ -193,10 +193,15 @@ def main(argv=None) -> int:
     print(f"FSDP2 vs DDP loss, max relative difference over {len(ddp['losses'])} steps: {diff:.2e}")
     print("losses DDP :", " ".join(f"{x:.5f}" for x in ddp["losses"]))
     print("losses FSDP:", " ".join(f"{x:.5f}" for x in fsdp["losses"]))
+    capped = fsdp["cap_gib"] is not None and fsdp["base_weights_gib"] > fsdp["cap_gib"]
+    verdict = {"ddp_scaling_ge_1.85": scaling >= 1.85,
+               "fsdp_base_exceeds_cap_and_trained": capped and max(fsdp["peak_gib_per_gpu"]) <= fsdp["cap_gib"],
+               "fsdp_loss_matches_ddp_1e-2": diff <= 1e-2}  # bf16: reduction order differs between the two
+    print("acceptance:", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in verdict.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "torch": torch.__version__, "ddp_1": one, "ddp_n": ddp, "fsdp_n": fsdp, "scaling": scaling,
-            "fsdp_vs_ddp_max_rel_loss_diff": diff}, indent=2))
+            "fsdp_vs_ddp_max_rel_loss_diff": diff, "acceptance": verdict}, indent=2))
     return 0
 
 

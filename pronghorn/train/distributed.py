@@ -16,10 +16,11 @@ One process per GPU. The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 - **FSDP2** (``fully_shard`` per decoder layer, then the root): the base weights are sharded. LoRA adapters
   are left out of FSDP (``ignored_params``): they are tiny, stay replicated, and their gradients are all-reduced
   in buckets by :class:`_ReplicatedGradReducer`, so the adapter, the optimizer state and the checkpoints are
-  ordinary tensors on every rank. For full fine-tuning FSDP manages (and reduce-scatters) every parameter;
-  :func:`full_state_dict` gathers full tensors for export.
+  ordinary tensors on every rank. A QLoRA base's NF4 bytes are sharded too (as frozen uint8 parameters).
+  For full fine-tuning FSDP manages (and reduce-scatters) every parameter, checkpoints are sharded (DCP,
+  train/sharded_checkpoint.py), and train/fsdp_gather.py gathers full tensors onto rank 0 for export.
 - **Failures**: the process group has a finite timeout, and :func:`failure_guard` turns a lost peer into a
-  clear :class:`LostPeersError` (the CLI then ends with :func:`exit_now`); checkpoints are written by rank 0 only, atomically.
+  clear :class:`LostPeersError` (the CLI then ends with :func:`exit_now`); checkpoints are written atomically.
 """
 
 from __future__ import annotations

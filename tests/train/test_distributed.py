@@ -1,6 +1,8 @@
 """Data-parallel training on 2 CPU processes (gloo): 2 ranks x batch B == 1 rank x batch 2B, for DDP and FSDP2,
-with gradient accumulation, uneven tokens per rank and a filler micro-batch; a dead or stuck rank ends the
-others with a clear error and leaves the last checkpoint intact; ``pronghorn train`` runs under torchrun.
+with gradient accumulation, uneven tokens per rank and a filler micro-batch; QLoRA (NF4 base sharded) under
+FSDP2; FSDP2 full fine-tuning resumed from a sharded (DCP) checkpoint; exports gathered from the shards; a dead
+or stuck rank ends the others with a clear error and leaves the last checkpoint intact; ``pronghorn train``
+runs under torchrun and accelerate launch.
 
 The pytest process is the 1-rank reference; this same file, run as a script, is the worker of each rank.
 """
@@ -252,6 +254,68 @@ def test_fsdp_full_finetuning_gradients_and_full_state(two_rank_results):
             assert got["state"] == {}
 
 
+def _load_full(model, weights: dict):
+    with torch.no_grad():
+        for name, t in weights.items():
+            owner, _, attr = name.rpartition(".")
+            getattr(model.get_submodule(owner), attr).copy_(t)
+    return model
+
+
+def _same_safetensors(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    got, want = load_file(str(a)), load_file(str(b))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_fsdp_full_finetuning_resumes_from_a_sharded_checkpoint(two_rank_results, tmp_path):
+    from pronghorn.export.merged import save_merged
+
+    full = two_rank_results / "full"
+    ranks = [torch.load(two_rank_results / f"sharded-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for got in ranks:  # interrupted after step 2, resumed: the same curve as the uninterrupted run, bit for bit
+        assert got["kept"] == ["checkpoint-2", "checkpoint-3"]  # listed and pruned like adapter checkpoints
+        assert got["resumed"] == got["first"] == ranks[0]["first"]
+    assert not [p for p in full.iterdir() if p.name.startswith(".")], "a temporary directory is left"
+    shards = sorted(p.name for p in (full / "checkpoint-3" / "sharded").iterdir())
+    assert shards == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]  # safetensors only
+    # the final model (gathered from the shards by rank 0) is the trained model, as one process exports it
+    save_merged(_load_full(tiny_full_model(), ranks[0]["weights"]), tmp_path / "ref", _Tokenizer())
+    _same_safetensors(full / "model.safetensors", tmp_path / "ref" / "model.safetensors")
+    assert (full / "config.json").read_text() == (tmp_path / "ref" / "config.json").read_text()
+    # DCP reshards on load: one process resumes the 2-rank checkpoint (batch 4 == 2 ranks x 2)
+    t = _trainer(tmp_path / "one", 4, tiny_full_model, max_steps=4,
+                 resume_from_checkpoint=str(full / "checkpoint-3"))
+    assert t.train().losses == pytest.approx(ranks[0]["first"][3:], rel=1e-5)
+
+
+def test_qlora_nf4_base_under_fsdp_equals_one_rank_and_exports_like_one_process(two_rank_results, tmp_path):
+    from pronghorn.export.adapter import save_adapter
+    from pronghorn.export.save import save_pretrained_merged
+
+    ref = _first_grads_and_curve(tmp_path / "ref", 4, tiny_qlora_model)
+    ranks = [torch.load(two_rank_results / f"sharded-rank{r}.pt", weights_only=True)["qlora"] for r in (0, 1)]
+    for got in ranks:
+        assert got["sharded"]  # the packed NF4 bytes are FSDP shards
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6) and got["tokens"] == ref["tokens"]
+        assert got["grads"].keys() == ref["grads"].keys()
+        for name, g in ref["grads"].items():
+            assert _close(got["grads"][name], g, 3e-6), name
+        assert got["curve"] == pytest.approx(ref["curve"], rel=1e-5)
+    trained = _load_full(tiny_qlora_model(), ranks[0]["weights"])
+    assert any(bool(m.lora_B.abs().sum() > 0) for m in trained.modules() if getattr(m, "lora_B", None) is not None)
+    save_adapter(trained, tmp_path / "adapter", base_model_name_or_path="tiny")
+    _same_safetensors(two_rank_results / "qlora" / "adapter_model.safetensors",
+                      tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="dequantized 4-bit"):
+        save_pretrained_merged(trained, tmp_path / "merged", _Tokenizer())
+    _same_safetensors(two_rank_results / "qlora-merged" / "model.safetensors",
+                      tmp_path / "merged" / "model.safetensors")
+
+
 @pytest.mark.parametrize("mode", ["dies", "hangs"])
 def test_a_failed_rank_ends_the_others_and_keeps_the_last_checkpoint(tmp_path, mode):
     from pronghorn.train.checkpoint import list_checkpoints, load_checkpoint
@@ -277,7 +341,19 @@ def test_a_failed_rank_ends_the_others_and_keeps_the_last_checkpoint(tmp_path, m
     assert load_checkpoint(found[-1], t.model, t.optimizer)["global_step"] == 2
 
 
-def test_cli_train_under_torchrun(tmp_path, smollm2_dir):
+# accelerate's --cpu runs ONE process (several CPU processes need its mpirun path); --multi_gpu starts one
+# process per "GPU" through torch.distributed.run, which on a machine without GPUs pronghorn runs on gloo.
+_LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_cli_train_under_a_launcher(tmp_path, smollm2_dir, launcher):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f"Pronghorn fact {i}: it runs {'very ' * i}fast."}) + "\n"
                             for i in range(6)))
@@ -285,8 +361,8 @@ def test_cli_train_under_torchrun(tmp_path, smollm2_dir):
     recipe.write_text(f"model: {smollm2_dir}\ndata: {data}\nmax_steps: 2\nbatch_size: 1\n"
                       "gradient_accumulation_steps: 1\nr: 4\nmax_length: 32\nsave_steps: 1\ndtype: float32\n")
     # "--" ends torchrun's own options: its parser would take pronghorn's --r as an abbreviation of its --rdzv-*
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "pronghorn.cli", "--", "train", "--config", str(recipe), "--output-dir",
+    cmd = [sys.executable, *_LAUNCHERS[launcher], str(_free_port()), "-m", "pronghorn.cli", "--", "train",
+           "--config", str(recipe), "--output-dir",
            str(out), "--no-progress", "--r", "4"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
