@@ -1,27 +1,80 @@
 """Longest single sequence that trains (forward + backward + optimizer step): Llama-3.1-8B config, QLoRA NF4,
-LoRA r=16 on every projection, batch 1, checkpointing ``offload`` (layer inputs in pinned host memory).
+LoRA r=16 on every projection, batch 1, checkpointing ``offload`` (layer inputs in pinned host memory) and the
+MLP tiled over the sequence (``--tiled-mlp on``, chunks of ``--tiled-mlp-chunk`` tokens: models/tiled_mlp.py).
 
-    python benchmarks/long_context.py --lengths 65536,131072,262144,393216 --json long_context.json
+    python benchmarks/long_context.py --lengths 360448 --json long_context.json
+    python benchmarks/long_context.py --smoke          # tiny config on the CPU, tiled MLP on
 
 Tries each length in order on one model and stops at the first that runs out of GPU (or host) memory;
-prints one JSON line per length (step seconds, peak GiB) and writes them all to --json.
+prints one JSON line per length (step seconds, peak GiB, pinned host GiB) and rewrites --json after each.
+
+Host memory: offloading keeps every layer's input in pinned host memory (layers x tokens x hidden x 2 bytes:
+8 KiB per token per layer for the 8B config, 96 GiB for 32 layers at 393,216 tokens). PyTorch's pinned
+allocator rounds each block up to a power of two by default (a 1.7 GiB input takes 2 GiB, 2.1 GiB takes 4), so
+offloading alone runs out of a 128 GiB host past 262,144 tokens. ``--alloc-conf`` (set as PYTORCH_ALLOC_CONF
+before torch starts, unless that or PYTORCH_CUDA_ALLOC_CONF is already set) turns rounding and caching off for
+blocks above 256 MiB; a length whose inputs would not fit in the host's available memory is not tried.
+
+Time: attention is quadratic; measured untiled on an H100, 65,536 / 131,072 / 196,608 tokens took 28 / 59 / 121 s
+per step, so 360,448 takes ~7 min and 393,216 ~8.5 min: one length per call under a 10-minute limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from pathlib import Path
 
-import torch
+ALLOC_CONF = "expandable_segments:True,pinned_max_round_threshold_mb:256,pinned_max_cached_size_mb:256"
 
-from train_e2e import WORKLOADS, _pronghorn_qlora_model
+
+def _set_alloc_conf(argv) -> str | None:
+    """PYTORCH_ALLOC_CONF from --alloc-conf, before torch is imported (the allocators read it once)."""
+    conf = ALLOC_CONF
+    if "--alloc-conf" in argv:
+        conf = argv[argv.index("--alloc-conf") + 1]
+    if conf and not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_ALLOC_CONF"] = conf
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _pinned_bytes(size: int, conf: str | None) -> int:
+    """What the pinned allocator takes for a block of ``size`` bytes under ``conf``."""
+    threshold = None
+    for item in (conf or "").split(","):
+        key, _, value = item.partition(":")
+        if key.strip() == "pinned_max_round_threshold_mb":
+            threshold = int(value) * 2**20
+    return size if threshold is not None and size > threshold else 1 << max(0, (size - 1).bit_length())
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    conf = _set_alloc_conf(argv)
+    import torch
+
+    from pronghorn.files import atomic_file
+    from pronghorn.models import checkpointing
+    from train_e2e import WORKLOADS, _pronghorn_qlora_model
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="65536,131072,262144,393216")
+    ap.add_argument("--lengths", default="360448", help="comma-separated, tried in order")
     ap.add_argument("--gc", default="offload")
+    ap.add_argument("--tiled-mlp", default="on", help="on | off | auto (models/tiled_mlp.py)")
+    ap.add_argument("--tiled-mlp-chunk", type=int, default=None, help="tokens per chunk (default 8192; --smoke 48)")
+    ap.add_argument("--alloc-conf", default=ALLOC_CONF, help="PYTORCH_ALLOC_CONF unless already set ('' for none)")
     ap.add_argument("--json", default="long_context.json")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
     a = ap.parse_args(argv)
@@ -29,20 +82,36 @@ def main(argv=None) -> None:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     cfg = dict(WORKLOADS["tiny" if a.smoke else "llama-3.1-8b"][0])
     lengths = [64, 128] if a.smoke else [int(n) for n in a.lengths.split(",")]
+    chunk = a.tiled_mlp_chunk or (48 if a.smoke else 8192)
     cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], max(lengths))
     torch.manual_seed(0)
     model = _pronghorn_qlora_model(cfg, device, dtype, a.gc).train()
+    model.gradient_checkpointing_enable(mode=a.gc, tiled_mlp=a.tiled_mlp, tiled_mlp_chunk=chunk)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    rows = []
+    meta = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, gc=a.gc,
+                tiled_mlp=model.model.tiled_mlp, tiled_mlp_chunk=chunk, alloc_conf=conf if cuda else None)
+    rows, act_bytes = [], torch.empty((), dtype=dtype).element_size()
     for n in lengths:
         ids = torch.randint(0, cfg["vocab_size"], (1, n), device=device)
         if cuda:
             torch.cuda.empty_cache()
+            torch.accelerator.empty_host_cache()  # the last length's pinned blocks
             torch.cuda.reset_peak_memory_stats()
+        host_need = _host_need(model, n, act_bytes, conf, checkpointing) if cuda else 0
+        host_free = _host_available()
+        if cuda and host_free is not None and host_need > 0.9 * host_free:
+            rows.append(dict(tokens=n, ok=False, error=f"host memory: offloaded layer inputs need "
+                             f"{host_need / 2**30:.1f} GiB pinned, {host_free / 2**30:.1f} GiB available"))
+            print(json.dumps(rows[-1]), flush=True)
+            break
         t = time.perf_counter()
         try:
             with torch.autocast(device, dtype=dtype, enabled=cuda):
                 loss = model(input_ids=ids, labels=ids).loss
+            if cuda:  # progress, in case the step outlives the caller's time limit
+                torch.cuda.synchronize()
+                print(f"{n} tokens: forward {time.perf_counter() - t:.1f} s, peak so far "
+                      f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -52,15 +121,39 @@ def main(argv=None) -> None:
             rows.append(dict(tokens=n, ok=False, error=str(e).splitlines()[0][:160]))
             print(json.dumps(rows[-1]), flush=True)
             break
-        rows.append(dict(tokens=n, ok=True, step_s=round(time.perf_counter() - t, 2), loss=round(float(loss.detach()), 4),
-                         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None))
+        rows.append(dict(tokens=n, ok=True, step_s=round(time.perf_counter() - t, 2),
+                         loss=round(float(loss.detach()), 4),
+                         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                         reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+                         host_pinned_gib=round(host_need / 2**30, 1) if cuda else None))
         print(json.dumps(rows[-1]), flush=True)
+        _write(a.json, meta, rows, atomic_file)  # after every length: a host OOM kill keeps the rows so far
         del loss
-    meta = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, gc=a.gc)
-    with open(a.json, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    _write(a.json, meta, rows, atomic_file)
     best = max((r["tokens"] for r in rows if r["ok"]), default=0)
-    print(f"longest sequence trained: {best:,} tokens ({meta['device']}, QLoRA 8B config, gc={a.gc})")
+    print(f"longest sequence trained: {best:,} tokens ({meta['device']}, QLoRA 8B config, gc={a.gc}, "
+          f"tiled MLP {meta['tiled_mlp']} in chunks of {chunk})")
+
+
+def _host_need(model, tokens: int, act_bytes: int, conf: str | None, checkpointing) -> int:
+    """Pinned host bytes the offloaded layer inputs of one step take (for ``--gc auto``: the auto plan's
+    offloaded layers, planned with the GPU's free memory now)."""
+    inner, mode = model.model, checkpointing.checkpoint_mode(model.model.gradient_checkpointing)
+    if mode == "offload":
+        layers = len(inner.layers)
+    elif mode == "auto":
+        chunk = inner.tiled_mlp_chunk if inner.tiled_mlp != "off" and tokens > inner.tiled_mlp_chunk else None
+        dtype = inner.embed_tokens.weight.dtype
+        plan = checkpointing.plan_for_model(inner, 1, tokens, dtype, inner.embed_tokens.weight.device, mlp_chunk=chunk)
+        layers = plan.modes.count("offload")
+    else:
+        return 0
+    return layers * _pinned_bytes(tokens * inner.cfg.hidden_size * act_bytes, conf)
+
+
+def _write(path: str, meta: dict, rows: list, atomic_file) -> None:
+    with atomic_file(Path(path), "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ class FastLanguageModel:
                        lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
                        use_gradient_checkpointing: bool | str = "auto", random_state: int = 3407,
                        use_rslora: bool = False, layers_to_transform: list[int] | None = None,
-                       max_seq_length: int | None = None, loftq_config=None, **_ignored) -> nn.Module:
+                       max_seq_length: int | None = None, loftq_config=None, tiled_mlp: bool | str = "auto",
+                       **_ignored) -> nn.Module:
         """Freeze the base and attach LoRA adapters (PEFT-compatible init and naming).
         use_gradient_checkpointing: "auto" (per layer from free memory), True (recompute every layer),
-        "unsloth" (offload layer inputs to the host), False (keep all activations)."""
+        "unsloth" (offload layer inputs to the host), False (keep all activations).
+        tiled_mlp: "auto" (when a step would not fit otherwise), True, False: the MLP over chunks of tokens."""
         if loftq_config:
             raise NotImplementedError("LoftQ initialisation is not supported")
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -55,7 +57,8 @@ class FastLanguageModel:
                             else target_modules, use_rslora=use_rslora, bias=bias,
                             layers_to_transform=layers_to_transform)
         attach_lora(model, config, seed=random_state)
-        model.gradient_checkpointing_enable(mode=use_gradient_checkpointing)  # models/checkpointing.py
+        model.gradient_checkpointing_enable(mode=use_gradient_checkpointing,  # models/checkpointing.py
+                                            tiled_mlp=tiled_mlp)  # models/tiled_mlp.py
         if max_seq_length:
             model.max_seq_length = max_seq_length
         return model

@@ -47,16 +47,26 @@ def checkpoint_mode(value) -> str:
 # --- the memory plan: pure arithmetic, testable with made-up numbers ---
 
 def layer_activation_bytes(tokens: int, hidden: int, intermediate: int, q_dim: int, kv_dim: int, act_bytes: int,
-                           lora_rank: int = 0, lora_projections: int = 0, lora_bytes: int = 4) -> int:
+                           lora_rank: int = 0, lora_projections: int = 0, lora_bytes: int = 4,
+                           tiled_mlp: bool = False) -> int:
     """Bytes autograd keeps for one decoder layer's backward, for ``tokens`` = batch x sequence length.
 
     Per token: the layer input and the residual after attention (2 x hidden), both norm outputs (2 x hidden),
     q, the attention output and its head-merged copy (3 x q_dim), k and v (2 x kv_dim), gate, up and their
     product (3 x intermediate), all in the activation dtype; each adapted projection adds its rank-r product
-    ``x A^T`` (``lora_bytes`` per element; the LoRA function saves no cast copy of its input).
+    ``x A^T`` (``lora_bytes`` per element; the LoRA function saves no cast copy of its input). With the MLP
+    tiled (models/tiled_mlp.py) the second norm's output and the MLP's tensors are not kept (pass only the
+    attention's adapted projections then); their one-chunk transient is :func:`tiled_mlp_chunk_bytes`.
     """
-    base = act_bytes * (4 * hidden + 3 * q_dim + 2 * kv_dim + 3 * intermediate)
+    mlp = 0 if tiled_mlp else hidden + 3 * intermediate
+    base = act_bytes * (3 * hidden + 3 * q_dim + 2 * kv_dim + mlp)
     return tokens * (base + lora_projections * lora_rank * lora_bytes)
+
+
+def tiled_mlp_chunk_bytes(chunk: int, hidden: int, intermediate: int, act_bytes: int) -> int:
+    """Peak bytes of one chunk's recomputation and backward in the tiled MLP: gate, up, their product and the
+    three gradients (6 x intermediate), the chunk's norm output, MLP output and two gradients (4 x hidden)."""
+    return chunk * act_bytes * (6 * intermediate + 4 * hidden)
 
 
 @dataclass(frozen=True)
@@ -117,30 +127,58 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def plan_for_model(model, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-                   free_bytes: int | None = None) -> MemoryPlan:
-    """The auto plan for a DecoderModel on a batch of ``batch`` x ``seq_len`` tokens."""
+def activation_estimates(model, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                         mlp_chunk: int | None = None) -> tuple[int, int, int]:
+    """(one layer's kept activations, one layer input, the rest of a step's peak) in bytes for a DecoderModel
+    on ``batch`` x ``seq_len`` tokens; ``mlp_chunk``: tokens per chunk of the tiled MLP, None when untiled."""
     cfg, tokens, act = model.cfg, batch * seq_len, torch.empty((), dtype=dtype).element_size()
-    adapted = [m for m in model.layers[0].modules() if getattr(m, "has_lora", False)]
+    scope = model.layers[0].self_attn if mlp_chunk else model.layers[0]  # tiled: the MLP keeps no LoRA products
+    adapted = [m for m in scope.modules() if getattr(m, "has_lora", False)]
     rank = adapted[0].lora_A.shape[0] if adapted else 0
     autocast = torch.is_autocast_enabled(device.type)
     lora_dtype = torch.get_autocast_dtype(device.type) if autocast else adapted[0].lora_A.dtype if adapted else dtype
     layer = layer_activation_bytes(tokens, cfg.hidden_size, cfg.intermediate_size,
                                    cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                                   act, rank, len(adapted), torch.empty((), dtype=lora_dtype).element_size())
+                                   act, rank, len(adapted), torch.empty((), dtype=lora_dtype).element_size(),
+                                   tiled_mlp=bool(mlp_chunk))
     inputs = tokens * cfg.hidden_size * act
     # loss: a chunk of fp32 logits and its gradient; backward: a few fp32 hidden-sized gradients
     fixed = min(tokens, 4096) * cfg.vocab_size * 4 * 2 + 4 * tokens * cfg.hidden_size * 4
+    if mlp_chunk:
+        fixed += tiled_mlp_chunk_bytes(min(mlp_chunk, tokens), cfg.hidden_size, cfg.intermediate_size, act)
+    return layer, inputs, fixed
+
+
+def plan_for_model(model, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                   free_bytes: int | None = None, mlp_chunk: int | None = None) -> MemoryPlan:
+    """The auto plan for a DecoderModel on a batch of ``batch`` x ``seq_len`` tokens."""
+    layer, inputs, fixed = activation_estimates(model, batch, seq_len, dtype, device, mlp_chunk)
     free = free_memory(device) if free_bytes is None else free_bytes
     if free is None:
         return MemoryPlan(("keep",) * len(model.layers), 0, fixed + len(model.layers) * layer, True)
     return plan_memory(free, len(model.layers), layer, inputs, fixed, can_offload=device.type == "cuda")
 
 
+def step_need(model, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device, mode: str,
+              mlp_chunk: int | None = None, headroom: float = 0.1) -> tuple[int, int | None]:
+    """(estimated peak bytes of a training step in checkpointing ``mode``, usable free bytes or None when
+    unknown), with the same estimates and headroom as the auto plan."""
+    layer, inputs, fixed = activation_estimates(model, batch, seq_len, dtype, device, mlp_chunk)
+    free, n = free_memory(device), len(model.layers)
+    if mode == "auto":
+        need = plan_memory(free or 0, n, layer, inputs, fixed, can_offload=device.type == "cuda").need_bytes
+    elif mode == "off":
+        need = fixed + n * layer
+    else:  # on: every input stays; offload: two in flight on a GPU (a CPU keeps them all, as "on")
+        need = fixed + layer + (2 if mode == "offload" and device.type == "cuda" else n) * inputs
+    return need, None if free is None else int(free * (1 - headroom))
+
+
 # --- running the layers ---
 
-def layer_modes(model, x: torch.Tensor) -> tuple[str, ...] | None:
-    """Per-layer modes for this forward of a DecoderModel, or None when nothing is checkpointed."""
+def layer_modes(model, x: torch.Tensor, mlp_chunk: int | None = None) -> tuple[str, ...] | None:
+    """Per-layer modes for this forward of a DecoderModel, or None when nothing is checkpointed;
+    ``mlp_chunk``: the tiled MLP's chunk for this forward (the auto plan budgets for it), None when untiled."""
     mode = checkpoint_mode(model.gradient_checkpointing)
     if mode == "off" or not (model.training and torch.is_grad_enabled()):
         return None
@@ -151,9 +189,9 @@ def layer_modes(model, x: torch.Tensor) -> tuple[str, ...] | None:
         return ("offload",) * n
     plans = model.__dict__.setdefault("_checkpoint_plans", {})
     seq = -(-x.shape[1] // 256) * 256  # lengths in buckets of 256 (planned for the bucket's end): few plans
-    key = (x.shape[0], seq, x.dtype, x.device, torch.is_autocast_enabled(x.device.type))
+    key = (x.shape[0], seq, x.dtype, x.device, torch.is_autocast_enabled(x.device.type), mlp_chunk)
     if key not in plans:
-        plans[key] = plan_for_model(model, x.shape[0], seq, x.dtype, x.device)
+        plans[key] = plan_for_model(model, x.shape[0], seq, x.dtype, x.device, mlp_chunk=mlp_chunk)
         if plans[key].modes != model.__dict__.get("_checkpoint_logged"):  # one line per change of plan
             print(f"pronghorn: gradient checkpointing auto for batch {x.shape[0]} x {seq} tokens: "
                   f"{plans[key].summary()}", flush=True)

@@ -19,6 +19,7 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
 from .rope_scaling import rope_inv_freq
+from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, mlp_chunk_for, sequence_tiled, tiled_mlp_mode
 
 
 class MLP(nn.Module):
@@ -42,9 +43,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def forward(self, x, cos, sin, masks, cache):
+    def forward(self, x, cos, sin, masks, cache, mlp_chunk: int | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if mlp_chunk:  # norm + MLP over chunks of tokens (models/tiled_mlp.py)
+            params = [*self.post_attention_layernorm.parameters(), *self.mlp.parameters()]
+            return x + sequence_tiled(self._norm_mlp, x, mlp_chunk, params)
+        return x + self._norm_mlp(x)
+
+    def _norm_mlp(self, x):
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderModel(nn.Module):
@@ -58,6 +65,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.gradient_checkpointing = False
+        self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -88,7 +96,8 @@ class DecoderModel(nn.Module):
         if masks is None:
             masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions)
                      for w in windows}
-        x = run_layers(self.layers, x, (cos, sin, masks, cache), layer_modes(self, x))  # keep/recompute/offload
+        mlp_chunk = mlp_chunk_for(self, x)  # None: untiled
+        x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), layer_modes(self, x, mlp_chunk))
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -127,16 +136,22 @@ class DecoderForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None,
+                                      tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None) -> None:
         """``mode``: on | offload | auto | off (models/checkpointing.py). Without one (how HF Trainer and TRL
         call it), a model already set to a checkpointing mode keeps it, one switched off by
         ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
-        forwards); otherwise it becomes "on"."""
+        forwards); otherwise it becomes "on". ``tiled_mlp``: auto | on | off, the norm + MLP over chunks of
+        ``tiled_mlp_chunk`` tokens (models/tiled_mlp.py); None keeps the current setting."""
         if mode is None:
             mode = self.model.gradient_checkpointing or self.__dict__.get("_disabled_checkpoint_mode") or "on"
         self.__dict__.pop("_disabled_checkpoint_mode", None)
         mode = checkpoint_mode(mode)
         self.model.gradient_checkpointing = False if mode == "off" else mode
+        if tiled_mlp is not None:
+            self.model.tiled_mlp = tiled_mlp_mode(tiled_mlp)
+        if tiled_mlp_chunk is not None:
+            self.model.tiled_mlp_chunk = chunk_tokens(tiled_mlp_chunk)
 
     def gradient_checkpointing_disable(self) -> None:
         if self.model.gradient_checkpointing:

@@ -13,6 +13,7 @@ import yaml
 from ..errors import PronghornError
 from ..models.checkpointing import checkpoint_mode
 from ..models.lora import ALL_TARGETS
+from ..models.tiled_mlp import chunk_tokens, tiled_mlp_mode
 from .optimizers import optimizer_name
 
 
@@ -57,6 +58,8 @@ class TrainConfig:
     progress: bool = True
     # memory and speed (models/checkpointing.py, train/optimizers.py, data/packing.py)
     gradient_checkpointing: str | bool = "auto"  # auto | on (true) | offload ("unsloth") | off (false)
+    tiled_mlp: str | bool = "auto"  # auto | on | off: norm + MLP over chunks of tokens (models/tiled_mlp.py)
+    tiled_mlp_chunk: int = 8192  # tokens per chunk of the tiled MLP
     optim: str = "adamw_torch_fused"  # adamw_torch | adamw_torch_fused | adamw_8bit (bitsandbytes, GPU)
     packing: bool = False  # padding-free rows of <= max_length tokens (batch_size counts rows); positions restart
     # multi-GPU, when launched by torchrun / accelerate launch (a single process ignores these); docs/multi_gpu.md
@@ -80,6 +83,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
+        self.tiled_mlp, self.tiled_mlp_chunk = tiled_mlp_mode(self.tiled_mlp), chunk_tokens(self.tiled_mlp_chunk)
         self.optim = optimizer_name(self.optim)
         if self.method not in ("sft", "dpo", "orpo", "kto"):
             raise PronghornError(f"method must be sft, dpo, orpo or kto, got {self.method!r}")
