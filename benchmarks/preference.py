@@ -9,7 +9,13 @@ the strings to exactly these lengths, offline. Tokens/s = 2 B (P + C) / median s
 peak = torch.cuda.max_memory_allocated over the training steps (weights included).
 
     python benchmarks/preference.py --json preference.json                     # H100: llama-3.2-1b
-    python benchmarks/preference.py --smoke                                    # CPU, tiny, seconds
+    python benchmarks/preference.py --gc-modes all --chunk-mib 1024,256 --micro-pairs 4,1   # pronghorn variants
+    python benchmarks/preference.py --smoke --gc-modes all                     # CPU, tiny, seconds
+
+pronghorn rows can vary what only pronghorn has (each combination is one row, ``variant`` in the table):
+``--gc-modes`` (off | on | offload | auto | all; default on, like TRL's gradient checkpointing),
+``--chunk-mib`` (the logits chunk budget of the fused log-prob head, default 1024) and ``--micro-pairs``
+(pairs per forward; the step still has B pairs through exact gradient accumulation, default B).
 
 Systems: ``pronghorn``, ``trl+peft`` (needs trl, peft, datasets), ``trl+peft+liger`` (also liger-kernel; skipped
 when it is not importable).
@@ -73,7 +79,10 @@ def _peak(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
-def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype) -> dict:
+def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, gc_mode: str = "on",
+                  chunk_mib: int = 1024, micro_pairs: int | None = None) -> dict:
+    import importlib
+
     from pronghorn.models.builder import init_random_model
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig, attach_lora
@@ -83,11 +92,17 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
     config = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, **cfg})
     model = init_random_model(config, dtype, device)
     attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(mode=gc_mode)
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    micro = micro_pairs or len(rows)
+    if len(rows) % micro:
+        raise SystemExit(f"--micro-pairs {micro} does not divide {len(rows)} pairs per step")
+    linear_logprobs = importlib.import_module("pronghorn.kernels.linear_logprobs")  # the module, not the function
+    chunk_bytes, linear_logprobs.CHUNK_BYTES = linear_logprobs.CHUNK_BYTES, chunk_mib << 20
     with tempfile.TemporaryDirectory() as out:
-        tc = TrainConfig(output_dir=out, method="dpo", beta=0.1, batch_size=len(rows), gradient_accumulation_steps=1,
-                         learning_rate=1e-4, max_grad_norm=1.0, progress=False)
+        tc = TrainConfig(output_dir=out, method="dpo", beta=0.1, batch_size=micro,
+                         gradient_accumulation_steps=len(rows) // micro, learning_rate=1e-4, max_grad_norm=1.0,
+                         progress=False, gradient_checkpointing=gc_mode)
         trainer = PreferenceTrainer(model, tok, rows, tc)
         model.train()
         _sync(device)
@@ -101,6 +116,7 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
             _sync(device)
             times.append(time.perf_counter() - t)
         peak = _peak(device)
+    linear_logprobs.CHUNK_BYTES = chunk_bytes
     del trainer, model
     return {"times": times, "peak_gib": peak, "loss": loss}
 
@@ -154,7 +170,7 @@ def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.d
 
 
 def measure(system: str, workload: str, steps: int, device: str, pairs: int | None, prompt: int | None,
-            completion: int | None) -> dict:
+            completion: int | None, variant: dict | None = None) -> dict:
     cfg, batch, seq = WORKLOADS[workload][:3]
     pairs = pairs or batch
     prompt = prompt or seq // 4
@@ -162,13 +178,16 @@ def measure(system: str, workload: str, steps: int, device: str, pairs: int | No
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = _rows(pairs, prompt, completion)
     torch.manual_seed(0)
+    variant = variant or {}
     if system == "pronghorn":
-        r = run_pronghorn(cfg, rows, steps, device, dtype)
+        r = run_pronghorn(cfg, rows, steps, device, dtype, **variant)
     else:
         r = run_trl(cfg, rows, steps, device, dtype, liger=system.endswith("liger"))
+        variant = {"gc_mode": "on"}
     steady = statistics.median(r["times"][2:] if len(r["times"]) > 2 else r["times"])
     tokens = 2 * pairs * (prompt + completion)
     out = dict(system=system, workload=workload, pairs=pairs, prompt=prompt, completion=completion,
+               variant=",".join(f"{k}={v}" for k, v in variant.items() if v is not None), **variant,
                step_s=round(steady, 4), tok_s=round(tokens / steady), peak_gib=r["peak_gib"],
                loss=None if r["loss"] is None else round(float(r["loss"]), 4))
     gc.collect()
@@ -186,6 +205,16 @@ def available(system: str) -> str | None:
     return f"not installed: {', '.join(missing)}" if missing else None
 
 
+def variants(a) -> list[dict]:
+    """Every combination of the pronghorn-only options."""
+    from pronghorn.models.checkpointing import MODES
+
+    modes = list(MODES) if a.gc_modes == "all" else a.gc_modes.split(",")
+    micro = [int(m) for m in a.micro_pairs.split(",")] if a.micro_pairs else [None]
+    return [{"gc_mode": g, "chunk_mib": int(c), "micro_pairs": m}
+            for g in modes for c in a.chunk_mib.split(",") for m in micro]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default="llama-3.2-1b")
@@ -194,6 +223,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default: the workload's batch)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: seq / 4)")
     ap.add_argument("--completion", type=int, default=None, help="completion tokens each side (default: seq / 4)")
+    ap.add_argument("--gc-modes", default="on", help="pronghorn checkpointing modes: off,on,offload,auto or all")
+    ap.add_argument("--chunk-mib", default="1024", help="pronghorn logits chunk budgets in MiB, comma-separated")
+    ap.add_argument("--micro-pairs", default="", help="pronghorn pairs per forward, comma-separated (default B)")
     ap.add_argument("--json", default="preference.json")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 3 steps")
     a = ap.parse_args()
@@ -207,15 +239,18 @@ def main() -> None:
             if why:
                 print(f"skip {s}: {why}", flush=True)
                 continue
-            rows.append(measure(s, w, a.steps, device, a.pairs, a.prompt, a.completion))
-            print(json.dumps(rows[-1]), flush=True)
+            for variant in (variants(a) if s == "pronghorn" else [None]):
+                rows.append(measure(s, w, a.steps, device, a.pairs, a.prompt, a.completion, variant))
+                print(json.dumps(rows[-1]), flush=True)
     base = {r["workload"]: r for r in rows if r["system"] == "trl+peft"}
-    print(f"\n{'workload':<14} {'system':<16} {'tok/s':>8} {'peak GiB':>9} {'speed vs trl+peft':>18} {'memory vs':>10}")
+    print(f"\n{'workload':<14} {'system':<16} {'variant':<44} {'tok/s':>8} {'peak GiB':>9} {'speed vs trl+peft':>18} "
+          f"{'memory vs':>10} {'loss':>7}")
     for r in rows:
         ref = base.get(r["workload"])
         speed = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
         mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}x" if ref and r["peak_gib"] and ref["peak_gib"] else "-"
-        print(f"{r['workload']:<14} {r['system']:<16} {r['tok_s']:>8} {str(r['peak_gib']):>9} {speed:>18} {mem:>10}")
+        print(f"{r['workload']:<14} {r['system']:<16} {r['variant']:<44} {r['tok_s']:>8} {str(r['peak_gib']):>9} "
+              f"{speed:>18} {mem:>10} {str(r['loss']):>7}")
     import transformers
 
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

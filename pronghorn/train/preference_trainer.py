@@ -9,7 +9,8 @@ accumulation, checkpoints, resume, metrics.jsonl, progress) with another ``accum
   chunked :func:`~pronghorn.kernels.linear_logprobs.linear_logprobs`; the [tokens x vocab] logits never exist.
 - **No reference copy.** The reference is the same model with its LoRA adapters switched off, run under
   ``no_grad`` (or a ``ref_model`` given explicitly, e.g. for full fine-tuning). With
-  ``precompute_ref_log_probs`` it is run once over the dataset before training and stored per row.
+  ``precompute_ref_log_probs`` it is run once over the dataset before training and stored per row. It runs
+  before the policy's forward, so its activations and logits chunks never add to the policy's saved ones.
 - **Exact accumulation.** Each micro-batch adds ``sum(per-pair losses) / pairs in the optimizer step`` (ORPO's
   NLL: ``-sum(chosen token log-probs) / chosen tokens in the step``), so the accumulated gradient equals one big
   batch's. KTO's KL reference point is estimated per micro-batch, as TRL does per device batch.
@@ -137,14 +138,17 @@ class PreferenceTrainer(Trainer):
     def micro_batch_loss(self, rows: list[dict], num_rows: int, num_chosen_tokens: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         batch = self._batch(rows)
+        # forwards without gradient first (reference; KTO's KL pairs, in TRL's order): their transient
+        # activations and logits chunks then never coexist with the policy's saved activations
+        ref = self._stored_or_computed_reference(rows, batch) if self.uses_reference else None
+        if cfg.method == "kto":
+            with torch.no_grad(), self._autocast():
+                kl_logps = completion_logps(self.model, batch["kl"])[0]
         with self._autocast():
             logps, counts = completion_logps(self.model, batch["main"])
         stats: dict[str, float] = {}
         if cfg.method == "kto":
             label = torch.tensor([bool(r["label"]) for r in rows], device=self.device)
-            ref = self._stored_or_computed_reference(rows, batch)
-            with torch.no_grad(), self._autocast():
-                kl_logps = completion_logps(self.model, batch["kl"])[0]
             kl = kto_kl(kl_logps, ref["kl"])
             out = kto_loss(logps[label], logps[~label], ref["main"][label], ref["main"][~label], kl, cfg.beta,
                            cfg.desirable_weight, cfg.undesirable_weight)
@@ -171,7 +175,7 @@ class PreferenceTrainer(Trainer):
             out = simpo_loss(chosen, rejected, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
             loss = out.losses.sum() / num_rows
         else:
-            ref = self._stored_or_computed_reference(rows, batch)["main"]
+            ref = ref["main"]
             out = dpo_loss(chosen, rejected, ref[:b], ref[b:], cfg.beta, cfg.loss_type, cfg.label_smoothing, n_c, n_r)
             loss = out.losses.sum() / num_rows
         margins = out.chosen_rewards - out.rejected_rewards

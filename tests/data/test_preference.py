@@ -174,3 +174,39 @@ def test_gzip_jsonl_errors_name_the_line(tmp_path):
     path.write_bytes(gzip.compress(json.dumps({"chosen": "x"}).encode()))
     with pytest.raises(DataError, match="line 1: field 'rejected': missing"):
         preference_pairs(load_preference_records(path))
+
+
+def test_kto_bad_rows_named_and_skipped_only_when_asked(smollm2_tokenizer):
+    rows = [{"prompt": "Q", "completion": " ", "label": True},
+            {"prompt": "Q", "completion": "A", "label": "yes"},
+            {"prompt": "Q", "completion": "A"},
+            {"prompt": "Q", "completion": "A", "label": False}]
+    with pytest.raises(DataError) as e:
+        kto_examples(rows, source="kto.json")
+    msg = str(e.value)
+    assert msg.startswith("3 bad rows")
+    assert "kto.json index 0 (0-based): field 'completion': empty completion" in msg
+    assert "kto.json index 1 (0-based): field 'label': must be true or false, got 'yes'" in msg
+    assert "kto.json index 2 (0-based): field 'label': missing" in msg
+    with pytest.warns(UserWarning, match="skipped 3 bad rows"):
+        ok = kto_examples(rows, skip_bad=True, source="kto.json")
+    assert len(ok) == 1 and len(ok.skipped) == 3
+    long_prompt = [{"prompt": "word " * 80, "completion": "yes", "label": True}, rows[3]]
+    with pytest.raises(DataError, match=r"index 0 \(0-based\): field 'prompt': prompt longer than max_length"):
+        tokenize_kto(long_prompt, smollm2_tokenizer, max_length=32)
+    with pytest.warns(UserWarning, match="skipped 1 rows at tokenization"):
+        out = tokenize_kto(long_prompt, smollm2_tokenizer, max_length=32, skip_bad=True)
+    assert len(out) == 1 and out[0]["label"] is False and len(out.skipped) == 1
+
+
+def test_pair_equal_only_after_truncation_is_bad(smollm2_tokenizer):
+    """Completions that differ only past max_length train nothing: reported as chosen == rejected."""
+    rows = [{"prompt": "Q", "chosen": " same start then yes", "rejected": " same start then no"},
+            {"prompt": "Q", "chosen": " A", "rejected": " B"}]
+    with pytest.raises(DataError, match=r"index 0 \(0-based\): field 'chosen': chosen == rejected after "
+                                        r"tokenization and truncation to 4 tokens"):
+        tokenize_preference(rows, smollm2_tokenizer, max_length=4)
+    with pytest.warns(UserWarning, match="skipped 1 rows at tokenization"):
+        out = tokenize_preference(rows, smollm2_tokenizer, max_length=4, skip_bad=True)
+    assert len(out) == 1 and len(out.skipped) == 1
+    assert len(tokenize_preference(rows, smollm2_tokenizer, max_length=None)) == 2
