@@ -17,7 +17,7 @@ pronghorn rows can vary what only pronghorn has (each combination is one row, ``
 ``--chunk-mib`` (the logits chunk budget of the fused log-prob head, default 1024) and ``--micro-pairs``
 (pairs per forward; the step still has B pairs through exact gradient accumulation, default B).
 
-Systems: ``pronghorn``, ``trl+peft`` (needs trl, peft, datasets), ``trl+peft+liger`` (also liger-kernel; skipped
+Systems: ``pronghorn``, ``pronghorn-qlora`` (base projections in NF4: lower memory, not like-for-like), ``trl+peft`` (needs trl, peft, datasets), ``trl+peft+liger`` (also liger-kernel; skipped
 when it is not importable).
 """
 
@@ -80,7 +80,7 @@ def _peak(device: str) -> float | None:
 
 
 def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, gc_mode: str = "on",
-                  chunk_mib: int = 1024, micro_pairs: int | None = None) -> dict:
+                  chunk_mib: int = 1024, micro_pairs: int | None = None, qlora: bool = False) -> dict:
     import importlib
 
     from pronghorn.models.builder import init_random_model
@@ -92,6 +92,12 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
     config = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, **cfg})
     model = init_random_model(config, dtype, device)
     attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
+    if qlora:  # the base projections stored as NF4 (not like-for-like with the bf16 peers: a separate row)
+        from pronghorn.models.linear import Linear
+
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.quantize_nf4()
     model.gradient_checkpointing_enable(mode=gc_mode)
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
     micro = micro_pairs or len(rows)
@@ -179,8 +185,8 @@ def measure(system: str, workload: str, steps: int, device: str, pairs: int | No
     rows = _rows(pairs, prompt, completion)
     torch.manual_seed(0)
     variant = variant or {}
-    if system == "pronghorn":
-        r = run_pronghorn(cfg, rows, steps, device, dtype, **variant)
+    if system.startswith("pronghorn"):
+        r = run_pronghorn(cfg, rows, steps, device, dtype, qlora=system == "pronghorn-qlora", **variant)
     else:
         r = run_trl(cfg, rows, steps, device, dtype, liger=system.endswith("liger"))
         variant = {"gc_mode": "on"}
@@ -239,7 +245,7 @@ def main() -> None:
             if why:
                 print(f"skip {s}: {why}", flush=True)
                 continue
-            for variant in (variants(a) if s == "pronghorn" else [None]):
+            for variant in (variants(a) if s.startswith("pronghorn") else [None]):
                 rows.append(measure(s, w, a.steps, device, a.pairs, a.prompt, a.completion, variant))
                 print(json.dumps(rows[-1]), flush=True)
     base = {r["workload"]: r for r in rows if r["system"] == "trl+peft"}
