@@ -113,10 +113,14 @@ def plan_memory(free_bytes: int, layers: int, layer_bytes: int, input_bytes: int
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes new tensors can take on ``device``: the driver's free memory plus what PyTorch's allocator holds
-    unused; host RAM available for a CPU; None when unknown."""
+    unused, within the process's memory fraction cap if one is set; host RAM available for a CPU; None when
+    unknown."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        cap = int(fraction * total)  # torch.cuda.set_per_process_memory_fraction
+        return min(free + reserved, cap) - allocated
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:

@@ -198,3 +198,17 @@ def test_offload_on_cuda_is_exact_and_saves_memory():
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_free_memory_respects_the_process_memory_fraction():
+    from pronghorn.models.checkpointing import free_memory
+
+    dev = torch.device("cuda")
+    total = torch.cuda.mem_get_info(dev)[1]
+    torch.cuda.set_per_process_memory_fraction(0.25, dev)
+    try:
+        assert free_memory(dev) <= 0.25 * total - torch.cuda.memory_allocated(dev)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    assert free_memory(dev) > 0.25 * total
