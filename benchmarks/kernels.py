@@ -3,6 +3,7 @@ reference, and Liger-Kernel (when importable), at the Llama-3.1-8B and Llama-3.2
 
     python benchmarks/kernels.py --tokens 4096,16384 --json kernels.json
     python benchmarks/kernels.py --ops lora_linear,lora_qkv,lora_mlp --json lora.json   # the LoRA ops only
+    python benchmarks/kernels.py --graphs     # + each case replayed as a CUDA graph (launch cost removed)
     python benchmarks/kernels.py --smoke      # tiny shapes, CPU allowed: checks the script runs
 
 The LoRA ops (r=16, fp32 adapters on a bf16 base under bf16 autocast, as the trainer runs them) also time
@@ -53,6 +54,26 @@ def _bench(fn, iters: int) -> tuple[float, float]:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _bench_graph(fn, iters: int) -> float | str:
+    """The same call captured once as a CUDA graph and replayed: GPU time without the Python launch cost
+    (the gap to the eager time is launch overhead). A string says why it could not be captured (e.g. a host
+    synchronization inside the op)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        torch.cuda.synchronize()
+        return f"no graph: {type(e).__name__}: {str(e)[:80]}"
+    return _bench(graph.replay, iters)[0]
 
 
 def _runner(impl, inputs, backward: bool):
@@ -179,6 +200,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="4096,16384")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="also time each case replayed as a CUDA graph (GPU time "
+                                                          "without launch overhead)")
     ap.add_argument("--json", default="kernels.json")
     ap.add_argument("--ops", default="", help="comma-separated subset of ops (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations, no compile (runs on a CPU)")
@@ -211,6 +234,9 @@ def main() -> None:
                         rows.append(dict(shape=sname, tokens=tokens, op=op, pass_="fwd+bwd" if backward else "fwd",
                                          impl=name, ms=round(ms, 4), peak_gib=round(gib, 3),
                                          rate=round(rate, 1), unit=unit))
+                        if a.graphs and torch.cuda.is_available() and name != "torch.compile":
+                            g = _bench_graph(_runner(fn, inputs, backward), a.iters)
+                            rows[-1]["graph_ms"] = round(g, 4) if isinstance(g, float) else g
                         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'shape':<13}{'tok':>6} {'op':<21}{'pass':<8}{'impl':<14}{'ms':>9}{'GiB':>8}{'rate':>10}")
     for r in rows:
@@ -218,7 +244,7 @@ def main() -> None:
             print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14} {r['error']}")
         else:
             print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14}{r['ms']:>9}"
-                  f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}")
+                  f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}" + (f"  graph {r['graph_ms']}" if "graph_ms" in r else ""))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU smoke run)"
     meta = dict(gpu=gpu, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     try:
