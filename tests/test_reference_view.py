@@ -99,6 +99,17 @@ def _no_second_model(model, trainer, live_before: set[int]):
     assert id(model) in live_before and _live_models() == live_before  # the trainer built no model
 
 
+def _trl_loss_and_grads(trainer, model):
+    """TRL's loss on its first 4 collated rows and the LoRA gradients it gives (then cleared)."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.train()
+    theirs = trainer.compute_loss(model, batch)
+    theirs.backward()
+    grads = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    return batch, theirs, grads
+
+
 def test_dpo_trainer_with_reference_view(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     model = _model(tok)
@@ -109,12 +120,7 @@ def test_dpo_trainer_with_reference_view(tmp_path, smollm2_tokenizer):
                              train_dataset=datasets.Dataset.from_list(_pairs()))
     _no_second_model(model, trainer, live)
 
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    model.train()
-    theirs = trainer.compute_loss(model, batch)
-    theirs.backward()
-    grads_trl = _lora_grads(model)
-    model.zero_grad(set_to_none=True)
+    batch, theirs, grads_trl = _trl_loss_and_grads(trainer, model)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     labels = _labels(ids, batch["completion_mask"])
     pol, ref = _logps(model, ids, attn, labels), _logps(model, ids, attn, labels, reference=True)
@@ -143,12 +149,7 @@ def test_kto_trainer_with_reference_view(tmp_path, smollm2_tokenizer):
                              train_dataset=datasets.Dataset.from_list(_kto_rows()))
     _no_second_model(model, trainer, live)
 
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    model.train()
-    theirs = trainer.compute_loss(model, batch)
-    theirs.backward()
-    grads_trl = _lora_grads(model)
-    model.zero_grad(set_to_none=True)
+    batch, theirs, grads_trl = _trl_loss_and_grads(trainer, model)
     main = (batch["input_ids"], batch["attention_mask"], _labels(batch["input_ids"], batch["completion_mask"]))
     kl = (batch["KL_input_ids"], batch["KL_attention_mask"],
           _labels(batch["KL_input_ids"], batch["KL_completion_mask"]))
