@@ -9,14 +9,13 @@ Tries each length in order on one model and stops at the first that runs out of 
 prints one JSON line per length (step seconds, peak GiB, pinned host GiB) and rewrites --json after each.
 
 Host memory: offloading keeps every layer's input in pinned host memory (layers x tokens x hidden x 2 bytes:
-8 KiB per token per layer for the 8B config, 96 GiB for 32 layers at 393,216 tokens). PyTorch's pinned
-allocator rounds each block up to a power of two by default (a 1.7 GiB input takes 2 GiB, 2.1 GiB takes 4), so
-offloading alone runs out of a 128 GiB host past 262,144 tokens. ``--alloc-conf`` (set as PYTORCH_ALLOC_CONF
-before torch starts, unless that or PYTORCH_CUDA_ALLOC_CONF is already set) turns rounding and caching off for
-blocks above 256 MiB; a length whose inputs would not fit in the host's available memory is not tried.
+8 KiB per token per layer for the 8B config, 88 GiB for 32 layers at 360,448 tokens). PyTorch's pinned
+allocator would round each block up to a power of two (a 2.1 GiB input takes 4 GiB, so a 128 GiB host runs
+out past 262,144 tokens); blocks above 256 MiB therefore come from pronghorn's exact-size pool
+(models/pinned_host.py). A length whose inputs would not fit in the host's available memory is not tried.
 
-Time: attention is quadratic; measured untiled on an H100, 65,536 / 131,072 / 196,608 tokens took 28 / 59 / 121 s
-per step, so 360,448 takes ~7 min and 393,216 ~8.5 min: one length per call under a 10-minute limit.
+Time: attention is quadratic; on an H100, 65,536 / 131,072 / 196,608 tokens took 28 / 59 / 121 s per step
+(untiled) and 360,448 took 382 s (tiled), so 393,216 needs ~7.5 min: one length per call under a 10-minute limit.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ALLOC_CONF = "expandable_segments:True,pinned_max_round_threshold_mb:256,pinned_max_cached_size_mb:256"
+ALLOC_CONF = "expandable_segments:True"
 
 
 def _set_alloc_conf(argv) -> str | None:
@@ -50,14 +49,10 @@ def _host_available() -> int | None:
         return None
 
 
-def _pinned_bytes(size: int, conf: str | None) -> int:
-    """What the pinned allocator takes for a block of ``size`` bytes under ``conf``."""
-    threshold = None
-    for item in (conf or "").split(","):
-        key, _, value = item.partition(":")
-        if key.strip() == "pinned_max_round_threshold_mb":
-            threshold = int(value) * 2**20
-    return size if threshold is not None and size > threshold else 1 << max(0, (size - 1).bit_length())
+def _pinned_bytes(size: int, exact_above: int) -> int:
+    """What offloading takes in pinned host memory for a block of ``size`` bytes: exact above the pool's
+    threshold (models/pinned_host.py), else PyTorch's pinned allocator's power-of-two block."""
+    return size if size > exact_above else 1 << max(0, (size - 1).bit_length())
 
 
 def main(argv=None) -> None:
@@ -66,7 +61,7 @@ def main(argv=None) -> None:
     import torch
 
     from pronghorn.files import atomic_file
-    from pronghorn.models import checkpointing
+    from pronghorn.models import checkpointing, pinned_host
     from train_e2e import WORKLOADS, _pronghorn_qlora_model
 
     ap = argparse.ArgumentParser()
@@ -95,9 +90,10 @@ def main(argv=None) -> None:
         ids = torch.randint(0, cfg["vocab_size"], (1, n), device=device)
         if cuda:
             torch.cuda.empty_cache()
-            torch.accelerator.empty_host_cache()  # the last length's pinned blocks
+            getattr(torch.accelerator, "empty_host_cache", lambda: None)()  # (torch >= 2.12) the last length's pinned blocks
+            pinned_host.release_pooled()
             torch.cuda.reset_peak_memory_stats()
-        host_need = _host_need(model, n, act_bytes, conf, checkpointing) if cuda else 0
+        host_need = _host_need(model, n, act_bytes, checkpointing) if cuda else 0
         host_free = _host_available()
         if cuda and host_free is not None and host_need > 0.9 * host_free:
             rows.append(dict(tokens=n, ok=False, error=f"host memory: offloaded layer inputs need "
@@ -135,7 +131,7 @@ def main(argv=None) -> None:
           f"tiled MLP {meta['tiled_mlp']} in chunks of {chunk})")
 
 
-def _host_need(model, tokens: int, act_bytes: int, conf: str | None, checkpointing) -> int:
+def _host_need(model, tokens: int, act_bytes: int, checkpointing) -> int:
     """Pinned host bytes the offloaded layer inputs of one step take (for ``--gc auto``: the auto plan's
     offloaded layers, planned with the GPU's free memory now)."""
     inner, mode = model.model, checkpointing.checkpoint_mode(model.model.gradient_checkpointing)
@@ -148,7 +144,9 @@ def _host_need(model, tokens: int, act_bytes: int, conf: str | None, checkpointi
         layers = plan.modes.count("offload")
     else:
         return 0
-    return layers * _pinned_bytes(tokens * inner.cfg.hidden_size * act_bytes, conf)
+    from pronghorn.models.pinned_host import EXACT_ABOVE
+
+    return layers * _pinned_bytes(tokens * inner.cfg.hidden_size * act_bytes, EXACT_ABOVE)
 
 
 def _write(path: str, meta: dict, rows: list, atomic_file) -> None:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import PronghornError
 from ..kernels.triton_support import reference_kernels, reference_only
+from .pinned_host import pinned_empty
 
 MODES = ("off", "on", "offload", "auto")
 _ALIASES = {"unsloth": "offload", "true": "on", "false": "off", "none": "off"}
@@ -116,6 +117,7 @@ def free_memory(device: torch.device) -> int | None:
     unused, within the process's memory fraction cap if one is set; host RAM available for a CPU; None when
     unknown."""
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         free, total = torch.cuda.mem_get_info(device)
         reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
@@ -235,7 +237,7 @@ class _HostSlot:
     _streams: dict = {}
 
     def __init__(self, previous: "_HostSlot | None"):
-        self.previous, self.host, self.device_copy, self.ready = previous, None, None, None
+        self.previous, self.host, self.device_copy, self.ready, self.lease = previous, None, None, None, None
 
     @classmethod
     def _side_stream(cls, device: torch.device):
@@ -251,7 +253,7 @@ class _HostSlot:
         stream = self._side_stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream):
-            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self.host, self.lease = pinned_empty(x.shape, x.dtype)
             self.host.copy_(x.detach(), non_blocking=True)
         x.record_stream(stream)  # the allocator must not reuse x before the copy is done
 
@@ -263,6 +265,8 @@ class _HostSlot:
             self.device_copy = self.host.to(self.device, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
+        if self.lease is not None:  # its copies are queued on the side stream: the next store may reuse it
+            self.host, self.lease = None, self.lease.release()
 
     def fetch(self) -> torch.Tensor:
         if self.device.type != "cuda":

@@ -204,11 +204,11 @@ def test_offload_on_cuda_is_exact_and_saves_memory():
 def test_free_memory_respects_the_process_memory_fraction():
     from pronghorn.models.checkpointing import free_memory
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.mem_get_info(dev)[1]
     torch.cuda.set_per_process_memory_fraction(0.25, dev)
-    try:
-        assert free_memory(dev) <= 0.25 * total - torch.cuda.memory_allocated(dev)
+    try:  # a device without an index (what users write) means the current one
+        assert free_memory(torch.device("cuda")) <= 0.25 * total - torch.cuda.memory_allocated(dev)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
-    assert free_memory(dev) > 0.25 * total
+    assert free_memory(torch.device("cuda")) > 0.25 * total
