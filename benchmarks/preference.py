@@ -80,7 +80,8 @@ def _peak(device: str) -> float | None:
 
 
 def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, gc_mode: str = "on",
-                  chunk_mib: int = 1024, micro_pairs: int | None = None, qlora: bool = False) -> dict:
+                  chunk_mib: int = 1024, micro_pairs: int | None = None, qlora: bool = False,
+                  profile: bool = False) -> dict:
     import importlib
 
     from pronghorn.models.builder import init_random_model
@@ -122,9 +123,14 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
             _sync(device)
             times.append(time.perf_counter() - t)
         peak = _peak(device)
+        prof = None
+        if profile:  # after the timed steps: the profiler's overhead touches neither tok/s nor the peak
+            from step_profile import profile_steps
+
+            prof = profile_steps(lambda: trainer.train_step(rows), steps=2)
     linear_logprobs.CHUNK_BYTES = chunk_bytes
     del trainer, model
-    return {"times": times, "peak_gib": peak, "loss": loss}
+    return {"times": times, "peak_gib": peak, "loss": loss, "profile": prof}
 
 
 def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, liger: bool) -> dict:
@@ -176,7 +182,7 @@ def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.d
 
 
 def measure(system: str, workload: str, steps: int, device: str, pairs: int | None, prompt: int | None,
-            completion: int | None, variant: dict | None = None) -> dict:
+            completion: int | None, variant: dict | None = None, profile: bool = False) -> dict:
     cfg, batch, seq = WORKLOADS[workload][:3]
     pairs = pairs or batch
     prompt = prompt or seq // 4
@@ -186,7 +192,8 @@ def measure(system: str, workload: str, steps: int, device: str, pairs: int | No
     torch.manual_seed(0)
     variant = variant or {}
     if system.startswith("pronghorn"):
-        r = run_pronghorn(cfg, rows, steps, device, dtype, qlora=system == "pronghorn-qlora", **variant)
+        r = run_pronghorn(cfg, rows, steps, device, dtype, qlora=system == "pronghorn-qlora", profile=profile,
+                          **variant)
     else:
         r = run_trl(cfg, rows, steps, device, dtype, liger=system.endswith("liger"))
         variant = {"gc_mode": "on"}
@@ -196,6 +203,10 @@ def measure(system: str, workload: str, steps: int, device: str, pairs: int | No
                variant=",".join(f"{k}={v}" for k, v in variant.items() if v is not None), **variant,
                step_s=round(steady, 4), tok_s=round(tokens / steady), peak_gib=r["peak_gib"],
                loss=None if r["loss"] is None else round(float(r["loss"]), 4))
+    if r.get("profile"):
+        from step_profile import limit
+
+        out["profile"], out["limit"] = r["profile"], limit(r["profile"])
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -232,6 +243,8 @@ def main() -> None:
     ap.add_argument("--gc-modes", default="on", help="pronghorn checkpointing modes: off,on,offload,auto or all")
     ap.add_argument("--chunk-mib", default="1024", help="pronghorn logits chunk budgets in MiB, comma-separated")
     ap.add_argument("--micro-pairs", default="", help="pronghorn pairs per forward, comma-separated (default B)")
+    ap.add_argument("--profile", action="store_true", help="pronghorn rows: also profile 2 steps (device time per "
+                                                           "kernel category, idle, host syncs: benchmarks/step_profile)")
     ap.add_argument("--json", default="preference.json")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 3 steps")
     a = ap.parse_args()
@@ -246,7 +259,7 @@ def main() -> None:
                 print(f"skip {s}: {why}", flush=True)
                 continue
             for variant in (variants(a) if s.startswith("pronghorn") else [None]):
-                rows.append(measure(s, w, a.steps, device, a.pairs, a.prompt, a.completion, variant))
+                rows.append(measure(s, w, a.steps, device, a.pairs, a.prompt, a.completion, variant, a.profile))
                 print(json.dumps(rows[-1]), flush=True)
     base = {r["workload"]: r for r in rows if r["system"] == "trl+peft"}
     print(f"\n{'workload':<14} {'system':<16} {'variant':<44} {'tok/s':>8} {'peak GiB':>9} {'speed vs trl+peft':>18} "
@@ -256,7 +269,11 @@ def main() -> None:
         speed = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
         mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}x" if ref and r["peak_gib"] and ref["peak_gib"] else "-"
         print(f"{r['workload']:<14} {r['system']:<16} {r['variant']:<44} {r['tok_s']:>8} {str(r['peak_gib']):>9} "
-              f"{speed:>18} {mem:>10} {str(r['loss']):>7}")
+              f"{speed:>18} {mem:>10} {str(r['loss']):>7}" + (f"  limit: {r['limit']}" if "limit" in r else ""))
+    for r in rows:
+        if "profile" in r:
+            print(f"{r['system']:<16} {r['variant']:<40} per step, ms: " +
+                  " ".join(f"{k}={v}" for k, v in r["profile"].items()))
     import transformers
 
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
