@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import run_meta, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_e2e import WORKLOADS  # noqa: E402  (one source for the architecture configs)
@@ -130,15 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
     _report(rows, workload)
-    import transformers
-
-    meta = dict(workload=workload, dtype=str(dtype), device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d"))
     results = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
-    Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(json.dumps(meta))
-
+    write_results(a.json, run_meta(workload=workload, dtype=str(dtype)), results)
 
 def _report(rows: list[dict], workload: str) -> None:
     """The table; ``same`` is the share of rows whose new tokens equal pronghorn-eager's (bf16 random

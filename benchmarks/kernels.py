@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from common import median_ms, run_meta, write_results
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256),
@@ -32,28 +32,16 @@ FLOP_OPS = {"linear_cross_entropy": 3, "lora_linear": 2, "lora_qkv": 2, "lora_ml
 
 
 def _bench(fn, iters: int) -> tuple[float, float]:
-    if not torch.cuda.is_available():  # --smoke on a CPU: wall time, no memory figure
-        fn()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[len(times) // 2], 0.0
+    """(median ms, peak GiB above what was allocated before); on a CPU (--smoke) wall time and no memory."""
+    if not torch.cuda.is_available():
+        return median_ms(fn, iters), 0.0
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = median_ms(fn, iters, warmup=0)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def _bench_graph(fn, iters: int) -> float | str:
@@ -245,17 +233,7 @@ def main() -> None:
         else:
             print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14}{r['ms']:>9}"
                   f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}" + (f"  graph {r['graph_ms']}" if "graph_ms" in r else ""))
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU smoke run)"
-    meta = dict(gpu=gpu, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    with open(a.json, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
-    print(json.dumps(meta))
-
+    write_results(a.json, run_meta(), rows)
 
 if __name__ == "__main__":
     main()

@@ -40,15 +40,6 @@ def _set_alloc_conf(argv) -> str | None:
     return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
 
 
-def _host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def _pinned_bytes(size: int, exact_above: int) -> int:
     """What offloading takes in pinned host memory for a block of ``size`` bytes: exact above the pool's
     threshold (models/pinned_host.py), else PyTorch's pinned allocator's power-of-two block."""
@@ -94,7 +85,7 @@ def main(argv=None) -> None:
             pinned_host.release_pooled()
             torch.cuda.reset_peak_memory_stats()
         host_need = _host_need(model, n, act_bytes, checkpointing) if cuda else 0
-        host_free = _host_available()
+        host_free = checkpointing.free_memory(torch.device("cpu"))  # MemAvailable
         if cuda and host_free is not None and host_need > 0.9 * host_free:
             rows.append(dict(tokens=n, ok=False, error=f"host memory: offloaded layer inputs need "
                              f"{host_need / 2**30:.1f} GiB pinned, {host_free / 2**30:.1f} GiB available"))

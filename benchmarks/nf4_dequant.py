@@ -13,33 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
+from common import median_ms, run_meta, write_results
 
 SHAPES = {"q_proj 4096x4096": (4096, 4096), "k_proj 1024x4096": (1024, 4096),
           "gate_proj 14336x4096": (14336, 4096), "down_proj 4096x14336": (4096, 14336)}
 
 TILES = [(v, w) for v in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)]
-
-
-def _time(fn, iters: int) -> float:
-    if not torch.cuda.is_available():
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def _bnb(w):
@@ -85,7 +66,7 @@ def main() -> None:
         nbytes = w.packed.numel() + w.absmax.numel() + w.numel() * torch.finfo(dtype).bits // 8
         for impl, fn in impls.items():
             equal = torch.equal(fn(dtype), ref)
-            ms = _time(fn, a.iters if dev == "cuda" else 1)
+            ms = median_ms(fn, a.iters if dev == "cuda" else 1)
             rows.append(dict(shape=name, impl=impl, dtype=a.dtype, ms=round(ms, 4),
                              gb_s=round(nbytes / (ms * 1e-3) / 1e9, 1), equal_to_reference=equal))
             print(json.dumps(rows[-1]), flush=True)
@@ -93,11 +74,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['shape']:<24}{r['impl']:<22}{r['ms']:>9}{r['gb_s']:>9}  {r['equal_to_reference']}")
     if a.json:
-        meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
-                    date=time.strftime("%Y-%m-%d"))
-        with open(a.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
-
+        write_results(a.json, run_meta(), rows)
 
 if __name__ == "__main__":
     main()

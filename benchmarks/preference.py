@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from common import run_meta, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -127,7 +127,8 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
         if profile:  # after the timed steps: the profiler's overhead touches neither tok/s nor the peak
             from step_profile import profile_steps
 
-            prof = profile_steps(lambda: trainer.train_step(rows), steps=2)
+            train_step = trainer.train_step
+            prof = profile_steps(lambda: train_step(rows), steps=2)
     linear_logprobs.CHUNK_BYTES = chunk_bytes
     del trainer, model
     return {"times": times, "peak_gib": peak, "loss": loss, "profile": prof}
@@ -274,20 +275,7 @@ def main() -> None:
         if "profile" in r:
             print(f"{r['system']:<16} {r['variant']:<40} per step, ms: " +
                   " ".join(f"{k}={v}" for k, v in r["profile"].items()))
-    import transformers
-
-    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d"), smoke=a.smoke)
-    for mod in ("trl", "peft", "liger_kernel"):
-        try:
-            meta[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    with open(a.json, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
-    print(json.dumps(meta))
-
+    write_results(a.json, run_meta(smoke=a.smoke), rows)
 
 if __name__ == "__main__":
     main()

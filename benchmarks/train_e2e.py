@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import run_meta, write_results
 
 _REPO = Path(__file__).resolve().parents[1]
 GSM8K = next((p for p in (_REPO / "shared", _REPO.parent / "shared", Path("/work/shared"))
@@ -230,14 +230,7 @@ def main(argv=None) -> None:
         for r in rows:
             print(f"{r['workload']:<20} {r['system']:<16} {r['gc']:<8} " +
                   " ".join(f"{k}={v}" for k, v in r["profile"].items()))
-    import transformers
-    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d"), optim=a.optim, steps=a.steps)
-    with open(a.json, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
-    print(json.dumps(meta))
-
+    write_results(a.json, run_meta(optim=a.optim, steps=a.steps), rows)
 
 if __name__ == "__main__":
     main()
