@@ -1,5 +1,5 @@
 """Shared pieces of the fused-LoRA kernel tests (tests/kernels/test_lora_*.py): random projections, running an
-op forward and backward, and error measures.
+op forward and backward, error measures, the fp64 oracle, gradcheck over the adapters and NF4 bases.
 
 bf16 tolerances are stated against the exact function (fp64 on the same rounded inputs): the fused op must be
 within one bf16 ulp-at-the-largest-element budget of exact wherever the unfused reference is, i.e.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from pronghorn.kernels.lora_linear import LoRAProjection
+from pronghorn.kernels.nf4 import quantize_nf4
 
 BF16_SLACK = 2**-9
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fused Functions are plain torch: any device
@@ -79,3 +80,26 @@ def assert_bf16_as_exact_as_reference(got, ref, exact):
         assert g.dtype == r.dtype and g.shape == r.shape, (i, g.dtype, r.dtype)
         err_got, err_ref = rel(g, e), rel(r, e)
         assert err_got <= 2 * err_ref + BF16_SLACK, f"item {i}: fused {err_got:.3g} vs reference {err_ref:.3g}"
+
+
+def exact_fp64(fn, x, projs, adapter_rounding=None):
+    """``run`` of ``fn`` in fp64 on the same (rounded) inputs: the exact function the bf16 bound is stated against;
+    ``adapter_rounding`` rounds the adapters first (as autocast does)."""
+    if adapter_rounding is not None:
+        projs = as_dtype(projs, projs[0].weight.dtype, adapter_rounding)
+    return run(fn, x.double(), as_dtype(projs, torch.float64, torch.float64))
+
+
+def gradcheck_adapters(fn, x, projs) -> bool:
+    """``torch.autograd.gradcheck`` of ``fn(x, *projs)`` with respect to ``x`` and every adapter matrix (fp64)."""
+
+    def f(x, *adapters):
+        return fn(x, *[p._replace(lora_A=a, lora_B=b) for p, a, b in zip(projs, adapters[0::2], adapters[1::2])])
+
+    return torch.autograd.gradcheck(f, (x, *[t for p in projs for t in (p.lora_A, p.lora_B)]))
+
+
+def nf4_and_dequantized(projs):
+    """(the projections with NF4-quantized bases, the same with those bases dequantized: the reference's input)."""
+    quantized = [p._replace(weight=quantize_nf4(p.weight, dtype=torch.float32)) for p in projs]
+    return quantized, [p._replace(weight=p.weight.dequantize()) for p in quantized]

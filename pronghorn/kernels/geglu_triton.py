@@ -10,7 +10,7 @@ recomputes the GELU and its derivative in fp32.
   gelu'(x) = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2), s = sigmoid(2z).
 
 Inputs are viewed as [rows, columns] with a unit column stride (slices of a fused projection run without
-a copy); row offsets are int64.
+a copy); row offsets are int64. The host side (views, launch sizes) is SwiGLU's (``swiglu_triton``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .triton_support import as_rows, elementwise_launch
+from .swiglu_triton import check_same_shape, launch_gated_backward, launch_gated_forward
 
-_MAX_BLOCK = 2048
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 _SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -86,18 +85,10 @@ class GeGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-        if gate.shape != up.shape:
-            raise ValueError(f"geglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+        check_same_shape(gate, up, "geglu")
         if approximate not in ("none", "tanh"):
             raise ValueError(f"geglu: approximate={approximate!r}, expected 'none' or 'tanh'")
-        g2, u2 = as_rows(gate), as_rows(up)
-        y = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-        if y.numel():
-            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
-            _geglu_fwd_kernel[grid](
-                y, g2, u2, y.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],
-                TANH=approximate == "tanh", BLOCK=block, num_warps=warps,
-            )
+        y, g2, u2 = launch_gated_forward(_geglu_fwd_kernel, gate, up, TANH=approximate == "tanh")
         ctx.save_for_backward(g2, u2)
         ctx.shape, ctx.tanh = gate.shape, approximate == "tanh"
         return y.view(gate.shape)
@@ -105,15 +96,5 @@ class GeGLUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        g2, u2 = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
-        du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
-        if dg.numel():
-            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
-            _geglu_bwd_kernel[grid](
-                dg, du, dy2, g2, u2,
-                dg.stride(0), du.stride(0), dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],
-                TANH=ctx.tanh, BLOCK=block, num_warps=warps,
-            )
+        dg, du = launch_gated_backward(_geglu_bwd_kernel, *ctx.saved_tensors, dy, TANH=ctx.tanh)
         return dg.view(ctx.shape), du.view(ctx.shape), None

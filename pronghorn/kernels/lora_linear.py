@@ -190,6 +190,35 @@ def _adapter_grads(das, dbs, dtypes, needs) -> list:
     return out
 
 
+# --- the bookkeeping both fused Functions share: ``apply(x, cdt, *flat projections)`` --------------------------
+
+
+def _apply_fused(function, x: torch.Tensor, projs):
+    """``function.apply(x, cdt, *flat projections)`` with ``cdt`` the autocast dtype active for ``x`` now."""
+    return function.apply(x, _autocast_dtype(x.device.type), *_flat(projs))
+
+
+def _fused_forward_inputs(x: torch.Tensor, cdt, flat):
+    """A fused forward's prologue: (its projections, ``x`` as [N, in], the adapters' compute dtype)."""
+    projs = _unflat(flat)
+    return projs, x.reshape(-1, x.shape[-1]), _adapter_dtype(projs[0].lora_A, cdt)
+
+
+def _save_fused(ctx, cdt, projs, *tensors) -> None:
+    """Save ``tensors`` for the backward, and per projection its frozen base and scaling (``ctx.projs``, adapters
+    dropped: the tensors hold their compute-dtype copies) and its adapters' dtypes (``ctx.dtypes``)."""
+    ctx.save_for_backward(*tensors)
+    ctx.projs = [p._replace(lora_A=None, lora_B=None) for p in projs]
+    ctx.dtypes = [(p.lora_A.dtype, p.lora_B.dtype) for p in projs]
+    ctx.cdt = cdt
+
+
+def _fused_grads(ctx, x: torch.Tensor, dx, das, dbs) -> tuple:
+    """A fused backward's return value: dx (or None) shaped as ``x``, None for ``cdt``, then the adapters'."""
+    grads = _adapter_grads(das, dbs, ctx.dtypes, ctx.needs_input_grad[2:])
+    return (None if dx is None else dx.view(x.shape), None, *grads)
+
+
 def fusable_projections(layers, training: bool) -> list[LoRAProjection] | None:
     """The ``LoRAProjection`` of each layer when all can run in one fused LoRA op, else None.
 

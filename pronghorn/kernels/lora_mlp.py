@@ -15,18 +15,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .lora_linear import (
-    LoRAProjection,
-    _adapter_dtype,
-    _adapter_grads,
-    _autocast_dtype,
-    _flat,
-    _no_autocast,
-    _shared_input_backward,
-    _shared_input_forward,
-    _unflat,
-    lora_linear_reference,
-)
+from .lora_linear import LoRAProjection, lora_linear_reference
+from .lora_linear import _apply_fused, _fused_forward_inputs, _fused_grads, _no_autocast, _save_fused
+from .lora_linear import _shared_input_backward, _shared_input_forward
 from .swiglu import swiglu
 from .triton_support import use_triton
 
@@ -41,19 +32,14 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cdt, *flat):
-        gate, up, down = _unflat(flat)
-        x2 = x.reshape(-1, x.shape[-1])
-        adt = _adapter_dtype(gate.lora_A, cdt)
+        (gate, up, down), x2, adt = _fused_forward_inputs(x, cdt, flat)
         with _no_autocast(x.device.type):
             (g, u), xa, a, bss = _shared_input_forward(x2, (gate, up), cdt, adt)
             with torch.no_grad():
                 h = swiglu(g, u)
             (y,), xa_d, a_d, (bs_d,) = _shared_input_forward(h, (down,), cdt, adt)
         del h
-        ctx.save_for_backward(x, g, u, xa, a, *bss, xa_d, a_d, bs_d)
-        ctx.projs = [p._replace(lora_A=None, lora_B=None) for p in (gate, up, down)]
-        ctx.dtypes = [(p.lora_A.dtype, p.lora_B.dtype) for p in (gate, up, down)]
-        ctx.cdt = cdt
+        _save_fused(ctx, cdt, (gate, up, down), x, g, u, xa, a, *bss, xa_d, a_d, bs_d)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -76,8 +62,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 [dg, du], x2, xa, a, [bs_g, bs_u], [gate.weight, up.weight], [gate.scaling, up.scaling], ctx.cdt,
                 ctx.needs_input_grad[0],
             )
-        grads = _adapter_grads([da_g, da_u, da_d], [db_g, db_u, db_d], ctx.dtypes, ctx.needs_input_grad[2:])
-        return (None if dx is None else dx.view(x.shape), None, *grads)
+        return _fused_grads(ctx, x, dx, [da_g, da_u, da_d], [db_g, db_u, db_d])
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection) -> torch.Tensor:
@@ -85,4 +70,4 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: Lo
     ``fusable_projections``). CUDA tensors take ``LoRAMLPFunction``, anything else the reference."""
     if not use_triton(x):
         return lora_mlp_reference(x, gate, up, down)
-    return LoRAMLPFunction.apply(x, _autocast_dtype(x.device.type), *_flat((gate, up, down)))
+    return _apply_fused(LoRAMLPFunction, x, (gate, up, down))

@@ -19,18 +19,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .lora_linear import (
-    LoRAProjection,
-    _adapter_dtype,
-    _adapter_grads,
-    _autocast_dtype,
-    _flat,
-    _no_autocast,
-    _shared_input_backward,
-    _shared_input_forward,
-    _unflat,
-    lora_linear_reference,
-)
+from .lora_linear import LoRAProjection, lora_linear_reference
+from .lora_linear import _apply_fused, _fused_forward_inputs, _fused_grads, _no_autocast, _save_fused
+from .lora_linear import _shared_input_backward, _shared_input_forward
 from .triton_support import use_triton
 
 
@@ -44,14 +35,10 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cdt, *flat):
-        projs = _unflat(flat)
-        x2 = x.reshape(-1, x.shape[-1])
-        adt = _adapter_dtype(projs[0].lora_A, cdt)
+        projs, x2, adt = _fused_forward_inputs(x, cdt, flat)
         with _no_autocast(x.device.type):
             outs, xa, a, bss = _shared_input_forward(x2, projs, cdt, adt)
-        ctx.save_for_backward(x, xa, a, *bss)
-        ctx.projs, ctx.cdt = [p._replace(lora_A=None, lora_B=None) for p in projs], cdt
-        ctx.dtypes = [(p.lora_A.dtype, p.lora_B.dtype) for p in projs]
+        _save_fused(ctx, cdt, projs, x, xa, a, *bss)
         lead = x.shape[:-1]
         return tuple(y.view(*lead, y.shape[-1]) for y in outs)
 
@@ -67,8 +54,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                 dys, x2, xa, a, bss, [p.weight for p in projs], [p.scaling for p in projs], ctx.cdt,
                 ctx.needs_input_grad[0],
             )
-        grads = _adapter_grads(das, dbs, ctx.dtypes, ctx.needs_input_grad[2:])
-        return (None if dx is None else dx.view(x.shape), None, *grads)
+        return _fused_grads(ctx, x, dx, das, dbs)
 
 
 def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
@@ -77,4 +63,4 @@ def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProje
     ``LoRAQKVFunction``, anything else the reference."""
     if not use_triton(x):
         return lora_qkv_reference(x, q, k, v)
-    return LoRAQKVFunction.apply(x, _autocast_dtype(x.device.type), *_flat((q, k, v)))
+    return _apply_fused(LoRAQKVFunction, x, (q, k, v))

@@ -5,7 +5,8 @@ once to the output dtype: the reference's order, so bf16 outputs match it bit fo
 ``exp``. The backward saves nothing but ``gate`` and ``up`` and recomputes the sigmoid from them, in fp32.
 
 Inputs are viewed as [rows, columns] with a unit column stride, so slices of a fused gate/up projection
-(``gu[..., :I]``, ``gu[..., I:]``) run without a copy; row offsets are int64.
+(``gu[..., :I]``, ``gu[..., I:]``) run without a copy; row offsets are int64. That host side (the views, launch
+sizes and output buffers) is shared with ``geglu_triton``: ``launch_gated_forward`` / ``launch_gated_backward``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,39 @@ def _swiglu_bwd_kernel(
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _check(gate: torch.Tensor, up: torch.Tensor, name: str) -> None:
+def check_same_shape(gate: torch.Tensor, up: torch.Tensor, name: str) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"{name}: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+
+
+def launch_gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, **constexprs):
+    """``act(gate) * up`` by a forward ``kernel(Y, G, U, stride_y, stride_g, stride_u, n_cols, ..., BLOCK)`` over
+    [rows, columns] views (shared with ``geglu_triton``; ``constexprs``: the kernel's own). Returns (y [rows,
+    columns] in the promoted dtype, gate rows, up rows)."""
+    g2, u2 = as_rows(gate), as_rows(up)
+    y = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    if y.numel():
+        grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
+        kernel[grid](
+            y, g2, u2, y.stride(0), g2.stride(0), u2.stride(0), g2.shape[1], **constexprs, BLOCK=block, num_warps=warps
+        )
+    return y, g2, u2
+
+
+def launch_gated_backward(kernel, g2: torch.Tensor, u2: torch.Tensor, dy: torch.Tensor, **constexprs):
+    """(d gate, d up) as [rows, columns] by a backward ``kernel(DG, DU, DY, G, U, their row strides, n_cols, ...,
+    BLOCK)`` from the saved gate and up rows (shared with ``geglu_triton``)."""
+    dy2 = as_rows(dy)
+    dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
+    du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
+    if dg.numel():
+        grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
+        kernel[grid](
+            dg, du, dy2, g2, u2,
+            dg.stride(0), du.stride(0), dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],
+            **constexprs, BLOCK=block, num_warps=warps,
+        )
+    return dg, du
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -62,14 +93,8 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        _check(gate, up, "swiglu")
-        g2, u2 = as_rows(gate), as_rows(up)
-        y = torch.empty(g2.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
-        if y.numel():
-            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
-            _swiglu_fwd_kernel[grid](
-                y, g2, u2, y.stride(0), g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=block, num_warps=warps
-            )
+        check_same_shape(gate, up, "swiglu")
+        y, g2, u2 = launch_gated_forward(_swiglu_fwd_kernel, gate, up)
         ctx.save_for_backward(g2, u2)
         ctx.shape = gate.shape
         return y.view(gate.shape)
@@ -77,15 +102,5 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        g2, u2 = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
-        du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
-        if dg.numel():
-            grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
-            _swiglu_bwd_kernel[grid](
-                dg, du, dy2, g2, u2,
-                dg.stride(0), du.stride(0), dy2.stride(0), g2.stride(0), u2.stride(0), g2.shape[1],
-                BLOCK=block, num_warps=warps,
-            )
+        dg, du = launch_gated_backward(_swiglu_bwd_kernel, *ctx.saved_tensors, dy)
         return dg.view(ctx.shape), du.view(ctx.shape)

@@ -24,12 +24,14 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_cases import DEVICE, assert_grad, exact_gated_grads, gated_inputs, run_gated
 from pronghorn.kernels import geglu
 from pronghorn.kernels.geglu import geglu_reference
 
@@ -37,33 +39,10 @@ geglu_triton = pytest.importorskip("pronghorn.kernels.geglu_triton")
 GeGLUFunction = geglu_triton.GeGLUFunction
 geglu_module = importlib.import_module("pronghorn.kernels.geglu")  # the package attribute is the function
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 64), (3, 7, 80), (5, 576), (2, 3, 1000)]
 TAIL = 2.0**-22
 # the tanh form's exp(-2z) overflows to inf for very negative gates, on purpose (sigmoid -> 0)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-
-def _inputs(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gate, up, dy = (torch.randn(shape, generator=g) * s for s in (3, 1, 1))
-    return gate.to(dtype).to(DEVICE), up.to(dtype).to(DEVICE), dy.to(dtype).to(DEVICE)
-
-
-def _run(fn, gate, up, dy, approximate):
-    gate, up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-    y = fn(gate, up, approximate)
-    y.backward(dy)
-    return y.detach(), gate.grad, up.grad
-
-
-def _exact_grads(gate, up, dy, approximate):
-    """fp64 gradients of the reference's function (its rounding of gelu(gate) taken as the identity)."""
-    g64, u64 = (t.detach().cpu().double().requires_grad_() for t in (gate, up))
-    act = F.gelu(g64, approximate=approximate)
-    act = act + (act.to(gate.dtype).double() - act).detach()
-    (act * u64).backward(dy.cpu().double())
-    return g64.grad, u64.grad
 
 
 def _ulp(x: torch.Tensor) -> torch.Tensor:
@@ -82,32 +61,21 @@ def _assert_forward(y, ref, gate, up):
     assert excess.max().item() <= 0, f"forward off by {excess.max().item():.3g} beyond the stated bound"
 
 
-def _rel_to_max(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _assert_grad(got, ref, exact):
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    if got.dtype == torch.float32:
-        assert _rel_to_max(got, ref) <= 1e-5
-    else:
-        assert _rel_to_max(got, exact) <= 2**-7, "more than 1 bf16 ulp (of the largest element) from exact"
-        assert _rel_to_max(got, ref) <= 2**-6
+def _assert_matches_reference(gate, up, dy, approximate):
+    """The kernel's output and both gradients against the reference and the exact (fp64) gradients."""
+    y, dg, du = run_gated(GeGLUFunction.apply, gate, up, dy, approximate)
+    y_ref, dg_ref, du_ref = run_gated(geglu_reference, gate, up, dy, approximate)
+    dg_exact, du_exact = exact_gated_grads(functools.partial(F.gelu, approximate=approximate), gate, up, dy)
+    _assert_forward(y, y_ref, gate, up)
+    assert_grad(dg, dg_ref, dg_exact)
+    assert_grad(du, du_ref, du_exact)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_reference(shape, dtype, approximate):
-    gate, up, dy = _inputs(shape, dtype)
-    y, dg, du = _run(GeGLUFunction.apply, gate, up, dy, approximate)
-    y_ref, dg_ref, du_ref = _run(geglu_reference, gate, up, dy, approximate)
-    dg_exact, du_exact = _exact_grads(gate, up, dy, approximate)
-
-    _assert_forward(y, y_ref, gate, up)
-    _assert_grad(dg, dg_ref, dg_exact)
-    _assert_grad(du, du_ref, du_exact)
+    _assert_matches_reference(*gated_inputs(shape, dtype), approximate)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -117,12 +85,7 @@ def test_fused_projection_slices_and_expanded_gradient(approximate):
     fused = torch.randn(5, 2 * 576, generator=g).to(torch.bfloat16).to(DEVICE)
     gate, up = fused[:, :576], fused[:, 576:]
     dy = torch.randn(576, generator=g).to(torch.bfloat16).to(DEVICE).expand(gate.shape)
-    y, dg, du = _run(GeGLUFunction.apply, gate, up, dy, approximate)
-    y_ref, dg_ref, du_ref = _run(geglu_reference, gate, up, dy, approximate)
-    dg_exact, du_exact = _exact_grads(gate, up, dy, approximate)
-    _assert_forward(y, y_ref, gate, up)
-    _assert_grad(dg, dg_ref, dg_exact)
-    _assert_grad(du, du_ref, du_exact)
+    _assert_matches_reference(gate, up, dy, approximate)
 
 
 def test_bad_arguments_are_refused():
@@ -134,7 +97,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_public_function_on_cpu_is_the_reference():
-    gate, up, _ = _inputs((3, 7, 80), torch.bfloat16)
+    gate, up, _ = gated_inputs((3, 7, 80), torch.bfloat16)
     gate, up = gate.cpu().requires_grad_(), up.cpu()
     for approximate in ("none", "tanh"):
         y = geglu(gate, up, approximate=approximate)
@@ -144,7 +107,7 @@ def test_public_function_on_cpu_is_the_reference():
 
 def test_public_function_dispatches_to_the_kernel(monkeypatch):
     monkeypatch.setattr(geglu_module, "use_triton", lambda *tensors: True)
-    gate, up, _ = _inputs((3, 7, 80), torch.bfloat16)
+    gate, up, _ = gated_inputs((3, 7, 80), torch.bfloat16)
     y = geglu(gate.requires_grad_(), up, approximate="tanh")
     assert "GeGLUFunction" in type(y.grad_fn).__name__
     _assert_forward(y, geglu_reference(gate, up, "tanh"), gate, up)

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from lora_cases import (
-    DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, projection, randn, run,
+    DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, exact_fp64, gradcheck_adapters,
+    nf4_and_dequantized, projection, randn, run,
 )
-from pronghorn.kernels.lora_linear import _autocast_dtype, _flat
+from pronghorn.kernels.lora_linear import _apply_fused
 from pronghorn.kernels.lora_mlp import LoRAMLPFunction, lora_mlp_reference
 from pronghorn.kernels.triton_support import reference_kernels
 
@@ -26,7 +27,7 @@ FP32_TOL = 1e-5
 
 
 def fused(x, gate, up, down):
-    return LoRAMLPFunction.apply(x, _autocast_dtype(x.device.type), *_flat((gate, up, down)))
+    return _apply_fused(LoRAMLPFunction, x, (gate, up, down))
 
 
 def mlp(hidden, inter, gen, base=torch.float32, adapter=torch.float32, bias=False):
@@ -50,12 +51,7 @@ def test_gradcheck_fp64():
     gen = torch.Generator().manual_seed(1)
     projs = mlp(6, 10, gen, torch.float64, torch.float64, bias=True)
     x = randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *adapters):
-        ps = [p._replace(lora_A=a, lora_B=b) for p, a, b in zip(projs, adapters[0::2], adapters[1::2])]
-        return fused(x, *ps)
-
-    assert torch.autograd.gradcheck(f, (x, *[t for p in projs for t in (p.lora_A, p.lora_B)]))
+    assert gradcheck_adapters(fused, x, projs)
 
 
 def test_frozen_input():
@@ -67,18 +63,12 @@ def test_frozen_input():
     assert_all_close(got, run(lora_mlp_reference, x, projs, x_grad=False), FP32_TOL)
 
 
-def _exact(x, projs, adapter_rounding=None):
-    if adapter_rounding is not None:
-        projs = as_dtype(projs, projs[0].weight.dtype, adapter_rounding)
-    return run(lora_mlp_reference, x.double(), as_dtype(projs, torch.float64, torch.float64))
-
-
 def test_fp32_adapters_on_bf16_base():
     gen = torch.Generator().manual_seed(3)
     projs = mlp(48, 96, gen, torch.bfloat16, torch.float32)
     x = randn(3, 5, 48, generator=gen).to(torch.bfloat16)
     got, ref = run(fused, x, projs), run(lora_mlp_reference, x, projs)
-    assert_bf16_as_exact_as_reference(got, ref, _exact(x, projs))
+    assert_bf16_as_exact_as_reference(got, ref, exact_fp64(lora_mlp_reference, x, projs))
 
 
 def test_autocast_bf16():
@@ -88,7 +78,8 @@ def test_autocast_bf16():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         got, ref = run(fused, x, projs), run(lora_mlp_reference, x, projs)
     assert [t.dtype for t in got] == [t.dtype for t in ref]
-    assert_bf16_as_exact_as_reference(got, ref, _exact(x, projs, adapter_rounding=torch.bfloat16))
+    exact = exact_fp64(lora_mlp_reference, x, projs, adapter_rounding=torch.bfloat16)
+    assert_bf16_as_exact_as_reference(got, ref, exact)
 
 
 def test_with_the_swiglu_triton_kernel(monkeypatch):
@@ -134,11 +125,9 @@ def test_saves_no_swiglu_output():
 
 
 def test_nf4_bases():
-    nf4 = pytest.importorskip("pronghorn.kernels.nf4")
     gen = torch.Generator().manual_seed(7)
     projs = mlp(64, 128, gen, bias=True)
-    quantized = [p._replace(weight=nf4.quantize_nf4(p.weight, dtype=torch.float32)) for p in projs]
-    dense = [p._replace(weight=p.weight.dequantize()) for p in quantized]
+    quantized, dense = nf4_and_dequantized(projs)
     x = randn(2, 3, 64, generator=gen)
     assert_all_close(run(fused, x, quantized), run(lora_mlp_reference, x, dense), FP32_TOL)
 

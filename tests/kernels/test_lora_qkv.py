@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from lora_cases import (
-    DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, projection, randn, run,
+    DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, exact_fp64, gradcheck_adapters,
+    nf4_and_dequantized, projection, randn, run,
 )
-from pronghorn.kernels.lora_linear import _autocast_dtype, _flat
+from pronghorn.kernels.lora_linear import _apply_fused
 from pronghorn.kernels.lora_qkv import LoRAQKVFunction, lora_qkv_reference
 
 lora_qkv_module = importlib.import_module("pronghorn.kernels.lora_qkv")  # the package attribute is the function
@@ -22,7 +23,7 @@ FP32_TOL = 1e-5
 
 
 def fused(x, q, k, v):
-    return LoRAQKVFunction.apply(x, _autocast_dtype(x.device.type), *_flat((q, k, v)))
+    return _apply_fused(LoRAQKVFunction, x, (q, k, v))
 
 
 def qkv(hidden, q_out, kv_out, gen, base=torch.float32, adapter=torch.float32, bias=False):
@@ -44,12 +45,7 @@ def test_gradcheck_fp64():
     gen = torch.Generator().manual_seed(1)
     projs = qkv(6, 8, 4, gen, torch.float64, torch.float64, bias=True)
     x = randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *adapters):
-        ps = [p._replace(lora_A=a, lora_B=b) for p, a, b in zip(projs, adapters[0::2], adapters[1::2])]
-        return fused(x, *ps)
-
-    assert torch.autograd.gradcheck(f, (x, *[t for p in projs for t in (p.lora_A, p.lora_B)]))
+    assert gradcheck_adapters(fused, x, projs)
 
 
 def test_frozen_input_and_unused_output():
@@ -66,12 +62,6 @@ def test_frozen_input_and_unused_output():
     assert projs[1].lora_B.grad.abs().max() == 0 and projs[0].lora_B.grad.abs().max() > 0
 
 
-def _exact(x, projs, adapter_rounding=None):
-    if adapter_rounding is not None:
-        projs = as_dtype(projs, projs[0].weight.dtype, adapter_rounding)
-    return run(lora_qkv_reference, x.double(), as_dtype(projs, torch.float64, torch.float64))
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32-adapters", "autocast"])
 def test_bf16(autocast):
     gen = torch.Generator().manual_seed(3)
@@ -80,16 +70,14 @@ def test_bf16(autocast):
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         got, ref = run(fused, x, projs), run(lora_qkv_reference, x, projs)
     assert [t.dtype for t in got] == [t.dtype for t in ref]
-    exact = _exact(x, projs, adapter_rounding=torch.bfloat16 if autocast else None)
+    exact = exact_fp64(lora_qkv_reference, x, projs, adapter_rounding=torch.bfloat16 if autocast else None)
     assert_bf16_as_exact_as_reference(got, ref, exact)
 
 
 def test_nf4_bases():
-    nf4 = pytest.importorskip("pronghorn.kernels.nf4")
     gen = torch.Generator().manual_seed(4)
     projs = qkv(64, 64, 32, gen)
-    quantized = [p._replace(weight=nf4.quantize_nf4(p.weight, dtype=torch.float32)) for p in projs]
-    dense = [p._replace(weight=p.weight.dequantize()) for p in quantized]
+    quantized, dense = nf4_and_dequantized(projs)
     x = randn(2, 3, 64, generator=gen)
     assert_all_close(run(fused, x, quantized), run(lora_qkv_reference, x, dense), FP32_TOL)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_cases import DEVICE, assert_close_ulps, assert_grad, rel_to_max
 from pronghorn.kernels import rms_norm
 from pronghorn.kernels import rmsnorm as rmsnorm_module
 from pronghorn.kernels.rmsnorm import rms_norm_reference
@@ -32,17 +33,10 @@ from pronghorn.kernels.rmsnorm import rms_norm_reference
 rmsnorm_triton = pytest.importorskip("pronghorn.kernels.rmsnorm_triton")
 RMSNormFunction = rmsnorm_triton.RMSNormFunction
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 SHAPES = [(1, 64), (3, 7, 80), (5, 576), (2, 3, 1000)]
 # (weight trainable, offset): plain Llama norm, frozen Gemma norm, and the two other pairings
 WEIGHT_CASES = [(True, 0.0), (False, 1.0), (True, 1.0), (False, 0.0)]
-
-
-def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
-    """16-bit float patterns mapped to integers that are consecutive for consecutive values."""
-    i = x.view(torch.int16).to(torch.int32)
-    return torch.where(i < 0, -(i & 0x7FFF), i)
 
 
 def _inputs(shape, dtype, trainable, offset, seed=0):
@@ -72,29 +66,6 @@ def _exact_grads(x, w, dy, offset):
     return x64.grad, w64.grad
 
 
-def _assert_forward(y, ref):
-    assert y.dtype == ref.dtype and y.shape == ref.shape
-    if ref.dtype == torch.float32:
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-7)
-    else:
-        ulps = (_ordered_bits(y) - _ordered_bits(ref)).abs()
-        assert ulps.max().item() <= 2, f"{ulps.max().item()} ulps from the reference"
-        assert (ulps == 0).float().mean().item() >= 0.99
-
-
-def _rel_to_max(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _assert_grads(got, ref, exact):
-    if got.dtype == torch.float32:
-        assert _rel_to_max(got, ref) <= 1e-5
-    else:
-        assert _rel_to_max(got, exact) <= 2**-7, "more than 1 bf16 ulp (of the largest element) from exact"
-        assert _rel_to_max(got, ref) <= 2**-6
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("trainable,offset", WEIGHT_CASES)
@@ -104,12 +75,12 @@ def test_matches_reference(shape, dtype, trainable, offset):
     y_ref, dx_ref, dw_ref = _run(rms_norm_reference, x, w, dy, offset)
     dx_exact, dw_exact = _exact_grads(x, w, dy, offset)
 
-    _assert_forward(y, y_ref)
+    assert_close_ulps(y, y_ref)
     assert dx.dtype == x.dtype and dx.shape == x.shape
-    _assert_grads(dx, dx_ref, dx_exact)
+    assert_grad(dx, dx_ref, dx_exact)
     if trainable:
         assert dw.dtype == w.dtype and dw.shape == w.shape
-        _assert_grads(dw, dw_ref, dw_exact)
+        assert_grad(dw, dw_ref, dw_exact)
     else:
         assert dw is None
 
@@ -128,8 +99,8 @@ def test_one_program_loops_over_many_tiles(monkeypatch, shape):
     x, w, dy = _inputs(shape, torch.float32, True, 0.0, seed=1)
     y, dx, dw = _run(RMSNormFunction.apply, x, w, dy, 0.0)
     y_ref, dx_ref, dw_ref = _run(rms_norm_reference, x, w, dy, 0.0)
-    _assert_forward(y, y_ref)
-    assert _rel_to_max(dx, dx_ref) <= 1e-5 and _rel_to_max(dw, dw_ref) <= 1e-5
+    assert_close_ulps(y, y_ref)
+    assert rel_to_max(dx, dx_ref) <= 1e-5 and rel_to_max(dw, dw_ref) <= 1e-5
 
 
 def test_strided_inputs_and_gradients():
@@ -141,8 +112,8 @@ def test_strided_inputs_and_gradients():
         dy = torch.randn(80, generator=g).to(DEVICE).expand(x.shape)
         y, dx, dw = _run(RMSNormFunction.apply, x, w, dy, 0.0)
         y_ref, dx_ref, dw_ref = _run(rms_norm_reference, x, w, dy, 0.0)
-        _assert_forward(y, y_ref)
-        assert _rel_to_max(dx, dx_ref) <= 1e-5 and _rel_to_max(dw, dw_ref) <= 1e-5
+        assert_close_ulps(y, y_ref)
+        assert rel_to_max(dx, dx_ref) <= 1e-5 and rel_to_max(dw, dw_ref) <= 1e-5
 
 
 def test_fp32_weight_with_bf16_input_and_fp16():
@@ -152,13 +123,13 @@ def test_fp32_weight_with_bf16_input_and_fp16():
     y_ref, dx_ref, dw_ref = _run(rms_norm_reference, x, w, dy.float(), 0.0)
     assert y.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
     assert torch.equal(y, y_ref)  # same rounded normalised value times the same fp32 weight
-    assert _rel_to_max(dx, dx_ref) <= 2**-6 and _rel_to_max(dw, dw_ref) <= 1e-5
+    assert rel_to_max(dx, dx_ref) <= 2**-6 and rel_to_max(dw, dw_ref) <= 1e-5
 
     x, w, dy = _inputs((5, 576), torch.float16, True, 1.0, seed=4)
     y, dx, dw = _run(RMSNormFunction.apply, x, w, dy, 1.0)
     y_ref, dx_ref, dw_ref = _run(rms_norm_reference, x, w, dy, 1.0)
-    _assert_forward(y, y_ref)
-    assert _rel_to_max(dx, dx_ref) <= 2**-9 and _rel_to_max(dw, dw_ref) <= 2**-9  # fp16: 3 more mantissa bits
+    assert_close_ulps(y, y_ref)
+    assert rel_to_max(dx, dx_ref) <= 2**-9 and rel_to_max(dw, dw_ref) <= 2**-9  # fp16: 3 more mantissa bits
 
 
 def test_empty_input():
@@ -182,4 +153,4 @@ def test_public_function_dispatches_to_the_kernel(monkeypatch):
     x, w, dy = _inputs((3, 7, 80), torch.bfloat16, True, 1.0)
     y = rms_norm(x.requires_grad_(), w, EPS, offset=1.0)
     assert "RMSNormFunction" in type(y.grad_fn).__name__
-    _assert_forward(y.detach(), rms_norm_reference(x, w, EPS, 1.0).detach())
+    assert_close_ulps(y.detach(), rms_norm_reference(x, w, EPS, 1.0).detach())

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_cases import DEVICE, assert_close_ulps, assert_grad, exact_gated_grads, gated_inputs, run_gated
 from pronghorn.kernels import swiglu
 from pronghorn.kernels.swiglu import swiglu_reference
 
@@ -34,74 +35,21 @@ swiglu_triton = pytest.importorskip("pronghorn.kernels.swiglu_triton")
 SwiGLUFunction = swiglu_triton.SwiGLUFunction
 swiglu_module = importlib.import_module("pronghorn.kernels.swiglu")  # the package attribute is the function
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 64), (3, 7, 80), (5, 576), (2, 3, 1000)]
-
-
-def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
-    """16-bit float patterns mapped to integers that are consecutive for consecutive values."""
-    i = x.view(torch.int16).to(torch.int32)
-    return torch.where(i < 0, -(i & 0x7FFF), i)
-
-
-def _inputs(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gate, up, dy = (torch.randn(shape, generator=g) * s for s in (3, 1, 1))
-    return gate.to(dtype).to(DEVICE), up.to(dtype).to(DEVICE), dy.to(dtype).to(DEVICE)
-
-
-def _run(fn, gate, up, dy):
-    gate, up = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-    y = fn(gate, up)
-    y.backward(dy)
-    return y.detach(), gate.grad, up.grad
-
-
-def _exact_grads(gate, up, dy):
-    """fp64 gradients of the reference's function (its rounding of silu(gate) taken as the identity)."""
-    g64, u64 = (t.detach().cpu().double().requires_grad_() for t in (gate, up))
-    act = F.silu(g64)
-    act = act + (act.to(gate.dtype).double() - act).detach()
-    (act * u64).backward(dy.cpu().double())
-    return g64.grad, u64.grad
-
-
-def _rel_to_max(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _assert_close_ulps(out, ref, min_identical=0.99):
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    if ref.dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
-    else:
-        ulps = (_ordered_bits(out) - _ordered_bits(ref)).abs()
-        assert ulps.max().item() <= 2, f"{ulps.max().item()} ulps from the reference"
-        assert (ulps == 0).float().mean().item() >= min_identical
-
-
-def _assert_grad(got, ref, exact):
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    if got.dtype == torch.float32:
-        assert _rel_to_max(got, ref) <= 1e-5
-    else:
-        assert _rel_to_max(got, exact) <= 2**-7, "more than 1 bf16 ulp (of the largest element) from exact"
-        assert _rel_to_max(got, ref) <= 2**-6
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_reference(shape, dtype):
-    gate, up, dy = _inputs(shape, dtype)
-    y, dg, du = _run(SwiGLUFunction.apply, gate, up, dy)
-    y_ref, dg_ref, du_ref = _run(swiglu_reference, gate, up, dy)
-    dg_exact, du_exact = _exact_grads(gate, up, dy)
+    gate, up, dy = gated_inputs(shape, dtype)
+    y, dg, du = run_gated(SwiGLUFunction.apply, gate, up, dy)
+    y_ref, dg_ref, du_ref = run_gated(swiglu_reference, gate, up, dy)
+    dg_exact, du_exact = exact_gated_grads(F.silu, gate, up, dy)
 
-    _assert_close_ulps(y, y_ref)
-    _assert_close_ulps(du, du_ref)
-    _assert_grad(dg, dg_ref, dg_exact)
-    _assert_grad(du, du_ref, du_exact)
+    assert_close_ulps(y, y_ref)
+    assert_close_ulps(du, du_ref)
+    assert_grad(dg, dg_ref, dg_exact)
+    assert_grad(du, du_ref, du_exact)
 
 
 def test_fused_projection_slices_and_expanded_gradient():
@@ -110,11 +58,11 @@ def test_fused_projection_slices_and_expanded_gradient():
     fused = (torch.randn(2, 3, 2 * 1000, generator=g)).to(torch.bfloat16).to(DEVICE)
     gate, up = fused[..., :1000], fused[..., 1000:]
     dy = torch.randn(1000, generator=g).to(torch.bfloat16).to(DEVICE).expand(gate.shape)
-    y, dg, du = _run(SwiGLUFunction.apply, gate, up, dy)
-    y_ref, dg_ref, du_ref = _run(swiglu_reference, gate, up, dy)
-    _assert_close_ulps(y, y_ref)
-    _assert_close_ulps(du, du_ref)
-    _assert_grad(dg, dg_ref, _exact_grads(gate, up, dy)[0])
+    y, dg, du = run_gated(SwiGLUFunction.apply, gate, up, dy)
+    y_ref, dg_ref, du_ref = run_gated(swiglu_reference, gate, up, dy)
+    assert_close_ulps(y, y_ref)
+    assert_close_ulps(du, du_ref)
+    assert_grad(dg, dg_ref, exact_gated_grads(F.silu, gate, up, dy)[0])
 
 
 def test_mismatched_shapes_are_refused():
@@ -123,7 +71,7 @@ def test_mismatched_shapes_are_refused():
 
 
 def test_public_function_on_cpu_is_the_reference():
-    gate, up, _ = _inputs((3, 7, 80), torch.bfloat16)
+    gate, up, _ = gated_inputs((3, 7, 80), torch.bfloat16)
     gate, up = gate.cpu().requires_grad_(), up.cpu()
     y = swiglu(gate, up)
     assert "SwiGLUFunction" not in type(y.grad_fn).__name__
@@ -132,7 +80,7 @@ def test_public_function_on_cpu_is_the_reference():
 
 def test_public_function_dispatches_to_the_kernel(monkeypatch):
     monkeypatch.setattr(swiglu_module, "use_triton", lambda *tensors: True)
-    gate, up, _ = _inputs((3, 7, 80), torch.bfloat16)
+    gate, up, _ = gated_inputs((3, 7, 80), torch.bfloat16)
     y = swiglu(gate.requires_grad_(), up)
     assert "SwiGLUFunction" in type(y.grad_fn).__name__
-    _assert_close_ulps(y.detach(), swiglu_reference(gate, up).detach())
+    assert_close_ulps(y.detach(), swiglu_reference(gate, up).detach())
