@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lora_cases import (
-    DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, projection, randn, run,
+    DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, exact_fp64, projection, randn, run,
 )
 from pronghorn.kernels.lora_linear import LoRALinearFunction, LoRAProjection, _autocast_dtype, lora_linear_reference
 
@@ -82,20 +82,13 @@ def test_dropout_uses_the_reference_random_stream(base):
     assert not torch.equal(got[0], run(fused, x, [p])[0]), "dropout dropped nothing"
 
 
-def _exact(fn, x, projs, adapter_rounding=None):
-    """fp64 oracle on the same (rounded) inputs; ``adapter_rounding`` rounds the adapters first (autocast)."""
-    if adapter_rounding is not None:
-        projs = as_dtype(projs, projs[0].weight.dtype, adapter_rounding)
-    return run(fn, x.double(), as_dtype(projs, torch.float64, torch.float64))
-
-
 def test_fp32_adapter_on_bf16_base():
     gen = torch.Generator().manual_seed(4)
     p = as_dtype([projection(48, 80, 8, gen, scaling=0.25, bias=True)], torch.bfloat16, torch.float32)[0]
     x = randn(3, 7, 48, generator=gen).to(torch.bfloat16)
     got, ref = run(fused, x, [p]), run(reference, x, [p])
     assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
-    assert_bf16_as_exact_as_reference(got, ref, _exact(reference, x, [p]))
+    assert_bf16_as_exact_as_reference(got, ref, exact_fp64(reference, x, [p]))
 
 
 def test_autocast_bf16():
@@ -105,7 +98,7 @@ def test_autocast_bf16():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         got, ref = run(fused, x, [p]), run(reference, x, [p])
     assert [t.dtype for t in got] == [t.dtype for t in ref] == [torch.bfloat16] * 2 + [torch.float32] * 2
-    assert_bf16_as_exact_as_reference(got, ref, _exact(reference, x, [p], adapter_rounding=torch.bfloat16))
+    assert_bf16_as_exact_as_reference(got, ref, exact_fp64(reference, x, [p], adapter_rounding=torch.bfloat16))
 
 
 def _saved_bytes(fn, *args):

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from helpers import make_pair
+from kernel_cases import ordered_bits
 from pronghorn.kernels.rope import apply_rope_reference, rope_cos_sin
 
 rope_triton = pytest.importorskip("pronghorn.kernels.rope_triton")
@@ -46,18 +47,12 @@ def _inputs(b, hq, hk, t, d, dtype, seed=0, broadcast_cos=False):
     return q_lin, k_lin, q, k, cos, sin
 
 
-def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
-    """bf16 bit patterns mapped to integers that are consecutive for consecutive bf16 values."""
-    i = x.view(torch.int16).to(torch.int32)
-    return torch.where(i < 0, -(i & 0x7FFF), i)
-
-
 def _assert_matches(out: torch.Tensor, ref32: torch.Tensor) -> None:
     """fp32: tight tolerance. bf16: within 1 ulp of the fp32 reference rounded to bf16."""
     if out.dtype == torch.float32:
         torch.testing.assert_close(out, ref32, **FP32_TOL)
     else:
-        ulps = (_ordered_bits(out) - _ordered_bits(ref32.to(out.dtype))).abs().max().item()
+        ulps = (ordered_bits(out) - ordered_bits(ref32.to(out.dtype))).abs().max().item()
         assert ulps <= 1, f"{ulps} bf16 ulps from the rounded fp32 reference"
 
 
