@@ -12,3 +12,16 @@ SMOL_GENERATION_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def trained_runs(labels):
+    """Contiguous runs of trained positions (label not ignored), as lists of indices."""
+    from pronghorn.data import IGNORE_INDEX
+
+    runs, cur = [], []
+    for i, lab in enumerate(labels):
+        if lab != IGNORE_INDEX:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    return runs + [cur] if cur else runs

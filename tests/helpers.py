@@ -69,3 +69,23 @@ def random_examples(n=16, seed=0):
         prompt = int(torch.randint(1, length - 2, (1,), generator=g))
         out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return out
+
+
+def left_padded_batch(lengths, total=None, seed=0, pad=0):
+    """(ids, attention mask) of random prompts of the given lengths, left-padded with ``pad`` to ``total``."""
+    total = total or max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (len(lengths), total), generator=g)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, total - n:] = 1
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+@torch.no_grad()
+def randomize_lora_b(model, seed=0, scale=0.3):
+    """Non-zero adapters (fresh LoRA has B = 0, which would make every adapter test vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -110,6 +110,15 @@ def _trl_loss_and_grads(trainer, model):
     return batch, theirs, grads
 
 
+def _assert_same_loss_and_grads(model, ours, theirs, grads_trl):
+    """Our loss equals TRL's and its LoRA gradients equal the ones TRL's gave (then cleared)."""
+    ours.backward()
+    assert float(theirs.detach()) == pytest.approx(float(ours.detach()), rel=1e-5)
+    for n, g in _lora_grads(model).items():
+        assert torch.allclose(grads_trl[n], g, rtol=1e-4, atol=1e-6 * g.abs().max()), n
+    model.zero_grad(set_to_none=True)
+
+
 def test_dpo_trainer_with_reference_view(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     model = _model(tok)
@@ -126,11 +135,7 @@ def test_dpo_trainer_with_reference_view(tmp_path, smollm2_tokenizer):
     pol, ref = _logps(model, ids, attn, labels), _logps(model, ids, attn, labels, reference=True)
     assert (pol - ref).abs().max() > 0.05  # the reference really is another function than the policy
     ours = dpo_loss(pol[:4], pol[4:], ref[:4], ref[4:], beta=0.2).losses.mean()
-    ours.backward()
-    assert float(theirs.detach()) == pytest.approx(float(ours.detach()), rel=1e-5)
-    for n, g in _lora_grads(model).items():
-        assert torch.allclose(grads_trl[n], g, rtol=1e-4, atol=1e-6 * g.abs().max()), n
-    model.zero_grad(set_to_none=True)
+    _assert_same_loss_and_grads(model, ours, theirs, grads_trl)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = trainer.train()
@@ -161,11 +166,7 @@ def test_kto_trainer_with_reference_view(tmp_path, smollm2_tokenizer):
     estimate = kto_kl(kl_pol, _logps(model, *kl, reference=True))
     ours = kto_loss(pol[label], pol[~label], ref[label], ref[~label], estimate, beta=0.3, desirable_weight=1.2,
                     undesirable_weight=0.8).losses.mean()
-    ours.backward()
-    assert float(theirs.detach()) == pytest.approx(float(ours.detach()), rel=1e-5)
-    for n, g in _lora_grads(model).items():
-        assert torch.allclose(grads_trl[n], g, rtol=1e-4, atol=1e-6 * g.abs().max()), n
-    model.zero_grad(set_to_none=True)
+    _assert_same_loss_and_grads(model, ours, theirs, grads_trl)
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert trainer.train().global_step == 2 and _only_lora_changed(model, before)

@@ -32,16 +32,25 @@ _ALIASES = {"unsloth": "offload", "true": "on", "false": "off", "none": "off"}
 _GIB = 2**30
 
 
-def checkpoint_mode(value) -> str:
-    """The mode for a user's setting: ``True`` -> on, ``False``/``None`` -> off, ``"unsloth"`` -> offload."""
+def parse_mode(value, modes: tuple[str, ...], aliases: dict[str, str]) -> str | None:
+    """A user's on/off-style setting as one of ``modes``: ``True`` -> on, ``False``/``None`` -> off, a string
+    (case and spaces ignored, ``aliases`` applied) as itself; None when it is none of them."""
     if value is None or value is False:
         return "off"
     if value is True:
         return "on"
     if isinstance(value, str):
-        mode = _ALIASES.get(value.strip().lower(), value.strip().lower())
-        if mode in MODES:
+        mode = aliases.get(value.strip().lower(), value.strip().lower())
+        if mode in modes:
             return mode
+    return None
+
+
+def checkpoint_mode(value) -> str:
+    """The mode for a user's setting: ``True`` -> on, ``False``/``None`` -> off, ``"unsloth"`` -> offload."""
+    mode = parse_mode(value, MODES, _ALIASES)
+    if mode is not None:
+        return mode
     raise PronghornError(f"gradient checkpointing must be one of {MODES}, True, False or 'unsloth'; got {value!r}")
 
 

@@ -36,14 +36,9 @@ DEFAULT_CHUNK = 8192  # tokens: a chunk of 8B-config intermediates is 224 MiB pe
 
 def tiled_mlp_mode(value) -> str:
     """The mode for a user's setting: ``True`` -> on, ``False``/``None`` -> off, or one of :data:`MODES`."""
-    if value is None or value is False:
-        return "off"
-    if value is True:
-        return "on"
-    if isinstance(value, str):
-        mode = {"true": "on", "false": "off", "none": "off"}.get(value.strip().lower(), value.strip().lower())
-        if mode in MODES:
-            return mode
+    mode = checkpointing.parse_mode(value, MODES, {"true": "on", "false": "off", "none": "off"})
+    if mode is not None:
+        return mode
     raise PronghornError(f"tiled_mlp must be one of {MODES}, True or False; got {value!r}")
 
 

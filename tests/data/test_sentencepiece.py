@@ -19,6 +19,7 @@ from pronghorn.data import (
     tokenize_dataset,
     validate_record,
 )
+from chat_reference import trained_runs
 
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
@@ -54,16 +55,6 @@ def sp(data_dir, tmp_path_factory):
     return tok, spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
 
 
-def _runs(labels):
-    runs, cur = [], []
-    for i, lab in enumerate(labels):
-        if lab != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            runs, cur = runs + [cur], []
-    return runs + [cur] if cur else runs
-
-
 def _assistant_text(m):
     calls = "".join(f"[CALL] {c['function']['name']} {json.dumps(c['function']['arguments'], ensure_ascii=False)}"
                     for c in m.get("tool_calls") or [])
@@ -82,7 +73,7 @@ def _check_chat(records, fmt, tok, sp_model):
             assert lab in (IGNORE_INDEX, ex["input_ids"][t])
         first = 0 if v.messages is not None else len(v.prompt)
         expected = [_assistant_text(m) for m in messages[first:] if m["role"] == "assistant"]
-        decoded = [tok.decode([ex["input_ids"][t] for t in run]).strip() for run in _runs(ex["labels"])]
+        decoded = [tok.decode([ex["input_ids"][t] for t in run]).strip() for run in trained_runs(ex["labels"])]
         assert decoded == [e.strip() for e in expected]
 
 

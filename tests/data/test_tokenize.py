@@ -14,19 +14,8 @@ from pronghorn.data import (
     tokenize_dataset,
     tokenize_record,
 )
-from chat_reference import IM_END, SMOL_GENERATION_TEMPLATE
+from chat_reference import IM_END, SMOL_GENERATION_TEMPLATE, trained_runs
 from pronghorn.errors import DataError
-
-
-def _runs(labels):
-    """Contiguous runs of trained positions, as lists of indices."""
-    runs, cur = [], []
-    for i, lab in enumerate(labels):
-        if lab != IGNORE_INDEX:
-            cur.append(i)
-        elif cur:
-            runs, cur = runs + [cur], []
-    return runs + [cur] if cur else runs
 
 
 def _check_trained_equal_ids(out):
@@ -52,7 +41,7 @@ def test_messages_all_assistant_matches_plain_reference(kto, smollm2_tokenizer):
         full = tok.apply_chat_template(msgs, tokenize=False)
         assert out["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
         _check_trained_equal_ids(out)
-        runs = _runs(out["labels"])
+        runs = trained_runs(out["labels"])
         assistants = [m["content"] for m in msgs if m["role"] == "assistant"]
         assert len(runs) == len(assistants), rec.where
         for run, content in zip(runs, assistants):
@@ -79,7 +68,7 @@ def test_messages_mask_equals_transformers_generation_mask(kto, smollm2_tokenize
 def test_messages_last_assistant(kto, smollm2_tokenizer):
     rec = next(r for r in kto if len(r.row["messages"]) >= 6)
     out = tokenize_record(rec, smollm2_tokenizer, max_length=None, train_on="last_assistant")
-    (run,) = _runs(out["labels"])
+    (run,) = trained_runs(out["labels"])
     assert smollm2_tokenizer.decode([out["input_ids"][i] for i in run]) == rec.row["messages"][-1]["content"] + IM_END
     assert run[-1] == len(out["input_ids"]) - 2  # only the final "\n" follows
 
@@ -95,7 +84,7 @@ def test_system_message_and_conversations_key(smollm2_tokenizer):
     a = tokenize_record({"messages": msgs}, smollm2_tokenizer)
     b = tokenize_record({"conversations": msgs}, smollm2_tokenizer)
     assert a == b
-    runs = _runs(a["labels"])
+    runs = trained_runs(a["labels"])
     decoded = [smollm2_tokenizer.decode([a["input_ids"][i] for i in r]) for r in runs]
     assert decoded == ["Paris" + IM_END, "Rome" + IM_END]
     assert "helpful AI assistant" not in smollm2_tokenizer.decode(a["input_ids"])  # own system replaces default
@@ -199,7 +188,7 @@ def test_prompt_completion_gsm8k(data_dir, smollm2_tokenizer):
     outs = tokenize_dataset(records_from_rows(pc, source="gsm8k-pc"), tok, progress=True)
     for row, out in zip(pc, outs):
         _check_trained_equal_ids(out)
-        (run,) = _runs(out["labels"])
+        (run,) = trained_runs(out["labels"])
         ids = out["input_ids"]
         assert run[-1] == len(ids) - 1 and ids[-1] == tok.eos_token_id
         assert tok.decode(ids[: run[0]]) == row["prompt"]
@@ -300,7 +289,7 @@ def test_llama2_style_messages(llama2_tokenizer):
     assert out["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
     assert out["input_ids"].count(tok.bos_token_id) == 2  # from the template only, none added on top
     _check_trained_equal_ids(out)
-    runs = _runs(out["labels"])
+    runs = trained_runs(out["labels"])
     decoded = [tok.decode([out["input_ids"][i] for i in r]).strip() for r in runs]
     assert decoded == ["It is four. </s>", "I am fine, thank you. ünïcödé </s>"]
     # everything masked decodes to the prompt side: [INST] blocks only
@@ -315,5 +304,5 @@ def test_llama2_style_text_and_prompt_completion(llama2_tokenizer):
     pc = tokenize_record({"prompt": "What is two plus two?", "completion": " It is four."}, tok)
     ids, labels = pc["input_ids"], pc["labels"]
     assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX
-    (run,) = _runs(labels)
+    (run,) = trained_runs(labels)
     assert tok.decode([ids[i] for i in run]).strip() == "It is four.</s>"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import make_pair
+from helpers import left_padded_batch, make_pair
 from pronghorn.infer import generate
 from pronghorn.infer.static_decode import DecodeRunner, release
 from pronghorn.models.lora import LoRAConfig, attach_lora, set_lora_enabled
@@ -13,13 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 def _batch(lengths, seed=0):
-    total = max(lengths)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(lengths), total), generator=g)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        mask[b, total - n:] = 1
-    return ids.masked_fill(mask == 0, 0).cuda(), mask.cuda()
+    return tuple(t.cuda() for t in left_padded_batch(lengths, seed=seed))
 
 
 def _cuda_pair(name, dtype=torch.float32):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import transformers
 
-from helpers import make_pair
+from helpers import left_padded_batch as _batch
+from helpers import make_pair, randomize_lora_b
 from pronghorn.infer import generate
 from pronghorn.models.lora import LoRAConfig, attach_lora, merge_lora
 
@@ -19,17 +20,6 @@ class AngleTokenizer:
 
     def decode(self, ids, skip_special_tokens=False, **kwargs):
         return "".join(f"<{int(i)}>" for i in ids)
-
-
-def _batch(lengths, total=None, seed=0, pad=0):
-    """Left-padded random prompts of the given lengths."""
-    total = total or max(lengths)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(lengths), total), generator=g)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        mask[b, total - n:] = 1
-    return ids.masked_fill(mask == 0, pad), mask
 
 
 def _expected_after_stops(full, prompt_len, stop_at, pad):
@@ -196,11 +186,7 @@ def test_right_padding_raises():
 def test_lora_model_generates_like_its_merged_copy():
     _, ours = make_pair("llama3_gqa_rope_scaling")
     attach_lora(ours, LoRAConfig(r=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize_lora_b(ours)
     ids, mask = _batch([8, 5], seed=11)
     ours.train()  # generate() must switch to eval and back
     with_adapter = generate(ours, ids, mask, max_new_tokens=10, eos_token_id=[])

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import make_pair
+from helpers import left_padded_batch as _batch
+from helpers import make_pair, randomize_lora_b
 from pronghorn.infer import generate
 from pronghorn.infer.static_decode import CACHE_LEN_MULTIPLE, get_runner, graphs_supported
 from pronghorn.models.lora import LoRAConfig, attach_lora, merge_lora
@@ -13,17 +14,6 @@ from pronghorn.models.lora import LoRAConfig, attach_lora, merge_lora
 NEVER = 96  # an EOS id no run here should reach (if one does, transformers must stop identically)
 FAMILIES = ["llama3_gqa_rope_scaling", "llama_dynamic_rope", "mistral_sliding", "qwen2_sliding", "qwen3_qknorm",
             "smollm2_tied"]
-
-
-def _batch(lengths, seed=0):
-    """Left-padded random prompts of the given lengths (pad id 0)."""
-    total = max(lengths)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(lengths), total), generator=g)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        mask[b, total - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def _step_logits(model, **kw):
@@ -70,11 +60,7 @@ def test_runner_is_reused_across_calls_and_rebuilt_when_it_must():
 def test_lora_unmerged_static_equals_merged():
     _, ours = make_pair("qwen3_qknorm")
     attach_lora(ours, LoRAConfig(r=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize_lora_b(ours)
     ids, mask = _batch([8, 5], seed=5)
     kw = dict(max_new_tokens=10, eos_token_id=[], decode_mode="static")
     with_adapter = generate(ours, ids, mask, **kw)
