@@ -14,8 +14,9 @@ peak = torch.cuda.max_memory_allocated over the training steps (weights included
 
 pronghorn rows can vary what only pronghorn has (each combination is one row, ``variant`` in the table):
 ``--gc-modes`` (off | on | offload | auto | all; default on, like TRL's gradient checkpointing),
-``--chunk-mib`` (the logits chunk budget of the fused log-prob head, default 1024) and ``--micro-pairs``
-(pairs per forward; the step still has B pairs through exact gradient accumulation, default B).
+``--chunk-mib`` (the logits chunk budget of the fused log-prob head, default 1024), ``--micro-pairs``
+(pairs per forward; the step still has B pairs through exact gradient accumulation, default B) and ``--table``
+(device | host: the tied embedding / head table in pinned host memory, the head streamed from there).
 
 Systems: ``pronghorn``, ``pronghorn-qlora`` (base projections in NF4: lower memory, not like-for-like), ``trl+peft`` (needs trl, peft, datasets), ``trl+peft+liger`` (also liger-kernel; skipped
 when it is not importable).
@@ -81,7 +82,7 @@ def _peak(device: str) -> float | None:
 
 def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, gc_mode: str = "on",
                   chunk_mib: int = 1024, micro_pairs: int | None = None, qlora: bool = False,
-                  profile: bool = False) -> dict:
+                  profile: bool = False, host_table: bool = False) -> dict:
     import importlib
 
     from pronghorn.models.builder import init_random_model
@@ -100,6 +101,10 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
             if isinstance(module, Linear):
                 module.quantize_nf4()
     model.gradient_checkpointing_enable(mode=gc_mode)
+    if host_table:  # the tied embedding / head table in pinned host memory, the head streamed from there
+        from pronghorn.models.host_embedding import offload_embedding
+
+        offload_embedding(model, tied=True)
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
     micro = micro_pairs or len(rows)
     if len(rows) % micro:
@@ -229,8 +234,9 @@ def variants(a) -> list[dict]:
 
     modes = list(MODES) if a.gc_modes == "all" else a.gc_modes.split(",")
     micro = [int(m) for m in a.micro_pairs.split(",")] if a.micro_pairs else [None]
-    return [{"gc_mode": g, "chunk_mib": int(c), "micro_pairs": m}
-            for g in modes for c in a.chunk_mib.split(",") for m in micro]
+    tables = [t == "host" for t in a.table.split(",")]
+    return [{"gc_mode": g, "chunk_mib": int(c), "micro_pairs": m, "host_table": t or None}
+            for g in modes for c in a.chunk_mib.split(",") for m in micro for t in tables]
 
 
 def main() -> None:
@@ -244,6 +250,9 @@ def main() -> None:
     ap.add_argument("--gc-modes", default="on", help="pronghorn checkpointing modes: off,on,offload,auto or all")
     ap.add_argument("--chunk-mib", default="1024", help="pronghorn logits chunk budgets in MiB, comma-separated")
     ap.add_argument("--micro-pairs", default="", help="pronghorn pairs per forward, comma-separated (default B)")
+    ap.add_argument("--table", default="device", help="pronghorn: where the tied embedding / head table lives, "
+                                                      "comma-separated: device | host (offload_embedding='tied': "
+                                                      "the head streams it; models/host_embedding)")
     ap.add_argument("--profile", action="store_true", help="pronghorn rows: also profile 2 steps (device time per "
                                                            "kernel category, idle, host syncs: benchmarks/step_profile)")
     ap.add_argument("--json", default="preference.json")

@@ -39,6 +39,47 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _gaps_us(intervals: list[tuple[float, float]]) -> list[float]:
+    """The idle stretches between the merged busy intervals."""
+    gaps, end = [], None
+    for s, e in sorted(intervals):
+        if end is not None and s > end:
+            gaps.append(s - end)
+        end = e if end is None else max(end, e)
+    return gaps
+
+
+def _gap_neighbours(kernels, min_us: float = 100.0, top: int = 6) -> dict[str, int]:
+    """For idle stretches over ``min_us``: how often each (kernel before -> kernel after) pair of names, cut to
+    40 characters, brackets one (which part of the step leaves the GPU waiting)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in kernels)
+    counts: dict[str, int] = {}
+    end, before = None, None
+    for s, e, name in spans:
+        if end is not None and s - end > min_us:
+            key = f"{before[:40]} -> {name[:40]}"
+            counts[key] = counts.get(key, 0) + 1
+        if end is None or e >= end:
+            end, before = e, name
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
+def _host_ops(prof, steps: int, top: int = 8) -> dict[str, float]:
+    """The operators (and Python-level ranges) with the most self host time, ms per step."""
+    rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)[:top]
+    return {r.key[:50]: round(r.self_cpu_time_total * 1e-3 / steps, 2) for r in rows}
+
+
+def _runtime_calls(events) -> dict[str, float]:
+    """Host time (us) per CUDA runtime/driver call name (cudaLaunchKernel, cudaStreamSynchronize, cudaMalloc, ...):
+    where the host waits or pays per launch."""
+    out: dict[str, float] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and re.match(r"cu(da)?[A-Z]", e.name):
+            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us()
+    return out
+
+
 def profile_steps(step: Callable[[], None], steps: int = 2) -> dict:
     """Run ``step`` ``steps`` times under the profiler; per-step milliseconds by category, idle, wall, syncs."""
     cuda = torch.cuda.is_available()
@@ -66,12 +107,22 @@ def profile_steps(step: Callable[[], None], steps: int = 2) -> dict:
     out = {f"{c}_ms": round(v * per, 2) for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
     out.update(idle_ms=round(max(0.0, wall_us - busy) * per, 2), wall_ms=round(wall_us * per, 2),
                host_syncs_per_step=round(syncs / steps, 1))
+    if cuda:  # where the idle time is: many short launch gaps or a few long host waits
+        gaps = _gaps_us([(e.time_range.start, e.time_range.end) for e in kernels])
+        long = [g for g in gaps if g > 100]
+        out.update(gaps_per_step=round(len(gaps) / steps), gaps_over_100us_per_step=round(len(long) / steps, 1),
+                   gaps_over_100us_ms=round(sum(long) * per, 2))
+        calls = sorted(_runtime_calls(events).items(), key=lambda kv: -kv[1])[:6]
+        out["host_runtime_ms"] = {name: round(us * per, 2) for name, us in calls}
+        out["long_gaps_between"] = _gap_neighbours(kernels)
+        out["host_self_ms"] = _host_ops(prof, steps)
     return out
 
 
 def limit(p: dict) -> str:
     """The largest share of the step, in words (for the table and docs/benchmarks.md)."""
-    parts = {k[:-3]: v for k, v in p.items() if k.endswith("_ms") and k != "wall_ms"}
+    parts = {k[:-3]: v for k, v in p.items() if k.endswith("_ms") and isinstance(v, (int, float))
+             and k not in ("wall_ms", "gaps_over_100us_ms")}
     if not parts or not p.get("wall_ms"):
         return "-"
     top = max(parts, key=parts.get)

@@ -5,7 +5,8 @@ down, random token ids, labels = input ids, AdamW, median step time of steps 3..
 same process and on the same GPU, Hugging Face transformers + PEFT (gradient checkpointing on, as the peers ran).
 
 pronghorn's checkpointing is ``--gc`` (auto = the per-layer memory plan, the default; on; offload; off);
-``--lowest-memory`` is the preset for the "lowest memory" targets (every layer input offloaded to the host).
+``--lowest-memory`` is the preset for the "lowest memory" targets (every layer input offloaded to the host, and
+an untied input embedding table kept in pinned host memory: ``--offload-embedding``).
 
 Real-data workloads (``*-gsm8k``): gsm8k train from ../shared/data, chat-formatted with the SmolLM2 tokenizer,
 packed padding-free (best-fit decreasing, per-sequence positions) into rows of ``seq`` tokens; every system
@@ -126,7 +127,7 @@ def gsm8k_batches(batch: int, seq: int, steps: int, smoke: bool) -> list[tuple[d
 
 
 def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, device: str,
-            profile: bool = False) -> dict:
+            profile: bool = False, offload_embedding: bool = False) -> dict:
     from pronghorn.train.optimizers import build_optimizer
 
     cfg, batch, seq, data = WORKLOADS[workload]
@@ -134,6 +135,11 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     model = SYSTEMS[system](cfg, device, dtype, gc_mode)
+    host_table = False
+    if offload_embedding and system.startswith("pronghorn"):
+        from pronghorn.models.host_embedding import offload_embedding as to_host
+
+        host_table = to_host(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, optim, 1e-4, (0.9, 0.999), 1e-8, 0.0, torch.device(device))
@@ -169,6 +175,7 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
     steady = sorted(range(len(times))[2:] or range(len(times)), key=times.__getitem__)
     mid = steady[len(steady) // 2]
     out = dict(system=system, workload=workload, gc=gc_mode if system.startswith("pronghorn") else "on", optim=optim,
+               embedding_on_host=host_table,
                batch=batch, seq=seq, step_s=round(times[mid], 4), tok_s=round(tokens[mid] / times[mid]),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                loss=round(float(loss), 4))
@@ -192,7 +199,10 @@ def main(argv=None) -> None:
     ap.add_argument("--gc", default="auto", help="pronghorn's checkpointing; comma-separate to run several: "
                                                  "off,on,offload,auto")
     ap.add_argument("--lowest-memory", action="store_true", help="preset: --gc offload (every layer input on "
-                                                                 "the host, prefetched for the backward)")
+                                                                 "the host, prefetched for the backward) and "
+                                                                 "--offload-embedding")
+    ap.add_argument("--offload-embedding", action="store_true", help="pronghorn: an untied input embedding table "
+                                                                     "in pinned host memory (models/host_embedding)")
     ap.add_argument("--optim", default="adamw_torch_fused", help="adamw_torch_fused | adamw_torch | adamw_8bit")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per row: device time per kernel "
                                                            "category, idle gaps, host syncs (benchmarks/step_profile)")
@@ -205,7 +215,7 @@ def main(argv=None) -> None:
         a.json = a.json or str(Path(tempfile.mkdtemp()) / "train_e2e_smoke.json")
     a.json = a.json or "train_e2e.json"
     if a.lowest_memory:
-        a.gc = "offload"
+        a.gc, a.offload_embedding = "offload", True
     if device == "cpu" and not a.smoke:
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
     modes = a.gc.split(",")
@@ -216,7 +226,7 @@ def main(argv=None) -> None:
     for w in a.workloads.split(","):
         for s in a.systems.split(","):
             for mode in modes if s.startswith("pronghorn") else ["on"]:
-                rows.append(measure(s, w, a.steps, mode, a.optim, device, a.profile))
+                rows.append(measure(s, w, a.steps, mode, a.optim, device, a.profile, a.offload_embedding))
                 print(json.dumps(rows[-1]), flush=True)
     base = {r["workload"]: r for r in rows if r["system"] == "hf+peft"}
     print(f"\n{'workload':<20} {'system':<10} {'gc':<8} {'tok/s':>8} {'peak GiB':>9} {'vs hf+peft':>10}")
@@ -230,7 +240,7 @@ def main(argv=None) -> None:
         for r in rows:
             print(f"{r['workload']:<20} {r['system']:<16} {r['gc']:<8} " +
                   " ".join(f"{k}={v}" for k, v in r["profile"].items()))
-    write_results(a.json, run_meta(optim=a.optim, steps=a.steps), rows)
+    write_results(a.json, run_meta(optim=a.optim, steps=a.steps, offload_embedding=a.offload_embedding), rows)
 
 if __name__ == "__main__":
     main()

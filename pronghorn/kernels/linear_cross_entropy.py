@@ -54,7 +54,17 @@ def linear_cross_entropy(
     """The single entry point model code calls for the training loss.
 
     CUDA tensors take the fused chunked Triton path (``linear_cross_entropy_triton``), anything else the
-    PyTorch reference; both compute the same function."""
+    PyTorch reference; both compute the same function. A frozen head weight on the host while ``hidden`` is on
+    a GPU (a tied table kept there) is streamed slice by slice (``streamed_logprobs``): minus the summed
+    log-probs over the same count."""
+    if weight.device != hidden.device and not weight.requires_grad and softcap is None:
+        from .streamed_logprobs import streamed_logprobs
+
+        logp = streamed_logprobs(hidden, weight, labels, ignore_index)
+        count = (labels != ignore_index).sum() if num_items is None else num_items
+        if isinstance(count, torch.Tensor):
+            count = count.to(logp.device)
+        return -logp.sum() / count
     if use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
         from .linear_cross_entropy_triton import linear_cross_entropy_triton
 

@@ -159,7 +159,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """fp32 per-row log-prob of ``labels`` under ``softmax(hidden @ weight^T)`` (0 at ignored rows), chunked.
 
     ``chunk_size`` caps the rows per logits chunk (default: a ~1 GiB chunk). ``triton_rows`` picks the Triton
-    row kernel (default: on CUDA tensors when Triton is importable)."""
+    row kernel (default: on CUDA tensors when Triton is importable). A frozen ``weight`` on another device than
+    ``hidden`` (a tied table kept on the host) is read slice by slice: :func:`.streamed_logprobs`."""
+    if weight.device != hidden.device and not weight.requires_grad:
+        from .streamed_logprobs import streamed_logprobs
+
+        return streamed_logprobs(hidden, weight, labels, ignore_index)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)  # differentiable cast (autocast-style mixed dtypes)
     if triton_rows is None:

@@ -15,6 +15,11 @@ autocast state the autograd engine runs it in (the job ``torch.amp.custom_bwd`` 
 
 The base weight may be a tensor or a quantized weight with ``dequantize(dtype)`` (``kernels.nf4.NF4Weight``):
 it is dequantized in the forward and again in the backward, never saved dequantized.
+
+``output_unused=True`` is for a recomputation whose result is thrown away (the last projection of a decoder
+layer replayed for its backward, ``models.checkpointing.output_unused``): the forward saves what the backward
+needs (``x A^T`` included) but skips the base matmul, the adapter's delta and the dequantization, and returns an
+uninitialised tensor of the output's shape and dtype. The gradients are the same computation as without it.
 """
 
 from __future__ import annotations
@@ -238,21 +243,25 @@ def fusable_projections(layers, training: bool) -> list[LoRAProjection] | None:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, lora_A, lora_B, scaling, dropout, cdt)``: the LoRA linear with a frozen base.
+    """``apply(x, weight, bias, lora_A, lora_B, scaling, dropout, cdt[, output_unused])``: the LoRA linear with a
+    frozen base.
 
     ``dropout`` is the probability applied to the adapter's input (0 outside training); ``cdt`` the autocast
-    dtype at the call (``_autocast_dtype``) or None. Gradients: x (unless it needs none), lora_A, lora_B;
+    dtype at the call (``_autocast_dtype``) or None; ``output_unused``: see the module docstring.
+    Gradients: x (unless it needs none), lora_A, lora_B;
     the base ``weight`` and ``bias`` must not require grad.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout, cdt):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout, cdt, output_unused=False):
         dev = x.device.type
         x2 = x.reshape(-1, x.shape[-1])
         adt = _adapter_dtype(lora_A, cdt)
         keep = keep_scale = None
         with _no_autocast(dev):
-            y = F.linear(_cast(x2, cdt), _dense(weight, cdt), _cast(bias, cdt))
+            xb = _cast(x2, cdt)
+            y = xb.new_empty(x2.shape[0], lora_B.shape[0]) if output_unused else \
+                F.linear(xb, _dense(weight, cdt), _cast(bias, cdt))
             a, bs = lora_A.to(adt), _scaled_b(lora_B, scaling, adt)
             if dropout:
                 # the reference's dropout call on a tensor of the same shape and dtype: same random stream
@@ -263,7 +272,8 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 xin = x2.to(adt)
             xa = xin @ a.t()
-            _add_delta(y, xa, bs)
+            if not output_unused:
+                _add_delta(y, xa, bs)
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         w_saved = weight if isinstance(weight, torch.Tensor) and need_x else None
         ctx.save_for_backward(x if need_a else None, xa if need_b else None, a, bs, w_saved, keep, keep_scale)
@@ -298,7 +308,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 else:
                     dx = dx + ((p @ a).to(ctx.a_dtype) * noise).to(ctx.x_dtype)
                 dx = dx.view(ctx.x_shape)
-        return dx, None, None, da, db, None, None, None
+        return dx, None, None, da, db, None, None, None, None
 
 
 def lora_linear(
@@ -310,17 +320,21 @@ def lora_linear(
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
+    output_unused: bool = False,
 ) -> torch.Tensor:
     """The single entry point model code calls for every projection (with or without an adapter).
 
     CUDA inputs with an adapter on a frozen base (weight and bias need no gradient) take
     ``LoRALinearFunction``; anything else (CPU tensors, no adapter, a base being trained) the reference.
     Dispatch is by device, as for every kernel (``use_triton``): the CPU keeps PEFT's exact op sequence.
+    ``output_unused``: the caller throws the result's values away (see the module docstring); only the fast
+    path uses the hint, the reference computes the output anyway.
     """
     if lora_A is None or _trains_base(weight, bias) or not use_triton(x):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
     p = dropout if training else 0.0
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, _autocast_dtype(x.device.type))
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, _autocast_dtype(x.device.type),
+                                    output_unused)
 
 
 def _trains_base(weight, bias) -> bool:

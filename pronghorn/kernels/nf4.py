@@ -19,6 +19,8 @@ JSON of the non-tensor fields, as uint8 bytes).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import math
@@ -28,6 +30,20 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .triton_support import use_triton
+
+_REUSE = contextvars.ContextVar("pronghorn_nf4_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reuse_dequantized():
+    """Inside the block every NF4 weight is dequantized once per dtype and the tensor reused (a layer replayed
+    for its backward would dequantize each weight twice: in the replay and in the backward). Costs the dense
+    weights used in the block, until it ends. Scoped to this thread / async context."""
+    token = _REUSE.set({})
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
 
 # The 16 NF4 levels (quantiles of N(0, 1), normalised to [-1, 1], with an exact zero) as float32.
 NF4_CODE = (
@@ -144,11 +160,18 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in ``dtype`` (default: the compute dtype). Triton on CUDA, PyTorch elsewhere."""
         dtype = dtype or self.dtype
+        cache = _REUSE.get()
+        if cache is not None and (id(self), dtype) in cache:
+            return cache[id(self), dtype][1]
         if use_triton(self.packed):
             from .nf4_triton import dequantize_nf4_triton
 
-            return dequantize_nf4_triton(self, dtype)
-        return dequantize_nf4_reference(self, dtype)
+            w = dequantize_nf4_triton(self, dtype)
+        else:
+            w = dequantize_nf4_reference(self, dtype)
+        if cache is not None:
+            cache[id(self), dtype] = (self, w)  # self kept alive: its id stays unique in the block
+        return w
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self._shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "

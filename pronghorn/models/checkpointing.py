@@ -11,12 +11,14 @@ Modes a user picks (``use_gradient_checkpointing`` / ``TrainConfig.gradient_chec
   small one still fits. The plan is printed in one line the first time a batch shape needs it.
 
 Every mode computes the same function: recomputation replays the layer with the RNG and autocast state of
-the original forward.
+the original forward. A replayed layer's output values are never read (only what its ops save for the
+backward is), so the replay runs inside :func:`output_unused` and the layer skips its last projection's matmul.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -24,12 +26,30 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import PronghornError
+from ..kernels.nf4 import NF4Weight, reuse_dequantized
 from ..kernels.triton_support import reference_kernels, reference_only
 from .pinned_host import pinned_empty
 
 MODES = ("off", "on", "offload", "auto")
 _ALIASES = {"unsloth": "offload", "true": "on", "false": "off", "none": "off"}
 _GIB = 2**30
+_OUTPUT_UNUSED = contextvars.ContextVar("pronghorn_output_unused", default=False)
+
+
+@contextlib.contextmanager
+def output_unused(enabled: bool = True):
+    """Inside the block a decoder layer's output values are thrown away (it is replayed for its backward):
+    the layer may return uninitialised values as long as its autograd graph and saved tensors are exact."""
+    token = _OUTPUT_UNUSED.set(enabled)
+    try:
+        yield
+    finally:
+        _OUTPUT_UNUSED.reset(token)
+
+
+def layer_output_unused() -> bool:
+    """True inside :func:`output_unused` (read by ``DecoderLayer.forward``)."""
+    return _OUTPUT_UNUSED.get()
 
 
 def parse_mode(value, modes: tuple[str, ...], aliases: dict[str, str]) -> str | None:
@@ -227,8 +247,8 @@ def run_layers(layers, x: torch.Tensor, args: tuple, modes: tuple[str, ...] | No
         if mode == "keep":
             x = layer(x, *args)
         elif mode == "recompute":
-            x = checkpoint(layer, x, *args, use_reentrant=False,
-                           context_fn=lambda: (contextlib.nullcontext(), reference_kernels(reference)))
+            x = checkpoint(layer, x, *args, use_reentrant=False, context_fn=lambda: (
+                contextlib.nullcontext(), _replay_context(reference)))
         else:
             params = [p for p in layer.parameters() if p.requires_grad]
             if not params and not x.requires_grad:
@@ -308,15 +328,37 @@ class _OffloadedLayer(torch.autograd.Function):
         x = ctx.slot.fetch().detach().requires_grad_(ctx.needs_input_grad[3])
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
         device = x.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            _set_rng_state(device, ctx.rng)
-            with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
-                    reference_kernels(ctx.reference):
-                out = ctx.layer(x, *ctx.args)
-        inputs = ([x] if x.requires_grad else []) + params
-        grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+        reuse = reuse_dequantized() if _can_keep_dense_weights(ctx.layer, device) else contextlib.nullcontext()
+        with reuse:  # an NF4 layer: the replay's dequantized weights serve its backward too
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+                _set_rng_state(device, ctx.rng)
+                with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
+                        _replay_context(ctx.reference):
+                    out = ctx.layer(x, *ctx.args)
+            inputs = ([x] if x.requires_grad else []) + params
+            grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
+            del out
         gx = grads.pop(0) if x.requires_grad else None
         return (None, None, None, gx, *grads)
+
+
+def _can_keep_dense_weights(layer, device: torch.device) -> bool:
+    """True for a layer with NF4 weights whose dense copies (bf16) take at most a quarter of the free memory."""
+    dense = layer.__dict__.get("_nf4_dense_bytes")
+    if dense is None:
+        dense = sum(2 * m.weight.numel() for m in layer.modules() if isinstance(getattr(m, "weight", None), NF4Weight))
+        layer.__dict__["_nf4_dense_bytes"] = dense
+    if not dense:
+        return False
+    free = free_memory(device)
+    return free is not None and 4 * dense <= free
+
+
+@contextlib.contextmanager
+def _replay_context(reference: bool):
+    """A layer's replay for its backward: the forward's kernel choice, output values unused."""
+    with reference_kernels(reference), output_unused():
+        yield
 
 
 def _rng_state(device: torch.device):

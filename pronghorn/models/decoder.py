@@ -13,8 +13,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
-from .checkpointing import checkpoint_mode, layer_modes, run_layers
+from .checkpointing import checkpoint_mode, layer_modes, layer_output_unused, run_layers
 from .config import ModelConfig
+from .host_embedding import Embedding
 from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
@@ -30,8 +31,9 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, **kw)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
+        """``output_unused``: the values are thrown away (a replay for the backward): down_proj skips its matmul."""
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)), output_unused=output_unused)
 
 
 class DecoderLayer(nn.Module):
@@ -51,7 +53,8 @@ class DecoderLayer(nn.Module):
         return x + self._norm_mlp(x)
 
     def _norm_mlp(self, x):
-        return self.mlp(self.post_attention_layernorm(x))
+        # read at call time: a tiled MLP's chunks are replayed inside its own backward (output_unused there)
+        return self.mlp(self.post_attention_layernorm(x), output_unused=layer_output_unused())
 
 
 class DecoderModel(nn.Module):
@@ -61,7 +64,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.gradient_checkpointing = False
@@ -126,7 +129,7 @@ class DecoderForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device  # not the embedding: offload_embedding keeps it on the host
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,5 +189,7 @@ class DecoderForCausalLM(nn.Module):
         logits = None
         if return_logits:
             h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-            logits = self.lm_head(h)
+            weight = self.lm_head.weight
+            # a tied table kept on the host (offload_embedding="tied"): a transient device copy for the logits
+            logits = self.lm_head(h) if weight.device == h.device else F.linear(h, weight.to(h.device))
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)

@@ -6,7 +6,8 @@ norm and the MLP act on each token alone, so :func:`sequence_tiled` runs them ov
 the forward keeps only the block's input, and the backward recomputes and back-propagates one chunk at a time,
 accumulating the gradients of the trainable parameters (LoRA A/B) across chunks. Only one chunk's
 intermediates ever exist. The cost is one more forward of the block per step (small at long context, where
-attention dominates). NF4 bases are dequantized inside each chunk, as they are untiled.
+attention dominates); when the whole layer is replayed for its backward (checkpointing), that replay skips the
+tiled block, whose forward keeps nothing, and each chunk's replay skips down_proj's matmul (output unused). NF4 bases are dequantized inside each chunk, as they are untiled.
 
 Exact: the same ops on row slices (a GPU matmul of fewer rows may round differently; the adapters' gradients
 are sums over chunks). Recomputation replays the forward's RNG (LoRA dropout draws its masks chunk by chunk, so
@@ -82,6 +83,9 @@ class _SequenceTiled(torch.autograd.Function):
         ctx.rng, ctx.reference = _rng_state(x2.device), reference_only()
         ctx.autocast = (torch.is_autocast_enabled(x2.device.type), torch.get_autocast_dtype(x2.device.type))
         ctx.save_for_backward(x2)
+        if checkpointing.layer_output_unused():  # a layer replayed for its backward: nothing here is kept
+            probe = fn(x2[:1])  # the output's width and dtype
+            return probe.new_empty((x2.shape[0], probe.shape[-1]))
         return _in_chunks(fn, x2, chunk)
 
     @staticmethod
@@ -99,7 +103,7 @@ class _SequenceTiled(torch.autograd.Function):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             _set_rng_state(device, ctx.rng)  # the chunks replay in the forward's order: same dropout masks
             with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
-                    reference_kernels(ctx.reference):
+                    reference_kernels(ctx.reference), checkpointing.output_unused():
                 for start in range(0, x2.shape[0], ctx.chunk):
                     xc = x2[start:start + ctx.chunk].detach().requires_grad_(need_x)
                     yc = ctx.fn(xc)

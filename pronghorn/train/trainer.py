@@ -52,7 +52,8 @@ class Trainer:
         self.base_name = base_name or getattr(model, "name_or_path", None)
         self.out = Path(config.output_dir)
         self.dist = DataParallel(model, config.distributed)  # one process: a no-op; see train/distributed.py
-        self.device = next(model.parameters()).device
+        device = getattr(model, "device", None)  # not the first parameter: an offloaded embedding is on the host
+        self.device = device if isinstance(device, torch.device) else next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first")

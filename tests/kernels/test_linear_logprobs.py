@@ -14,27 +14,7 @@ import torch
 
 from pronghorn.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 
-N, IGNORE = 23, -100
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _inputs(V, H, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[torch.randperm(N, generator=g)[: N // 3]] = IGNORE
-    labels[0] = IGNORE
-    upstream = torch.randn(N, generator=g)
-    return hidden.to(DEV), weight.to(DEV), labels.to(DEV), upstream.to(DEV)
-
-
-def _run(fn, hidden, weight, labels, upstream, train_weight, **kw):
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_(train_weight)
-    out = fn(h, w, labels, **kw)
-    (out * upstream).sum().backward()
-    return out.detach(), h.grad, w.grad
+from kernel_cases import IGNORE, logprob_inputs as _inputs, run_logprobs as _run
 
 
 @pytest.mark.parametrize("triton_rows", [False, True])

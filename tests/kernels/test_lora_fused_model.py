@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 
+import pytest
 import torch
 
 from helpers import make_pair
@@ -20,6 +21,7 @@ from lora_cases import DEVICE
 from pronghorn.models.lora import LoRAConfig, attach_lora, lora_modules
 
 MODULES = [importlib.import_module(f"pronghorn.kernels.{m}") for m in ("lora_linear", "lora_mlp", "lora_qkv")]
+lora_linear_module = MODULES[0]
 FUNCTIONS = {"LoRALinearFunction": MODULES[0], "LoRAMLPFunction": MODULES[1], "LoRAQKVFunction": MODULES[2]}
 
 
@@ -79,3 +81,27 @@ def test_dropout_keeps_the_projections_separate(monkeypatch):
     calls = _force_fused(monkeypatch)
     _step(_model(dropout=0.1))
     assert calls == {"LoRALinearFunction": 14, "LoRAMLPFunction": 0, "LoRAQKVFunction": 0}
+
+
+@pytest.mark.parametrize("mode,tiled", [("on", False), ("offload", False), ("offload", True)],
+                         ids=["recompute", "offload", "offload-tiled-mlp"])
+def test_replayed_layers_skip_down_proj_and_stay_exact(monkeypatch, mode, tiled):
+    """A layer replayed for its backward throws its output away, so its down_proj runs with output_unused (no
+    matmul); the gradients stay bitwise those of the run without checkpointing."""
+    model = _model()
+    _force_fused(monkeypatch)
+    tiling = dict(tiled_mlp="on" if tiled else "off", tiled_mlp_chunk=8)
+    reference = copy.deepcopy(model)
+    reference.gradient_checkpointing_enable(mode="off", **tiling)  # tiled: chunk sums round differently
+    _, ref_grads = _step(reference)
+    unused = []
+    original = lora_linear_module.LoRALinearFunction.apply
+    monkeypatch.setattr(lora_linear_module.LoRALinearFunction, "apply",
+                        lambda *a: unused.append(len(a) > 8 and a[8]) or original(*a))
+    model.gradient_checkpointing_enable(mode=mode, **tiling)
+    _, grads = _step(model)
+    # per replayed layer one down_proj; tiled: one per chunk (2 x 15 tokens in chunks of 8) + a 1-token probe
+    # of the output's width, the layer replay's tiled block computing nothing else
+    assert unused.count(True) == 2 * (4 + 1 if tiled else 1)
+    for name, ref in ref_grads.items():
+        assert torch.equal(grads[name], ref), name

@@ -151,3 +151,23 @@ def test_dispatch(monkeypatch):
     assert "LoRALinearFunction" not in type(lora_linear_module.lora_linear(x, *trained).grad_fn).__name__
     out = lora_linear_module.lora_linear(x, p.weight, None, None, None, 0.0)  # no adapter: the base alone
     assert torch.equal(out, x @ p.weight.t())
+
+
+@pytest.mark.parametrize("base,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "autocast"])
+def test_unused_output_keeps_the_gradients_bitwise(base, autocast):
+    """A replay whose output is thrown away (output_unused) skips the base matmul and the delta, but saves the
+    same tensors: every gradient is bitwise the full forward's, and the output keeps its shape and dtype."""
+    nf4 = pytest.importorskip("pronghorn.kernels.nf4")
+    gen = torch.Generator().manual_seed(9)
+    p = as_dtype([projection(64, 48, 4, gen, scaling=0.5, bias=True)], base, torch.float32)[0]
+    x = randn(3, 5, 64, generator=gen).to(base)
+    for weight in (p.weight, nf4.quantize_nf4(p.weight, dtype=base)):
+        q = p._replace(weight=weight)
+        unused = lambda x, p: LoRALinearFunction.apply(x, p.weight, p.bias, p.lora_A, p.lora_B,  # noqa: E731
+                                                       p.scaling, 0.0, _autocast_dtype(x.device.type), True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            got, full = run(unused, x, [q]), run(fused, x, [q])
+        assert got[0].shape == full[0].shape and got[0].dtype == full[0].dtype
+        for g, f in zip(got[1:], full[1:]):
+            assert torch.equal(g, f)

@@ -135,3 +135,17 @@ def _check_against_bitsandbytes(shape, dtype):
     assert torch.equal(their_w.dequantize(), F.dequantize_4bit(packed, state))
     qs = F.QuantState.from_dict({k: v for k, v in mine.items() if k}, device=torch.device("cpu"))
     assert torch.equal(F.dequantize_4bit(mine[""], qs), ours.dequantize())
+
+
+def test_reuse_dequantized_gives_one_tensor_per_weight_and_dtype():
+    from pronghorn.kernels.nf4 import reuse_dequantized
+
+    q = quantize_nf4(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+    assert q.dequantize() is not q.dequantize()
+    with reuse_dequantized():
+        first = q.dequantize()
+        assert q.dequantize() is first and q.dequantize(torch.float32) is first
+        assert q.dequantize(torch.bfloat16) is not first
+        with reuse_dequantized():  # a nested block starts empty
+            assert q.dequantize() is not first
+    assert torch.equal(q.dequantize(), first)

@@ -212,3 +212,36 @@ def test_free_memory_respects_the_process_memory_fraction():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
     assert free_memory(torch.device("cuda")) > 0.25 * total
+
+
+def test_offloaded_nf4_layer_dequantizes_once_for_replay_and_backward(monkeypatch):
+    """QLoRA + offload on the fused LoRA path (forced, as on a GPU): the replayed layer's dequantized weights serve
+    its backward when memory allows, so each NF4 weight is dequantized twice per step (forward, replay; down_proj:
+    forward, backward, its replay skips the matmul) instead of three times; the gradients stay bitwise."""
+    import importlib
+
+    from pronghorn.kernels import nf4
+    from pronghorn.models.linear import Linear
+
+    for name in ("lora_linear", "lora_qkv"):  # not nf4's own dispatch: the CPU dequantizes with the reference
+        monkeypatch.setattr(importlib.import_module(f"pronghorn.kernels.{name}"), "use_triton", lambda *t: True)
+    model = _lora_model()
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.lora_dropout = 0.0  # fused ops take no dropout
+            m.quantize_nf4()
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    calls = [0]
+    original = nf4.dequantize_nf4_reference
+    monkeypatch.setattr(nf4, "dequantize_nf4_reference", lambda *a: calls.__setitem__(0, calls[0] + 1) or original(*a))
+    model.gradient_checkpointing_enable(mode="offload")
+    loss, grads = _loss_and_grads(model, batch)
+    layers = len(model.model.layers)
+    assert calls[0] == layers * 7 * 2
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
+    monkeypatch.setattr(checkpointing, "free_memory", lambda device: 0)  # no room: dequantized again
+    calls[0] = 0
+    _loss_and_grads(model, batch)
+    assert calls[0] == layers * (6 * 3 + 2) - 3  # layer 0's q, k, v need no input gradient: no backward dequant
