@@ -19,7 +19,6 @@ JSON of the non-tensor fields, as uint8 bytes).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import json
@@ -29,21 +28,16 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .triton_support import use_triton
+from .triton_support import scoped, use_triton
 
 _REUSE = contextvars.ContextVar("pronghorn_nf4_reuse", default=None)
 
 
-@contextlib.contextmanager
 def reuse_dequantized():
     """Inside the block every NF4 weight is dequantized once per dtype and the tensor reused (a layer replayed
     for its backward would dequantize each weight twice: in the replay and in the backward). Costs the dense
     weights used in the block, until it ends. Scoped to this thread / async context."""
-    token = _REUSE.set({})
-    try:
-        yield
-    finally:
-        _REUSE.reset(token)
+    return scoped(_REUSE, {})
 
 # The 16 NF4 levels (quantiles of N(0, 1), normalised to [-1, 1], with an exact zero) as float32.
 NF4_CODE = (

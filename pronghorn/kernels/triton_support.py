@@ -43,14 +43,19 @@ def kernel_dtype_ok(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def reference_kernels(enabled: bool = True):
-    """Inside the block every op takes its PyTorch reference, on any device (the oracle the fast path is
-    compared against, e.g. a whole training run). Scoped to this thread / async context."""
-    token = _REFERENCE_ONLY.set(enabled)
+def scoped(var: contextvars.ContextVar, value):
+    """``var`` set to ``value`` inside the block (this thread / async context), restored after it."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _REFERENCE_ONLY.reset(token)
+        var.reset(token)
+
+
+def reference_kernels(enabled: bool = True):
+    """Inside the block every op takes its PyTorch reference, on any device (the oracle the fast path is
+    compared against, e.g. a whole training run). Scoped to this thread / async context."""
+    return scoped(_REFERENCE_ONLY, enabled)
 
 
 def reference_only() -> bool:

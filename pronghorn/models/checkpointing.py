@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import PronghornError
 from ..kernels.nf4 import NF4Weight, reuse_dequantized
-from ..kernels.triton_support import reference_kernels, reference_only
+from ..kernels.triton_support import reference_kernels, reference_only, scoped
 from .pinned_host import pinned_empty
 
 MODES = ("off", "on", "offload", "auto")
@@ -36,15 +36,10 @@ _GIB = 2**30
 _OUTPUT_UNUSED = contextvars.ContextVar("pronghorn_output_unused", default=False)
 
 
-@contextlib.contextmanager
 def output_unused(enabled: bool = True):
     """Inside the block a decoder layer's output values are thrown away (it is replayed for its backward):
     the layer may return uninitialised values as long as its autograd graph and saved tensors are exact."""
-    token = _OUTPUT_UNUSED.set(enabled)
-    try:
-        yield
-    finally:
-        _OUTPUT_UNUSED.reset(token)
+    return scoped(_OUTPUT_UNUSED, enabled)
 
 
 def layer_output_unused() -> bool:
