@@ -15,8 +15,10 @@ peak = torch.cuda.max_memory_allocated over the training steps (weights included
 pronghorn rows can vary what only pronghorn has (each combination is one row, ``variant`` in the table):
 ``--gc-modes`` (off | on | offload | auto | all; default on, like TRL's gradient checkpointing),
 ``--chunk-mib`` (the logits chunk budget of the fused log-prob head, default 1024), ``--micro-pairs``
-(pairs per forward; the step still has B pairs through exact gradient accumulation, default B) and ``--table``
-(device | host: the tied embedding / head table in pinned host memory, the head streamed from there).
+(pairs per forward; the step still has B pairs through exact gradient accumulation, default B), ``--table``
+(device | host: the tied embedding / head table in pinned host memory, the head streamed from there) and
+``--mlp-chunk`` (tokens per chunk of the sequence-tiled MLP; 0, the default: untiled) and ``--replay`` (split |
+whole: offload's layer replay one residual block at a time, the default, or whole).
 
 Systems: ``pronghorn``, ``pronghorn-qlora`` (base projections in NF4: lower memory, not like-for-like), ``trl+peft`` (needs trl, peft, datasets), ``trl+peft+liger`` (also liger-kernel; skipped
 when it is not importable).
@@ -82,7 +84,8 @@ def _peak(device: str) -> float | None:
 
 def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.dtype, gc_mode: str = "on",
                   chunk_mib: int = 1024, micro_pairs: int | None = None, qlora: bool = False,
-                  profile: bool = False, host_table: bool = False) -> dict:
+                  profile: bool = False, host_table: bool = False, mlp_chunk: int | None = None,
+                  replay: str | None = None) -> dict:
     import importlib
 
     from pronghorn.models.builder import init_random_model
@@ -100,7 +103,9 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
         for module in model.modules():
             if isinstance(module, Linear):
                 module.quantize_nf4()
-    model.gradient_checkpointing_enable(mode=gc_mode)
+    # mlp_chunk: the norm + MLP over chunks of that many tokens (models/tiled_mlp.py), None: never tiled
+    model.gradient_checkpointing_enable(mode=gc_mode, tiled_mlp="on" if mlp_chunk else "off",
+                                        tiled_mlp_chunk=mlp_chunk or None)
     if host_table:  # the tied embedding / head table in pinned host memory, the head streamed from there
         from pronghorn.models.host_embedding import offload_embedding
 
@@ -111,10 +116,14 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
         raise SystemExit(f"--micro-pairs {micro} does not divide {len(rows)} pairs per step")
     linear_logprobs = importlib.import_module("pronghorn.kernels.linear_logprobs")  # the module, not the function
     chunk_bytes, linear_logprobs.CHUNK_BYTES = linear_logprobs.CHUNK_BYTES, chunk_mib << 20
+    from pronghorn.models import checkpointing
+
+    split, checkpointing.SPLIT_REPLAY = checkpointing.SPLIT_REPLAY, replay != "whole"  # None: split (default)
     with tempfile.TemporaryDirectory() as out:
         tc = TrainConfig(output_dir=out, method="dpo", beta=0.1, batch_size=micro,
                          gradient_accumulation_steps=len(rows) // micro, learning_rate=1e-4, max_grad_norm=1.0,
-                         progress=False, gradient_checkpointing=gc_mode)
+                         progress=False, gradient_checkpointing=gc_mode, tiled_mlp="on" if mlp_chunk else "off",
+                         tiled_mlp_chunk=mlp_chunk or 8192)
         trainer = PreferenceTrainer(model, tok, rows, tc)
         model.train()
         _sync(device)
@@ -134,7 +143,7 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
 
             train_step = trainer.train_step
             prof = profile_steps(lambda: train_step(rows), steps=2)
-    linear_logprobs.CHUNK_BYTES = chunk_bytes
+    linear_logprobs.CHUNK_BYTES, checkpointing.SPLIT_REPLAY = chunk_bytes, split
     del trainer, model
     return {"times": times, "peak_gib": peak, "loss": loss, "profile": prof}
 
@@ -235,8 +244,11 @@ def variants(a) -> list[dict]:
     modes = list(MODES) if a.gc_modes == "all" else a.gc_modes.split(",")
     micro = [int(m) for m in a.micro_pairs.split(",")] if a.micro_pairs else [None]
     tables = [t == "host" for t in a.table.split(",")]
-    return [{"gc_mode": g, "chunk_mib": int(c), "micro_pairs": m, "host_table": t or None}
-            for g in modes for c in a.chunk_mib.split(",") for m in micro for t in tables]
+    mlp = [int(c) or None for c in a.mlp_chunk.split(",")]
+    return [{"gc_mode": g, "chunk_mib": int(c), "micro_pairs": m, "host_table": t or None, "mlp_chunk": k,
+             "replay": None if r == "split" else r}
+            for g in modes for c in a.chunk_mib.split(",") for m in micro for t in tables for k in mlp
+            for r in a.replay.split(",")]
 
 
 def main() -> None:
@@ -253,6 +265,10 @@ def main() -> None:
     ap.add_argument("--table", default="device", help="pronghorn: where the tied embedding / head table lives, "
                                                       "comma-separated: device | host (offload_embedding='tied': "
                                                       "the head streams it; models/host_embedding)")
+    ap.add_argument("--mlp-chunk", default="0", help="pronghorn: tokens per chunk of the sequence-tiled MLP, "
+                                                      "comma-separated; 0: untiled (models/tiled_mlp)")
+    ap.add_argument("--replay", default="split", help="pronghorn, offload mode: split | whole, comma-separated "
+                                                       "(a layer's backward replay one residual block at a time)")
     ap.add_argument("--profile", action="store_true", help="pronghorn rows: also profile 2 steps (device time per "
                                                            "kernel category, idle, host syncs: benchmarks/step_profile)")
     ap.add_argument("--json", default="preference.json")

@@ -203,6 +203,8 @@ def main(argv=None) -> None:
                                                                  "--offload-embedding")
     ap.add_argument("--offload-embedding", action="store_true", help="pronghorn: an untied input embedding table "
                                                                      "in pinned host memory (models/host_embedding)")
+    ap.add_argument("--replay", default="split", choices=("split", "whole"), help="pronghorn, offload mode: a "
+                    "layer's backward replay one residual block at a time (default) or whole (checkpointing.py)")
     ap.add_argument("--optim", default="adamw_torch_fused", help="adamw_torch_fused | adamw_torch | adamw_8bit")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per row: device time per kernel "
                                                            "category, idle gaps, host syncs (benchmarks/step_profile)")
@@ -218,6 +220,9 @@ def main(argv=None) -> None:
         a.gc, a.offload_embedding = "offload", True
     if device == "cpu" and not a.smoke:
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
+    from pronghorn.models import checkpointing
+
+    checkpointing.SPLIT_REPLAY = a.replay == "split"
     modes = a.gc.split(",")
     bad = [m for m in modes if m not in GC_MODES]
     if bad:
@@ -240,7 +245,8 @@ def main(argv=None) -> None:
         for r in rows:
             print(f"{r['workload']:<20} {r['system']:<16} {r['gc']:<8} " +
                   " ".join(f"{k}={v}" for k, v in r["profile"].items()))
-    write_results(a.json, run_meta(optim=a.optim, steps=a.steps, offload_embedding=a.offload_embedding), rows)
+    write_results(a.json, run_meta(optim=a.optim, steps=a.steps, offload_embedding=a.offload_embedding,
+                                   replay=a.replay), rows)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import torch
 
 from .tokenize import IGNORE_INDEX
 
-__all__ = ["pad_batch"]
+__all__ = ["batch_to_device", "pad_batch"]
 
 
 def pad_batch(
@@ -63,3 +63,20 @@ def pad_batch(
         attention_mask[b, cols] = 1
         labels_out[b, cols] = labels
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels_out}
+
+
+def batch_to_device(batch: Mapping[str, torch.Tensor | None], device) -> dict[str, torch.Tensor | None]:
+    """A collated host batch on ``device`` without waiting for the device: on CUDA each tensor goes through
+    pinned memory with a non-blocking copy (a copy from pageable memory synchronizes the stream). An all-ones
+    ``attention_mask`` becomes None, which means the same to the models (no padding): checked here on the host,
+    where it is free, instead of by the model on the device (a host sync per forward)."""
+    device = torch.device(device)
+    out: dict[str, torch.Tensor | None] = {}
+    for k, v in batch.items():
+        if v is not None and v.device.type == "cpu":
+            if k == "attention_mask" and bool(v.all()):
+                v = None
+            elif device.type == "cuda":
+                v = v.pin_memory().to(device, non_blocking=True)
+        out[k] = v if v is None else v.to(device)
+    return out

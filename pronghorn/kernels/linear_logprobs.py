@@ -47,6 +47,20 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels
     return torch.where(keep, picked, picked.new_zeros(()))
 
 
+def kept_rows(labels: torch.Tensor, ignore_index: int, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the rows whose label is not ``ignore_index``. Without ``keep_rows`` they are found with
+    ``nonzero``: one host sync, as the matmul shapes need their count. ``keep_rows``: the same indices computed
+    by the caller (e.g. on the host, from the batch before it was copied to the device): no sync; checked
+    against ``labels`` on the device, asynchronously."""
+    keep = labels != ignore_index
+    if keep_rows is None:
+        return keep.nonzero().squeeze(-1)
+    idx = keep_rows.to(labels.device, torch.long)
+    torch._assert_async((keep.sum() == idx.numel()) & keep.index_select(0, idx).all(),
+                        "keep_rows are not the rows of labels that are not ignore_index")
+    return idx
+
+
 def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
     """Per row: ``-logp`` (= lse - x[label], fp32); with ``write_grad`` the rows become softmax - onehot."""
     x = logits.float()
@@ -87,11 +101,10 @@ def _dweight_add(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tenso
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, need_dh, need_dw, triton_rows):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, need_dh, need_dw, triton_rows, keep_rows):
         N, H = hidden.shape
         V = weight.shape[0]
-        keep = labels != ignore_index
-        idx = keep.nonzero().squeeze(-1)  # one host sync: the matmul shapes need the count
+        idx = kept_rows(labels, ignore_index, keep_rows)
         n = idx.numel()
         y = labels.index_select(0, idx)
         if n:
@@ -124,14 +137,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         N, H = ctx.shape
         if ctx.mode == "none":
-            return None, None, None, None, None, None, None, None
+            return (None,) * 9
         g = grad_out.float()
         if ctx.mode == "scale":
             dh_c, idx = ctx.saved_tensors
             scale = -g.index_select(0, idx).unsqueeze(-1)
             dh = torch.zeros(N, H, dtype=dh_c.dtype, device=dh_c.device)
             dh.index_copy_(0, idx, (dh_c.float() * scale).to(dh_c.dtype))
-            return dh, None, None, None, None, None, None, None
+            return (dh,) + (None,) * 8
         hidden, weight, y, idx = ctx.saved_tensors
         need_dh = ctx.needs_input_grad[0]
         n, rows = idx.numel(), ctx.rows
@@ -150,25 +163,27 @@ class LinearLogprobsFunction(torch.autograd.Function):
             dw = _dweight_add(dw, logits, (h_c.float() * scale).to(h_c.dtype))
         if dw is None:
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        return dh, dw.to(ctx.weight_dtype), None, None, None, None, None, None
+        return (dh, dw.to(ctx.weight_dtype)) + (None,) * 7
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
-                    triton_rows: bool | None = None) -> torch.Tensor:
+                    triton_rows: bool | None = None, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 per-row log-prob of ``labels`` under ``softmax(hidden @ weight^T)`` (0 at ignored rows), chunked.
 
     ``chunk_size`` caps the rows per logits chunk (default: a ~1 GiB chunk). ``triton_rows`` picks the Triton
     row kernel (default: on CUDA tensors when Triton is importable). A frozen ``weight`` on another device than
-    ``hidden`` (a tied table kept on the host) is read slice by slice: :func:`.streamed_logprobs`."""
+    ``hidden`` (a tied table kept on the host) is read slice by slice: :func:`.streamed_logprobs`. ``keep_rows``:
+    the indices of the rows not ignored, when the caller knows them (no host sync; :func:`kept_rows`)."""
     if weight.device != hidden.device and not weight.requires_grad:
         from .streamed_logprobs import streamed_logprobs
 
-        return streamed_logprobs(hidden, weight, labels, ignore_index)
+        return streamed_logprobs(hidden, weight, labels, ignore_index, keep_rows=keep_rows)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)  # differentiable cast (autocast-style mixed dtypes)
     if triton_rows is None:
         triton_rows = use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES
     grad = torch.is_grad_enabled()
     return LinearLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_size,
-                                        grad and hidden.requires_grad, grad and weight.requires_grad, triton_rows)
+                                        grad and hidden.requires_grad, grad and weight.requires_grad, triton_rows,
+                                        keep_rows)

@@ -133,7 +133,13 @@ def _adapter_input_grad(dx: torch.Tensor | None, p: torch.Tensor, a: torch.Tenso
     return dx.add_((p @ a).to(x_dtype))
 
 
-def _base_input_grad(dy: torch.Tensor, w: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+def _base_input_grad(dy: torch.Tensor, w: torch.Tensor, x_dtype: torch.dtype,
+                     into: torch.Tensor | None = None) -> torch.Tensor:
+    """``(dy @ w).to(x_dtype)``; written into ``into`` (a spent buffer of the result's shape) when the dtypes
+    allow a plain ``out=`` matmul."""
+    if into is not None and dy.dtype == w.dtype == x_dtype == into.dtype and into.is_contiguous():
+        torch.autograd.graph.increment_version(into)
+        return torch.mm(dy, w, out=into)
     return (dy.to(w.dtype) @ w).to(x_dtype)
 
 
@@ -243,17 +249,20 @@ def fusable_projections(layers, training: bool) -> list[LoRAProjection] | None:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, lora_A, lora_B, scaling, dropout, cdt[, output_unused])``: the LoRA linear with a
-    frozen base.
+    """``apply(x, weight, bias, lora_A, lora_B, scaling, dropout, cdt[, output_unused[, owns_input]])``: the LoRA
+    linear with a frozen base.
 
     ``dropout`` is the probability applied to the adapter's input (0 outside training); ``cdt`` the autocast
-    dtype at the call (``_autocast_dtype``) or None; ``output_unused``: see the module docstring.
+    dtype at the call (``_autocast_dtype``) or None; ``output_unused``: see the module docstring;
+    ``owns_input``: nothing else uses ``x``, so the backward writes d x over the saved ``x`` once ``d lora_A``
+    (the last use of ``x``) is formed (one [tokens, in] buffer less at the backward's peak; the saved tensor's
+    version is bumped, so a second backward through it fails loudly).
     Gradients: x (unless it needs none), lora_A, lora_B;
     the base ``weight`` and ``bias`` must not require grad.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout, cdt, output_unused=False):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout, cdt, output_unused=False, owns_input=False):
         dev = x.device.type
         x2 = x.reshape(-1, x.shape[-1])
         adt = _adapter_dtype(lora_A, cdt)
@@ -279,7 +288,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x if need_a else None, xa if need_b else None, a, bs, w_saved, keep, keep_scale)
         ctx.qweight = None if isinstance(weight, torch.Tensor) or not need_x else weight
         ctx.scaling, ctx.cdt, ctx.a_dtype, ctx.b_dtype = scaling, cdt, lora_A.dtype, lora_B.dtype
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.x_shape, ctx.x_dtype, ctx.owns_input = x.shape, x.dtype, owns_input
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -302,13 +311,14 @@ class LoRALinearFunction(torch.autograd.Function):
                 da = (p.t() @ xin).to(ctx.a_dtype)
             if need_x:
                 w = _dense(weight if ctx.qweight is None else ctx.qweight, ctx.cdt)
-                dx = _base_input_grad(dy2, w, ctx.x_dtype)
+                into = x.reshape(-1, x.shape[-1]) if ctx.owns_input and x is not None else None
+                dx = _base_input_grad(dy2, w, ctx.x_dtype, into)
                 if noise is None:
                     dx = _adapter_input_grad(dx, p, a, ctx.x_dtype)
                 else:
                     dx = dx + ((p @ a).to(ctx.a_dtype) * noise).to(ctx.x_dtype)
                 dx = dx.view(ctx.x_shape)
-        return dx, None, None, da, db, None, None, None, None
+        return dx, None, None, da, db, None, None, None, None, None
 
 
 def lora_linear(
@@ -321,6 +331,7 @@ def lora_linear(
     dropout: float = 0.0,
     training: bool = False,
     output_unused: bool = False,
+    owns_input: bool = False,
 ) -> torch.Tensor:
     """The single entry point model code calls for every projection (with or without an adapter).
 
@@ -328,13 +339,14 @@ def lora_linear(
     ``LoRALinearFunction``; anything else (CPU tensors, no adapter, a base being trained) the reference.
     Dispatch is by device, as for every kernel (``use_triton``): the CPU keeps PEFT's exact op sequence.
     ``output_unused``: the caller throws the result's values away (see the module docstring); only the fast
-    path uses the hint, the reference computes the output anyway.
+    path uses the hint, the reference computes the output anyway. ``owns_input``: nothing else uses ``x``; the
+    fast path's backward may then write d x over it (``LoRALinearFunction``).
     """
     if lora_A is None or _trains_base(weight, bias) or not use_triton(x):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
     p = dropout if training else 0.0
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, _autocast_dtype(x.device.type),
-                                    output_unused)
+                                    output_unused, owns_input)
 
 
 def _trains_base(weight, bias) -> bool:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .linear_logprobs import kept_rows
+
 IGNORE_INDEX = -100
 VOCAB_CHUNK = 8192
 ROW_TILE = 2048
@@ -24,19 +26,19 @@ ROW_TILE = 2048
 
 def streamed_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       ignore_index: int = IGNORE_INDEX, vocab_chunk: int = VOCAB_CHUNK,
-                      row_tile: int = ROW_TILE) -> torch.Tensor:
+                      row_tile: int = ROW_TILE, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [N] log-probs of ``labels`` under ``hidden`` [N, H] @ ``weight`` [V, H]^T; ``weight`` may be on the
-    host (pinned: the copies overlap) while ``hidden`` is on a GPU. ``weight`` must not need a gradient."""
+    host (pinned: the copies overlap) while ``hidden`` is on a GPU. ``weight`` must not need a gradient.
+    ``keep_rows``: the indices of the rows not ignored, when the caller knows them (no host sync)."""
     if weight.requires_grad:
         raise ValueError("streamed_logprobs takes a frozen head; its weight requires grad")
-    return _StreamedLogprobs.apply(hidden, weight, labels, ignore_index, vocab_chunk, row_tile)
+    return _StreamedLogprobs.apply(hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows)
 
 
 class _StreamedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, vocab_chunk, row_tile):
-        keep = labels != ignore_index
-        rows = keep.nonzero().squeeze(-1)
+    def forward(ctx, hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows):
+        rows = kept_rows(labels, ignore_index, keep_rows)
         h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
         want_grad = ctx.needs_input_grad[0]
         picked, lse, grad = _scan(h, weight, y, vocab_chunk, row_tile, want_grad)
@@ -52,7 +54,7 @@ class _StreamedLogprobs(torch.autograd.Function):
         rows, grad = ctx.saved_tensors
         dh = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad.device)
         dh.index_copy_(0, rows, (grad * dout.index_select(0, rows).to(grad.dtype).unsqueeze(-1)).to(dh.dtype))
-        return dh, None, None, None, None, None
+        return (dh,) + (None,) * 6
 
 
 def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: int, row_tile: int,

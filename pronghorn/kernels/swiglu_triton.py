@@ -72,12 +72,20 @@ def launch_gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, **constex
     return y, g2, u2
 
 
-def launch_gated_backward(kernel, g2: torch.Tensor, u2: torch.Tensor, dy: torch.Tensor, **constexprs):
+def launch_gated_backward(kernel, g2: torch.Tensor, u2: torch.Tensor, dy: torch.Tensor, inplace: bool = False,
+                          **constexprs):
     """(d gate, d up) as [rows, columns] by a backward ``kernel(DG, DU, DY, G, U, their row strides, n_cols, ...,
-    BLOCK)`` from the saved gate and up rows (shared with ``geglu_triton``)."""
+    BLOCK)`` from the saved gate and up rows (shared with ``geglu_triton``). ``inplace``: written over the saved
+    gate and up (each element is read before it is written, by the same program), which the caller owns; their
+    version counters are bumped, so any other holder of them fails loudly instead of reading gradients."""
     dy2 = as_rows(dy)
-    dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
-    du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
+    if inplace:
+        dg, du = g2, u2
+        for t in (g2, u2):
+            torch.autograd.graph.increment_version(t)
+    else:
+        dg = torch.empty(g2.shape, dtype=g2.dtype, device=g2.device)
+        du = torch.empty(u2.shape, dtype=u2.dtype, device=u2.device)
     if dg.numel():
         grid, block, warps = elementwise_launch(*g2.shape, max_block=_MAX_BLOCK)
         kernel[grid](
@@ -89,18 +97,19 @@ def launch_gated_backward(kernel, g2: torch.Tensor, u2: torch.Tensor, dy: torch.
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """``silu(gate) * up`` with the Triton forward and a recomputing backward; ``apply(gate, up)``."""
+    """``silu(gate) * up`` with the Triton forward and a recomputing backward; ``apply(gate, up[, inplace])``:
+    ``inplace``, the backward writes the gradients over the saved gate and up (see ``kernels.swiglu``)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         check_same_shape(gate, up, "swiglu")
         y, g2, u2 = launch_gated_forward(_swiglu_fwd_kernel, gate, up)
         ctx.save_for_backward(g2, u2)
-        ctx.shape = gate.shape
+        ctx.shape, ctx.inplace = gate.shape, inplace
         return y.view(gate.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        dg, du = launch_gated_backward(_swiglu_bwd_kernel, *ctx.saved_tensors, dy)
-        return dg.view(ctx.shape), du.view(ctx.shape)
+        dg, du = launch_gated_backward(_swiglu_bwd_kernel, *ctx.saved_tensors, dy, inplace=ctx.inplace)
+        return dg.view(ctx.shape), du.view(ctx.shape), None

@@ -97,8 +97,10 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict, cache: KVCache | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict, cache: KVCache | None,
+        output_unused: bool = False,
     ) -> torch.Tensor:
+        """``output_unused``: the values are thrown away (a replay for the backward): o_proj skips its matmul."""
         b, t, _ = x.shape
         fused = fusable_projections((self.q_proj, self.k_proj, self.v_proj), self.training)
         q, k, v = lora_qkv(x, *fused) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
@@ -113,5 +115,5 @@ class Attention(nn.Module):
         mask = masks[self.window]
         causal = mask is None and t > 1 and t == k.shape[2]
         out = sdpa(q, k, v, mask, causal)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), output_unused=output_unused)
 

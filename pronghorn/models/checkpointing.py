@@ -326,15 +326,56 @@ class _OffloadedLayer(torch.autograd.Function):
         reuse = reuse_dequantized() if _can_keep_dense_weights(ctx.layer, device) else contextlib.nullcontext()
         with reuse:  # an NF4 layer: the replay's dequantized weights serve its backward too
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-                _set_rng_state(device, ctx.rng)
-                with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
-                        _replay_context(ctx.reference):
-                    out = ctx.layer(x, *ctx.args)
-            inputs = ([x] if x.requires_grad else []) + params
-            grads = list(torch.autograd.grad(out, inputs, grad, allow_unused=True))
-            del out
+                replay = _split_replay if SPLIT_REPLAY and hasattr(ctx.layer, "mlp_block") else _whole_replay
+                grads = replay(ctx, x, params, grad)
         gx = grads.pop(0) if x.requires_grad else None
         return (None, None, None, gx, *grads)
+
+
+SPLIT_REPLAY = True  # offload mode replays a decoder layer's two residual blocks apart (see _split_replay)
+
+
+def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: bool = True):
+    """A replay under the forward's autocast and kernel choice. ``graph``: with autograd, values thrown away (only
+    what the ops save counts: ``output_unused``); else without, values used. ``from_forward_rng``: restart the
+    RNG stream from the forward's state (else continue the current one)."""
+    if from_forward_rng:
+        _set_rng_state(device, ctx.rng)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.enable_grad() if graph else torch.no_grad())
+    stack.enter_context(torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]))
+    stack.enter_context(_replay_context(ctx.reference) if graph else reference_kernels(ctx.reference))
+    return stack
+
+
+def _whole_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor) -> list:
+    """Gradients of ([x], *params) from one replay of the whole layer."""
+    with _replaying(ctx, x.device):
+        out = ctx.layer(x, *ctx.args)
+    return list(torch.autograd.grad(out, ([x] if x.requires_grad else []) + params, grad, allow_unused=True))
+
+
+def _split_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor) -> list:
+    """Gradients of ([x], *params) with a decoder layer replayed one residual block at a time: the attention
+    block's output is recomputed without a graph, the MLP block is replayed and back-propagated, then the
+    attention block is. So the two blocks' saved tensors never coexist: the layer's backward peak is the larger
+    block's, not their sum, for one more attention-block forward (about a fifth of a Llama layer's FLOPs). The
+    values are the whole replay's: the same ops on the same inputs and RNG stream (the attention block starts
+    from the forward's RNG state both times, the MLP block continues where the first one left it)."""
+    layer, (cos, sin, masks, cache, mlp_chunk) = ctx.layer, ctx.args
+    with _replaying(ctx, x.device, graph=False):
+        mid = layer.attention_block(x, cos, sin, masks, cache)
+    mid.requires_grad_()
+    with _replaying(ctx, x.device, from_forward_rng=False):
+        out = layer.mlp_block(mid, mlp_chunk)
+    d_mid, *mlp_grads = torch.autograd.grad(out, [mid] + params, grad, allow_unused=True)
+    del out, mid
+    with _replaying(ctx, x.device):
+        out = layer.attention_block(x, cos, sin, masks, cache, output_unused=True)
+    attn_grads = list(torch.autograd.grad(out, ([x] if x.requires_grad else []) + params, d_mid, allow_unused=True))
+    del out
+    gx = [attn_grads.pop(0)] if x.requires_grad else []
+    return gx + [a if m is None else m if a is None else a + m for a, m in zip(attn_grads, mlp_grads)]
 
 
 def _can_keep_dense_weights(layer, device: torch.device) -> bool:

@@ -32,8 +32,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, **kw)
 
     def forward(self, x: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
-        """``output_unused``: the values are thrown away (a replay for the backward): down_proj skips its matmul."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)), output_unused=output_unused)
+        """``output_unused``: the values are thrown away (a replay for the backward): down_proj skips its matmul.
+        gate, up and their product are this block's own temporaries, so the backward writes d gate, d up over
+        gate and up, and d product over the product (two and one [tokens, intermediate] buffers less)."""
+        h = swiglu(self.gate_proj(x), self.up_proj(x), owns_inputs=True)
+        return self.down_proj(h, output_unused=output_unused, owns_input=True)
 
 
 class DecoderLayer(nn.Module):
@@ -46,8 +49,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
     def forward(self, x, cos, sin, masks, cache, mlp_chunk: int | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
-        if mlp_chunk:  # norm + MLP over chunks of tokens (models/tiled_mlp.py)
+        return self.mlp_block(self.attention_block(x, cos, sin, masks, cache), mlp_chunk)
+
+    def attention_block(self, x, cos, sin, masks, cache, output_unused: bool = False):
+        """The first residual block: ``x`` plus self-attention of its norm (checkpointing replays the two blocks
+        apart). ``output_unused``: a replay whose values are thrown away (o_proj skips its matmul)."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, output_unused)
+
+    def mlp_block(self, x, mlp_chunk: int | None = None):
+        """The second residual block: ``x`` plus the MLP of its norm, over chunks of ``mlp_chunk`` tokens when
+        given (models/tiled_mlp.py)."""
+        if mlp_chunk:
             params = [*self.post_attention_layernorm.parameters(), *self.mlp.parameters()]
             return x + sequence_tiled(self._norm_mlp, x, mlp_chunk, params)
         return x + self._norm_mlp(x)

@@ -83,13 +83,13 @@ class Linear(nn.Module):
             state_dict[prefix + "weight.packed"] = state_dict.pop(prefix + "weight")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def forward(self, x: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_unused: bool = False, owns_input: bool = False) -> torch.Tensor:
         """``output_unused``: the caller throws the values away (kernels.lora_linear: the fast path skips the
-        base matmul)."""
+        base matmul); ``owns_input``: nothing else uses ``x`` (the fast path's backward may overwrite it)."""
         if self.lora_A is None or not self.lora_enabled:
             return lora_linear(x, self.weight, self.bias, None, None, 0.0)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scaling,
-                           self.lora_dropout, self.training, output_unused)
+                           self.lora_dropout, self.training, output_unused, owns_input)
 
     def extra_repr(self) -> str:
         r = f", lora_r={self.lora_A.shape[0]}" if self.has_lora else ""

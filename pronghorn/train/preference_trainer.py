@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.collate import batch_to_device
 from ..data.preference_collate import add_kl_completions, collate_kto, collate_preference
 from ..errors import PronghornError
 from ..kernels.linear_logprobs import linear_logprobs
@@ -46,17 +47,35 @@ METHODS = ("dpo", "orpo", "kto")
 
 def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of each row's labelled tokens (fp32), their count) for a batch with unshifted
-    ``labels``. pronghorn models never build logits; any other causal LM goes through its logits."""
+    ``labels``. pronghorn models never build logits; any other causal LM goes through its logits. Optional
+    ``keep_rows``: the flat indices of the labelled tokens after the shift (see :func:`device_batch`)."""
     shifted = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
     if isinstance(model, DecoderForCausalLM):
-        hidden = model.model(batch["input_ids"], batch["attention_mask"])
-        tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, shifted.reshape(-1))
+        hidden = model.model(batch["input_ids"], batch.get("attention_mask"))
+        tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, shifted.reshape(-1),
+                              keep_rows=batch.get("keep_rows"))
         tok = tok.view(shifted.shape)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         keep = shifted != IGNORE_INDEX
         tok = logits.float().log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
     return tok.sum(-1), (shifted != IGNORE_INDEX).sum(-1)
+
+
+def device_batch(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor | None]:
+    """A collated host batch on ``device`` with ``keep_rows`` (the flat indices of the labelled tokens after the
+    shift) computed on the host: the log-prob head then needs no host sync to count them
+    (:func:`~pronghorn.data.collate.batch_to_device` moves it; an all-ones attention mask becomes None)."""
+    shifted = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep_rows = (shifted.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
+    return batch_to_device({**batch, "keep_rows": keep_rows}, device)
+
+
+def _on_host(sums: dict) -> dict[str, float]:
+    """Metric sums as floats, the device ones in one transfer (one host sync)."""
+    keys = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+    host = dict(zip(keys, torch.stack([sums[k].detach().float().reshape(()) for k in keys]).tolist())) if keys else {}
+    return {k: host[k] if k in host else float(v) for k, v in sums.items()}
 
 
 @contextlib.contextmanager
@@ -102,7 +121,11 @@ class PreferenceTrainer(Trainer):
         return {"main": self._to(collate_preference(rows, self.pad_id))}
 
     def _to(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return device_batch(batch, self.device)
+
+    def _tensor(self, values: list, dtype=torch.float32) -> torch.Tensor:
+        """Host values on the device without a sync (pinned, non-blocking)."""
+        return batch_to_device({"t": torch.tensor(values, dtype=dtype)}, self.device)["t"]
 
     @torch.no_grad()
     def _reference_logps(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -115,26 +138,26 @@ class PreferenceTrainer(Trainer):
         out = []
         for i in range(0, len(rows), self.cfg.batch_size):
             chunk = rows[i:i + self.cfg.batch_size]
-            ref = self._reference_logps(self._batch(chunk))
+            ref = {k: v.tolist() for k, v in self._reference_logps(self._batch(chunk)).items()}
             n = len(chunk)
             for j, r in enumerate(chunk):
                 if self.cfg.method == "kto":
-                    extra = {"ref_logps": float(ref["main"][j]), "ref_kl_logps": float(ref["kl"][j])}
+                    extra = {"ref_logps": ref["main"][j], "ref_kl_logps": ref["kl"][j]}
                 else:
-                    extra = {"ref_chosen_logps": float(ref["main"][j]), "ref_rejected_logps": float(ref["main"][n + j])}
+                    extra = {"ref_chosen_logps": ref["main"][j], "ref_rejected_logps": ref["main"][n + j]}
                 out.append({**r, **extra})
         return out
 
     def _stored_or_computed_reference(self, rows: list[dict], batch: dict) -> dict[str, torch.Tensor]:
         if self.cfg.method == "kto" and all("ref_logps" in r for r in rows):
-            t = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.float32, device=self.device)
-            return {"main": t("ref_logps"), "kl": t("ref_kl_logps")}
+            return {"main": self._tensor([r["ref_logps"] for r in rows]),
+                    "kl": self._tensor([r["ref_kl_logps"] for r in rows])}
         if self.cfg.method != "kto" and all("ref_chosen_logps" in r for r in rows):
             vals = [r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
-            return {"main": torch.tensor(vals, dtype=torch.float32, device=self.device)}
+            return {"main": self._tensor(vals)}
         return self._reference_logps(batch)
 
-    # --- one micro-batch: (loss to backpropagate, metric sums) ---
+    # --- one micro-batch: (loss to backpropagate, metric sums: 0-dim device tensors or host numbers) ---
     def micro_batch_loss(self, rows: list[dict], num_rows: int, num_chosen_tokens: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         batch = self._batch(rows)
@@ -146,18 +169,19 @@ class PreferenceTrainer(Trainer):
                 kl_logps = completion_logps(self.model, batch["kl"])[0]
         with self._autocast():
             logps, counts = completion_logps(self.model, batch["main"])
-        stats: dict[str, float] = {}
-        if cfg.method == "kto":
-            label = torch.tensor([bool(r["label"]) for r in rows], device=self.device)
+        stats: dict = {}
+        if cfg.method == "kto":  # rows split by label with host-made indices (a boolean mask would sync)
+            label = [bool(r["label"]) for r in rows]
+            pos = self._tensor([j for j, good in enumerate(label) if good], torch.long)
+            neg = self._tensor([j for j, good in enumerate(label) if not good], torch.long)
             kl = kto_kl(kl_logps, ref["kl"])
-            out = kto_loss(logps[label], logps[~label], ref["main"][label], ref["main"][~label], kl, cfg.beta,
+            out = kto_loss(logps[pos], logps[neg], ref["main"][pos], ref["main"][neg], kl, cfg.beta,
                            cfg.desirable_weight, cfg.undesirable_weight)
             loss = out.losses.sum() / num_rows
-            stats.update({"kl": float(kl) * len(rows), "n_chosen": int(label.sum()),
-                          "n_rejected": int((~label).sum()), "rewards/chosen": float(out.chosen_rewards.sum()),
-                          "rewards/rejected": float(out.rejected_rewards.sum()),
-                          "logps/chosen": float(logps[label].detach().sum()),
-                          "logps/rejected": float(logps[~label].detach().sum())})
+            stats.update({"kl": kl.detach() * len(rows), "n_chosen": sum(label),
+                          "n_rejected": len(label) - sum(label), "rewards/chosen": out.chosen_rewards.sum(),
+                          "rewards/rejected": out.rejected_rewards.sum(),
+                          "logps/chosen": logps[pos].detach().sum(), "logps/rejected": logps[neg].detach().sum()})
             return loss, stats
         b = len(rows)
         chosen, rejected = logps[:b], logps[b:]
@@ -168,9 +192,8 @@ class PreferenceTrainer(Trainer):
             out, log_odds = orpo_loss(chosen, rejected, cfg.beta)
             nll = -logps[:b].sum() / num_chosen_tokens
             loss = out.losses.sum() / num_rows + nll
-            stats.update({"nll_loss": float(nll.detach()) * num_rows,
-                          "log_odds_ratio": float(F.logsigmoid(log_odds).sum()),
-                          "log_odds_chosen": float(log_odds.sum())})
+            stats.update({"nll_loss": nll.detach() * num_rows, "log_odds_ratio": F.logsigmoid(log_odds).sum(),
+                          "log_odds_chosen": log_odds.sum()})
         elif cfg.loss_type == "simpo":
             out = simpo_loss(chosen, rejected, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
             loss = out.losses.sum() / num_rows
@@ -179,26 +202,26 @@ class PreferenceTrainer(Trainer):
             out = dpo_loss(chosen, rejected, ref[:b], ref[b:], cfg.beta, cfg.loss_type, cfg.label_smoothing, n_c, n_r)
             loss = out.losses.sum() / num_rows
         margins = out.chosen_rewards - out.rejected_rewards
-        stats.update({"rewards/chosen": float(out.chosen_rewards.sum()),
-                      "rewards/rejected": float(out.rejected_rewards.sum()),
-                      "rewards/margins": float(margins.sum()), "rewards/accuracies": float((margins > 0).sum()),
-                      "logps/chosen": float(chosen.detach().sum()), "logps/rejected": float(rejected.detach().sum())})
+        stats.update({"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
+                      "rewards/margins": margins.sum(), "rewards/accuracies": (margins > 0).sum(),
+                      "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()})
         return loss, stats
 
     def accumulate_gradients(self, examples: list[dict]) -> tuple[float, int]:
         num_rows = len(examples)
         num_chosen_tokens = max(1, sum(sum(r.get("chosen_mask", ())) for r in examples))
-        total, tokens, sums = 0.0, 0, defaultdict(float)
+        tokens, sums = 0, defaultdict(float)  # summed on the device: one host sync per step
         for i in range(0, num_rows, self.cfg.batch_size):
             rows = examples[i:i + self.cfg.batch_size]
             loss, stats = self.micro_batch_loss(rows, num_rows, num_chosen_tokens)
             loss.backward()
-            total += float(loss.detach())
             tokens += sum(len(r["prompt_ids"]) * (1 if self.cfg.method == "kto" else 2)
                           + len(r.get("completion_ids", ())) + len(r.get("chosen_ids", ()))
                           + len(r.get("rejected_ids", ())) for r in rows)
-            for k, v in stats.items():
-                sums[k] += v
+            for k, v in {**stats, "loss": loss.detach()}.items():
+                sums[k] = sums[k] + v
+        sums = _on_host(sums)
+        total = sums.pop("loss")
         self._step_metrics = self._means(sums, num_rows)
         return total, tokens
 
@@ -227,12 +250,13 @@ class PreferenceTrainer(Trainer):
             if self.cfg.method == "kto":
                 rows = add_kl_completions(rows, self.cfg.batch_size)
             num_chosen_tokens = max(1, sum(sum(r.get("chosen_mask", ())) for r in rows))
-            total, sums = 0.0, defaultdict(float)
+            sums = defaultdict(float)
             for i in range(0, len(rows), self.cfg.batch_size):
                 loss, stats = self.micro_batch_loss(rows[i:i + self.cfg.batch_size], len(rows), num_chosen_tokens)
-                total += float(loss)
-                for k, v in stats.items():
-                    sums[k] += v
+                for k, v in {**stats, "loss": loss}.items():
+                    sums[k] = sums[k] + v
+            sums = _on_host(sums)
+            total = sums.pop("loss")
             return {"loss": total, **self._means(sums, len(rows))}
         finally:
             self.model.train(was_training)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.collate import pad_batch
+from ..data.collate import batch_to_device, pad_batch
 from ..data.packing import collate_packed, pack_examples
 from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES, save_adapter
@@ -97,7 +97,7 @@ class Trainer:
         for i in range(0, len(examples), self.cfg.batch_size):
             chunk = examples[i:i + self.cfg.batch_size]
             batch = collate_packed(chunk, self.pad_id) if self.cfg.packing else pad_batch(chunk, self.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = batch_to_device(batch, self.device)
             tokens += sum(len(e["input_ids"]) for e in chunk)
             with self._autocast(), self.dist.grad_sync(i + self.cfg.batch_size >= len(examples)):
                 loss = self.dist.forward(**batch, num_items_in_batch=num_items).loss

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pronghorn.data import IGNORE_INDEX, pad_batch
+from pronghorn.data.collate import batch_to_device
 
 EOS = 2
 
@@ -57,3 +58,14 @@ def test_bad_arguments(examples, kwargs, match):
         pad_batch(examples, pad_token_id=0, **kwargs)
     with pytest.raises(ValueError, match="pad_token_id"):
         pad_batch([{"input_ids": [1], "labels": [1]}], pad_token_id=None)
+
+
+def test_batch_to_device_drops_a_full_mask_and_keeps_a_padded_one():
+    """An all-ones attention mask becomes None (no padding: the model then need not check it on the device);
+    a padded one and every other tensor arrive unchanged (pinned, non-blocking copies on CUDA)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    full = batch_to_device(pad_batch(_examples()[:1], pad_token_id=EOS), device)
+    assert full["attention_mask"] is None and full["input_ids"].device.type == device
+    padded = pad_batch(_examples(), pad_token_id=EOS)
+    moved = batch_to_device(padded, device)
+    assert all(torch.equal(moved[k].cpu(), padded[k]) for k in padded)

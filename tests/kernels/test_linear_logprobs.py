@@ -59,3 +59,19 @@ def test_bf16_close_to_reference():
     assert torch.allclose(got[0], ref[0], atol=2e-2, rtol=0)
     err = (got[1].float() - ref[1].float()).norm() / ref[1].float().norm()
     assert err < 2e-2
+
+
+def test_keep_rows_from_the_caller_give_the_same_values_and_grads():
+    """``keep_rows`` (the labelled rows, known to the caller: no nonzero, no host sync) changes nothing; wrong
+    ones are refused (checked on the device, asynchronously; tested on the CPU, where the check raises at once)."""
+    x = _inputs(97, 16)
+    rows = (x[2] != IGNORE).nonzero().squeeze(-1)
+    for train_weight in (False, True):
+        ref = _run(linear_logprobs, *x, train_weight, chunk_size=4)
+        got = _run(linear_logprobs, *x, train_weight, chunk_size=4, keep_rows=rows)
+        assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(got, ref))
+    h, w, y = (t.cpu() for t in x[:3])  # on a GPU the check is a device-side assert, which ends the process
+    with pytest.raises(RuntimeError, match="keep_rows"):
+        linear_logprobs(h, w, y, keep_rows=rows[1:].cpu())
+    with pytest.raises(RuntimeError, match="keep_rows"):
+        linear_logprobs(h, w, y, keep_rows=torch.arange(rows.numel()))

@@ -171,3 +171,26 @@ def test_unused_output_keeps_the_gradients_bitwise(base, autocast):
         assert got[0].shape == full[0].shape and got[0].dtype == full[0].dtype
         for g, f in zip(got[1:], full[1:]):
             assert torch.equal(g, f)
+
+
+@pytest.mark.parametrize("base,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "autocast"])
+def test_owned_input_takes_its_gradient_in_place(base, autocast):
+    """``owns_input`` (the MLP's down projection, whose input is its own SwiGLU product): every gradient is
+    bitwise the ordinary backward's, and the spent input buffer now holds d x (one [tokens, in] buffer less at
+    the backward's peak)."""
+    gen = torch.Generator().manual_seed(4)
+    p = as_dtype([projection(64, 48, 4, gen, scaling=0.5, bias=True)], base, torch.float32)[0]
+    x = randn(3, 5, 64, generator=gen).to(base)
+    owned = {}
+
+    def owning(x, p):
+        owned["x"] = x * 1  # a fresh tensor nothing else uses
+        return LoRALinearFunction.apply(owned["x"], p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, 0.0,
+                                        _autocast_dtype(x.device.type), False, True)
+
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        got, ordinary = run(owning, x, [p]), run(fused, x, [p])
+    for g, f in zip(got, ordinary):
+        assert torch.equal(g, f)
+    assert torch.equal(owned["x"].detach(), got[1])

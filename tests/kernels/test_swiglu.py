@@ -84,3 +84,20 @@ def test_public_function_dispatches_to_the_kernel(monkeypatch):
     y = swiglu(gate.requires_grad_(), up)
     assert "SwiGLUFunction" in type(y.grad_fn).__name__
     assert_close_ulps(y.detach(), swiglu_reference(gate, up).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_owned_inputs_take_the_gradients_in_place(dtype):
+    """``owns_inputs`` (the MLP's fresh gate and up): the backward writes d gate and d up over the saved gate and
+    up, bitwise the ordinary backward's values, with no new [tokens, intermediate] buffers."""
+    gate, up, dy = gated_inputs((3, 7, 80), dtype)
+    ordinary = run_gated(SwiGLUFunction.apply, gate, up, dy)
+    owned = {}
+
+    def owning(gate, up):
+        owned["g"], owned["u"] = gate * 1, up * 1  # fresh tensors nothing else uses
+        return SwiGLUFunction.apply(owned["g"], owned["u"], True)
+
+    got = run_gated(owning, gate, up, dy)
+    assert all(torch.equal(a, b) for a, b in zip(got, ordinary))
+    assert torch.equal(owned["g"].detach(), got[1]) and torch.equal(owned["u"].detach(), got[2])

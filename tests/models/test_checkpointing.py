@@ -107,6 +107,25 @@ def test_named_modes_match_off(mode):
     assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_split_replay_equals_the_whole_layer_replay(monkeypatch, dropout):
+    """Offload replays a decoder layer one residual block at a time (attention block without a graph, MLP block
+    with its backward, attention block with its backward): loss and gradients are bitwise the whole-layer
+    replay's and the uncheckpointed run's, with dropout drawing the same masks."""
+    model = _lora_model()
+    for m in model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout = dropout
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(mode="offload")
+    for split in (True, False):
+        monkeypatch.setattr(checkpointing, "SPLIT_REPLAY", split)
+        loss, grads = _loss_and_grads(model, batch)
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
+
+
 def test_plan_keeps_everything_on_a_big_device():
     plan = plan_memory(80 * GIB, layers=32, layer_bytes=GIB, input_bytes=GIB // 64, fixed_bytes=4 * GIB)
     assert plan.modes == ("keep",) * 32 and plan.fits
@@ -244,4 +263,6 @@ def test_offloaded_nf4_layer_dequantizes_once_for_replay_and_backward(monkeypatc
     monkeypatch.setattr(checkpointing, "free_memory", lambda device: 0)  # no room: dequantized again
     calls[0] = 0
     _loss_and_grads(model, batch)
-    assert calls[0] == layers * (6 * 3 + 2) - 3  # layer 0's q, k, v need no input gradient: no backward dequant
+    # per layer: forward 7; replay (split): attention block without a graph 4, MLP block 2 (down skipped), its
+    # backward 3, attention block again 3 (o skipped), its backward 4 (layer 0's q, k, v need no input gradient)
+    assert calls[0] == layers * (7 + 4 + 2 + 3 + 3 + 4) - 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,3 +259,28 @@ def test_forwards_without_gradient_run_before_the_policy_forward(tmp_path, smoll
     t.model.model.register_forward_hook(lambda m, a, out: calls.append(out.requires_grad))
     t.accumulate_gradients(t.examples)
     assert calls == ([False, False, False, True] if method == "kto" else [False, True])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gc", ["on", "offload"])
+def test_a_dpo_micro_batch_never_waits_for_the_gpu(tmp_path, gc):
+    """Unpadded pairs: the reference and policy forwards, the log-prob head and the backward make no host sync
+    (the mask is dropped on the host, the labelled rows are counted there, the metrics stay on the device until
+    the step's single transfer), so the host can run ahead of the GPU."""
+    g = torch.Generator().manual_seed(0)
+    ids = lambda k: torch.randint(3, 97, (k,), generator=g).tolist()
+    rows = [{"prompt_ids": ids(6), "chosen_ids": ids(5), "chosen_mask": [1] * 5, "rejected_ids": ids(5),
+             "rejected_mask": [1] * 5} for _ in range(4)]
+    model = _model().cuda()
+    model.gradient_checkpointing_enable(mode=gc)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    t = _trainer(tmp_path, tok, rows, model=model, method="dpo", batch_size=2,
+                 gradient_accumulation_steps=2)
+    t.accumulate_gradients(t.examples)  # warm-up: kernel compilation, pinned and device memory pools
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = t.micro_batch_loss(t.examples[:2], 4, 10)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
