@@ -5,7 +5,9 @@ Modes a user picks (``use_gradient_checkpointing`` / ``TrainConfig.gradient_chec
 - ``"off"``: every layer keeps its activations (fastest, most memory).
 - ``"on"``: every layer keeps only its input and is recomputed in the backward pass.
 - ``"offload"``: like ``"on"``, but the input itself goes to pinned host memory on a side CUDA stream and is
-  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact).
+  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact). A
+  decoder layer is replayed one residual block at a time (:func:`_split_replay`), so the attention block's and
+  the MLP block's saved tensors never coexist (``SPLIT_REPLAY = False``: the whole layer at once).
 - ``"auto"`` (the default): :func:`plan_memory` decides per layer from the free device memory and an estimate
   of each layer's activation bytes (:func:`layer_activation_bytes`), so a big GPU never recomputes and a
   small one still fits. The plan is printed in one line the first time a batch shape needs it.
