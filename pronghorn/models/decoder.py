@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
 from .checkpointing import checkpoint_mode, layer_modes, layer_output_unused, run_layers
@@ -152,12 +153,17 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None,
-                                      tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None) -> None:
+                                      tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None,
+                                      every_n_layers: int | None = None) -> None:
         """``mode``: on | offload | auto | off (models/checkpointing.py). Without one (how HF Trainer and TRL
         call it), a model already set to a checkpointing mode keeps it, one switched off by
         ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
         forwards); otherwise it becomes "on". ``tiled_mlp``: auto | on | off, the norm + MLP over chunks of
-        ``tiled_mlp_chunk`` tokens (models/tiled_mlp.py); None keeps the current setting."""
+        ``tiled_mlp_chunk`` tokens (models/tiled_mlp.py); None keeps the current setting. ``every_n_layers``
+        (passed by some transformers Trainers): None or 1; pronghorn's "auto" mode picks the layers instead."""
+        if every_n_layers not in (None, 1):
+            raise PronghornError(f"gradient_checkpointing_enable(every_n_layers={every_n_layers!r}): pronghorn "
+                                 "checkpoints every layer in its mode; mode='auto' keeps the layers that fit")
         if mode is None:
             mode = self.model.gradient_checkpointing or self.__dict__.get("_disabled_checkpoint_mode") or "on"
         self.__dict__.pop("_disabled_checkpoint_mode", None)

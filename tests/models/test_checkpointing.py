@@ -47,6 +47,11 @@ def test_get_peft_model_maps_use_gradient_checkpointing():
     model.gradient_checkpointing_enable(mode="off")
     model.gradient_checkpointing_enable()
     assert model.model.gradient_checkpointing == "on"
+    # the Trainer of transformers 5.17 (the GPU machine's; not 5.23's) also passes every_n_layers
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=1)
+    assert model.model.gradient_checkpointing == "on"
+    with pytest.raises(PronghornError, match="every_n_layers"):
+        model.gradient_checkpointing_enable(every_n_layers=2)
     _, model = make_pair("smollm2_tied")
     FastLanguageModel.get_peft_model(model, r=4)
     assert model.model.gradient_checkpointing == "auto"  # the default
