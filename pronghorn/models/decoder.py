@@ -154,16 +154,24 @@ class DecoderForCausalLM(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None,
                                       tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None,
-                                      every_n_layers: int | None = None) -> None:
+                                      every_n_layers: int | None = None, offload: bool | None = None,
+                                      **hf_options) -> None:
         """``mode``: on | offload | auto | off (models/checkpointing.py). Without one (how HF Trainer and TRL
         call it), a model already set to a checkpointing mode keeps it, one switched off by
         ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
         forwards); otherwise it becomes "on". ``tiled_mlp``: auto | on | off, the norm + MLP over chunks of
-        ``tiled_mlp_chunk`` tokens (models/tiled_mlp.py); None keeps the current setting. ``every_n_layers``
-        (passed by some transformers Trainers): None or 1; pronghorn's "auto" mode picks the layers instead."""
+        ``tiled_mlp_chunk`` tokens (models/tiled_mlp.py); None keeps the current setting. What transformers 5.17's
+        Trainer also passes: ``every_n_layers`` None or 1 (pronghorn's "auto" mode picks the layers instead),
+        ``offload`` True (without a ``mode``: "offload"); any other option only unset."""
         if every_n_layers not in (None, 1):
             raise PronghornError(f"gradient_checkpointing_enable(every_n_layers={every_n_layers!r}): pronghorn "
                                  "checkpoints every layer in its mode; mode='auto' keeps the layers that fit")
+        unknown = {k: v for k, v in hf_options.items() if v not in (None, False)}
+        if unknown:
+            raise PronghornError(f"gradient_checkpointing_enable: unsupported options {unknown}; pronghorn's own "
+                                 "are mode (on | offload | auto | off), tiled_mlp and tiled_mlp_chunk")
+        if mode is None and offload:
+            mode = "offload"
         if mode is None:
             mode = self.model.gradient_checkpointing or self.__dict__.get("_disabled_checkpoint_mode") or "on"
         self.__dict__.pop("_disabled_checkpoint_mode", None)

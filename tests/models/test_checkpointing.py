@@ -50,8 +50,14 @@ def test_get_peft_model_maps_use_gradient_checkpointing():
     # the Trainer of transformers 5.17 (the GPU machine's; not 5.23's) also passes every_n_layers
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=1)
     assert model.model.gradient_checkpointing == "on"
+    model.gradient_checkpointing_enable(every_n_layers=None, offload=False, some_future_option=None)
+    assert model.model.gradient_checkpointing == "on"
+    model.gradient_checkpointing_enable(offload=True)
+    assert model.model.gradient_checkpointing == "offload"
     with pytest.raises(PronghornError, match="every_n_layers"):
         model.gradient_checkpointing_enable(every_n_layers=2)
+    with pytest.raises(PronghornError, match="unsupported options"):
+        model.gradient_checkpointing_enable(some_future_option=3)
     _, model = make_pair("smollm2_tied")
     FastLanguageModel.get_peft_model(model, r=4)
     assert model.model.gradient_checkpointing == "auto"  # the default
