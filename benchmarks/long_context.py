@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     import torch
 
     from pronghorn.files import atomic_file
-    from pronghorn.models import checkpointing, pinned_host
+    from pronghorn.models import memory_plan, pinned_host, recompute
     from train_e2e import WORKLOADS, _pronghorn_qlora_model
 
     ap = argparse.ArgumentParser()
@@ -84,8 +84,8 @@ def main(argv=None) -> None:
             getattr(torch.accelerator, "empty_host_cache", lambda: None)()  # (torch >= 2.12) the last length's pinned blocks
             pinned_host.release_pooled()
             torch.cuda.reset_peak_memory_stats()
-        host_need = _host_need(model, n, act_bytes, checkpointing) if cuda else 0
-        host_free = checkpointing.free_memory(torch.device("cpu"))  # MemAvailable
+        host_need = _host_need(model, n, act_bytes) if cuda else 0
+        host_free = memory_plan.free_memory(torch.device("cpu"))  # MemAvailable
         if cuda and host_free is not None and host_need > 0.9 * host_free:
             rows.append(dict(tokens=n, ok=False, error=f"host memory: offloaded layer inputs need "
                              f"{host_need / 2**30:.1f} GiB pinned, {host_free / 2**30:.1f} GiB available"))
@@ -122,17 +122,15 @@ def main(argv=None) -> None:
           f"tiled MLP {meta['tiled_mlp']} in chunks of {chunk})")
 
 
-def _host_need(model, tokens: int, act_bytes: int, checkpointing) -> int:
+def _host_need(model, tokens: int, act_bytes: int) -> int:
     """Pinned host bytes the offloaded layer inputs of one step take (for ``--gc auto``: the auto plan's
     offloaded layers, planned with the GPU's free memory now)."""
-    inner, mode = model.model, checkpointing.checkpoint_mode(model.model.gradient_checkpointing)
+    inner, mode = model.model, recompute.checkpoint_mode(model.model.gradient_checkpointing)
     if mode == "offload":
         layers = len(inner.layers)
     elif mode == "auto":
-        chunk = inner.tiled_mlp_chunk if inner.tiled_mlp != "off" and tokens > inner.tiled_mlp_chunk else None
-        dtype = inner.embed_tokens.weight.dtype
-        plan = checkpointing.plan_for_model(inner, 1, tokens, dtype, inner.embed_tokens.weight.device, mlp_chunk=chunk)
-        layers = plan.modes.count("offload")
+        plan = inner.plan_step(1, tokens, inner.norm.weight.dtype, inner.norm.weight.device, model.lm_head)
+        layers = plan.layers.count("offload")
     else:
         return 0
     from pronghorn.models.pinned_host import EXACT_ABOVE

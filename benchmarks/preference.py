@@ -105,7 +105,7 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
                 module.quantize_nf4()
     # mlp_chunk: the norm + MLP over chunks of that many tokens (models/tiled_mlp.py), None: never tiled
     model.gradient_checkpointing_enable(mode=gc_mode, tiled_mlp="on" if mlp_chunk else "off",
-                                        tiled_mlp_chunk=mlp_chunk or None)
+                                        tiled_mlp_chunk=mlp_chunk or None, replay=replay or "split")
     if host_table:  # the tied embedding / head table in pinned host memory, the head streamed from there
         from pronghorn.models.host_embedding import offload_embedding
 
@@ -116,9 +116,6 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
         raise SystemExit(f"--micro-pairs {micro} does not divide {len(rows)} pairs per step")
     linear_logprobs = importlib.import_module("pronghorn.kernels.linear_logprobs")  # the module, not the function
     chunk_bytes, linear_logprobs.CHUNK_BYTES = linear_logprobs.CHUNK_BYTES, chunk_mib << 20
-    from pronghorn.models import checkpointing
-
-    split, checkpointing.SPLIT_REPLAY = checkpointing.SPLIT_REPLAY, replay != "whole"  # None: split (default)
     with tempfile.TemporaryDirectory() as out:
         tc = TrainConfig(output_dir=out, method="dpo", beta=0.1, batch_size=micro,
                          gradient_accumulation_steps=len(rows) // micro, learning_rate=1e-4, max_grad_norm=1.0,
@@ -143,7 +140,7 @@ def run_pronghorn(cfg: dict, rows: list[dict], steps: int, device: str, dtype: t
 
             train_step = trainer.train_step
             prof = profile_steps(lambda: train_step(rows), steps=2)
-    linear_logprobs.CHUNK_BYTES, checkpointing.SPLIT_REPLAY = chunk_bytes, split
+    linear_logprobs.CHUNK_BYTES = chunk_bytes
     del trainer, model
     return {"times": times, "peak_gib": peak, "loss": loss, "profile": prof}
 
@@ -239,7 +236,7 @@ def available(system: str) -> str | None:
 
 def variants(a) -> list[dict]:
     """Every combination of the pronghorn-only options."""
-    from pronghorn.models.checkpointing import MODES
+    from pronghorn.models.recompute import MODES
 
     modes = list(MODES) if a.gc_modes == "all" else a.gc_modes.split(",")
     micro = [int(m) for m in a.micro_pairs.split(",")] if a.micro_pairs else [None]

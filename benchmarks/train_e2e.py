@@ -58,6 +58,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GC_MODES = ("off", "on", "offload", "auto")
 
 
+REPLAY = "auto"  # --replay: how pronghorn replays a recomputed layer (models/recompute.py)
+
+
 def _pronghorn_model(cfg: dict, device: str, dtype: torch.dtype, gc_mode: str):
     from pronghorn.models.builder import init_random_model
     from pronghorn.models.config import ModelConfig
@@ -66,7 +69,7 @@ def _pronghorn_model(cfg: dict, device: str, dtype: torch.dtype, gc_mode: str):
     config = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, **cfg})
     model = init_random_model(config, dtype, device)
     attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
-    model.gradient_checkpointing_enable(mode=gc_mode)
+    model.gradient_checkpointing_enable(mode=gc_mode, replay=REPLAY)
     return model
 
 
@@ -203,8 +206,8 @@ def main(argv=None) -> None:
                                                                  "--offload-embedding")
     ap.add_argument("--offload-embedding", action="store_true", help="pronghorn: an untied input embedding table "
                                                                      "in pinned host memory (models/host_embedding)")
-    ap.add_argument("--replay", default="split", choices=("split", "whole"), help="pronghorn, offload mode: a "
-                    "layer's backward replay one residual block at a time (default) or whole (checkpointing.py)")
+    ap.add_argument("--replay", default="auto", choices=("auto", "split", "whole"), help="pronghorn: a replayed "
+                    "layer's backward one residual block at a time, whole, or as the memory plan picks (recompute.py)")
     ap.add_argument("--optim", default="adamw_torch_fused", help="adamw_torch_fused | adamw_torch | adamw_8bit")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per row: device time per kernel "
                                                            "category, idle gaps, host syncs (benchmarks/step_profile)")
@@ -220,9 +223,8 @@ def main(argv=None) -> None:
         a.gc, a.offload_embedding = "offload", True
     if device == "cpu" and not a.smoke:
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
-    from pronghorn.models import checkpointing
-
-    checkpointing.SPLIT_REPLAY = a.replay == "split"
+    global REPLAY
+    REPLAY = a.replay
     modes = a.gc.split(",")
     bad = [m for m in modes if m not in GC_MODES]
     if bad:

@@ -9,7 +9,8 @@ from .causal_lm import PronghornForCausalLM
 from .errors import PronghornError
 from .models.host_embedding import offload_embedding as offload_input_embedding
 from .models.loader import load_pretrained
-from .models.lora import ALL_TARGETS, LoRAConfig, attach_lora
+from .kernels.policy import KernelPolicy
+from .models.lora import ALL_TARGETS, LoRAConfig, attach_lora, set_kernel_policy
 
 
 class FastLanguageModel:
@@ -56,20 +57,29 @@ class FastLanguageModel:
                        use_gradient_checkpointing: bool | str = "auto", random_state: int = 3407,
                        use_rslora: bool = False, layers_to_transform: list[int] | None = None,
                        max_seq_length: int | None = None, loftq_config=None, tiled_mlp: bool | str = "auto",
-                       **_ignored) -> nn.Module:
+                       adapter_math: str = "base", max_memory=None, **_ignored) -> nn.Module:
         """Freeze the base and attach LoRA adapters (PEFT-compatible init and naming).
         use_gradient_checkpointing: "auto" (per layer from free memory), True (recompute every layer),
         "unsloth" (offload layer inputs to the host), False (keep all activations).
-        tiled_mlp: "auto" (when a step would not fit otherwise), True, False: the MLP over chunks of tokens."""
+        tiled_mlp: "auto" (when a step would not fit otherwise), True, False: the MLP over chunks of tokens.
+        max_memory: the memory budget of a training step ("16GiB", "24GB", bytes; None: what the GPU gives, within
+        torch.cuda.set_per_process_memory_fraction): the plan (per layer keep / recompute / offload, tiled MLP,
+        loss chunks, the input table on the host) is the fastest that fits, made at the first step of each batch
+        shape and printed (models/memory_plan.py); when none fits, a clear error names the budget that would.
+        adapter_math: "base" (adapters on a bf16 base compute in bf16 with or without torch.autocast: one fast
+        path) or "adapter" (PEFT's numerics without autocast: in the adapters' fp32); kernels/policy.py."""
         if loftq_config:
             raise NotImplementedError("LoftQ initialisation is not supported")
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=list(target_modules) if not isinstance(target_modules, str)
                             else target_modules, use_rslora=use_rslora, bias=bias,
                             layers_to_transform=layers_to_transform)
+        policy = KernelPolicy(adapter_math)
         attach_lora(model, config, seed=random_state)
-        model.gradient_checkpointing_enable(mode=use_gradient_checkpointing,  # models/checkpointing.py
-                                            tiled_mlp=tiled_mlp)  # models/tiled_mlp.py
+        set_kernel_policy(model, policy)
+        model.gradient_checkpointing_enable(mode=use_gradient_checkpointing,  # models/recompute.py
+                                            tiled_mlp=tiled_mlp,  # models/tiled_mlp.py
+                                            max_memory=max_memory if max_memory is not None else "none")
         if max_seq_length:
             model.max_seq_length = max_seq_length
         return model

@@ -50,8 +50,10 @@ def linear_cross_entropy(
     num_items: int | torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The single entry point model code calls for the training loss.
+    """The single entry point model code calls for the training loss. ``chunk_size``: rows of logits at a time
+    (None: the fused path's ~1 GiB buffer, the reference's 4096 rows).
 
     CUDA tensors take the fused chunked Triton path (``linear_cross_entropy_triton``), anything else the
     PyTorch reference; both compute the same function. A frozen head weight on the host while ``hidden`` is on
@@ -68,5 +70,5 @@ def linear_cross_entropy(
     if use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
         from .linear_cross_entropy_triton import linear_cross_entropy_triton
 
-        return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap)
-    return linear_cross_entropy_reference(hidden, weight, labels, num_items, ignore_index, softcap)
+        return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size)
+    return linear_cross_entropy_reference(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size or 4096)

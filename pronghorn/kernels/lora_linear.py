@@ -6,18 +6,20 @@ computes the same function with a hand-written backward for a frozen base: it sa
 its backward forms the rank-r products first (``dY (sB)`` [N, r]) and accumulates the adapter's share of
 ``dX`` into the base's in place, so no [N, in] or [N, out] temporary of the adapter ever exists.
 
-Dtypes follow PEFT and autocast exactly. Without autocast the base runs in its own dtype and the adapter in
-the adapter's (fp32 adapters on a bf16 base: the delta is computed in fp32 and cast back). Under autocast
-(the trainer's bf16 on CUDA) every matmul runs in the autocast dtype, as ``F.linear`` does there. The
-Function resolves those dtypes once, outside (``_autocast_dtype``), and casts explicitly with autocast
-switched off inside its forward and backward; so the backward computes in the forward's dtypes whatever
-autocast state the autograd engine runs it in (the job ``torch.amp.custom_bwd`` does, here for any device).
+Dtypes follow PEFT and autocast exactly, with the compute dtype the kernel policy gives (``kernels.policy``):
+under autocast (the trainer's bf16 on CUDA) every matmul runs in the autocast dtype, as ``F.linear`` does there;
+without it, by default, an adapter on a bf16 base runs in bf16 just the same (as if autocast were on), or, with
+``adapter_math="adapter"``, in the adapter's own dtype (fp32 adapters on a bf16 base: the delta is computed in
+fp32 and cast back, PEFT without autocast). The Function resolves those dtypes once, outside, and casts
+explicitly with autocast switched off inside its forward and backward; so the backward computes in the
+forward's dtypes whatever autocast state the autograd engine runs it in (the job ``torch.amp.custom_bwd`` does,
+here for any device). The reference takes the same compute dtype (it runs under autocast in that dtype).
 
 The base weight may be a tensor or a quantized weight with ``dequantize(dtype)`` (``kernels.nf4.NF4Weight``):
 it is dequantized in the forward and again in the backward, never saved dequantized.
 
 ``output_unused=True`` is for a recomputation whose result is thrown away (the last projection of a decoder
-layer replayed for its backward, ``models.checkpointing.output_unused``): the forward saves what the backward
+layer replayed for its backward, models/recompute.py): the forward saves what the backward
 needs (``x A^T`` included) but skips the base matmul, the adapter's delta and the dequantization, and returns an
 uninitialised tensor of the output's shape and dtype. The gradients are the same computation as without it.
 """
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast never casts fp64
@@ -55,8 +58,14 @@ def lora_linear_reference(
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
+    cdt: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch LoRA linear. The adapter runs in its own dtype (as PEFT does) and is cast back."""
+    """Plain PyTorch LoRA linear. The adapter runs in its own dtype (as PEFT does) and is cast back; ``cdt``
+    (``KernelPolicy.compute_dtype``): every matmul in that dtype, as under autocast (run under autocast)."""
+    device = x.device.type
+    if cdt is not None and not torch.is_autocast_enabled(device):
+        with torch.autocast(device, dtype=cdt):
+            return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
     if not isinstance(weight, torch.Tensor):  # a quantized base (NF4Weight): dequantize to its compute dtype
         weight = weight.dequantize()
     y = F.linear(x, weight, bias)
@@ -204,9 +213,9 @@ def _adapter_grads(das, dbs, dtypes, needs) -> list:
 # --- the bookkeeping both fused Functions share: ``apply(x, cdt, *flat projections)`` --------------------------
 
 
-def _apply_fused(function, x: torch.Tensor, projs):
-    """``function.apply(x, cdt, *flat projections)`` with ``cdt`` the autocast dtype active for ``x`` now."""
-    return function.apply(x, _autocast_dtype(x.device.type), *_flat(projs))
+def _apply_fused(function, x: torch.Tensor, projs, policy: KernelPolicy = DEFAULT_POLICY):
+    """``function.apply(x, cdt, *flat projections)`` with ``cdt`` the policy's compute dtype for ``x`` now."""
+    return function.apply(x, policy.compute_dtype(x, projs[0].weight), *_flat(projs))
 
 
 def _fused_forward_inputs(x: torch.Tensor, cdt, flat):
@@ -332,6 +341,7 @@ def lora_linear(
     training: bool = False,
     output_unused: bool = False,
     owns_input: bool = False,
+    policy: KernelPolicy = DEFAULT_POLICY,
 ) -> torch.Tensor:
     """The single entry point model code calls for every projection (with or without an adapter).
 
@@ -340,13 +350,16 @@ def lora_linear(
     Dispatch is by device, as for every kernel (``use_triton``): the CPU keeps PEFT's exact op sequence.
     ``output_unused``: the caller throws the result's values away (see the module docstring); only the fast
     path uses the hint, the reference computes the output anyway. ``owns_input``: nothing else uses ``x``; the
-    fast path's backward may then write d x over it (``LoRALinearFunction``).
+    fast path's backward may then write d x over it (``LoRALinearFunction``). ``policy``: the adapters' compute
+    dtype (``kernels.policy``), the same for both paths.
     """
-    if lora_A is None or _trains_base(weight, bias) or not use_triton(x):
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
+    if lora_A is None:
+        return lora_linear_reference(x, weight, bias, None, None, scaling)
+    cdt = policy.compute_dtype(x, weight)
+    if _trains_base(weight, bias) or not use_triton(x):
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training, cdt)
     p = dropout if training else 0.0
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, _autocast_dtype(x.device.type),
-                                    output_unused, owns_input)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, cdt, output_unused, owns_input)
 
 
 def _trains_base(weight, bias) -> bool:

@@ -19,12 +19,16 @@ from .lora_linear import LoRAProjection, lora_linear_reference
 from .lora_linear import _apply_fused, _fused_forward_inputs, _fused_grads, _no_autocast, _save_fused
 from .lora_linear import _shared_input_backward, _shared_input_forward
 from .swiglu import swiglu
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 
-def lora_mlp_reference(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection):
-    """The composition the fused op replaces: three reference LoRA linears around ``swiglu``."""
-    return lora_linear_reference(swiglu(lora_linear_reference(x, *gate), lora_linear_reference(x, *up)), *down)
+def lora_mlp_reference(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
+                       cdt: torch.dtype | None = None):
+    """The composition the fused op replaces: three reference LoRA linears around ``swiglu`` (``cdt``: the
+    policy's compute dtype, as ``lora_linear_reference``)."""
+    g, u = (lora_linear_reference(x, *p, cdt=cdt) for p in (gate, up))
+    return lora_linear_reference(swiglu(g, u), *down, cdt=cdt)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -65,9 +69,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         return _fused_grads(ctx, x, dx, [da_g, da_u, da_d], [db_g, db_u, db_d])
 
 
-def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
+             policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """``down(swiglu(gate(x), up(x)))`` with each projection a LoRA linear on a frozen base (see
     ``fusable_projections``). CUDA tensors take ``LoRAMLPFunction``, anything else the reference."""
     if not use_triton(x):
-        return lora_mlp_reference(x, gate, up, down)
-    return _apply_fused(LoRAMLPFunction, x, (gate, up, down))
+        return lora_mlp_reference(x, gate, up, down, policy.compute_dtype(x, gate.weight))
+    return _apply_fused(LoRAMLPFunction, x, (gate, up, down), policy)

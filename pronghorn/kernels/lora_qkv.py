@@ -22,12 +22,14 @@ from torch.autograd.function import once_differentiable
 from .lora_linear import LoRAProjection, lora_linear_reference
 from .lora_linear import _apply_fused, _fused_forward_inputs, _fused_grads, _no_autocast, _save_fused
 from .lora_linear import _shared_input_backward, _shared_input_forward
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 
-def lora_qkv_reference(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
-    """The three reference LoRA linears the fused op replaces."""
-    return tuple(lora_linear_reference(x, *p) for p in (q, k, v))
+def lora_qkv_reference(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection,
+                       cdt: torch.dtype | None = None):
+    """The three reference LoRA linears the fused op replaces (``cdt``: as ``lora_linear_reference``)."""
+    return tuple(lora_linear_reference(x, *p, cdt=cdt) for p in (q, k, v))
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -57,10 +59,11 @@ class LoRAQKVFunction(torch.autograd.Function):
         return _fused_grads(ctx, x, dx, das, dbs)
 
 
-def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection):
+def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection,
+             policy: KernelPolicy = DEFAULT_POLICY):
     """(q, k, v) = the three LoRA projections of ``x`` [..., hidden], each [..., out_i]; the same values as
     ``lora_linear`` on each, with adapters on frozen bases (see ``fusable_projections``). CUDA tensors take
     ``LoRAQKVFunction``, anything else the reference."""
     if not use_triton(x):
-        return lora_qkv_reference(x, q, k, v)
-    return _apply_fused(LoRAQKVFunction, x, (q, k, v))
+        return lora_qkv_reference(x, q, k, v, policy.compute_dtype(x, q.weight))
+    return _apply_fused(LoRAQKVFunction, x, (q, k, v), policy)

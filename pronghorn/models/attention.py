@@ -103,7 +103,7 @@ class Attention(nn.Module):
         """``output_unused``: the values are thrown away (a replay for the backward): o_proj skips its matmul."""
         b, t, _ = x.shape
         fused = fusable_projections((self.q_proj, self.k_proj, self.v_proj), self.training)
-        q, k, v = lora_qkv(x, *fused) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = lora_qkv(x, *fused, self.q_proj.kernel_policy) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)

@@ -14,14 +14,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
-from .checkpointing import checkpoint_mode, layer_modes, layer_output_unused, run_layers
 from .config import ModelConfig
-from .host_embedding import Embedding
+from .host_embedding import Embedding, offload_embedding
 from .kv_cache import KVCache
 from .linear import Linear
+from .memory_plan import LOSS_CHUNK_BYTES, MemoryPlan, device_budget, make_plan, parse_budget, step_sizes
 from .norm import RMSNorm
+from .recompute import checkpoint_mode, run_layers
 from .rope_scaling import rope_inv_freq
-from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, mlp_chunk_for, sequence_tiled, tiled_mlp_mode
+from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mode
+
+REPLAYS = ("auto", "whole", "split")
 
 
 class MLP(nn.Module):
@@ -49,25 +52,26 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def forward(self, x, cos, sin, masks, cache, mlp_chunk: int | None = None):
-        return self.mlp_block(self.attention_block(x, cos, sin, masks, cache), mlp_chunk)
+    def forward(self, x, cos, sin, masks, cache, mlp_chunk: int | None = None, output_unused: bool = False):
+        """``output_unused``: a replay for the backward whose output values are thrown away (models/recompute.py):
+        the layer's last projection skips its matmul."""
+        return self.mlp_block(self.attention_block(x, cos, sin, masks, cache), mlp_chunk, output_unused)
 
     def attention_block(self, x, cos, sin, masks, cache, output_unused: bool = False):
         """The first residual block: ``x`` plus self-attention of its norm (checkpointing replays the two blocks
         apart). ``output_unused``: a replay whose values are thrown away (o_proj skips its matmul)."""
         return x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, output_unused)
 
-    def mlp_block(self, x, mlp_chunk: int | None = None):
+    def mlp_block(self, x, mlp_chunk: int | None = None, output_unused: bool = False):
         """The second residual block: ``x`` plus the MLP of its norm, over chunks of ``mlp_chunk`` tokens when
-        given (models/tiled_mlp.py)."""
+        given (models/tiled_mlp.py). ``output_unused``: as in ``forward``."""
         if mlp_chunk:
             params = [*self.post_attention_layernorm.parameters(), *self.mlp.parameters()]
-            return x + sequence_tiled(self._norm_mlp, x, mlp_chunk, params)
-        return x + self._norm_mlp(x)
+            return x + sequence_tiled(self._norm_mlp, x, mlp_chunk, params, output_unused)
+        return x + self._norm_mlp(x, output_unused)
 
-    def _norm_mlp(self, x):
-        # read at call time: a tiled MLP's chunks are replayed inside its own backward (output_unused there)
-        return self.mlp(self.post_attention_layernorm(x), output_unused=layer_output_unused())
+    def _norm_mlp(self, x, output_unused: bool = False):
+        return self.mlp(self.post_attention_layernorm(x), output_unused=output_unused)
 
 
 class DecoderModel(nn.Module):
@@ -82,6 +86,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.gradient_checkpointing = False
         self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
+        self.replay = "auto"  # auto | whole | split: how a replayed layer runs (models/recompute.py)
+        self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
+        self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
+        self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -92,6 +100,34 @@ class DecoderModel(nn.Module):
             self._inv_freq, self._rope_scale, self._inv_freq_key = inv.to(position_ids.device), scale, key
         return rope_cos_sin(self._inv_freq, position_ids, dtype, self._rope_scale)
 
+    def plan_step(self, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                  head: nn.Module | None = None) -> MemoryPlan:
+        """The memory plan of a training step on ``batch`` x ``seq_len`` tokens (models/memory_plan.py), made once
+        per batch shape (lengths in buckets of 256), checkpointing setting and budget, and printed when it
+        changes. ``head``: the causal LM's output head (the plan may then put the input table on the host)."""
+        if self.forced_plan is not None:
+            self.memory_plan = self.forced_plan
+            return self.forced_plan
+        seq = -(-seq_len // 256) * 256
+        mode = checkpoint_mode(self.gradient_checkpointing)
+        tiled = tiled_mlp_mode(self.tiled_mlp)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) \
+            if device.type == "cuda" else 1.0
+        key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
+               fraction, head is not None)
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            budget, source = device_budget(device, self.memory_budget)
+            sizes = step_sizes(self, batch, seq, dtype, device, self.tiled_mlp_chunk, head, first_step=not plans)
+            plan = make_plan(sizes, budget, source, (batch, seq), mode=mode, tiled_mlp=tiled,
+                             mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
+            plans[key] = plan
+            if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
+                print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)
+                self.__dict__["_logged_plan"] = plan
+        self.memory_plan = plans[key]
+        return self.memory_plan
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -99,7 +135,12 @@ class DecoderModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        plan: MemoryPlan | None = None,
     ) -> torch.Tensor:
+        """``plan``: the memory plan of this training step (made here, by ``plan_step``, when not given)."""
+        if plan is None and self.training and torch.is_grad_enabled():
+            shape = (input_ids if inputs_embeds is None else inputs_embeds).shape
+            plan = self.plan_step(shape[0], shape[1], _activation_dtype(self), self.norm.weight.device)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         past = cache.length if cache is not None else 0
@@ -112,11 +153,23 @@ class DecoderModel(nn.Module):
         if masks is None:
             masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions)
                      for w in windows}
-        mlp_chunk = mlp_chunk_for(self, x)  # None: untiled
-        x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), layer_modes(self, x, mlp_chunk))
+        if plan is not None:
+            mlp_chunk = plan.mlp_chunk
+        else:  # inference: tiled only when asked ("on"), for long prompts
+            on = tiled_mlp_mode(self.tiled_mlp) == "on" and b * t > self.tiled_mlp_chunk
+            mlp_chunk = self.tiled_mlp_chunk if on else None
+        x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
+
+
+def _activation_dtype(decoder: DecoderModel) -> torch.dtype:
+    """The dtype of the activations a training step keeps: autocast's when it is on, else the weights'."""
+    device = decoder.norm.weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return decoder.norm.weight.dtype
 
 
 class DecoderForCausalLM(nn.Module):
@@ -155,14 +208,16 @@ class DecoderForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None,
                                       tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None,
                                       every_n_layers: int | None = None, offload: bool | None = None,
-                                      **hf_options) -> None:
-        """``mode``: on | offload | auto | off (models/checkpointing.py). Without one (how HF Trainer and TRL
+                                      replay: str | None = None, max_memory=None, **hf_options) -> None:
+        """``mode``: on | offload | auto | off (models/recompute.py). Without one (how HF Trainer and TRL
         call it), a model already set to a checkpointing mode keeps it, one switched off by
         ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
         forwards); otherwise it becomes "on". ``tiled_mlp``: auto | on | off, the norm + MLP over chunks of
         ``tiled_mlp_chunk`` tokens (models/tiled_mlp.py); None keeps the current setting. What transformers 5.17's
         Trainer also passes: ``every_n_layers`` None or 1 (pronghorn's "auto" mode picks the layers instead),
-        ``offload`` True (without a ``mode``: "offload"); any other option only unset."""
+        ``offload`` True (without a ``mode``: "offload"); any other option only unset. ``replay``: auto | whole |
+        split, how a replayed layer runs (auto: the memory plan picks). ``max_memory``: the memory budget ("16GiB",
+        bytes; "none": the device's; None keeps the current one), models/memory_plan.py."""
         if every_n_layers not in (None, 1):
             raise PronghornError(f"gradient_checkpointing_enable(every_n_layers={every_n_layers!r}): pronghorn "
                                  "checkpoints every layer in its mode; mode='auto' keeps the layers that fit")
@@ -181,6 +236,24 @@ class DecoderForCausalLM(nn.Module):
             self.model.tiled_mlp = tiled_mlp_mode(tiled_mlp)
         if tiled_mlp_chunk is not None:
             self.model.tiled_mlp_chunk = chunk_tokens(tiled_mlp_chunk)
+        if replay is not None:
+            if replay not in REPLAYS:
+                raise PronghornError(f"replay must be one of {REPLAYS}, got {replay!r}")
+            self.model.replay = replay
+        if max_memory is not None:
+            self.set_memory_budget(max_memory)
+
+    def set_memory_budget(self, max_memory) -> None:
+        """The most device memory a training step may hold at its peak ("16GiB", "24GB", bytes; None or "none":
+        what the device gives, within ``torch.cuda.set_per_process_memory_fraction``). The next training forward
+        plans for it (models/memory_plan.py); a step that cannot fit stops there with the smallest budget that
+        would."""
+        self.model.memory_budget = parse_budget(max_memory)
+
+    @property
+    def memory_plan(self) -> MemoryPlan | None:
+        """The memory plan of the last training forward (None before one)."""
+        return self.model.memory_plan
 
     def gradient_checkpointing_disable(self) -> None:
         if self.model.gradient_checkpointing:
@@ -203,13 +276,22 @@ class DecoderForCausalLM(nn.Module):
         """With ``labels`` the loss is the mean next-token cross-entropy over non-ignored labels (or the sum
         divided by ``num_items_in_batch``). While training with labels, logits are not materialised unless
         ``return_logits=True``; otherwise they are returned as transformers does."""
-        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        plan = None
+        if self.training and torch.is_grad_enabled():
+            shape = (input_ids if inputs_embeds is None else inputs_embeds).shape
+            plan = self.model.plan_step(shape[0], shape[1], _activation_dtype(self.model), self.device, self.lm_head)
+            table = self.model.embed_tokens.weight
+            if plan.table_on_host and table.device.type == "cuda":
+                offload_embedding(self, tied=plan.table_on_host == "tied")
+        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-            loss = linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1), num_items_in_batch
-            )
+            weight = self.lm_head.weight
+            small = plan is not None and plan.loss_chunk_bytes < LOSS_CHUNK_BYTES[0]  # else the loss's own default
+            rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
+                                        num_items_in_batch, chunk_size=rows)
         if return_logits is None:
             return_logits = labels is None or not (self.training and torch.is_grad_enabled())
         logits = None

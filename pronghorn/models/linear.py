@@ -13,9 +13,12 @@ from torch import nn
 
 from ..kernels import lora_linear
 from ..kernels.nf4 import NF4Weight, quantize_nf4
+from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 
 
 class Linear(nn.Module):
+    kernel_policy: KernelPolicy = DEFAULT_POLICY  # the adapters' numerics (kernels/policy.py; lora.set_kernel_policy)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -89,7 +92,7 @@ class Linear(nn.Module):
         if self.lora_A is None or not self.lora_enabled:
             return lora_linear(x, self.weight, self.bias, None, None, 0.0)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_scaling,
-                           self.lora_dropout, self.training, output_unused, owns_input)
+                           self.lora_dropout, self.training, output_unused, owns_input, self.kernel_policy)
 
     def extra_repr(self) -> str:
         r = f", lora_r={self.lora_A.shape[0]}" if self.has_lora else ""

@@ -6,7 +6,7 @@ than :data:`EXACT_ABOVE` bytes come instead from plain host memory of exactly th
 with ``cudaHostRegister``, and are kept in a pool for the next step (registration is slow, reuse is free).
 Smaller blocks stay with PyTorch's caching allocator.
 
-Every copy into or out of a pooled buffer must run on one CUDA stream (checkpointing's side stream): a
+Every copy into or out of a pooled buffer must run on one CUDA stream (models/recompute.py's side stream): a
 buffer handed back after its last copy was queued can then be reused at once by the next queued copy.
 """
 

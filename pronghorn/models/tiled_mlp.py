@@ -17,9 +17,7 @@ The switch (``DecoderForCausalLM.gradient_checkpointing_enable(tiled_mlp=...)``,
 
 - ``"off"``: never tiled;
 - ``"on"``: tiled whenever a forward has more than ``chunk`` tokens (batch x sequence);
-- ``"auto"`` (the default): tiled in training when the memory estimate of the model's checkpointing mode without
-  tiling exceeds the usable free memory (``checkpointing.step_need``); decided once per batch shape, like the
-  checkpointing plan, and printed in one line when it turns tiling on.
+- ``"auto"`` (the default): tiled in training when the memory plan needs it (models/memory_plan.py).
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ import torch
 
 from ..errors import PronghornError
 from ..kernels.triton_support import reference_kernels, reference_only
-from . import checkpointing
-from .checkpointing import _rng_state, _set_rng_state
+from .recompute import parse_mode, rng_state, set_rng_state
 
 MODES = ("off", "on", "auto")
 DEFAULT_CHUNK = 8192  # tokens: a chunk of 8B-config intermediates is 224 MiB per [chunk, 14336] bf16 tensor
@@ -37,7 +34,7 @@ DEFAULT_CHUNK = 8192  # tokens: a chunk of 8B-config intermediates is 224 MiB pe
 
 def tiled_mlp_mode(value) -> str:
     """The mode for a user's setting: ``True`` -> on, ``False``/``None`` -> off, or one of :data:`MODES`."""
-    mode = checkpointing.parse_mode(value, MODES, {"true": "on", "false": "off", "none": "off"})
+    mode = parse_mode(value, MODES, {"true": "on", "false": "off", "none": "off"})
     if mode is not None:
         return mode
     raise PronghornError(f"tiled_mlp must be one of {MODES}, True or False; got {value!r}")
@@ -49,16 +46,17 @@ def chunk_tokens(value) -> int:
     return value
 
 
-def sequence_tiled(fn, x: torch.Tensor, chunk: int, params) -> torch.Tensor:
-    """``fn(x)`` for a token-wise ``fn`` ([..., in] -> [..., out], each token alone), computed over chunks of
-    ``chunk`` tokens (the leading dimensions flattened). ``params``: the tensors ``fn`` uses that may need a
-    gradient (its modules' parameters); their gradients accumulate over the chunks."""
+def sequence_tiled(fn, x: torch.Tensor, chunk: int, params, output_unused: bool = False) -> torch.Tensor:
+    """``fn(x, output_unused)`` for a token-wise ``fn`` ([..., in] -> [..., out], each token alone), computed over
+    chunks of ``chunk`` tokens (the leading dimensions flattened). ``params``: the tensors ``fn`` uses that may
+    need a gradient (its modules' parameters); their gradients accumulate over the chunks. ``output_unused``: the
+    caller throws the values away (a layer replayed for its backward): the forward computes nothing."""
     params = [p for p in params if p.requires_grad]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] <= chunk:
-        return fn(x)
+        return fn(x, output_unused)
     if torch.is_grad_enabled() and (x.requires_grad or params):
-        y = _SequenceTiled.apply(fn, chunk, params, x2, *params)
+        y = _SequenceTiled.apply(fn, chunk, params, output_unused, x2, *params)
     else:
         y = _in_chunks(fn, x2, chunk)
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -67,7 +65,7 @@ def sequence_tiled(fn, x: torch.Tensor, chunk: int, params) -> torch.Tensor:
 def _in_chunks(fn, x2: torch.Tensor, chunk: int) -> torch.Tensor:
     out = None
     for start in range(0, x2.shape[0], chunk):
-        y = fn(x2[start:start + chunk])
+        y = fn(x2[start:start + chunk], False)
         if out is None:
             out = y.new_empty((x2.shape[0], y.shape[-1]))
         out[start:start + chunk] = y
@@ -75,38 +73,39 @@ def _in_chunks(fn, x2: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 class _SequenceTiled(torch.autograd.Function):
-    """``apply(fn, chunk, params, x2, *params)``: saves ``x2`` alone; the backward replays ``fn`` chunk by chunk."""
+    """``apply(fn, chunk, params, output_unused, x2, *params)``: saves ``x2`` alone; the backward replays ``fn``
+    chunk by chunk (each chunk's output values unused: only its graph is)."""
 
     @staticmethod
-    def forward(ctx, fn, chunk, params, x2, *flat_params):
+    def forward(ctx, fn, chunk, params, output_unused, x2, *flat_params):
         ctx.fn, ctx.chunk, ctx.params = fn, chunk, params
-        ctx.rng, ctx.reference = _rng_state(x2.device), reference_only()
+        ctx.rng, ctx.reference = rng_state(x2.device), reference_only()
         ctx.autocast = (torch.is_autocast_enabled(x2.device.type), torch.get_autocast_dtype(x2.device.type))
         ctx.save_for_backward(x2)
-        if checkpointing.layer_output_unused():  # a layer replayed for its backward: nothing here is kept
-            probe = fn(x2[:1])  # the output's width and dtype
+        if output_unused:  # a layer replayed for its backward: nothing here is kept
+            probe = fn(x2[:1], True)  # the output's width and dtype
             return probe.new_empty((x2.shape[0], probe.shape[-1]))
         return _in_chunks(fn, x2, chunk)
 
     @staticmethod
     def backward(ctx, dy):
         (x2,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[3]
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        need_x = ctx.needs_input_grad[4]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[5:]) if need]
         params = [ctx.params[i] for i in wanted]
         if not need_x and not params:
-            return (None,) * (4 + len(ctx.params))
+            return (None,) * (5 + len(ctx.params))
         dy = dy.reshape(-1, dy.shape[-1])
         dx = torch.empty_like(x2) if need_x else None
         sums: list[torch.Tensor | None] = [None] * len(params)
         device = x2.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            _set_rng_state(device, ctx.rng)  # the chunks replay in the forward's order: same dropout masks
+            set_rng_state(device, ctx.rng)  # the chunks replay in the forward's order: same dropout masks
             with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
-                    reference_kernels(ctx.reference), checkpointing.output_unused():
+                    reference_kernels(ctx.reference):
                 for start in range(0, x2.shape[0], ctx.chunk):
                     xc = x2[start:start + ctx.chunk].detach().requires_grad_(need_x)
-                    yc = ctx.fn(xc)
+                    yc = ctx.fn(xc, True)
                     grads = torch.autograd.grad(yc, ([xc] if need_x else []) + params, dy[start:start + ctx.chunk],
                                                 allow_unused=True)
                     del yc
@@ -119,31 +118,4 @@ class _SequenceTiled(torch.autograd.Function):
         out = [None] * len(ctx.params)
         for i, g in zip(wanted, sums):
             out[i] = g
-        return (None, None, None, dx, *out)
-
-
-# --- the switch: chunk size for one forward of a DecoderModel ---
-
-def mlp_chunk_for(model, x: torch.Tensor) -> int | None:
-    """Tokens per chunk for this forward of a DecoderModel (``x``: [batch, seq, hidden]), or None: untiled."""
-    mode = tiled_mlp_mode(getattr(model, "tiled_mlp", "off"))
-    chunk = getattr(model, "tiled_mlp_chunk", DEFAULT_CHUNK)
-    if mode == "off" or x.shape[0] * x.shape[1] <= chunk:
-        return None
-    if mode == "on":
-        return chunk
-    if not (model.training and torch.is_grad_enabled()):
-        return None
-    decided = model.__dict__.setdefault("_tiled_mlp_decisions", {})
-    gc = checkpointing.checkpoint_mode(model.gradient_checkpointing)
-    seq = -(-x.shape[1] // 256) * 256  # the checkpointing plan's buckets
-    key = (x.shape[0], seq, x.dtype, x.device, torch.is_autocast_enabled(x.device.type), gc, chunk)
-    if key not in decided:
-        need, usable = checkpointing.step_need(model, x.shape[0], seq, x.dtype, x.device, gc)
-        decided[key] = usable is not None and need > usable
-        if decided[key] and model.__dict__.get("_tiled_mlp_logged") != key:
-            print(f"pronghorn: tiled MLP on for batch {x.shape[0]} x {seq} tokens (chunks of {chunk}): untiled, "
-                  f"gradient checkpointing {gc} needs ~{need / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable",
-                  flush=True)
-            model.__dict__["_tiled_mlp_logged"] = key
-    return chunk if decided[key] else None
+        return (None, None, None, None, dx, *out)

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from ..errors import PronghornError
-from ..models.checkpointing import checkpoint_mode
+from ..models.memory_plan import parse_budget
+from ..models.recompute import checkpoint_mode
 from ..models.lora import ALL_TARGETS
 from ..models.tiled_mlp import chunk_tokens, tiled_mlp_mode
 from .optimizers import optimizer_name
@@ -56,7 +57,8 @@ class TrainConfig:
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
     progress: bool = True
-    # memory and speed (models/checkpointing.py, train/optimizers.py, data/packing.py)
+    # memory and speed (models/memory_plan.py, models/recompute.py, train/optimizers.py, data/packing.py)
+    max_memory: str | int | None = None  # the step's memory budget, e.g. "16GiB" (None: what the GPU gives)
     gradient_checkpointing: str | bool = "auto"  # auto | on (true) | offload ("unsloth") | off (false)
     tiled_mlp: str | bool = "auto"  # auto | on | off: norm + MLP over chunks of tokens (models/tiled_mlp.py)
     tiled_mlp_chunk: int = 8192  # tokens per chunk of the tiled MLP
@@ -83,6 +85,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
+        parse_budget(self.max_memory)  # a clear error now, not after the model loads
         self.tiled_mlp, self.tiled_mlp_chunk = tiled_mlp_mode(self.tiled_mlp), chunk_tokens(self.tiled_mlp_chunk)
         self.optim = optimizer_name(self.optim)
         if self.method not in ("sft", "dpo", "orpo", "kto"):

@@ -32,7 +32,8 @@ def train_preference(cfg: TrainConfig) -> TrainResult:
     attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                   target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
     model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing,  # auto | on | offload | off
-                                        tiled_mlp=cfg.tiled_mlp, tiled_mlp_chunk=cfg.tiled_mlp_chunk)
+                                        tiled_mlp=cfg.tiled_mlp, tiled_mlp_chunk=cfg.tiled_mlp_chunk,
+                                        max_memory=cfg.max_memory or "none")
     trainable, total = trainable_parameters(model)
     skipped = f" ({len(rows.skipped)} bad rows skipped)" if rows.skipped else ""
     print(f"pronghorn {cfg.method}: {loaded.base_name} on {model.device} ({model.dtype}), {len(rows)} rows{skipped}, "

@@ -57,7 +57,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                   target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
     model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing,  # auto | on | offload | off
-                                        tiled_mlp=cfg.tiled_mlp, tiled_mlp_chunk=cfg.tiled_mlp_chunk)
+                                        tiled_mlp=cfg.tiled_mlp, tiled_mlp_chunk=cfg.tiled_mlp_chunk,
+                                        max_memory=cfg.max_memory or "none")
     if cfg.neftune_noise_alpha:
         activate_neftune(model, cfg.neftune_noise_alpha)
     trainable, total = trainable_parameters(model)

@@ -6,7 +6,7 @@ import torch
 
 from pronghorn.models import pinned_host
 
-from .test_checkpointing import _batch, _loss_and_grads, tiny_lora_model
+from .test_recompute import _batch, _loss_and_grads, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cudaHostRegister)")
 

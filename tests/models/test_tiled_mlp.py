@@ -5,8 +5,7 @@ import torch
 
 from helpers import make_pair, tiny_lora_model
 from pronghorn.errors import PronghornError
-from pronghorn.models import checkpointing
-from pronghorn.models.checkpointing import MemoryPlan, activation_estimates, layer_activation_bytes
+from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.quantized_checkpoint import quantize_model_nf4
 from pronghorn.models.tiled_mlp import sequence_tiled, tiled_mlp_mode
 
@@ -173,71 +172,46 @@ def _packed_row():
 @pytest.mark.parametrize("mode", ["off", "on", "offload", "auto"])
 @pytest.mark.parametrize("batch", [_padded_batch, _packed_row], ids=["padded_b2", "packed_rows1"])
 def test_whole_model_loss_and_lora_grads_equal_tiled_or_not(monkeypatch, mode, batch):
-    """Each checkpointing mode ("auto" with a plan that mixes offload, recompute and keep, as a GPU would);
-    the layers' recomputation replays the tiled MLP, whose backward recomputes it once more per chunk."""
+    """Each checkpointing mode ("auto": a plan that mixes offload and recompute, as a GPU would make); the layers'
+    recomputation replays the tiled MLP, whose backward recomputes it once more per chunk."""
     model, batch = _model(), batch()
-    monkeypatch.setattr(checkpointing, "plan_for_model",
-                        lambda *a, **k: MemoryPlan(("offload", "recompute"), 1, 1, True))
+    mixed = {"auto": ("offload", "recompute")}.get(mode)
     model.gradient_checkpointing_enable(mode=mode, tiled_mlp="off")
+    model.model.forced_plan = MemoryPlan(mixed) if mixed else None
     ref_loss, ref_grads = _loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(mode=mode, tiled_mlp="on", tiled_mlp_chunk=5)
+    model.model.forced_plan = MemoryPlan(mixed, mlp_chunk=5) if mixed else None
     loss, grads = _loss_and_grads(model, batch)
+    assert model.memory_plan.mlp_chunk == 5
     torch.testing.assert_close(loss, ref_loss, **FP32)
     assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A, B x 7 projections x 2 layers
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, **FP32, msg=name)
 
 
-def test_auto_tiles_only_when_the_untiled_step_does_not_fit(monkeypatch, capsys):
+def test_auto_tiles_only_when_the_plan_needs_it(monkeypatch, capsys):
     from pronghorn.models import decoder
+    from pronghorn.models.memory_plan import estimate_peak, step_sizes
 
     model, batch, chunks = _model(), _padded_batch(), []
     model.gradient_checkpointing_enable(mode="on", tiled_mlp="auto", tiled_mlp_chunk=5)
-    monkeypatch.setattr(decoder, "run_layers", lambda layers, x, args, modes: chunks.append(args[-1]) or x)
-    monkeypatch.setattr(checkpointing, "free_memory", lambda device: 2**40)
+    monkeypatch.setattr(decoder, "run_layers", lambda layers, x, args, plan: chunks.append(args[-1]) or x)
+    monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (2**40, "sim"))
     model(**batch)
-    monkeypatch.setattr(checkpointing, "free_memory", lambda device: 2**20)  # 1 MiB: the step needs more
-    model.model.__dict__.pop("_tiled_mlp_decisions")  # decided once per batch shape: forget the first
+    s = step_sizes(model.model, 2, 256, torch.float32, torch.device("cpu"), 5, model.lm_head)
+    tiled = estimate_peak(s, MemoryPlan(("recompute",) * 2, split_replay=True, mlp_chunk=5))
+    monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (int(tiled / 0.96) + 1, "sim"))
+    model.model.__dict__.pop("_plans")  # decided once per batch shape and configured budget: forget the first
     model(**batch)
     model(**batch)
     with torch.no_grad():
         model(**batch)  # no backward: auto never tiles
     model.gradient_checkpointing_enable(tiled_mlp="off")
+    monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (2**40, "sim"))
     model(**batch)
     assert chunks == [None, 5, 5, None, None]
-    lines = [line for line in capsys.readouterr().out.splitlines() if "tiled MLP on" in line]
-    assert len(lines) == 1 and lines[0].startswith("pronghorn: tiled MLP on for batch 2 x 256 tokens (chunks of 5)")
-
-
-def test_tiled_estimate_drops_the_mlp_and_matches_what_autograd_keeps():
-    model = _model()
-    layer, inputs, fixed = activation_estimates(model.model, 2, 64, torch.float32, torch.device("cpu"))
-    tlayer, tinputs, tfixed = activation_estimates(model.model, 2, 64, torch.float32, torch.device("cpu"), 16)
-    assert tinputs == inputs and tfixed > fixed
-    assert layer - tlayer == 128 * (4 * (HIDDEN + 3 * INTERMEDIATE) + 3 * 4 * 4)  # + the 3 MLP adapters' x A^T
-    per_token = 2 * (3 * 4096 + 3 * 4096 + 2 * 1024)  # 8B config, bf16: hidden x 3, q x 3, k and v: 52 KiB
-    assert layer_activation_bytes(10, 4096, 14336, 4096, 1024, 2, tiled_mlp=True) == 10 * per_token
-    # what autograd saves for one layer (parameters excluded), tiled and not: the MLP's share is gone and the
-    # rest stays within the estimate (made for the GPU path; the CPU reference saves less around attention)
-    x = torch.randn(2, 64, HIDDEN)
-    cos, sin = model.model._rope(torch.arange(64)[None].expand(2, 64), x.dtype)
-    kept = [_saved_bytes(lambda: model.model.layers[1](x, cos, sin, {None: None}, None, c), model) for c in (None, 16)]
-    assert kept[0] - kept[1] >= 128 * 4 * (HIDDEN + 3 * INTERMEDIATE)
-    assert 0.75 * tlayer <= kept[1] <= tlayer
-
-
-def _saved_bytes(fn, model) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn`` runs, ``model``'s weights excluded."""
-    weights, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved.values())
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tiled MLP" in line]
+    assert len(lines) == 1 and "tiled MLP (5 tokens)" in lines[0]
 
 
 @pytest.mark.parametrize("value,mode", [(True, "on"), (False, "off"), (None, "off"), ("Auto", "auto"),

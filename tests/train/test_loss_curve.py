@@ -17,8 +17,7 @@ import torch
 
 from pronghorn.data import tokenize_dataset
 from pronghorn.kernels.triton_support import reference_kernels
-from pronghorn.models import checkpointing
-from pronghorn.models.checkpointing import MemoryPlan
+from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.loader import load_pretrained
 from pronghorn.models.lora import LoRAConfig, attach_lora
 from pronghorn.train.config import TrainConfig
@@ -75,8 +74,8 @@ def test_checkpointing_modes_give_the_same_curve_on_cpu(smollm2_dir, tmp_path, m
     reference = _curve(model, tokenizer, start, examples, 2, "off", tmp_path, **settings)
     n = len(model.model.layers)
     mixed = tuple(("keep", "recompute", "offload")[i % 3] for i in range(n))
-    monkeypatch.setattr(checkpointing, "plan_for_model", lambda *a, **k: MemoryPlan(mixed, 1, 1, True))
-    assert mixed == ("keep", "recompute", "offload")  # every per-layer mode (named modes: models/test_checkpointing)
+    model.model.forced_plan = MemoryPlan(mixed, split_replay=True)
+    assert mixed == ("keep", "recompute", "offload")  # every per-layer mode (named modes: models/test_recompute)
     assert _curve(model, tokenizer, start, examples, 2, "auto", tmp_path, **settings) == reference
     assert reference[1] != reference[0]  # the second step saw the first update
 

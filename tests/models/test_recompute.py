@@ -1,4 +1,4 @@
-"""Gradient checkpointing modes: exact gradients in every mode, the memory plan, the activation estimate."""
+"""Activation recompute (models/recompute.py): exact gradients in every mode and replay, the settings."""
 
 import pytest
 import torch
@@ -6,11 +6,8 @@ import torch
 from helpers import make_pair, tiny_lora_model
 from pronghorn.api import FastLanguageModel
 from pronghorn.errors import PronghornError
-from pronghorn.models import checkpointing
-from pronghorn.models.checkpointing import MemoryPlan, checkpoint_mode, layer_activation_bytes, plan_memory
-from pronghorn.models.lora import LoRAConfig, attach_lora
-
-GIB = 2**30
+from pronghorn.models.memory_plan import MemoryPlan
+from pronghorn.models.recompute import checkpoint_mode
 
 
 @pytest.mark.parametrize("value,mode", [(True, "on"), (False, "off"), (None, "off"), ("unsloth", "offload"),
@@ -93,18 +90,19 @@ def _batch():
                                    ("keep", "recompute"), ("offload", "recompute")])
 def test_every_mode_gives_identical_gradients(monkeypatch, modes):
     """fp32 on the CPU: recomputation replays the same ops, so loss and gradients are bitwise equal, for
-    every per-layer mix (set through the auto plan) and with dropout on. Layer 0's input needs no gradient
-    (frozen embeddings): its LoRA gradients must still arrive."""
+    every per-layer mix (a plan handed to the model), whole or split replay, and with dropout on. Layer 0's input
+    needs no gradient (frozen embeddings): its LoRA gradients must still arrive."""
     model = _lora_model()
     batch = _batch()
     ref_loss, ref_grads = _loss_and_grads(model, batch)
-    monkeypatch.setattr(checkpointing, "plan_for_model", lambda *a, **k: MemoryPlan(modes, 1, 1, True))
-    model.gradient_checkpointing_enable(mode="auto")
-    loss, grads = _loss_and_grads(model, batch)
-    assert torch.equal(loss, ref_loss)
-    for name, g in ref_grads.items():
-        assert torch.equal(grads[name], g), name
-    assert grads["model.layers.0.self_attn.q_proj.lora_A"].abs().sum() > 0
+    for split in (False, True):
+        model.model.forced_plan = MemoryPlan(modes, split_replay=split)
+        loss, grads = _loss_and_grads(model, batch)
+        assert model.memory_plan is model.model.forced_plan
+        assert torch.equal(loss, ref_loss)
+        for name, g in ref_grads.items():
+            assert torch.equal(grads[name], g), name
+        assert grads["model.layers.0.self_attn.q_proj.lora_A"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", ["on", "offload"])
@@ -129,93 +127,12 @@ def test_split_replay_equals_the_whole_layer_replay(monkeypatch, dropout):
             m.lora_dropout = dropout
     batch = _batch()
     ref_loss, ref_grads = _loss_and_grads(model, batch)
-    model.gradient_checkpointing_enable(mode="offload")
-    for split in (True, False):
-        monkeypatch.setattr(checkpointing, "SPLIT_REPLAY", split)
+    for split in ("split", "whole"):
+        model.gradient_checkpointing_enable(mode="offload", replay=split)
         loss, grads = _loss_and_grads(model, batch)
+        assert model.memory_plan.split_replay == (split == "split")
         assert torch.equal(loss, ref_loss)
         assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
-
-
-def test_plan_keeps_everything_on_a_big_device():
-    plan = plan_memory(80 * GIB, layers=32, layer_bytes=GIB, input_bytes=GIB // 64, fixed_bytes=4 * GIB)
-    assert plan.modes == ("keep",) * 32 and plan.fits
-
-
-def test_plan_recomputes_the_fewest_layers_that_fit():
-    # usable 35.1 GiB - fixed 4 = 31.1: keep k of 32 with k + (32 - k) / 64 + 1 <= 31.1 -> k = 30
-    plan = plan_memory(39 * GIB, layers=32, layer_bytes=GIB, input_bytes=GIB // 64, fixed_bytes=4 * GIB)
-    assert plan.modes == ("recompute",) * 2 + ("keep",) * 30 and plan.fits
-    assert plan.need_bytes <= 35.1 * GIB
-
-
-def test_plan_offloads_the_earliest_inputs_when_recomputing_is_not_enough():
-    # usable 9 GiB - fixed 4 = 5: inputs of 32 layers (8 GiB) don't fit; 5 - 1 - 2*0.25 = 3.5 -> 14 on device
-    plan = plan_memory(10 * GIB, layers=32, layer_bytes=GIB, input_bytes=GIB // 4, fixed_bytes=4 * GIB)
-    assert plan.modes == ("offload",) * 18 + ("recompute",) * 14 and plan.fits
-
-
-def test_plan_says_when_nothing_fits():
-    plan = plan_memory(2 * GIB, layers=4, layer_bytes=GIB, input_bytes=GIB // 4, fixed_bytes=4 * GIB)
-    assert plan.modes == ("offload",) * 4 and not plan.fits
-    assert "may not fit" in plan.summary()
-    cpu = plan_memory(2 * GIB, layers=4, layer_bytes=GIB, input_bytes=GIB // 4, can_offload=False)
-    assert cpu.modes == ("recompute",) * 4 and not cpu.fits
-
-
-def test_auto_prints_its_plan_once(monkeypatch, capsys):
-    model = tiny_lora_model().train()
-    monkeypatch.setattr(checkpointing, "free_memory", lambda device: 10**12)
-    model.gradient_checkpointing_enable(mode="auto")
-    for _ in range(2):
-        model(**_batch()).loss.backward()
-    lines = [line for line in capsys.readouterr().out.splitlines() if "gradient checkpointing auto" in line]
-    assert len(lines) == 1
-    assert lines[0].startswith("pronghorn: gradient checkpointing auto for batch 2 x 256 tokens: 2 layers: 2 keep, "
-                               "0 recompute")
-    assert lines[0].endswith("GiB of 931.32 GiB free")
-
-
-def _saved_bytes_ratio(model, x, autocast_dtype=None) -> float:
-    """Bytes autograd saves for one LoRA layer (parameters excluded, shared storages counted once) over the
-    estimate for the same shapes."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    b, t, _ = x.shape
-    cos, sin = model.model._rope(torch.arange(t, device=x.device)[None].expand(b, t), x.dtype)
-    saved = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in params:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            torch.autocast(x.device.type, autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        model.model.layers[1](x, cos, sin, {None: None}, None)
-    cfg = model.model.cfg
-    lora_bytes = 2 if autocast_dtype is not None else 4
-    estimate = layer_activation_bytes(b * t, cfg.hidden_size, cfg.intermediate_size,
-                                      cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                                      x.element_size(), lora_rank=4, lora_projections=7, lora_bytes=lora_bytes)
-    return sum(saved.values()) / estimate
-
-
-def test_activation_estimate_matches_what_autograd_keeps():
-    """The estimate against what autograd saves: fp32 reference path on the CPU."""
-    _, model = make_pair("llama3_gqa_rope_scaling")
-    attach_lora(model, LoRAConfig(r=4, lora_alpha=8), seed=1)
-    assert 0.85 <= _saved_bytes_ratio(model.train(), torch.randn(2, 64, 48)) <= 1.2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_activation_estimate_on_cuda_kernels_bf16():
-    """The same on the GPU path the auto plan budgets for: bf16 weights, autocast, Triton kernels."""
-    _, model = make_pair("llama3_gqa_rope_scaling", dtype=torch.bfloat16)
-    attach_lora(model.cuda(), LoRAConfig(r=4, lora_alpha=8), seed=1)
-    x = torch.randn(2, 256, 48, device="cuda", dtype=torch.bfloat16)
-    ratio = _saved_bytes_ratio(model.train(), x, torch.bfloat16)
-    print(f"saved / estimated activation bytes on CUDA: {ratio:.3f}")
-    assert 0.6 <= ratio <= 1.2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -230,23 +147,9 @@ def test_offload_on_cuda_is_exact_and_saves_memory():
         torch.testing.assert_close(grads[n], g, rtol=1e-6, atol=1e-7, msg=n)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_free_memory_respects_the_process_memory_fraction():
-    from pronghorn.models.checkpointing import free_memory
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    total = torch.cuda.mem_get_info(dev)[1]
-    torch.cuda.set_per_process_memory_fraction(0.25, dev)
-    try:  # a device without an index (what users write) means the current one
-        assert free_memory(torch.device("cuda")) <= 0.25 * total - torch.cuda.memory_allocated(dev)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
-    assert free_memory(torch.device("cuda")) > 0.25 * total
-
-
 def test_offloaded_nf4_layer_dequantizes_once_for_replay_and_backward(monkeypatch):
     """QLoRA + offload on the fused LoRA path (forced, as on a GPU): the replayed layer's dequantized weights serve
-    its backward when memory allows, so each NF4 weight is dequantized twice per step (forward, replay; down_proj:
+    its backward when the plan says so, so each NF4 weight is dequantized twice per step (forward, replay; down_proj:
     forward, backward, its replay skips the matmul) instead of three times; the gradients stay bitwise."""
     import importlib
 
@@ -265,14 +168,14 @@ def test_offloaded_nf4_layer_dequantizes_once_for_replay_and_backward(monkeypatc
     calls = [0]
     original = nf4.dequantize_nf4_reference
     monkeypatch.setattr(nf4, "dequantize_nf4_reference", lambda *a: calls.__setitem__(0, calls[0] + 1) or original(*a))
-    model.gradient_checkpointing_enable(mode="offload")
-    loss, grads = _loss_and_grads(model, batch)
     layers = len(model.model.layers)
+    model.model.forced_plan = MemoryPlan(("offload",) * layers, split_replay=True, reuse_dequantized=True)
+    loss, grads = _loss_and_grads(model, batch)
     assert calls[0] == layers * 7 * 2
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
-    monkeypatch.setattr(checkpointing, "free_memory", lambda device: 0)  # no room: dequantized again
-    calls[0] = 0
+    model.model.forced_plan = MemoryPlan(("offload",) * layers, split_replay=True, reuse_dequantized=False)
+    calls[0] = 0  # a plan without room for the dense weights: dequantized again
     _loss_and_grads(model, batch)
     # per layer: forward 7; replay (split): attention block without a graph 4, MLP block 2 (down skipped), its
     # backward 3, attention block again 3 (o skipped), its backward 4 (layer 0's q, k, v need no input gradient)

@@ -1,0 +1,308 @@
+"""The memory plan: how one training step of a batch shape fits a memory budget, decided once, outside the forward.
+
+A budget is the most device memory the process may hold at the step's peak: ``max_memory`` (``get_peft_model``,
+``TrainConfig``, ``--max-memory``; "16GiB", "24GB" or bytes), capped by ``torch.cuda.set_per_process_memory_fraction``
+and by what the GPU has free. From the budget and the batch shape, :func:`make_plan` picks the fastest plan whose
+estimated peak fits, trying in order of speed:
+
+1. per layer: keep every activation, else recompute the fewest layers, else offload the inputs of the earliest
+   layers to pinned host memory (models/recompute.py);
+2. for a replayed layer: the whole layer at once, else its two residual blocks apart (split replay, a smaller
+   peak for one more attention-block forward); an NF4 layer's dequantized weights kept from its replay for its
+   backward, else dequantized again;
+3. the untied input table in pinned host memory (nearly free: a lookup reads ``tokens x hidden`` values over PCIe);
+4. the MLP over chunks of tokens (models/tiled_mlp.py), smaller logits chunks in the loss, and last a tied table
+   on the host with the output head streamed from there.
+
+When nothing fits, :func:`make_plan` raises before the step runs, naming the smallest budget that would fit. The
+estimate (:class:`StepSizes`) counts the resident weights and adapters (measured), the optimizer state still to
+come, the kept activations and the larger of the loss's and a replayed layer's backward transient.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import PronghornError
+
+GIB = 2**30
+HEADROOM = 0.04  # of the budget, left to fragmentation and allocator rounding
+LOSS_CHUNK_BYTES = (2**30, 2**28, 2**26)  # logits buffer of the loss, tried in this order
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(value) -> int | None:
+    """Bytes for a budget setting: None / "none" / "auto" (no budget), a number of bytes, or a string such as
+    "16GiB", "24 GB", "1.5gib"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
+        return None
+    if isinstance(value, bool):
+        raise PronghornError(f"max_memory must be a size such as '16GiB' or a number of bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = value, ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise PronghornError(f"max_memory must be a size such as '16GiB', '24GB' or a number of bytes, got {value!r}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise PronghornError(f"max_memory must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    """Byte sizes of one training step of a batch shape: the planner's inputs (pure numbers, testable)."""
+
+    layers: int
+    attn_block: int  # tensors one layer's attention block keeps for its backward (its input included)
+    mlp_block: int  # ... its MLP block (the residual between the blocks included)
+    tiled_block: int  # ... the MLP block when tiled: its input alone
+    layer_input: int  # one layer input (what a recomputed layer keeps)
+    backward_extra: int  # transients of one layer's backward beyond what it keeps
+    tiled_chunk: int  # one chunk of the tiled MLP, replayed and back-propagated (0: the MLP cannot be tiled)
+    dense_layer: int  # one NF4 layer's dense weights (kept from replay to backward when reused; 0: not NF4)
+    tokens: int  # labelled rows reaching the loss (at most batch x sequence)
+    vocab: int
+    head_itemsize: int
+    loss_extra: int  # the final norm's output and the hidden-state gradient the loss forms
+    resident: int  # bytes on the device now: weights, adapters, buffers
+    to_come: int  # gradients and optimizer state of the trainable parameters not allocated yet
+    untied_table: int  # input table bytes that can move to the host (0: tied or already there)
+    tied_table: int  # a tied table (also the head) that can move to the host with a streamed head (0: none)
+
+    def loss(self, chunk_bytes: int, streamed: bool) -> int:
+        """The loss's peak: one chunk of logits (rows split evenly, as the fused loss does) plus ``loss_extra``;
+        a streamed head holds one vocabulary slice of the table and its logits instead."""
+        if streamed:
+            return self.loss_extra + 2 * (self.tokens * 4096 * self.head_itemsize)
+        cap = max(1, chunk_bytes // (self.vocab * self.head_itemsize))
+        rows = math.ceil(self.tokens / max(1, math.ceil(self.tokens / cap)))
+        return self.loss_extra + rows * self.vocab * self.head_itemsize
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One visible decision for a batch shape: what each layer keeps, how replays run, where tables live."""
+
+    layers: tuple[str, ...]  # per layer: keep | recompute | offload
+    split_replay: bool = False  # a replayed layer's two residual blocks replayed apart
+    reuse_dequantized: bool = True  # an NF4 layer's replay keeps its dense weights for its backward
+    mlp_chunk: int | None = None  # tokens per chunk of the tiled MLP; None: untiled
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES[0]  # logits buffer of the fused loss
+    table_on_host: str | None = None  # None | "untied" | "tied": the input table in pinned host memory
+    estimate_bytes: int = 0  # the estimated peak of the step
+    budget_bytes: int | None = None
+    budget_source: str = ""
+    batch: tuple[int, int] = (0, 0)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def replays(self) -> bool:
+        return any(m != "keep" for m in self.layers)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{self.layers.count(m)} {m}" for m in ("keep", "recompute", "offload") if m in self.layers)
+        parts = [f"{len(self.layers)} layers: {counts}"]
+        if self.replays:
+            parts.append("split replay" if self.split_replay else "whole-layer replay")
+        if self.mlp_chunk:
+            parts.append(f"tiled MLP ({self.mlp_chunk} tokens)")
+        if self.loss_chunk_bytes != LOSS_CHUNK_BYTES[0]:
+            parts.append(f"loss logits chunk {self.loss_chunk_bytes / 2**20:.0f} MiB")
+        if self.table_on_host:
+            parts.append(f"{self.table_on_host} input table on the host")
+        budget = "no budget" if self.budget_bytes is None else f"budget {self.budget_bytes / GIB:.2f} GiB ({self.budget_source})"
+        return f"{'; '.join(parts)}; estimated peak {self.estimate_bytes / GIB:.2f} GiB, {budget}"
+
+
+def estimate_peak(s: StepSizes, plan: MemoryPlan) -> int:
+    """The estimated peak bytes of a step run with ``plan``: resident + optimizer to come + kept activations +
+    the larger of the loss and the top layer's backward (a replay, when layers are replayed)."""
+    tiled = plan.mlp_chunk is not None and s.tiled_chunk > 0
+    keep_layer = s.attn_block + (s.tiled_block if tiled else s.mlp_block)
+    kept = sum(keep_layer if m == "keep" else s.layer_input if m == "recompute" else 0 for m in plan.layers)
+    if "offload" in plan.layers:
+        kept += 2 * s.layer_input  # the one being stored and the one prefetched
+    mlp = s.tiled_block if tiled else s.mlp_block
+    layer_peak = max(s.attn_block, mlp) if plan.split_replay and plan.replays else keep_layer
+    backward = (layer_peak if plan.replays else 0) + s.backward_extra + (s.tiled_chunk if tiled else 0)
+    if plan.replays and plan.reuse_dequantized:
+        backward += s.dense_layer
+    resident = s.resident + s.to_come
+    if plan.table_on_host == "untied":
+        resident -= s.untied_table
+    elif plan.table_on_host == "tied":
+        resident -= s.tied_table
+    loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
+    return resident + kept + max(loss, backward)
+
+
+def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
+                    replay: str = "auto") -> list[MemoryPlan]:
+    """Every plan within the user's settings, fastest first (:func:`relative_cost`): ``mode`` auto | off | on |
+    offload (layers), ``tiled_mlp`` auto | on | off, ``replay`` auto | whole | split."""
+    n = s.layers
+    if mode == "off":
+        layer_sets = [("keep",) * n]
+    elif mode == "on":
+        layer_sets = [("recompute",) * n]
+    elif mode == "offload":
+        layer_sets = [("offload",) * n]
+    else:  # earliest layers first: their inputs are needed last in the backward
+        layer_sets = [("recompute",) * k + ("keep",) * (n - k) for k in range(n + 1)]
+        layer_sets += [("offload",) * k + ("recompute",) * (n - k) for k in range(1, n + 1)]
+    tilings = [None] if s.tiled_chunk == 0 else {"off": [None], "on": [mlp_chunk], "auto": [None, mlp_chunk]}[tiled_mlp]
+    replays = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
+    tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table else [])
+    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table)
+             for layers in layer_sets
+             for split in (replays if any(m != "keep" for m in layers) else [False])
+             for reuse in ((True, False) if s.dense_layer else (True,))
+             for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables]
+    return sorted(plans, key=relative_cost)
+
+
+def relative_cost(plan: MemoryPlan) -> float:
+    """The step time of ``plan`` relative to keeping everything, in layer-steps (rough, for ordering only): a
+    replayed layer redoes its forward less down_proj's matmul; offloading adds an overlapped copy; a split
+    replay adds an attention-block forward; NF4 weights dequantized twice; a tiled kept layer its MLP forward;
+    smaller loss chunks, and a tied table streamed from the host, a slower head."""
+    cost = 0.0
+    for m in plan.layers:
+        replayed = m != "keep"
+        cost += {"keep": 0.0, "recompute": 0.28, "offload": 0.30}[m]
+        cost += 0.07 * (replayed and plan.split_replay) + 0.04 * (replayed and not plan.reuse_dequantized)
+        cost += (0.02 if replayed else 0.15) * (plan.mlp_chunk is not None)
+    cost += {LOSS_CHUNK_BYTES[0]: 0.0, LOSS_CHUNK_BYTES[1]: 0.01, LOSS_CHUNK_BYTES[2]: 0.05}[plan.loss_chunk_bytes]
+    cost += {None: 0.0, "untied": 0.001, "tied": 3.0}[plan.table_on_host]
+    return cost
+
+
+def make_plan(s: StepSizes, budget: int | None, budget_source: str = "", batch: tuple[int, int] = (0, 0),
+              **settings) -> MemoryPlan:
+    """The first (fastest) candidate whose estimated peak fits ``budget`` less :data:`HEADROOM`; without a budget,
+    the fastest. Raises a PronghornError naming the smallest budget that would fit when none does."""
+    usable = None if budget is None else budget * (1 - HEADROOM)
+    leanest = None
+    for plan in candidate_plans(s, **settings):
+        need = estimate_peak(s, plan)
+        if usable is None or need <= usable:
+            return replace(plan, estimate_bytes=need, budget_bytes=budget, budget_source=budget_source, batch=batch)
+        if leanest is None or need < leanest[0]:
+            leanest = (need, plan)
+    need, plan = leanest
+    smallest = need / (1 - HEADROOM)
+    raise PronghornError(
+        f"a training step of batch {batch[0]} x {batch[1]} tokens does not fit the memory budget of "
+        f"{budget / GIB:.2f} GiB ({budget_source}): the leanest plan ({replace(plan, estimate_bytes=need).summary()}) "
+        f"needs about {smallest / GIB:.2f} GiB. Raise max_memory to at least {math.ceil(smallest / GIB * 10) / 10:g}GiB, "
+        "or train on fewer tokens per step (batch size, max_seq_length), or load_in_4bit=True")
+
+
+# --- from a model and a device: the sizes and the budget ---
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes new tensors can take on ``device``: the driver's free memory plus what PyTorch's allocator holds
+    unused, within the process's memory fraction cap if one is set; host RAM available for a CPU; None when
+    unknown."""
+    if device.type == "cuda":
+        budget, _ = device_budget(device, None)
+        return budget - torch.cuda.memory_allocated(_indexed(device))
+    if device.type == "cpu":
+        return _host_available()
+    return None
+
+
+def device_budget(device: torch.device, max_memory: int | None) -> tuple[int | None, str]:
+    """(the most bytes the process may hold allocated on ``device`` at a step's peak, what sets it): the smallest
+    of ``max_memory``, the process's memory fraction cap and what the GPU can still give (its free memory plus
+    what PyTorch holds); on a CPU ``max_memory``, else the available RAM plus what the model holds (None: unknown)."""
+    limits = [] if max_memory is None else [(max_memory, f"max_memory={max_memory / GIB:.2f}GiB")]
+    if device.type == "cuda":
+        device = _indexed(device)
+        free, total = torch.cuda.mem_get_info(device)
+        limits.append((free + torch.cuda.memory_reserved(device), "the GPU's free memory"))
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        if fraction < 1.0:
+            limits.append((int(fraction * total), f"set_per_process_memory_fraction({fraction:g})"))
+    if not limits:
+        return None, ""
+    return min(limits, key=lambda item: item[0])
+
+
+def _indexed(device: torch.device) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def tiled_mlp_chunk_bytes(chunk: int, hidden: int, intermediate: int, act_bytes: int) -> int:
+    """Peak bytes of one chunk's recomputation and backward in the tiled MLP: gate, up, their product and the
+    three gradients (6 x intermediate), the chunk's norm output, MLP output and two gradients (4 x hidden)."""
+    return chunk * act_bytes * (6 * intermediate + 4 * hidden)
+
+
+def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+               mlp_chunk: int | None = None, head=None, first_step: bool = True) -> StepSizes:
+    """:class:`StepSizes` of a DecoderModel (``decoder``) on ``batch`` x ``seq_len`` tokens of activation ``dtype``.
+    ``head``: the causal LM's output head when its tables may move to the host (None: they stay). ``first_step``:
+    the optimizer state is not allocated yet (its two moments per trainable element are counted to come)."""
+    from ..kernels.nf4 import NF4Weight
+
+    cfg, tokens, e = decoder.cfg, batch * seq_len, torch.empty((), dtype=dtype).element_size()
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    layer = decoder.layers[0]
+
+    def lora_bytes(scope) -> int:
+        adapted = [m for m in scope.modules() if getattr(m, "has_lora", False)]
+        if not adapted:
+            return 0
+        probe = torch.empty(0, dtype=dtype, device=device)
+        cdt = adapted[0].kernel_policy.compute_dtype(probe, adapted[0].weight) or adapted[0].lora_A.dtype
+        return sum(m.lora_A.shape[0] for m in adapted) * torch.empty((), dtype=cdt).element_size()
+
+    nf4 = [m.weight for m in layer.modules() if isinstance(getattr(m, "weight", None), NF4Weight)]
+    dense = [w.shape[0] * w.shape[1] * e for w in nf4]
+    params = {id(p): p for p in decoder.parameters()}
+    if head is not None:
+        params.update({id(p): p for p in head.parameters()})
+    trainable = [p for p in params.values() if p.requires_grad]
+    to_come = sum(p.numel() * p.element_size() for p in trainable if p.grad is None)
+    to_come += 2 * sum(p.numel() * 4 for p in trainable) if first_step else 0  # AdamW moments (fp32 at least)
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(_indexed(device))
+    else:
+        resident = sum(t.numel() * t.element_size() for t in [*params.values(), *decoder.buffers()] if t.device == device)
+    table = decoder.embed_tokens.weight
+    movable = head is not None and table.device.type == "cuda" and not table.requires_grad
+    tied = head is not None and head.weight is table
+    table_bytes = table.numel() * table.element_size()
+    chunk = mlp_chunk or 0
+    return StepSizes(
+        layers=len(decoder.layers),
+        attn_block=tokens * (e * (2 * hidden + 3 * q_dim + 2 * kv_dim) + lora_bytes(layer.self_attn)),
+        mlp_block=tokens * (e * (2 * hidden + 3 * inter) + lora_bytes(layer.mlp)),
+        tiled_block=tokens * e * hidden,
+        layer_input=tokens * e * hidden,
+        backward_extra=tokens * e * (3 * hidden + 2 * (q_dim + 2 * kv_dim)) + max(dense, default=0),
+        tiled_chunk=tiled_mlp_chunk_bytes(chunk, hidden, inter, e) if 0 < chunk < tokens else 0,
+        dense_layer=sum(dense), tokens=tokens, vocab=cfg.vocab_size, head_itemsize=e,
+        loss_extra=2 * tokens * hidden * e, resident=resident, to_come=to_come,
+        untied_table=table_bytes if movable and not tied else 0,
+        tied_table=table_bytes if movable and tied else 0,
+    )
