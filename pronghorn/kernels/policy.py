@@ -37,7 +37,7 @@ class KernelPolicy:
         """The dtype the LoRA op's matmuls run in for input ``x`` on base ``weight`` (a tensor or an NF4 weight
         with a ``dtype``), or None: each operand in its own dtype (PEFT without autocast)."""
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
         if self.adapter_math == "base" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
             return torch.bfloat16

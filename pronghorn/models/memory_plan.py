@@ -71,7 +71,7 @@ class StepSizes:
     tokens: int  # labelled rows reaching the loss (at most batch x sequence)
     vocab: int
     head_itemsize: int
-    loss_extra: int  # the final norm's output and the hidden-state gradient the loss forms
+    loss_extra: int  # the final norm's input and output and the hidden-state gradient the loss forms
     resident: int  # bytes on the device now: weights, adapters, buffers
     to_come: int  # gradients and optimizer state of the trainable parameters not allocated yet
     untied_table: int  # input table bytes that can move to the host (0: tied or already there)
@@ -289,7 +289,8 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     else:
         resident = sum(t.numel() * t.element_size() for t in [*params.values(), *decoder.buffers()] if t.device == device)
     table = decoder.embed_tokens.weight
-    movable = head is not None and table.device.type == "cuda" and not table.requires_grad
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # DDP/FSDP own the layout
+    movable = head is not None and table.device.type == "cuda" and not table.requires_grad and not distributed
     tied = head is not None and head.weight is table
     table_bytes = table.numel() * table.element_size()
     chunk = mlp_chunk or 0
@@ -299,10 +300,13 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         mlp_block=tokens * (e * (2 * hidden + 3 * inter) + lora_bytes(layer.mlp)),
         tiled_block=tokens * e * hidden,
         layer_input=tokens * e * hidden,
-        backward_extra=tokens * e * (3 * hidden + 2 * (q_dim + 2 * kv_dim)) + max(dense, default=0),
+        # the output gradient, the residual's and an input gradient (3 x hidden); o_proj's input gradient and
+        # SDPA's dq, dk, dv with their contiguous copies for the q/k/v backward (3 x q, 4 x kv); one dense weight
+        backward_extra=tokens * e * (3 * hidden + 3 * q_dim + 4 * kv_dim) + max(dense, default=0),
         tiled_chunk=tiled_mlp_chunk_bytes(chunk, hidden, inter, e) if 0 < chunk < tokens else 0,
         dense_layer=sum(dense), tokens=tokens, vocab=cfg.vocab_size, head_itemsize=e,
-        loss_extra=2 * tokens * hidden * e, resident=resident, to_come=to_come,
+        loss_extra=3 * tokens * hidden * e,  # the final norm's input and output, the hidden-state gradient
+        resident=resident, to_come=to_come,
         untied_table=table_bytes if movable and not tied else 0,
         tied_table=table_bytes if movable and tied else 0,
     )
