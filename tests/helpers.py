@@ -7,6 +7,7 @@ import transformers
 
 from pronghorn.models.config import ModelConfig
 from pronghorn.models.decoder import DecoderForCausalLM
+from pronghorn.models.hf_layout import split_fused
 from pronghorn.models.lora import LoRAConfig, attach_lora
 
 _BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -30,6 +31,8 @@ TINY_CONFIGS = {
     "qwen2_sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+    # Mistral Nemo / Small: head_dim (32) is not hidden / heads (12)
+    "mistral_nemo_headdim": ("MistralConfig", "MistralForCausalLM", dict(head_dim=32, sliding_window=None)),
 }
 
 
@@ -37,16 +40,19 @@ def make_pair(name: str, dtype=torch.float32, seed: int = 0):
     """(hf_model, pronghorn_model) with identical random weights."""
     cfg_cls, model_cls, extra = TINY_CONFIGS[name]
     kwargs = {**_BASE, **extra}
+    attn = kwargs.pop("attn", "sdpa")  # transformers' attention implementation to compare with
     hf_cfg = getattr(transformers, cfg_cls)(**kwargs)
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = "eager" if attn == "sdpa-after-init" else attn
     torch.manual_seed(seed)
     hf = getattr(transformers, model_cls)(hf_cfg).to(dtype).eval()
+    if attn == "sdpa-after-init":
+        hf.config._attn_implementation = "sdpa"
     with torch.no_grad():  # norms are ones by default; randomise them so they are tested
         for n, p in hf.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     ours = DecoderForCausalLM(ModelConfig.from_hf_dict(hf_cfg.to_dict()), dtype=dtype)
-    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    missing, unexpected = ours.load_state_dict(split_fused(ours.config, dict(hf.state_dict())), strict=False)
     assert not unexpected, unexpected
     assert all(k == "lm_head.weight" for k in missing), missing
     ours.tie_weights()
