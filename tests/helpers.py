@@ -13,6 +13,11 @@ from pronghorn.models.lora import LoRAConfig, attach_lora
 _BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, hidden_act="silu")
 
+_GEMMA = dict(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", head_dim=16,
+              initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# name -> (transformers config class, model class, fields over _BASE; "attn": the transformers attention
+# implementation to compare with, SDPA unless named)
 TINY_CONFIGS = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "llama3_gqa_rope_scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
@@ -33,6 +38,10 @@ TINY_CONFIGS = {
     "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
     # Mistral Nemo / Small: head_dim (32) is not hidden / heads (12)
     "mistral_nemo_headdim": ("MistralConfig", "MistralForCausalLM", dict(head_dim=32, sliding_window=None)),
+    # Gemma: weights drawn wider (initializer_range) so the GELU's tails and soft-capping are really exercised
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GEMMA, tie_word_embeddings=True)),
+    "gemma_mha_untied": ("GemmaConfig", "GemmaForCausalLM", dict(_GEMMA, num_key_value_heads=4,
+                                                                 tie_word_embeddings=False)),
 }
 
 
