@@ -42,6 +42,13 @@ TINY_CONFIGS = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GEMMA, tie_word_embeddings=True)),
     "gemma_mha_untied": ("GemmaConfig", "GemmaForCausalLM", dict(_GEMMA, num_key_value_heads=4,
                                                                  tie_word_embeddings=False)),
+    # Gemma 2: transformers' class refuses SDPA; eager computes the soft-capped scores. Without caps, its SDPA
+    # path (switched on after construction) is the same function and the same algorithm as ours
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _GEMMA, query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=1.5,
+        final_logit_softcapping=3.0, attn="eager")),
+    "gemma2_no_softcap": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _GEMMA, sliding_window=5, attn_logit_softcapping=None, final_logit_softcapping=None, attn="sdpa-after-init")),
 }
 
 
