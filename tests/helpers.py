@@ -7,11 +7,17 @@ import transformers
 
 from pronghorn.models.config import ModelConfig
 from pronghorn.models.decoder import DecoderForCausalLM
+from pronghorn.models.hf_layout import split_fused
 from pronghorn.models.lora import LoRAConfig, attach_lora
 
 _BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, hidden_act="silu")
 
+_GEMMA = dict(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", head_dim=16,
+              initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# name -> (transformers config class, model class, fields over _BASE; "attn": the transformers attention
+# implementation to compare with, SDPA unless named)
 TINY_CONFIGS = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "llama3_gqa_rope_scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
@@ -30,6 +36,19 @@ TINY_CONFIGS = {
     "qwen2_sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+    # Mistral Nemo / Small: head_dim (32) is not hidden / heads (12)
+    "mistral_nemo_headdim": ("MistralConfig", "MistralForCausalLM", dict(head_dim=32, sliding_window=None)),
+    # Gemma: weights drawn wider (initializer_range) so the GELU's tails and soft-capping are really exercised
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GEMMA, tie_word_embeddings=True)),
+    "gemma_mha_untied": ("GemmaConfig", "GemmaForCausalLM", dict(_GEMMA, num_key_value_heads=4,
+                                                                 tie_word_embeddings=False)),
+    # Gemma 2: transformers' class refuses SDPA; eager computes the soft-capped scores. Without caps, its SDPA
+    # path (switched on after construction) is the same function and the same algorithm as ours
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _GEMMA, query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=1.5,
+        final_logit_softcapping=3.0, attn="eager")),
+    "gemma2_no_softcap": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _GEMMA, sliding_window=5, attn_logit_softcapping=None, final_logit_softcapping=None, attn="sdpa-after-init")),
 }
 
 
@@ -37,16 +56,19 @@ def make_pair(name: str, dtype=torch.float32, seed: int = 0):
     """(hf_model, pronghorn_model) with identical random weights."""
     cfg_cls, model_cls, extra = TINY_CONFIGS[name]
     kwargs = {**_BASE, **extra}
+    attn = kwargs.pop("attn", "sdpa")  # transformers' attention implementation to compare with
     hf_cfg = getattr(transformers, cfg_cls)(**kwargs)
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = "eager" if attn == "sdpa-after-init" else attn
     torch.manual_seed(seed)
     hf = getattr(transformers, model_cls)(hf_cfg).to(dtype).eval()
+    if attn == "sdpa-after-init":
+        hf.config._attn_implementation = "sdpa"
     with torch.no_grad():  # norms are ones by default; randomise them so they are tested
         for n, p in hf.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     ours = DecoderForCausalLM(ModelConfig.from_hf_dict(hf_cfg.to_dict()), dtype=dtype)
-    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    missing, unexpected = ours.load_state_dict(split_fused(ours.config, dict(hf.state_dict())), strict=False)
     assert not unexpected, unexpected
     assert all(k == "lm_head.weight" for k in missing), missing
     ours.tie_weights()

@@ -2,8 +2,9 @@
 
 One file per quantization method, ``<dir>/model.<METHOD>.gguf`` (model.F16.gguf, model.Q8_0.gguf, ...), plus an
 Ollama ``Modelfile`` for the first one. Written with the ``gguf`` package the way llama.cpp's converter writes
-them: ``llama`` architecture for Llama/SmolLM2/Mistral (q/k rows permuted to llama.cpp's interleaved rope
-layout, which pronghorn/models/gguf_loading.py undoes on read), ``qwen2`` and ``qwen3`` as themselves; tied
+them, in the architecture and tensor names the family's spec gives (models/families/): ``llama`` for
+Llama/SmolLM2/Mistral (q/k rows permuted to llama.cpp's interleaved rope layout, which
+pronghorn/models/gguf_loading.py undoes on read), ``qwen2`` and ``qwen3`` as themselves; tied
 embeddings write no ``output.weight``; llama3 rope scaling becomes the ``rope_freqs`` tensor of per-frequency
 divisors; linear and yarn scaling become ``rope.scaling.*`` keys. Quantization rules: gguf_quant.py.
 """
@@ -21,33 +22,27 @@ from torch import nn
 
 from ..errors import PronghornError, UnsupportedModelError
 from ..files import atomic_dir
+from ..models.families import FAMILIES, GGUF_GLOBALS
 from .gguf_quant import Method, encode, resolve_methods, tensor_type
 from .gguf_tokenizer import gguf_vocab
 from .merged import _chmod_like_mkdir, iter_merged
 from .ollama import ollama_modelfile
 
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_LAYER = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-}  # fmt: skip
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+_EXPORTS = {t: s for t, s in FAMILIES.items() if s.gguf_arch is not None}
 
 
 def gguf_file_name(method: Method) -> str:
     return f"model.{method.name.upper()}.gguf"
 
 
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's name for a Hugging Face tensor (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``)."""
-    if hf_name in _GLOBAL:
-        return _GLOBAL[hf_name]
+def gguf_name(hf_name: str, layers: dict[str, str]) -> str:
+    """llama.cpp's name for a Hugging Face tensor (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``),
+    ``layers`` being the family's per-layer names (``FamilySpec.gguf_layers``)."""
+    if hf_name in GGUF_GLOBALS:
+        return GGUF_GLOBALS[hf_name]
     parts = hf_name.split(".")
     if parts[:2] == ["model", "layers"] and len(parts) >= 5:
-        stem = _LAYER.get(".".join(parts[3:-1]))
+        stem = layers.get(".".join(parts[3:-1]))
         if stem is not None:
             return f"blk.{parts[2]}.{stem}.{parts[-1]}"
     raise UnsupportedModelError(f"tensor {hf_name} has no GGUF name; pronghorn cannot export it")
@@ -72,9 +67,10 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def _check_supported(cfg) -> str:
-    arch = _ARCH.get(cfg.model_type)
-    if arch is None:
-        raise UnsupportedModelError(f"GGUF export supports {', '.join(_ARCH)} models, not {cfg.model_type!r}")
+    spec = _EXPORTS.get(cfg.model_type)
+    if spec is None:
+        raise UnsupportedModelError(f"GGUF export supports {', '.join(_EXPORTS)} models, not {cfg.model_type!r}")
+    arch = spec.gguf_arch
     kind = cfg.rope.get("rope_type", "default")
     if kind not in ("default", "linear", "yarn", "llama3"):
         raise UnsupportedModelError(f"rope scaling {kind!r} has no GGUF equivalent in llama.cpp; export the merged "
@@ -93,12 +89,13 @@ def _check_supported(cfg) -> str:
 def _tensors(model: nn.Module, arch: str, base_checkpoint) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 numpy array in llama.cpp's layout) for every tensor, adapter merged."""
     cfg = model.config
+    spec = FAMILIES[cfg.model_type]
     if cfg.rope.get("rope_type") == "llama3":
         yield "rope_freqs.weight", llama3_rope_factors(cfg.rope, cfg.head_dim)
     for hf_name, t in iter_merged(model, torch.float32, base_checkpoint):
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, spec.gguf_layers)
         w = t.numpy()
-        if arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
+        if spec.gguf_permute_qk and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             w = permute_for_llama_cpp(w, heads)
         yield name, w

@@ -27,6 +27,7 @@ from ..errors import CheckpointError, PronghornError
 from ..files import atomic_dir
 from ..models.config import hf_dtype_name
 from ..models.hf_checkpoint import INDEX, SINGLE, safetensors_files
+from ..models.hf_layout import fuse_split
 from ..models.linear import Linear
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,9 @@ def _owner(key: str, linears: dict) -> str | None:
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None,
                       base_checkpoint: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Base weights with W + s * B A for every adapter, computed in fp32; the model is not modified."""
-    return dict(iter_merged(model, dtype, base_checkpoint))
+    """Base weights with W + s * B A for every adapter, computed in fp32, in the family's checkpoint layout
+    (fused tensors fused again, models/hf_layout.py); the model is not modified."""
+    return dict(fuse_split(model.config, iter_merged(model, dtype, base_checkpoint)))
 
 
 def parse_size(size: int | str) -> int:
@@ -205,7 +207,7 @@ def save_merged(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch
     config.pop("quantization_config", None)
     config["torch_dtype"] = hf_dtype_name(dtype, "float32")
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        _write_shards(iter_merged(model, dtype, base_checkpoint), tmp, max_bytes)
+        _write_shards(fuse_split(model.config, iter_merged(model, dtype, base_checkpoint)), tmp, max_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = generation_config(model, tokenizer)
         if gen:

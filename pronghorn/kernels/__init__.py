@@ -8,10 +8,11 @@ from .lora_mlp import lora_mlp
 from .lora_qkv import lora_qkv
 from .rmsnorm import rms_norm
 from .rope import apply_rope, rope_cos_sin
+from .softcapped_attention import softcapped_attention
 from .swiglu import swiglu
 
 __all__ = [
     "IGNORE_INDEX", "LoRAProjection", "apply_rope", "fusable_projections", "geglu", "linear_cross_entropy", "linear_logprobs",
     "lora_linear",
-    "lora_mlp", "lora_qkv", "rms_norm", "rope_cos_sin", "swiglu",
+    "lora_mlp", "lora_qkv", "rms_norm", "rope_cos_sin", "softcapped_attention", "swiglu",
 ]

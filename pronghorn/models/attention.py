@@ -1,4 +1,7 @@
-"""Grouped-query self-attention through torch SDPA, with causal, padding and sliding-window masks."""
+"""Grouped-query self-attention through torch SDPA, with causal, padding and sliding-window masks.
+
+The family's parts (``cfg.parts``) set the score scale, tanh soft-capping of the scores (Gemma 2, through
+``kernels.softcapped_attention``), partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import apply_rope, fusable_projections, lora_qkv
+from ..kernels import apply_rope, fusable_projections, lora_qkv, softcapped_attention
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
@@ -63,20 +66,28 @@ def build_attention_mask(
     return allowed | ~allowed.any(-1, keepdim=True)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention with GQA (k/v have fewer heads than q)."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+         scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with GQA (k/v have fewer heads than q); ``scale`` None: head_dim ** -0.5."""
+    if scale is not None:
+        return _sdpa(q, k, v, mask, causal, dict(scale=scale))
+    return _sdpa(q, k, v, mask, causal, {})
+
+
+def _sdpa(q, k, v, mask, causal, kw):
     if q.shape[1] != k.shape[1]:
         b, hq, t, d = q.shape
         if t == 1 and mask is not None and mask.shape[1] == 1:
             # one query per head (decoding): the heads sharing a k/v head become that head's query rows, so
             # any SDPA backend takes the masked call without repeating k/v (a GQA mask often means the math one)
-            out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], hq // k.shape[1], d), k, v, attn_mask=mask)
-            return out.reshape(b, hq, 1, d)
+            out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], hq // k.shape[1], d), k, v, attn_mask=mask,
+                                                 **kw)
+            return out.reshape(b, hq, 1, v.shape[-1])
         if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True, **kw)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
 
 
 class Attention(nn.Module):
@@ -85,14 +96,17 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.window_of(layer_idx)
+        self.rope = cfg.rope_of(layer_idx)
+        parts = cfg.parts
+        self.scale, self.softcap, self.rotary_dim = parts.attn_scale, parts.attn_softcap, parts.rotary_dim
         kw = dict(dtype=dtype, device=device)
         self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, cfg.qkv_bias, **kw)
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, cfg.qkv_bias, **kw)
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, cfg.qkv_bias, **kw)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, cfg.o_bias, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, **kw)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, **kw)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, parts.norm_offset, **kw)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, parts.norm_offset, **kw)
         else:
             self.q_norm = self.k_norm = None
 
@@ -103,17 +117,31 @@ class Attention(nn.Module):
         """``output_unused``: the values are thrown away (a replay for the backward): o_proj skips its matmul."""
         b, t, _ = x.shape
         fused = fusable_projections((self.q_proj, self.k_proj, self.v_proj), self.training)
-        q, k, v = lora_qkv(x, *fused, self.q_proj.kernel_policy) if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if fused is not None:
+            q, k, v = lora_qkv(x, *fused, self.q_proj.kernel_policy)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = self._rotate(q.transpose(1, 2), k.transpose(1, 2), cos[self.rope], sin[self.rope])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         mask = masks[self.window]
         causal = mask is None and t > 1 and t == k.shape[2]
-        out = sdpa(q, k, v, mask, causal)
+        if self.softcap:
+            out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale)
+        else:
+            out = sdpa(q, k, v, mask, causal, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), output_unused=output_unused)
 
+
+    def _rotate(self, q, k, cos, sin):
+        """RoPE on the whole head, or (partial rotary) on its first ``rotary_dim`` features only."""
+        r = self.rotary_dim
+        if r is None or r == self.head_dim:
+            return apply_rope(q, k, cos, sin)
+        q_rot, k_rot = apply_rope(q[..., :r].contiguous(), k[..., :r].contiguous(), cos, sin)
+        return torch.cat((q_rot, q[..., r:]), -1), torch.cat((k_rot, k[..., r:]), -1)

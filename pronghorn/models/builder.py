@@ -49,9 +49,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
 def _check_rope(config: ModelConfig, source: str) -> None:
     """Fail at load time, naming the checkpoint, not at the first forward pass."""
     try:
-        rope_inv_freq(config.rope, config.head_dim, config.max_position_embeddings)
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{source}: {e}") from None
+        for rope in (config.rope, config.local_rope or config.rope):
+            rope_inv_freq(rope, config.parts.rotary_dim or config.head_dim, config.max_position_embeddings)
+    except (UnsupportedModelError, CheckpointError) as e:
+        raise type(e)(f"{source}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{source}: rope scaling {config.rope.get('rope_type')!r} needs the field "
                               f"{e.args[0]!r}, which the config lacks") from None
@@ -59,14 +60,14 @@ def _check_rope(config: ModelConfig, source: str) -> None:
 
 def init_random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
                       std: float = 0.02, model_cls: type[DecoderForCausalLM] = DecoderForCausalLM) -> DecoderForCausalLM:
-    """A randomly initialised model (normal(0, std) matrices, unit norms), e.g. for benchmarks."""
+    """A randomly initialised model (normal(0, std) matrices, unit-scale norms), e.g. for benchmarks."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls(config, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                nn.init.constant_(p, 1.0 - config.parts.norm_offset)  # a unit scale (Gemma's (1 + w): w = 0)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             else:

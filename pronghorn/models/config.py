@@ -1,4 +1,7 @@
-"""One normalised configuration for every supported family, read from a Hugging Face config.json dict."""
+"""One normalised configuration for every supported family, read from a Hugging Face config.json dict.
+
+The fields every family shares are read here; what differs (biases, sliding-window layout, layer parts) is
+read by the family's own spec module (models/families/)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .families import FAMILIES, LayerParts
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _DEFAULT_THETA = 10000.0
 
 
@@ -33,6 +37,8 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     layer_types: list[str] = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
+    parts: LayerParts = field(default_factory=LayerParts)  # what the decoder is assembled from (families/spec.py)
+    local_rope: dict[str, Any] | None = None  # sliding layers' own RoPE when it differs from ``rope`` (Gemma 3)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -40,6 +46,10 @@ class ModelConfig:
 
     def window_of(self, layer_idx: int) -> int | None:
         return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
+
+    def rope_of(self, layer_idx: int) -> str:
+        """Which RoPE table a layer uses: "local" (sliding layers of a family with ``local_rope``) or "global"."""
+        return "local" if self.local_rope is not None and self.window_of(layer_idx) is not None else "global"
 
     def to_hf_dict(self) -> dict[str, Any]:
         return dict(self.hf_config)
@@ -73,9 +83,6 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} (architectures {archs}) is not supported; "
                 f"pronghorn implements {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is llama)"
             )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu / SwiGLU)")
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -95,13 +102,11 @@ class ModelConfig:
             raise CheckpointError(f"{source}: field {bad!r} must be an integer, found {d.get(bad)!r}") from None
         kv_heads = d.get("num_key_value_heads") or heads
         head_dim = d.get("head_dim") or hidden // heads
-        sliding, layer_types = _attention_layout(model_type, d, n_layers)
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
-        elif model_type == "mistral":
-            qkv_bias = o_bias = False
-        else:
-            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+        rope = normalise_rope(d, source)
+        fields = FAMILIES[model_type].read_config(d, source, n_layers)
+        partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        if partial != 1.0 and fields["parts"].rotary_dim is None:
+            raise UnsupportedModelError(f"{source}: partial rotary embeddings are not supported for {model_type}")
         return cls(
             model_type=model_type,
             **cfg,
@@ -109,36 +114,14 @@ class ModelConfig:
             head_dim=int(head_dim),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=normalise_rope(d, source),
+            rope=rope,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            sliding_window=sliding,
-            layer_types=layer_types,
+            **fields,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             hf_config=dict(d),
         )
-
-
-def _attention_layout(model_type: str, d: dict[str, Any], n_layers: int) -> tuple[int | None, list[str]]:
-    """Which layers use sliding-window attention, following each family's HF semantics."""
-    window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
-        window = window if d.get("use_sliding_window", False) else None
-        types = d.get("layer_types") or [
-            "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28) else "full_attention"
-            for i in range(n_layers)
-        ]
-    elif model_type == "mistral":
-        types = ["sliding_attention" if window is not None else "full_attention"] * n_layers
-    else:
-        window = None
-        types = ["full_attention"] * n_layers
-    return window, list(types)
 
 
 def hf_dtype_name(dtype, default: str) -> str:
@@ -161,8 +144,10 @@ def normalise_rope(d: dict[str, Any], source: str = "config") -> dict[str, Any]:
     if "type" in rope and "rope_type" not in rope:
         rope["rope_type"] = rope.pop("type")
     rope.setdefault("rope_type", "default")
+    if rope["rope_type"] == "su":  # Phi-3's first name for longrope
+        rope["rope_type"] = "longrope"
+    if rope["rope_type"] == "longrope" and d.get("original_max_position_embeddings"):  # HF: the top-level one wins
+        rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
     theta = rope.get("rope_theta") or d.get("rope_theta") or _DEFAULT_THETA
     rope["rope_theta"] = float(theta)
-    if d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedModelError(f"{source}: partial rotary embeddings are not supported")
     return rope

@@ -1,7 +1,9 @@
-"""The decoder-only transformer shared by Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and SmolLM2.
+"""The one decoder-only transformer every family runs on (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2, ...).
 
 Module and parameter names follow Hugging Face (``model.layers.3.self_attn.q_proj.weight``), so HF
-checkpoints and PEFT adapters map 1:1. Family differences are config flags (see ``config.py``).
+checkpoints and PEFT adapters map 1:1. The layers are assembled from the parts a family's spec picks
+(``cfg.parts``, models/families/spec.py): the MLP's activation, the norm's offset, sandwich norms, the
+embedding scale, soft-capping, the attention scale and partial rotary embeddings.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PronghornError
-from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
+from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
 from .config import ModelConfig
 from .host_embedding import Embedding, offload_embedding
@@ -26,11 +28,16 @@ from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mo
 
 REPLAYS = ("auto", "whole", "split")
 
+_GELU = {"gelu_tanh": "tanh", "gelu": "none"}
+
 
 class MLP(nn.Module):
+    """The gated MLP ``down(act(gate(x)) * up(x))``: SwiGLU (silu) or GeGLU (gelu, gelu_tanh)."""
+
     def __init__(self, cfg: ModelConfig, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
+        self.activation = cfg.parts.activation
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, **kw)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, **kw)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, **kw)
@@ -39,18 +46,34 @@ class MLP(nn.Module):
         """``output_unused``: the values are thrown away (a replay for the backward): down_proj skips its matmul.
         gate, up and their product are this block's own temporaries, so the backward writes d gate, d up over
         gate and up, and d product over the product (two and one [tokens, intermediate] buffers less)."""
-        h = swiglu(self.gate_proj(x), self.up_proj(x), owns_inputs=True)
+        if self.activation == "silu":
+            h = swiglu(self.gate_proj(x), self.up_proj(x), owns_inputs=True)
+        else:
+            h = geglu(self.gate_proj(x), self.up_proj(x), _GELU[self.activation])
         return self.down_proj(h, output_unused=output_unused, owns_input=True)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual blocks. With ``sandwich_norms`` (Gemma 2/3) the attention and MLP outputs are normed
+    too, under HF's names: ``post_attention_layernorm`` after attention, ``pre_feedforward_layernorm`` /
+    ``post_feedforward_layernorm`` around the MLP; otherwise ``post_attention_layernorm`` is the MLP's input norm."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
+        parts = cfg.parts
+
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, parts.norm_offset, **kw)
+
         self.self_attn = Attention(cfg, layer_idx, **kw)
         self.mlp = MLP(cfg, **kw)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = parts.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x, cos, sin, masks, cache, mlp_chunk: int | None = None, output_unused: bool = False):
         """``output_unused``: a replay for the backward whose output values are thrown away (models/recompute.py):
@@ -60,17 +83,26 @@ class DecoderLayer(nn.Module):
     def attention_block(self, x, cos, sin, masks, cache, output_unused: bool = False):
         """The first residual block: ``x`` plus self-attention of its norm (checkpointing replays the two blocks
         apart). ``output_unused``: a replay whose values are thrown away (o_proj skips its matmul)."""
-        return x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, output_unused)
+        # a sandwich post-norm's backward reads the attention output: its values are used even in a replay
+        h = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, output_unused and not self.sandwich)
+        return x + (self.post_attention_layernorm(h) if self.sandwich else h)
 
     def mlp_block(self, x, mlp_chunk: int | None = None, output_unused: bool = False):
         """The second residual block: ``x`` plus the MLP of its norm, over chunks of ``mlp_chunk`` tokens when
         given (models/tiled_mlp.py). ``output_unused``: as in ``forward``."""
         if mlp_chunk:
-            params = [*self.post_attention_layernorm.parameters(), *self.mlp.parameters()]
+            params = [*self._mlp_norms_parameters(), *self.mlp.parameters()]
             return x + sequence_tiled(self._norm_mlp, x, mlp_chunk, params, output_unused)
         return x + self._norm_mlp(x, output_unused)
 
+    def _mlp_norms_parameters(self):
+        if self.sandwich:
+            return [*self.pre_feedforward_layernorm.parameters(), *self.post_feedforward_layernorm.parameters()]
+        return list(self.post_attention_layernorm.parameters())
+
     def _norm_mlp(self, x, output_unused: bool = False):
+        if self.sandwich:  # the post-norm's backward reads the MLP's output: its values are used even in a replay
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return self.mlp(self.post_attention_layernorm(x), output_unused=output_unused)
 
 
@@ -83,7 +115,7 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.parts.norm_offset, **kw)
         self.gradient_checkpointing = False
         self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
         self.replay = "auto"  # auto | whole | split: how a replayed layer runs (models/recompute.py)
@@ -91,14 +123,22 @@ class DecoderModel(nn.Module):
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
 
-    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
+        """cos and sin tables keyed by RoPE ("global", and "local" for a family whose sliding layers have
+        their own, ``cfg.local_rope``); each [batch, seq, rotary dim]."""
         cfg = self.cfg
-        seq_len = int(position_ids.max()) + 1 if cfg.rope["rope_type"] == "dynamic" else None
-        key = (position_ids.device, seq_len)
-        if getattr(self, "_inv_freq_key", None) != key:
-            inv, scale = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
-            self._inv_freq, self._rope_scale, self._inv_freq_key = inv.to(position_ids.device), scale, key
-        return rope_cos_sin(self._inv_freq, position_ids, dtype, self._rope_scale)
+        ropes = {"global": cfg.rope} if cfg.local_rope is None else {"global": cfg.rope, "local": cfg.local_rope}
+        rotary_dim = cfg.parts.rotary_dim or cfg.head_dim
+        cos, sin = {}, {}
+        for name, rope in ropes.items():
+            seq_len = int(position_ids.max()) + 1 if rope["rope_type"] in ("dynamic", "longrope") else None
+            key = (position_ids.device, seq_len)
+            cached = self.__dict__.setdefault("_rope_cache", {}).get(name)
+            if cached is None or cached[0] != key:
+                inv, scale = rope_inv_freq(rope, rotary_dim, cfg.max_position_embeddings, seq_len)
+                cached = self._rope_cache[name] = (key, inv.to(position_ids.device), scale)
+            cos[name], sin[name] = rope_cos_sin(cached[1], position_ids, dtype, cached[2])
+        return cos, sin
 
     def plan_step(self, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
                   head: nn.Module | None = None) -> MemoryPlan:
@@ -141,7 +181,12 @@ class DecoderModel(nn.Module):
         if plan is None and self.training and torch.is_grad_enabled():
             shape = (input_ids if inputs_embeds is None else inputs_embeds).shape
             plan = self.plan_step(shape[0], shape[1], _activation_dtype(self), self.norm.weight.device)
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids)
+            if self.cfg.parts.embed_scale != 1.0:  # as HF: the scale rounded to the table's dtype
+                x = x * torch.tensor(self.cfg.parts.embed_scale, dtype=torch.float32).to(x.dtype)
+        else:
+            x = inputs_embeds
         b, t = x.shape[:2]
         past = cache.length if cache is not None else 0
         packed_positions = position_ids if past == 0 else None  # packed (padding-free) batches: no past only
@@ -291,7 +336,7 @@ class DecoderForCausalLM(nn.Module):
             small = plan is not None and plan.loss_chunk_bytes < LOSS_CHUNK_BYTES[0]  # else the loss's own default
             rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
-                                        num_items_in_batch, chunk_size=rows)
+                                        num_items_in_batch, softcap=self.config.parts.final_softcap, chunk_size=rows)
         if return_logits is None:
             return_logits = labels is None or not (self.training and torch.is_grad_enabled())
         logits = None
@@ -300,4 +345,7 @@ class DecoderForCausalLM(nn.Module):
             weight = self.lm_head.weight
             # a tied table kept on the host (offload_embedding="tied"): a transient device copy for the logits
             logits = self.lm_head(h) if weight.device == h.device else F.linear(h, weight.to(h.device))
+            cap = self.config.parts.final_softcap
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)

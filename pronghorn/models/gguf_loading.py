@@ -1,8 +1,9 @@
 """Read a GGUF checkpoint (llama.cpp's format) into a Hugging Face-style config and float32 state dict.
 
-Only dense decoder families pronghorn implements are accepted: ``llama`` (Llama, SmolLM2, Mistral-as-llama)
-and ``qwen2``. Quantized tensors are dequantized with ``gguf.quants.dequantize``; llama.cpp's rope
-permutation of the ``llama`` q/k projections is undone, so the result matches what transformers loads.
+The architectures read are those a family spec marks ``gguf_reads`` (models/families/: ``llama`` for Llama,
+SmolLM2 and Mistral-as-llama, and ``qwen2``); the spec gives the tensor names and the config fields the
+architecture implies. Quantized tensors are dequantized with ``gguf.quants.dequantize``; llama.cpp's rope
+permutation of the q/k projections (``gguf_permute_qk``) is undone, so the result matches what transformers loads.
 """
 
 from __future__ import annotations
@@ -18,23 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
+from .config import ModelConfig
+from .families import FAMILIES, FamilySpec
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-# GGUF per-layer tensor stem -> Hugging Face per-layer module name.
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
+_READERS: dict[str, FamilySpec] = {s.gguf_arch: s for s in FAMILIES.values() if s.gguf_reads}
+SUPPORTED_ARCHITECTURES = tuple(_READERS)
 # Tensors llama.cpp writes that carry no weights of their own (old rotary inv_freq caches).
 _IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
 
@@ -64,8 +53,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
             f"{path}: GGUF architecture {arch!r} is not supported; pronghorn reads {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     tensors = {t.name: t for t in reader.tensors}
-    config = _config(reader, path, arch, tensors)
-    state_dict = _state_dict(path, arch, config, tensors)
+    spec = _READERS[arch]
+    config = _config(reader, path, arch, spec, tensors)
+    state_dict = _state_dict(path, arch, spec, config, tensors)
     return GGUFCheckpoint(config=config, state_dict=state_dict, chat_template=_field(reader, "tokenizer.chat_template"))
 
 
@@ -121,7 +111,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return scalar(f.parts[f.data[0]], f.types[0])
 
 
-def _config(reader, path: Path, arch: str, tensors: dict) -> dict[str, Any]:
+def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> dict[str, Any]:
     def need(key: str):
         value = _field(reader, f"{arch}.{key}")
         if value is None:
@@ -145,8 +135,8 @@ def _config(reader, path: Path, arch: str, tensors: dict) -> dict[str, Any]:
     rope_theta = _field(reader, f"{arch}.rope.freq_base", 10000.0)
 
     config: dict[str, Any] = {
-        "architectures": [_HF_CLASS[arch]],
-        "model_type": arch,
+        "architectures": [spec.hf_architecture],
+        "model_type": spec.model_type,
         "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"),
@@ -159,13 +149,12 @@ def _config(reader, path: Path, arch: str, tensors: dict) -> dict[str, Any]:
         "rope_theta": rope_theta,
         "rope_scaling": _rope_scaling(reader, path, arch, tensors, rope_theta, head_dim),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": arch == "qwen2",
+        "attention_bias": False,
         "mlp_bias": False,
         "hidden_act": "silu",
         "torch_dtype": "float32",
+        **spec.gguf_config,
     }
-    if arch == "qwen2":
-        config["use_sliding_window"] = False
     for gguf_name, hf_name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
         token_id = _field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
         if token_id is not None:
@@ -235,32 +224,30 @@ def _llama3_rope_scaling(path: Path, tensor, rope_theta: float, head_dim: int) -
 # --------------------------------------------------------------------------------------------- tensors
 
 
-def _expected_tensors(arch: str, config: dict, tensors: dict) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(gguf name, HF name, numpy shape) for every tensor the model needs, in HF order."""
-    h, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    q_out, kv_out = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    shapes = {
-        "attn_q": (q_out, h), "attn_k": (kv_out, h), "attn_v": (kv_out, h), "attn_output": (h, q_out),
-        "ffn_gate": (inter, h), "ffn_up": (inter, h), "ffn_down": (h, inter), "attn_norm": (h,), "ffn_norm": (h,),
-    }  # fmt: skip
+def _expected_tensors(spec: FamilySpec, config: dict, tensors: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(gguf name, HF name, numpy shape) for every tensor the model needs, in HF order: the decoder's own
+    tensors (a meta-device model of the config) under the spec's GGUF names."""
+    from .decoder import DecoderForCausalLM
+
+    cfg = ModelConfig.from_hf_dict(config)
+    with torch.device("meta"):
+        model = DecoderForCausalLM(cfg)
+    h = config["hidden_size"]
+    stems = spec.gguf_layers
     out = [("token_embd.weight", "model.embed_tokens.weight", (config["vocab_size"], h))]
-    for i in range(config["num_hidden_layers"]):
-        for stem in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            out.append((f"blk.{i}.{stem}.weight", f"model.layers.{i}.{_LAYER_NAMES[stem]}.weight", shapes[stem]))
-            if arch == "qwen2" and stem in ("attn_q", "attn_k", "attn_v"):
-                out.append((f"blk.{i}.{stem}.bias", f"model.layers.{i}.{_LAYER_NAMES[stem]}.bias", shapes[stem][:1]))
-        for stem in ("attn_norm", "ffn_norm"):
-            out.append((f"blk.{i}.{stem}.weight", f"model.layers.{i}.{_LAYER_NAMES[stem]}.weight", shapes[stem]))
+    for name, t in model.model.layers.state_dict().items():
+        i, module, leaf = name.split(".", 1)[0], name.split(".", 1)[1].rsplit(".", 1)[0], name.rsplit(".", 1)[1]
+        out.append((f"blk.{i}.{stems[module]}.{leaf}", f"model.layers.{name}", tuple(t.shape)))
     out.append(("output_norm.weight", "model.norm.weight", (h,)))
     if "output.weight" in tensors:
         out.append(("output.weight", "lm_head.weight", (config["vocab_size"], h)))
     return out
 
 
-def _state_dict(path: Path, arch: str, config: dict, tensors: dict) -> dict[str, torch.Tensor]:
+def _state_dict(path: Path, arch: str, spec: FamilySpec, config: dict, tensors: dict) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
-    expected = _expected_tensors(arch, config, tensors)
+    expected = _expected_tensors(spec, config, tensors)
     known = {g for g, _, _ in expected} | {"rope_freqs.weight"}
     extra = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
     if extra:
@@ -282,7 +269,7 @@ def _state_dict(path: Path, arch: str, config: dict, tensors: dict) -> dict[str,
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {gguf_name} (file truncated or corrupt?): {e}") from e
-        if arch == "llama" and gguf_name.startswith("blk.") and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
+        if spec.gguf_permute_qk and gguf_name.startswith("blk.") and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if ".attn_q." in gguf_name else config["num_key_value_heads"]
             w = _unpermute(w, heads)
         if not w.flags.writeable or not w.flags.c_contiguous:

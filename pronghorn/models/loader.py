@@ -15,6 +15,7 @@ from .builder import build_model
 from .config import ModelConfig
 from .decoder import DecoderForCausalLM
 from .hf_checkpoint import read_state_dict
+from .hf_layout import split_fused
 from .quantized_checkpoint import prepare_state_dict
 
 DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
@@ -106,7 +107,8 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
         base_dir = None
     elif path.is_dir():
         cfg = ModelConfig.from_file(path / "config.json")
-        sd = prepare_state_dict(read_state_dict(path), cfg.hf_config, load_in_4bit, dtype, device, str(path))
+        hf_sd = split_fused(cfg, read_state_dict(path), str(path))  # the family's fused tensors, split
+        sd = prepare_state_dict(hf_sd, cfg.hf_config, load_in_4bit, dtype, device, str(path))
         model = build_model(cfg, sd, dtype, device, str(path), model_cls)
         tokenizer = load_tokenizer(path)
         base_dir = path

@@ -294,10 +294,15 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     tied = head is not None and head.weight is table
     table_bytes = table.numel() * table.element_size()
     chunk = mlp_chunk or 0
+    parts = cfg.parts
+    sandwich = tokens * e * hidden if parts.sandwich_norms else 0  # each block's post-norm keeps its input
+    # soft-capped attention (no fused kernel yet) keeps its [batch, heads, seq, seq] scores: two in e, fp32 probs
+    scores = batch * cfg.num_attention_heads * seq_len * seq_len * (2 * e + 4) if parts.attn_softcap else 0
     return StepSizes(
         layers=len(decoder.layers),
-        attn_block=tokens * (e * (2 * hidden + 3 * q_dim + 2 * kv_dim) + lora_bytes(layer.self_attn)),
-        mlp_block=tokens * (e * (2 * hidden + 3 * inter) + lora_bytes(layer.mlp)),
+        attn_block=tokens * (e * (2 * hidden + 3 * q_dim + 2 * kv_dim) + lora_bytes(layer.self_attn)) + sandwich
+        + scores,
+        mlp_block=tokens * (e * (2 * hidden + 3 * inter) + lora_bytes(layer.mlp)) + sandwich,
         tiled_block=tokens * e * hidden,
         layer_input=tokens * e * hidden,
         # the output gradient, the residual's and an input gradient (3 x hidden); o_proj's input gradient and
@@ -308,5 +313,5 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         loss_extra=3 * tokens * hidden * e,  # the final norm's input and output, the hidden-state gradient
         resident=resident, to_come=to_come,
         untied_table=table_bytes if movable and not tied else 0,
-        tied_table=table_bytes if movable and tied else 0,
+        tied_table=table_bytes if movable and tied and not parts.final_softcap else 0,  # streamed head: no cap
     )

@@ -9,10 +9,12 @@ from ..kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+    """``offset``: the norm scales by ``offset + weight`` (1.0: Gemma's ``(1 + w)``, whose weights start at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.offset)

@@ -1,4 +1,4 @@
-"""Inverse RoPE frequencies for each scaling scheme (default, linear, dynamic NTK, llama3, yarn).
+"""Inverse RoPE frequencies for each scaling scheme (default, linear, dynamic NTK, llama3, yarn, longrope).
 
 Formulas follow the published schemes as Hugging Face transformers implements them, so checkpoints
 trained with HF give the same positions here.
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -60,10 +60,26 @@ def _yarn(rope: dict[str, Any], dim: int, max_pos: int) -> tuple[torch.Tensor, f
     return inv, float(attn)
 
 
+def _longrope(rope: dict[str, Any], dim: int, max_pos: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE ("su"): per-frequency divisors, the short ones up to the pretraining length and the long
+    ones beyond it (``seq_len``: the longest position + 1), and one attention scaling from the length ratio."""
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or max_pos / original
+    attn = rope.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = rope["long_factor"] if seq_len and seq_len > original else rope["short_factor"]
+    if len(ext) != dim // 2:
+        raise CheckpointError(f"rope scaling longrope: {len(ext)} factors for {dim // 2} rotary frequencies")
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(ext, dtype=torch.float32) * rope["rope_theta"] ** shape), float(attn)
+
+
 def rope_inv_freq(rope: dict[str, Any], head_dim: int, max_pos: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq [head_dim/2] fp32, attention scaling) for a normalised rope dict.
 
-    ``seq_len`` matters only for dynamic NTK scaling, whose base grows once positions pass ``max_pos``.
+    ``seq_len`` matters only for dynamic NTK scaling, whose base grows once positions pass ``max_pos``, and for
+    longrope, whose long factors apply past the original length.
     """
     kind = rope["rope_type"]
     theta = rope["rope_theta"]
@@ -80,4 +96,7 @@ def rope_inv_freq(rope: dict[str, Any], head_dim: int, max_pos: int, seq_len: in
         return _base_inv_freq(base, head_dim), 1.0
     if kind == "yarn":
         return _yarn(rope, head_dim, max_pos)
-    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)")
+    if kind == "longrope":
+        return _longrope(rope, head_dim, max_pos, seq_len)
+    raise UnsupportedModelError(f"rope_type {kind!r} is not supported (default, linear, dynamic, llama3, yarn, "
+                                "longrope)")

@@ -31,7 +31,10 @@ def _peft_pair(name, rslora=False, targets=TARGETS):
 
 
 @pytest.mark.parametrize("name,rslora", [("llama3_gqa_rope_scaling", False), ("qwen2_bias", True),
-                                          ("qwen3_qknorm", False), ("mistral_sliding", False)])
+                                          ("qwen3_qknorm", False), ("mistral_sliding", False),
+                                          ("mistral_nemo_headdim", False), ("gemma", False),
+                                          ("gemma_mha_untied", True), ("gemma2", False),
+                                          ("gemma2_no_softcap", False)])
 def test_lora_gradients_match_peft(name, rslora):
     hf, ours = _peft_pair(name, rslora)
     ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(3))

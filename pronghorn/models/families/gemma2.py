@@ -1,0 +1,33 @@
+"""Gemma 2 (``model_type`` gemma2): Gemma's parts plus sandwich norms (after attention and around the MLP),
+tanh soft-capping of the attention scores and of the final logits, the score scale
+``query_pre_attn_scalar ** -0.5``, and a sliding window on alternate layers (the even ones)."""
+
+from __future__ import annotations
+
+from ...errors import UnsupportedModelError
+from .gemma import gemma_activation
+from .spec import FamilySpec, LayerParts
+
+
+def gemma_window(d: dict, source: str, n_layers: int, pattern: int) -> tuple[int | None, list[str]]:
+    """(window, layer types): ``layer_types`` when given, else every ``pattern``-th layer full attention."""
+    if d.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{source}: use_bidirectional_attention (an encoder config) is not supported")
+    types = d.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)
+    ]
+    return d.get("sliding_window"), list(types)
+
+
+def read_config(d: dict, source: str, n_layers: int) -> dict:
+    bias = bool(d.get("attention_bias", False))
+    window, types = gemma_window(d, source, n_layers, pattern=2)
+    parts = LayerParts(
+        activation=gemma_activation(d, source, "hidden_activation"), norm_offset=1.0, sandwich_norms=True,
+        embed_scale=float(d["hidden_size"]) ** 0.5, attn_scale=float(d.get("query_pre_attn_scalar", 256)) ** -0.5,
+        attn_softcap=d.get("attn_logit_softcapping", 50.0), final_softcap=d.get("final_logit_softcapping", 30.0),
+    )
+    return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, parts=parts, sliding_window=window, layer_types=types)
+
+
+SPEC = FamilySpec("gemma2", "Gemma2ForCausalLM", read_config, chat_template="gemma")

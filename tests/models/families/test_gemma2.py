@@ -1,0 +1,63 @@
+"""Gemma 2 against transformers' Gemma2ForCausalLM (eager attention: SDPA cannot soft-cap): soft-capped scores
+and logits, sandwich norms, query_pre_attn_scalar, sliding window on alternate layers. Logits/loss with padding:
+tests/models/test_decoder_vs_hf.py; LoRA gradients: test_lora_vs_peft.py."""
+
+import dataclasses
+
+import torch
+
+from family_cases import RTOL, check_generation_with_cache, check_long_unpadded, check_packed_rows, rel
+from helpers import make_pair
+from pronghorn.train.preference_trainer import completion_logps
+
+
+def test_past_the_sliding_window_matches_hf():
+    check_long_unpadded("gemma2")
+
+
+def test_packed_rows_match_hf_alone():
+    check_packed_rows("gemma2")
+
+
+def test_generation_with_cache_matches_hf():
+    check_generation_with_cache("gemma2")
+
+
+def test_parts():
+    _, ours = make_pair("gemma2")
+    cfg = ours.config
+    assert cfg.layer_types == ["sliding_attention", "full_attention"] and cfg.sliding_window == 5
+    assert cfg.parts.sandwich_norms and cfg.parts.attn_scale == 24 ** -0.5
+    assert (cfg.parts.attn_softcap, cfg.parts.final_softcap) == (1.5, 3.0)
+    names = {n.split(".", 3)[-1] for n, _ in ours.named_parameters() if ".layers.0." in n and "norm" in n}
+    assert names == {"input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+                     "post_feedforward_layernorm.weight"}
+
+
+def test_soft_capping_is_exercised():
+    """The tiny config's caps change the result (so the tests above cover them), and the logits stay within the cap."""
+    _, ours = make_pair("gemma2")
+    ids = torch.randint(3, 97, (2, 19), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        capped = ours(input_ids=ids).logits
+        assert capped.abs().max() < 3.0
+        parts = ours.config.parts
+        ours.config.parts = dataclasses.replace(parts, final_softcap=None)
+        assert rel(capped, ours(input_ids=ids).logits) > 100 * RTOL
+        for layer in ours.model.layers:
+            layer.self_attn.softcap = None
+        uncapped_scores = ours(input_ids=ids).logits
+        ours.config.parts = parts
+    assert rel(uncapped_scores, ours(input_ids=ids).logits) > 100 * RTOL
+
+
+def test_preference_log_probs_use_the_capped_logits():
+    hf, ours = make_pair("gemma2")
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(8))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        got, count = completion_logps(ours, {"input_ids": ids, "labels": labels})
+        logp = hf(input_ids=ids).logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    want = (logp * (labels[:, 1:] != -100)).sum(-1)
+    assert count.tolist() == [7, 7] and torch.allclose(got, want, rtol=1e-5)
