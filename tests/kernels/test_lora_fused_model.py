@@ -98,7 +98,7 @@ def test_replayed_layers_skip_down_proj_and_stay_exact(monkeypatch, mode, tiled)
     original = lora_linear_module.LoRALinearFunction.apply
     monkeypatch.setattr(lora_linear_module.LoRALinearFunction, "apply",
                         lambda *a: unused.append(len(a) > 8 and a[8]) or original(*a))
-    model.gradient_checkpointing_enable(mode=mode, **tiling)
+    model.gradient_checkpointing_enable(mode=mode, replay="split" if mode == "offload" else "whole", **tiling)
     _, grads = _step(model)
     # per replayed layer one down_proj; tiled: one per chunk (2 x 15 tokens in chunks of 8) + a 1-token probe
     # of the output's width, the layer replay's tiled block computing nothing else; offload replays the attention
