@@ -52,12 +52,19 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == 0, 0.0, torch.ldexp(torch.ones_like(x, dtype=torch.float64), exponent - mantissa_bits))
 
 
-def _assert_forward(y, ref, gate, up):
+def _assert_forward(y, ref, gate, up, approximate="tanh"):
+    """bf16/fp16: within 2 ulp of the reference. fp32: within 1e-5 of the exact (fp64) value, or as close to it as
+    the reference is (torch's vectorized CPU erf is off by up to ~1e-3 relative in the tail on some processors,
+    e.g. AVX-512 ones: gelu(-3.468) * 2.368 = -0.00215083 exactly, torch -0.00214920, the kernel -0.00215092)."""
     assert y.dtype == ref.dtype and y.shape == ref.shape
     y, ref, gate, up = (t.detach().cpu() for t in (y, ref, gate, up))
     tail = TAIL * (gate.double() * up.double()).abs()
-    allowed = (1e-5 * ref.double().abs() if ref.dtype == torch.float32 else 2 * _ulp(ref)) + tail
-    excess = (y.double() - ref.double()).abs() - allowed
+    if ref.dtype == torch.float32:
+        exact = F.gelu(gate.double(), approximate=approximate) * up.double()
+        allowed = torch.maximum(1e-5 * exact.abs(), (ref.double() - exact).abs()) + tail
+        excess = (y.double() - exact).abs() - allowed
+    else:
+        excess = (y.double() - ref.double()).abs() - (2 * _ulp(ref) + tail)
     assert excess.max().item() <= 0, f"forward off by {excess.max().item():.3g} beyond the stated bound"
 
 
@@ -66,7 +73,7 @@ def _assert_matches_reference(gate, up, dy, approximate):
     y, dg, du = run_gated(GeGLUFunction.apply, gate, up, dy, approximate)
     y_ref, dg_ref, du_ref = run_gated(geglu_reference, gate, up, dy, approximate)
     dg_exact, du_exact = exact_gated_grads(functools.partial(F.gelu, approximate=approximate), gate, up, dy)
-    _assert_forward(y, y_ref, gate, up)
+    _assert_forward(y, y_ref, gate, up, approximate)
     assert_grad(dg, dg_ref, dg_exact)
     assert_grad(du, du_ref, du_exact)
 
