@@ -50,7 +50,7 @@ def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str
     model.tie_weights()
     attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
     meta = torch.device("meta")
-    s = step_sizes(model.model, batch, seq, torch.bfloat16, meta, 8192, model.lm_head)
+    s = step_sizes(model.model, batch, seq, torch.bfloat16, meta, model.lm_head)
     if qlora:  # the projections' bases as NF4, dense again only inside a layer's replay
         proj = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear))
         dense_layer = sum(m.weight.numel() * 2 for m in model.model.layers[0].modules() if isinstance(m, Linear))

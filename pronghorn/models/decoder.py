@@ -158,7 +158,7 @@ class DecoderModel(nn.Module):
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
-            sizes = step_sizes(self, batch, seq, dtype, device, self.tiled_mlp_chunk, head, first_step=not plans)
+            sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans)
             plan = make_plan(sizes, budget, source, (batch, seq), mode=mode, tiled_mlp=tiled,
                              mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
             plans[key] = plan

@@ -66,7 +66,7 @@ class StepSizes:
     tiled_block: int  # ... the MLP block when tiled: its input alone
     layer_input: int  # one layer input (what a recomputed layer keeps)
     backward_extra: int  # transients of one layer's backward beyond what it keeps
-    tiled_chunk: int  # one chunk of the tiled MLP, replayed and back-propagated (0: the MLP cannot be tiled)
+    tiled_token: int  # bytes per token of a tiled-MLP chunk replayed and back-propagated (0: cannot be tiled)
     dense_layer: int  # one NF4 layer's dense weights (kept from replay to backward when reused; 0: not NF4)
     tokens: int  # labelled rows reaching the loss (at most batch x sequence)
     vocab: int
@@ -125,14 +125,14 @@ class MemoryPlan:
 def estimate_peak(s: StepSizes, plan: MemoryPlan) -> int:
     """The estimated peak bytes of a step run with ``plan``: resident + optimizer to come + kept activations +
     the larger of the loss and the top layer's backward (a replay, when layers are replayed)."""
-    tiled = plan.mlp_chunk is not None and s.tiled_chunk > 0
+    tiled = plan.mlp_chunk is not None and s.tiled_token > 0 and plan.mlp_chunk < s.tokens
     keep_layer = s.attn_block + (s.tiled_block if tiled else s.mlp_block)
     kept = sum(keep_layer if m == "keep" else s.layer_input if m == "recompute" else 0 for m in plan.layers)
     if "offload" in plan.layers:
         kept += 2 * s.layer_input  # the one being stored and the one prefetched
     mlp = s.tiled_block if tiled else s.mlp_block
     layer_peak = max(s.attn_block, mlp) if plan.split_replay and plan.replays else keep_layer
-    backward = (layer_peak if plan.replays else 0) + s.backward_extra + (s.tiled_chunk if tiled else 0)
+    backward = (layer_peak if plan.replays else 0) + s.backward_extra + (s.tiled_token * plan.mlp_chunk if tiled else 0)
     if plan.replays and plan.reuse_dequantized:
         backward += s.dense_layer
     resident = s.resident + s.to_come
@@ -158,7 +158,13 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     else:  # earliest layers first: their inputs are needed last in the backward
         layer_sets = [("recompute",) * k + ("keep",) * (n - k) for k in range(n + 1)]
         layer_sets += [("offload",) * k + ("recompute",) * (n - k) for k in range(1, n + 1)]
-    tilings = [None] if s.tiled_chunk == 0 else {"off": [None], "on": [mlp_chunk], "auto": [None, mlp_chunk]}[tiled_mlp]
+    # auto: the configured chunk, and smaller ones down to 1,024 tokens for short batches and tight budgets
+    smaller = [c for c in (mlp_chunk // 2, mlp_chunk // 4, mlp_chunk // 8) if 1024 <= c < s.tokens]
+    smaller = ([mlp_chunk] if mlp_chunk < s.tokens else []) + smaller
+    on = [mlp_chunk if mlp_chunk < s.tokens else None]
+    tilings = {"off": [None], "on": on, "auto": [None, *dict.fromkeys(smaller)]}[tiled_mlp]
+    if s.tiled_token == 0:
+        tilings = [None]
     replays = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
     tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table else [])
     plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table)
@@ -179,7 +185,8 @@ def relative_cost(plan: MemoryPlan) -> float:
         replayed = m != "keep"
         cost += {"keep": 0.0, "recompute": 0.28, "offload": 0.30}[m]
         cost += 0.07 * (replayed and plan.split_replay) + 0.04 * (replayed and not plan.reuse_dequantized)
-        cost += (0.02 if replayed else 0.15) * (plan.mlp_chunk is not None)
+        if plan.mlp_chunk:  # smaller chunks: more, smaller matmuls
+            cost += (0.02 if replayed else 0.15) + 0.002 * 8192 / plan.mlp_chunk
     cost += {LOSS_CHUNK_BYTES[0]: 0.0, LOSS_CHUNK_BYTES[1]: 0.01, LOSS_CHUNK_BYTES[2]: 0.05}[plan.loss_chunk_bytes]
     cost += {None: 0.0, "untied": 0.001, "tied": 3.0}[plan.table_on_host]
     return cost
@@ -257,7 +264,7 @@ def tiled_mlp_chunk_bytes(chunk: int, hidden: int, intermediate: int, act_bytes:
 
 
 def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-               mlp_chunk: int | None = None, head=None, first_step: bool = True) -> StepSizes:
+               head=None, first_step: bool = True) -> StepSizes:
     """:class:`StepSizes` of a DecoderModel (``decoder``) on ``batch`` x ``seq_len`` tokens of activation ``dtype``.
     ``head``: the causal LM's output head when its tables may move to the host (None: they stay). ``first_step``:
     the optimizer state is not allocated yet (its two moments per trainable element are counted to come)."""
@@ -293,7 +300,6 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     movable = head is not None and table.device.type == "cuda" and not table.requires_grad and not distributed
     tied = head is not None and head.weight is table
     table_bytes = table.numel() * table.element_size()
-    chunk = mlp_chunk or 0
     parts = cfg.parts
     sandwich = tokens * e * hidden if parts.sandwich_norms else 0  # each block's post-norm keeps its input
     # soft-capped attention (no fused kernel yet) keeps its [batch, heads, seq, seq] scores: two in e, fp32 probs
@@ -308,7 +314,7 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         # the output gradient, the residual's and an input gradient (3 x hidden); o_proj's input gradient and
         # SDPA's dq, dk, dv with their contiguous copies for the q/k/v backward (3 x q, 4 x kv); one dense weight
         backward_extra=tokens * e * (3 * hidden + 3 * q_dim + 4 * kv_dim) + max(dense, default=0),
-        tiled_chunk=tiled_mlp_chunk_bytes(chunk, hidden, inter, e) if 0 < chunk < tokens else 0,
+        tiled_token=tiled_mlp_chunk_bytes(1, hidden, inter, e),
         dense_layer=sum(dense), tokens=tokens, vocab=cfg.vocab_size, head_itemsize=e,
         loss_extra=3 * tokens * hidden * e,  # the final norm's input and output, the hidden-state gradient
         resident=resident, to_come=to_come,

@@ -30,7 +30,7 @@ def test_bad_budgets_are_clear_errors(value):
 def _sizes(**kw) -> StepSizes:
     """An 8B-like step in made-up round numbers (GiB): 32 layers of 0.5 (attention 0.2, MLP 0.3), inputs 1/32."""
     base = dict(layers=32, attn_block=GIB // 5, mlp_block=3 * GIB // 10, tiled_block=GIB // 32,
-                layer_input=GIB // 32, backward_extra=GIB // 8, tiled_chunk=GIB // 8, dense_layer=0, tokens=4096,
+                layer_input=GIB // 32, backward_extra=GIB // 8, tiled_token=GIB // 8 // 4096, dense_layer=0, tokens=4096,
                 vocab=128256, head_itemsize=2, loss_extra=GIB // 16, resident=15 * GIB, to_come=GIB // 4,
                 untied_table=GIB, tied_table=0)
     base.update(kw)
@@ -76,7 +76,7 @@ def test_tight_budgets_offload_and_split_and_tile():
     plan = make_plan(s, int(leanest / (1 - HEADROOM)) + 1, "test")
     assert plan.layers == ("offload",) * 32 and plan.split_replay and plan.estimate_bytes == leanest
     # a long sequence: the MLP block is the replay's peak, and tiling it is what fits
-    s = _sizes(mlp_block=3 * GIB, tiled_chunk=GIB // 4)
+    s = _sizes(mlp_block=3 * GIB, tiled_token=GIB // 4 // 4096)
     leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
     plan = make_plan(s, int(leanest / (1 - HEADROOM)) + 1, "test")
     assert plan.mlp_chunk and plan.estimate_bytes == leanest
@@ -85,7 +85,7 @@ def test_tight_budgets_offload_and_split_and_tile():
 def test_every_budget_from_the_leanest_plan_up_fits_and_more_memory_is_never_slower():
     """The issue's guarantee: no out-of-memory where the leanest plan fits (its peak + 5%), and a larger budget
     never picks a slower plan."""
-    for s in (_sizes(), _sizes(dense_layer=GIB // 4, untied_table=0, tied_table=GIB // 2), _sizes(tiled_chunk=0)):
+    for s in (_sizes(), _sizes(dense_layer=GIB // 4, untied_table=0, tied_table=GIB // 2), _sizes(tiled_token=0)):
         leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
         costs = []
         for budget in [int(leanest * 1.05 + i * GIB / 4) for i in range(60)]:
@@ -142,8 +142,7 @@ def test_layer_estimate_matches_what_autograd_keeps():
     assert 0.85 <= kept / (s.attn_block + s.mlp_block) <= 1.2
     tiled = _saved_bytes(lambda: model.model.layers[1](x, cos, sin, {None: None}, None, 16), model)
     assert 0.75 <= tiled / (s.attn_block + s.tiled_block) <= 1.05
-    assert s.layer_input == 2 * 64 * 48 * 4 and s.tiled_chunk == 0  # 16 < 128 tokens: but chunk not asked here
-    assert step_sizes(model.model, 2, 64, torch.float32, torch.device("cpu"), mlp_chunk=16).tiled_chunk > 0
+    assert s.layer_input == 2 * 64 * 48 * 4 and s.tiled_token == 4 * (6 * 80 + 4 * 48)
 
 
 def test_optimizer_state_to_come_and_resident_bytes():

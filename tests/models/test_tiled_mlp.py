@@ -198,7 +198,7 @@ def test_auto_tiles_only_when_the_plan_needs_it(monkeypatch, capsys):
     monkeypatch.setattr(decoder, "run_layers", lambda layers, x, args, plan: chunks.append(args[-1]) or x)
     monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (2**40, "sim"))
     model(**batch)
-    s = step_sizes(model.model, 2, 256, torch.float32, torch.device("cpu"), 5, model.lm_head)
+    s = step_sizes(model.model, 2, 256, torch.float32, torch.device("cpu"), model.lm_head)
     tiled = estimate_peak(s, MemoryPlan(("recompute",) * 2, split_replay=True, mlp_chunk=5))
     monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (int(tiled / 0.96) + 1, "sim"))
     model.model.__dict__.pop("_plans")  # decided once per batch shape and configured budget: forget the first
