@@ -10,7 +10,7 @@ from .errors import PronghornError
 from .models.host_embedding import offload_embedding as offload_input_embedding
 from .models.loader import load_pretrained
 from .kernels.policy import KernelPolicy
-from .models.lora import ALL_TARGETS, LoRAConfig, attach_lora, set_kernel_policy
+from .models.lora import ALL_TARGETS, LoRAConfig, attach_lora
 
 
 class FastLanguageModel:
@@ -76,7 +76,7 @@ class FastLanguageModel:
                             layers_to_transform=layers_to_transform)
         policy = KernelPolicy(adapter_math)
         attach_lora(model, config, seed=random_state)
-        set_kernel_policy(model, policy)
+        model.set_kernel_policy(policy)
         model.gradient_checkpointing_enable(mode=use_gradient_checkpointing,  # models/recompute.py
                                             tiled_mlp=tiled_mlp,  # models/tiled_mlp.py
                                             max_memory=max_memory if max_memory is not None else "none")

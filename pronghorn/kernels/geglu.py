@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 APPROXIMATIONS = ("none", "tanh")
@@ -15,7 +16,8 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "no
     return F.gelu(gate, approximate=approximate) * up
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none",
+          policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """gelu(gate) * up; the single entry point model code calls.
 
     ``approximate`` is ``"none"`` (exact, erf) or ``"tanh"``. CUDA tensors of one shape take the Triton
@@ -23,7 +25,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     """
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"geglu: approximate={approximate!r}, expected one of {APPROXIMATIONS}")
-    if gate.shape == up.shape and use_triton(gate, up):
+    if gate.shape == up.shape and not policy.reference and use_triton(gate, up):
         from .geglu_triton import GeGLUFunction
 
         return GeGLUFunction.apply(gate, up, approximate)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 IGNORE_INDEX = -100
@@ -51,6 +52,7 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    policy: KernelPolicy = DEFAULT_POLICY,
 ) -> torch.Tensor:
     """The single entry point model code calls for the training loss. ``chunk_size``: rows of logits at a time
     (None: the fused path's ~1 GiB buffer, the reference's 4096 rows).
@@ -67,7 +69,7 @@ def linear_cross_entropy(
         if isinstance(count, torch.Tensor):
             count = count.to(logp.device)
         return -logp.sum() / count
-    if use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
+    if not policy.reference and use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
         from .linear_cross_entropy_triton import linear_cross_entropy_triton
 
         return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size)

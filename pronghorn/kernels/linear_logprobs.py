@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 IGNORE_INDEX = -100
@@ -168,7 +169,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
-                    triton_rows: bool | None = None, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+                    triton_rows: bool | None = None, keep_rows: torch.Tensor | None = None,
+                    policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """fp32 per-row log-prob of ``labels`` under ``softmax(hidden @ weight^T)`` (0 at ignored rows), chunked.
 
     ``chunk_size`` caps the rows per logits chunk (default: a ~1 GiB chunk). ``triton_rows`` picks the Triton
@@ -182,7 +184,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)  # differentiable cast (autocast-style mixed dtypes)
     if triton_rows is None:
-        triton_rows = use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES
+        triton_rows = not policy.reference and use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES
     grad = torch.is_grad_enabled()
     return LinearLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_size,
                                         grad and hidden.requires_grad, grad and weight.requires_grad, triton_rows,

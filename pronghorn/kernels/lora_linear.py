@@ -59,15 +59,17 @@ def lora_linear_reference(
     dropout: float = 0.0,
     training: bool = False,
     cdt: torch.dtype | None = None,
+    reference: bool = False,
 ) -> torch.Tensor:
     """Plain PyTorch LoRA linear. The adapter runs in its own dtype (as PEFT does) and is cast back; ``cdt``
-    (``KernelPolicy.compute_dtype``): every matmul in that dtype, as under autocast (run under autocast)."""
+    (``KernelPolicy.compute_dtype``): every matmul in that dtype, as under autocast (run under autocast).
+    ``reference``: an NF4 base is dequantized by the PyTorch reference too (else by its kernel on CUDA)."""
     device = x.device.type
     if cdt is not None and not torch.is_autocast_enabled(device):
         with torch.autocast(device, dtype=cdt):
-            return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training)
+            return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training, None, reference)
     if not isinstance(weight, torch.Tensor):  # a quantized base (NF4Weight): dequantize to its compute dtype
-        weight = weight.dequantize()
+        weight = weight.dequantize(reference=reference)
     y = F.linear(x, weight, bias)
     if lora_A is None:
         return y
@@ -347,17 +349,19 @@ def lora_linear(
 
     CUDA inputs with an adapter on a frozen base (weight and bias need no gradient) take
     ``LoRALinearFunction``; anything else (CPU tensors, no adapter, a base being trained) the reference.
-    Dispatch is by device, as for every kernel (``use_triton``): the CPU keeps PEFT's exact op sequence.
+    Dispatch is by device, as for every kernel (``use_triton``): the CPU keeps PEFT's exact op sequence; a
+    reference ``policy`` takes the reference everywhere.
     ``output_unused``: the caller throws the result's values away (see the module docstring); only the fast
     path uses the hint, the reference computes the output anyway. ``owns_input``: nothing else uses ``x``; the
     fast path's backward may then write d x over it (``LoRALinearFunction``). ``policy``: the adapters' compute
     dtype (``kernels.policy``), the same for both paths.
     """
     if lora_A is None:
-        return lora_linear_reference(x, weight, bias, None, None, scaling)
+        return lora_linear_reference(x, weight, bias, None, None, scaling, reference=policy.reference)
     cdt = policy.compute_dtype(x, weight)
-    if _trains_base(weight, bias) or not use_triton(x):
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training, cdt)
+    if policy.reference or _trains_base(weight, bias) or not use_triton(x):
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, training, cdt,
+                                     policy.reference)
     p = dropout if training else 0.0
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, cdt, output_unused, owns_input)
 

@@ -24,11 +24,12 @@ from .triton_support import use_triton
 
 
 def lora_mlp_reference(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
-                       cdt: torch.dtype | None = None):
+                       cdt: torch.dtype | None = None, reference: bool = False):
     """The composition the fused op replaces: three reference LoRA linears around ``swiglu`` (``cdt``: the
-    policy's compute dtype, as ``lora_linear_reference``)."""
-    g, u = (lora_linear_reference(x, *p, cdt=cdt) for p in (gate, up))
-    return lora_linear_reference(swiglu(g, u), *down, cdt=cdt)
+    policy's compute dtype, ``reference``: every op's reference, as ``lora_linear_reference``)."""
+    g, u = (lora_linear_reference(x, *p, cdt=cdt, reference=reference) for p in (gate, up))
+    h = swiglu(g, u, policy=KernelPolicy(reference=reference))
+    return lora_linear_reference(h, *down, cdt=cdt, reference=reference)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -73,6 +74,6 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: Lo
              policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """``down(swiglu(gate(x), up(x)))`` with each projection a LoRA linear on a frozen base (see
     ``fusable_projections``). CUDA tensors take ``LoRAMLPFunction``, anything else the reference."""
-    if not use_triton(x):
-        return lora_mlp_reference(x, gate, up, down, policy.compute_dtype(x, gate.weight))
+    if policy.reference or not use_triton(x):
+        return lora_mlp_reference(x, gate, up, down, policy.compute_dtype(x, gate.weight), policy.reference)
     return _apply_fused(LoRAMLPFunction, x, (gate, up, down), policy)

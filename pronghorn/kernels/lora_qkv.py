@@ -27,9 +27,10 @@ from .triton_support import use_triton
 
 
 def lora_qkv_reference(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection,
-                       cdt: torch.dtype | None = None):
-    """The three reference LoRA linears the fused op replaces (``cdt``: as ``lora_linear_reference``)."""
-    return tuple(lora_linear_reference(x, *p, cdt=cdt) for p in (q, k, v))
+                       cdt: torch.dtype | None = None, reference: bool = False):
+    """The three reference LoRA linears the fused op replaces (``cdt``, ``reference``: as
+    ``lora_linear_reference``)."""
+    return tuple(lora_linear_reference(x, *p, cdt=cdt, reference=reference) for p in (q, k, v))
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -64,6 +65,6 @@ def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProje
     """(q, k, v) = the three LoRA projections of ``x`` [..., hidden], each [..., out_i]; the same values as
     ``lora_linear`` on each, with adapters on frozen bases (see ``fusable_projections``). CUDA tensors take
     ``LoRAQKVFunction``, anything else the reference."""
-    if not use_triton(x):
-        return lora_qkv_reference(x, q, k, v, policy.compute_dtype(x, q.weight))
+    if policy.reference or not use_triton(x):
+        return lora_qkv_reference(x, q, k, v, policy.compute_dtype(x, q.weight), policy.reference)
     return _apply_fused(LoRAQKVFunction, x, (q, k, v), policy)

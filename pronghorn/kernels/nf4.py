@@ -19,7 +19,7 @@ JSON of the non-tensor fields, as uint8 bytes).
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import functools
 import json
 import math
@@ -28,16 +28,22 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .triton_support import scoped, use_triton
-
-_REUSE = contextvars.ContextVar("pronghorn_nf4_reuse", default=None)
+from .triton_support import use_triton
 
 
-def reuse_dequantized():
-    """Inside the block every NF4 weight is dequantized once per dtype and the tensor reused (a layer replayed
-    for its backward would dequantize each weight twice: in the replay and in the backward). Costs the dense
-    weights used in the block, until it ends. Scoped to this thread / async context."""
-    return scoped(_REUSE, {})
+@contextlib.contextmanager
+def dequantized_once(weights):
+    """Inside the block each of these NF4 ``weights`` is dequantized once per dtype and the tensor reused (a
+    layer replayed for its backward would dequantize each weight twice: in the replay and in the backward).
+    Costs their dense copies until the block ends (``NF4Weight.reuse``: the cache, None outside)."""
+    weights = [w for w in weights if isinstance(w, NF4Weight)]
+    for w in weights:
+        w.reuse = {}
+    try:
+        yield
+    finally:
+        for w in weights:
+            w.reuse = None
 
 # The 16 NF4 levels (quantiles of N(0, 1), normalised to [-1, 1], with an exact zero) as float32.
 NF4_CODE = (
@@ -81,6 +87,8 @@ def _bits_f32(t: torch.Tensor) -> torch.Tensor:
 
 class NF4Weight(nn.Module):
     """A frozen [out, in] weight stored as NF4 (bitsandbytes layout). Not a tensor: call ``dequantize()``."""
+
+    reuse: dict | None = None  # dtype -> dense weight, inside dequantized_once
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
                  quant_map: torch.Tensor | None = None, nested_absmax: torch.Tensor | None = None,
@@ -151,20 +159,21 @@ class NF4Weight(nn.Module):
         scale = _bits_f32(self.nested_absmax).repeat_interleave(self.nested_blocksize)[:blocks]
         return _bits_f32(self.nested_quant_map)[self.absmax.long()] * scale + _bits_f32(self.offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The [out, in] weight in ``dtype`` (default: the compute dtype). Triton on CUDA, PyTorch elsewhere."""
+    def dequantize(self, dtype: torch.dtype | None = None, reference: bool = False) -> torch.Tensor:
+        """The [out, in] weight in ``dtype`` (default: the compute dtype). Triton on CUDA, PyTorch elsewhere
+        (and with ``reference``); inside :func:`dequantized_once` computed once per dtype."""
         dtype = dtype or self.dtype
-        cache = _REUSE.get()
-        if cache is not None and (id(self), dtype) in cache:
-            return cache[id(self), dtype][1]
-        if use_triton(self.packed):
+        cache = self.reuse
+        if cache is not None and dtype in cache:
+            return cache[dtype]
+        if not reference and use_triton(self.packed):
             from .nf4_triton import dequantize_nf4_triton
 
             w = dequantize_nf4_triton(self, dtype)
         else:
             w = dequantize_nf4_reference(self, dtype)
         if cache is not None:
-            cache[id(self), dtype] = (self, w)  # self kept alive: its id stays unique in the block
+            cache[dtype] = w
         return w
 
     def extra_repr(self) -> str:

@@ -1,6 +1,10 @@
-"""The kernel policy: the numerics of the LoRA ops, a plain object the model's layers hold.
+"""The kernel policy: which implementation every op takes and the numerics of the LoRA ops, a plain object the
+model's layers hold (``kernel_policy``, set on all of them by ``DecoderForCausalLM.set_kernel_policy``).
 
-One setting, ``adapter_math``, decides in which dtype an adapter computes on a frozen 16-bit base:
+``reference=True``: every op takes its plain PyTorch reference on any device (the oracle a fast path is tested
+against, e.g. a whole training run); otherwise CUDA tensors take the Triton kernels (``triton_support.use_triton``).
+
+``adapter_math`` decides in which dtype an adapter computes on a frozen 16-bit base:
 
 - ``"base"`` (the default): on a bf16 base (a bf16 weight, or NF4 with bf16 compute) the adapter's matmuls run
   in bf16 with or without ``torch.autocast``: the same kernels, the same numbers and the same speed as under
@@ -10,8 +14,7 @@ One setting, ``adapter_math``, decides in which dtype an adapter computes on a f
 - ``"adapter"``: PEFT's numerics without autocast: the adapter computes in its own dtype (fp32 adapters on a
   bf16 base: the delta in fp32, cast back), at the cost of fp32 [tokens, out] temporaries in every projection.
 
-Under autocast both are autocast's dtype, exactly as PEFT. Layers read the policy from their
-``kernel_policy`` attribute (``models.linear.Linear``), set by ``models.lora.set_kernel_policy``.
+Under autocast both are autocast's dtype, exactly as PEFT.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ ADAPTER_MATH = ("base", "adapter")
 @dataclass(frozen=True)
 class KernelPolicy:
     adapter_math: str = "base"
+    reference: bool = False
 
     def __post_init__(self):
         if self.adapter_math not in ADAPTER_MATH:

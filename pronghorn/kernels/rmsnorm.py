@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 
@@ -16,13 +17,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
     return w * h.to(dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """RMSNorm over the last dimension; the single entry point model code calls.
 
     CUDA tensors take the Triton kernel (hand-written backward, dW only when ``weight`` is trainable);
-    anything else takes the PyTorch reference.
+    anything else (or a reference ``policy``) takes the PyTorch reference.
     """
-    if use_triton(x, weight):
+    if not policy.reference and use_triton(x, weight):
         from .rmsnorm_triton import RMSNormFunction
 
         return RMSNormFunction.apply(x, weight, eps, offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
 
@@ -33,10 +34,10 @@ def apply_rope_reference(
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, policy: KernelPolicy = DEFAULT_POLICY
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q and k together; the single entry point model code calls (Triton kernel on CUDA)."""
-    if use_triton(q, k, cos, sin):
+    if not policy.reference and use_triton(q, k, cos, sin):
         from .rope_triton import RoPEFunction
 
         return RoPEFunction.apply(q, k, cos, sin)

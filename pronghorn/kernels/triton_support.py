@@ -1,19 +1,15 @@
 """When the Triton fast path may run, and launch-size helpers shared by the kernels.
 
 Dispatch is by device: a CUDA tensor with Triton importable takes the kernel; anything else takes the
-PyTorch reference. Kernel modules (``*_triton.py``) are imported only on that path, so ``import pronghorn``
+PyTorch reference (so does everything under a reference kernel policy, ``kernels.policy``). Kernel modules (``*_triton.py``) are imported only on that path, so ``import pronghorn``
 never needs Triton. Tests run the kernels on the CPU with ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import torch
-
-_REFERENCE_ONLY = contextvars.ContextVar("pronghorn_reference_only", default=False)
 
 
 @functools.cache
@@ -30,37 +26,14 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when every tensor is a CUDA tensor, every floating one of a dtype the kernels take (fp16/bf16/
-    fp32; integer labels and positions pass), Triton is importable and no :func:`reference_kernels` block
-    is active."""
-    return (not _REFERENCE_ONLY.get() and all(t.is_cuda and kernel_dtype_ok(t) for t in tensors)
-            and triton_available())
+    fp32; integer labels and positions pass) and Triton is importable."""
+    return all(t.is_cuda and kernel_dtype_ok(t) for t in tensors) and triton_available()
 
 
 def kernel_dtype_ok(t: torch.Tensor) -> bool:
     """Floating tensors must be fp16/bf16/fp32 (fp64 takes the reference); integer ones (labels, positions)
     always pass."""
     return t.dtype in _KERNEL_DTYPES or not t.is_floating_point()
-
-
-@contextlib.contextmanager
-def scoped(var: contextvars.ContextVar, value):
-    """``var`` set to ``value`` inside the block (this thread / async context), restored after it."""
-    token = var.set(value)
-    try:
-        yield
-    finally:
-        var.reset(token)
-
-
-def reference_kernels(enabled: bool = True):
-    """Inside the block every op takes its PyTorch reference, on any device (the oracle the fast path is
-    compared against, e.g. a whole training run). Scoped to this thread / async context."""
-    return scoped(_REFERENCE_ONLY, enabled)
-
-
-def reference_only() -> bool:
-    """True inside a :func:`reference_kernels` block (for fast paths not gated by :func:`use_triton`)."""
-    return _REFERENCE_ONLY.get()
 
 
 def row_block(n: int, max_block: int = 65536) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import apply_rope, fusable_projections, lora_qkv, softcapped_attention
+from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
@@ -91,6 +92,8 @@ def _sdpa(q, k, v, mask, causal, kw):
 
 
 class Attention(nn.Module):
+    kernel_policy: KernelPolicy = DEFAULT_POLICY  # kernels/policy.py; DecoderForCausalLM.set_kernel_policy
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype=None, device=None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -118,7 +121,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         fused = fusable_projections((self.q_proj, self.k_proj, self.v_proj), self.training)
         if fused is not None:
-            q, k, v = lora_qkv(x, *fused, self.q_proj.kernel_policy)
+            q, k, v = lora_qkv(x, *fused, self.kernel_policy)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -142,6 +145,6 @@ class Attention(nn.Module):
         """RoPE on the whole head, or (partial rotary) on its first ``rotary_dim`` features only."""
         r = self.rotary_dim
         if r is None or r == self.head_dim:
-            return apply_rope(q, k, cos, sin)
-        q_rot, k_rot = apply_rope(q[..., :r].contiguous(), k[..., :r].contiguous(), cos, sin)
+            return apply_rope(q, k, cos, sin, self.kernel_policy)
+        q_rot, k_rot = apply_rope(q[..., :r].contiguous(), k[..., :r].contiguous(), cos, sin, self.kernel_policy)
         return torch.cat((q_rot, q[..., r:]), -1), torch.cat((k_rot, k[..., r:]), -1)

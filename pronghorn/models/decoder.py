@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
+from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from .attention import Attention, build_attention_mask
 from .config import ModelConfig
 from .host_embedding import Embedding, offload_embedding
@@ -34,6 +35,8 @@ _GELU = {"gelu_tanh": "tanh", "gelu": "none"}
 class MLP(nn.Module):
     """The gated MLP ``down(act(gate(x)) * up(x))``: SwiGLU (silu) or GeGLU (gelu, gelu_tanh)."""
 
+    kernel_policy: KernelPolicy = DEFAULT_POLICY  # kernels/policy.py; DecoderForCausalLM.set_kernel_policy
+
     def __init__(self, cfg: ModelConfig, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
@@ -47,9 +50,9 @@ class MLP(nn.Module):
         gate, up and their product are this block's own temporaries, so the backward writes d gate, d up over
         gate and up, and d product over the product (two and one [tokens, intermediate] buffers less)."""
         if self.activation == "silu":
-            h = swiglu(self.gate_proj(x), self.up_proj(x), owns_inputs=True)
+            h = swiglu(self.gate_proj(x), self.up_proj(x), owns_inputs=True, policy=self.kernel_policy)
         else:
-            h = geglu(self.gate_proj(x), self.up_proj(x), _GELU[self.activation])
+            h = geglu(self.gate_proj(x), self.up_proj(x), _GELU[self.activation], self.kernel_policy)
         return self.down_proj(h, output_unused=output_unused, owns_input=True)
 
 
@@ -220,6 +223,8 @@ def _activation_dtype(decoder: DecoderModel) -> torch.dtype:
 class DecoderForCausalLM(nn.Module):
     """Decoder + output head. ``forward`` matches transformers' CausalLM calling convention."""
 
+    kernel_policy: KernelPolicy = DEFAULT_POLICY  # the loss's; set_kernel_policy sets every layer's
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__()
         self.config = cfg
@@ -288,6 +293,13 @@ class DecoderForCausalLM(nn.Module):
         if max_memory is not None:
             self.set_memory_budget(max_memory)
 
+    def set_kernel_policy(self, policy: KernelPolicy) -> None:
+        """Every op of the model takes ``policy`` (kernels/policy.py): the reference everywhere (the test oracle)
+        or the fast paths, and the adapters' compute dtype. The layers hold it; replays read it from them."""
+        for module in self.modules():
+            if hasattr(type(module), "kernel_policy"):
+                module.kernel_policy = policy
+
     def set_memory_budget(self, max_memory) -> None:
         """The most device memory a training step may hold at its peak ("16GiB", "24GB", bytes; None or "none":
         what the device gives, within ``torch.cuda.set_per_process_memory_fraction``). The next training forward
@@ -336,7 +348,8 @@ class DecoderForCausalLM(nn.Module):
             small = plan is not None and plan.loss_chunk_bytes < LOSS_CHUNK_BYTES[0]  # else the loss's own default
             rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
-                                        num_items_in_batch, softcap=self.config.parts.final_softcap, chunk_size=rows)
+                                        num_items_in_batch, softcap=self.config.parts.final_softcap, chunk_size=rows,
+                                        policy=self.kernel_policy)
         if return_logits is None:
             return_logits = labels is None or not (self.training and torch.is_grad_enabled())
         logits = None

@@ -17,7 +17,7 @@ from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 
 
 class Linear(nn.Module):
-    kernel_policy: KernelPolicy = DEFAULT_POLICY  # the adapters' numerics (kernels/policy.py; lora.set_kernel_policy)
+    kernel_policy: KernelPolicy = DEFAULT_POLICY  # kernels/policy.py; DecoderForCausalLM.set_kernel_policy
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError
-from ..kernels.policy import KernelPolicy
 from .linear import Linear
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,18 +97,6 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch adapters off (the base model) or back on, without removing them."""
     for _, module in lora_modules(model):
         module.lora_enabled = enabled
-
-
-def set_kernel_policy(model: nn.Module, policy: KernelPolicy) -> None:
-    """Every projection of ``model`` computes its adapter with ``policy`` (kernels/policy.py)."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel_policy = policy
-
-
-def kernel_policy(model: nn.Module) -> KernelPolicy:
-    """The policy ``model``'s projections use (the first one's: ``set_kernel_policy`` sets them all)."""
-    return next((m.kernel_policy for m in model.modules() if isinstance(m, Linear)), KernelPolicy())
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

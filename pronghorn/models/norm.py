@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from ..kernels import rms_norm
+from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 
 
 class RMSNorm(nn.Module):
     """``offset``: the norm scales by ``offset + weight`` (1.0: Gemma's ``(1 + w)``, whose weights start at 0)."""
+
+    kernel_policy: KernelPolicy = DEFAULT_POLICY  # kernels/policy.py; DecoderForCausalLM.set_kernel_policy
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0, dtype=None, device=None):
         super().__init__()
@@ -17,4 +20,4 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.offset)
+        return rms_norm(x, self.weight, self.eps, self.offset, self.kernel_policy)

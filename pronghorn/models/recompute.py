@@ -25,8 +25,7 @@ import contextlib
 import torch
 
 from ..errors import PronghornError
-from ..kernels.nf4 import reuse_dequantized
-from ..kernels.triton_support import reference_kernels, reference_only
+from ..kernels.nf4 import dequantized_once
 from .memory_plan import MemoryPlan
 from .pinned_host import pinned_empty
 
@@ -146,7 +145,7 @@ class _ReplayedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layer, args, slot, plan: MemoryPlan, x, *params):
-        ctx.layer, ctx.args, ctx.slot, ctx.plan, ctx.reference = layer, args, slot, plan, reference_only()
+        ctx.layer, ctx.args, ctx.slot, ctx.plan = layer, args, slot, plan
         ctx.rng = rng_state(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         slot.store(x)
@@ -157,8 +156,8 @@ class _ReplayedLayer(torch.autograd.Function):
         x = ctx.slot.fetch().detach().requires_grad_(ctx.needs_input_grad[4])
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
         device = x.device
-        reuse = reuse_dequantized() if ctx.plan.reuse_dequantized else contextlib.nullcontext()
-        with reuse:  # an NF4 layer: the replay's dequantized weights serve its backward too
+        weights = [m.weight for m in ctx.layer.modules() if ctx.plan.reuse_dequantized and hasattr(m, "weight")]
+        with dequantized_once(weights):  # an NF4 layer: the replay's dequantized weights serve its backward too
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
                 split = ctx.plan.split_replay and hasattr(ctx.layer, "mlp_block")
                 grads = (_split_replay if split else _whole_replay)(ctx, x, params, grad)
@@ -167,7 +166,7 @@ class _ReplayedLayer(torch.autograd.Function):
 
 
 def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: bool = True):
-    """A replay under the forward's autocast and kernel choice. ``graph``: with autograd (the caller passes
+    """A replay under the forward's autocast (the kernels are the layers' own ``kernel_policy``). ``graph``: with autograd (the caller passes
     ``output_unused=True``: only what the ops save counts); else without. ``from_forward_rng``: restart the RNG
     stream from the forward's state (else continue the current one)."""
     if from_forward_rng:
@@ -175,7 +174,6 @@ def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: 
     stack = contextlib.ExitStack()
     stack.enter_context(torch.enable_grad() if graph else torch.no_grad())
     stack.enter_context(torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]))
-    stack.enter_context(reference_kernels(ctx.reference))
     return stack
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import PronghornError
-from ..kernels.triton_support import reference_kernels, reference_only
 from .recompute import parse_mode, rng_state, set_rng_state
 
 MODES = ("off", "on", "auto")
@@ -79,7 +78,7 @@ class _SequenceTiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, chunk, params, output_unused, x2, *flat_params):
         ctx.fn, ctx.chunk, ctx.params = fn, chunk, params
-        ctx.rng, ctx.reference = rng_state(x2.device), reference_only()
+        ctx.rng = rng_state(x2.device)
         ctx.autocast = (torch.is_autocast_enabled(x2.device.type), torch.get_autocast_dtype(x2.device.type))
         ctx.save_for_backward(x2)
         if output_unused:  # a layer replayed for its backward: nothing here is kept
@@ -101,8 +100,7 @@ class _SequenceTiled(torch.autograd.Function):
         device = x2.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             set_rng_state(device, ctx.rng)  # the chunks replay in the forward's order: same dropout masks
-            with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
-                    reference_kernels(ctx.reference):
+            with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]):
                 for start in range(0, x2.shape[0], ctx.chunk):
                     xc = x2[start:start + ctx.chunk].detach().requires_grad_(need_x)
                     yc = ctx.fn(xc, True)

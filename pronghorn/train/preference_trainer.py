@@ -54,7 +54,7 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     if isinstance(model, DecoderForCausalLM) and not model.config.parts.final_softcap:
         hidden = model.model(batch["input_ids"], batch.get("attention_mask"))
         tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, shifted.reshape(-1),
-                              keep_rows=batch.get("keep_rows"))
+                              keep_rows=batch.get("keep_rows"), policy=model.kernel_policy)
         tok = tok.view(shifted.shape)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits

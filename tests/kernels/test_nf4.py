@@ -137,15 +137,16 @@ def _check_against_bitsandbytes(shape, dtype):
     assert torch.equal(F.dequantize_4bit(mine[""], qs), ours.dequantize())
 
 
-def test_reuse_dequantized_gives_one_tensor_per_weight_and_dtype():
-    from pronghorn.kernels.nf4 import reuse_dequantized
+def test_dequantized_once_gives_one_tensor_per_weight_and_dtype():
+    from pronghorn.kernels.nf4 import dequantized_once
 
     q = quantize_nf4(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+    other = quantize_nf4(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)))
     assert q.dequantize() is not q.dequantize()
-    with reuse_dequantized():
+    with dequantized_once([q, torch.ones(2)]):  # the NF4 weights among them
         first = q.dequantize()
         assert q.dequantize() is first and q.dequantize(torch.float32) is first
         assert q.dequantize(torch.bfloat16) is not first
-        with reuse_dequantized():  # a nested block starts empty
-            assert q.dequantize() is not first
+        assert other.dequantize() is not other.dequantize()  # only the weights named
+    assert q.reuse is None and q.dequantize() is not first
     assert torch.equal(q.dequantize(), first)

@@ -98,7 +98,7 @@ def test_adapter_policy_keeps_peft_numerics(monkeypatch):
 
 def _model(policy):
     from helpers import make_pair
-    from pronghorn.models.lora import LoRAConfig, attach_lora, set_kernel_policy
+    from pronghorn.models.lora import LoRAConfig, attach_lora
 
     _, model = make_pair("llama3_gqa_rope_scaling")
     attach_lora(model, LoRAConfig(r=4, lora_alpha=8), seed=11)
@@ -110,7 +110,7 @@ def _model(policy):
     for n, p in model.named_parameters():  # adapters fp32 on the bf16 base, as get_peft_model makes them
         if "lora_" in n:
             p.data = p.data.float()
-    set_kernel_policy(model, policy)
+    model.set_kernel_policy(policy)
     return model.to(DEVICE).train()
 
 

@@ -3,7 +3,7 @@
 - CPU: the plain path against the same path under an auto plan that mixes keep / recompute / offload per
   layer: identical in fp32 (recomputation replays the same ops). To fit
   the CPU test budget only the model's first 3 layers run (real weights, tokenizer and data; 2 steps).
-- CUDA: 50 steps with the fast kernels against the PyTorch reference path (``reference_kernels``), both bf16.
+- CUDA: 50 steps with the fast kernels against the PyTorch reference path (``KernelPolicy(reference=True)``), both bf16.
   "Within bf16 noise" is measured, not assumed: the bf16 reference's distance from an fp32 reference run is
   the noise floor, and the kernels must stay within ``NOISE_FACTOR`` times it (or ``FLOOR``).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pronghorn.data import tokenize_dataset
-from pronghorn.kernels.triton_support import reference_kernels
+from pronghorn.kernels.policy import KernelPolicy
 from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.loader import load_pretrained
 from pronghorn.models.lora import LoRAConfig, attach_lora
@@ -87,12 +87,13 @@ def test_kernels_follow_the_reference_curve_on_gpu(smollm2_dir, tmp_path):
     steps = 50
     model, tokenizer, start = _lora_model(smollm2_dir, torch.float32, "cuda")
     examples = _examples(tokenizer, 2000, 1024)
-    with reference_kernels():
-        fp32 = _curve(model, tokenizer, start, examples, steps, "off", tmp_path, **settings)
+    model.set_kernel_policy(KernelPolicy(reference=True))
+    fp32 = _curve(model, tokenizer, start, examples, steps, "off", tmp_path, **settings)
     del model
     model, tokenizer, start = _lora_model(smollm2_dir, torch.bfloat16, "cuda")
-    with reference_kernels():
-        reference = _curve(model, tokenizer, start, examples, steps, "off", tmp_path, **settings)
+    model.set_kernel_policy(KernelPolicy(reference=True))
+    reference = _curve(model, tokenizer, start, examples, steps, "off", tmp_path, **settings)
+    model.set_kernel_policy(KernelPolicy())
     curves = {mode: _curve(model, tokenizer, start, examples, steps, mode, tmp_path, **settings)
               for mode in ("off", "offload", "auto")}
     noise = max(abs(a - b) for a, b in zip(reference, fp32))
