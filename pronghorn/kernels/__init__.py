@@ -1,4 +1,5 @@
-"""Hot ops, each a plain PyTorch reference plus (later) a Triton kernel, behind one function."""
+"""Hot ops, each a plain PyTorch reference plus a Triton kernel (CUDA) behind one function; which one runs is
+decided by the tensors' device and the caller's kernel policy (``policy.py``)."""
 
 from .geglu import geglu
 from .linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy

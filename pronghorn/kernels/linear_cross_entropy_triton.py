@@ -151,7 +151,7 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.T
     return out
 
 
-def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index: int,
+def ce_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index: int,
              softcap: float | None, write_grad: bool, block_v: int | None = None) -> None:
     """Run the CE kernel over the rows of a contiguous-row ``logits`` [M, V] (in place when write_grad)."""
     rows, V = logits.shape
@@ -227,7 +227,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             h_c = hidden[s:e] if all_valid else hidden.index_select(0, idx[s:e])
             logits = buf[: e - s]
             torch.mm(h_c, weight.t(), out=logits)
-            _ce_rows(logits, y[s:e], losses[s:e], ignore_index, softcap, write_grad, block_v)
+            ce_rows(logits, y[s:e], losses[s:e], ignore_index, softcap, write_grad, block_v)
             if need_dh:
                 torch.mm(logits, weight, out=dh_c[s:e])
             if need_dw:

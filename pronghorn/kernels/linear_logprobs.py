@@ -17,7 +17,7 @@ input dtype (as an unfused head would), the log-sum-exp is accumulated in fp32.
   forward keeps only the per-row log-sum-exp and the backward recomputes each chunk's logits.
 - Without any gradient (the reference model under ``no_grad``): the forward only, nothing saved.
 
-Row math: on CUDA the CE row kernel of the fused head (``linear_cross_entropy_triton._ce_rows``: online fp32
+Row math: on CUDA the CE row kernel of the fused head (``linear_cross_entropy_triton.ce_rows``: online fp32
 max/sum over vocab blocks, writes ``lse - x[label]`` per row and, when asked, ``softmax - onehot`` in place)
 is reused as is; on the CPU the same quantities come from torch ops in fp32. Reference for the tests:
 :func:`linear_logprobs_reference` (full logits + ``log_softmax`` + ``gather``).
@@ -77,10 +77,10 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) ->
 def _rows(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, triton_rows: bool) -> torch.Tensor:
     if not triton_rows:
         return _rows_torch(logits, labels, write_grad)
-    from .linear_cross_entropy_triton import _ce_rows
+    from .linear_cross_entropy_triton import ce_rows
 
     neg = torch.empty(labels.numel(), dtype=torch.float32, device=logits.device)
-    _ce_rows(logits, labels, neg, IGNORE_INDEX, None, write_grad)
+    ce_rows(logits, labels, neg, IGNORE_INDEX, None, write_grad)
     return neg
 
 

@@ -16,8 +16,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .lora_linear import LoRAProjection, lora_linear_reference
-from .lora_linear import _apply_fused, _fused_forward_inputs, _fused_grads, _no_autocast, _save_fused
-from .lora_linear import _shared_input_backward, _shared_input_forward
+from .lora_math import apply_fused, fused_forward_inputs, fused_grads, no_autocast, save_fused
+from .lora_math import shared_input_backward, shared_input_forward
 from .swiglu import swiglu
 from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
@@ -37,14 +37,14 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cdt, *flat):
-        (gate, up, down), x2, adt = _fused_forward_inputs(x, cdt, flat)
-        with _no_autocast(x.device.type):
-            (g, u), xa, a, bss = _shared_input_forward(x2, (gate, up), cdt, adt)
+        (gate, up, down), x2, adt = fused_forward_inputs(x, cdt, flat)
+        with no_autocast(x.device.type):
+            (g, u), xa, a, bss = shared_input_forward(x2, (gate, up), cdt, adt)
             with torch.no_grad():
                 h = swiglu(g, u)
-            (y,), xa_d, a_d, (bs_d,) = _shared_input_forward(h, (down,), cdt, adt)
+            (y,), xa_d, a_d, (bs_d,) = shared_input_forward(h, (down,), cdt, adt)
         del h
-        _save_fused(ctx, cdt, (gate, up, down), x, g, u, xa, a, *bss, xa_d, a_d, bs_d)
+        save_fused(ctx, cdt, (gate, up, down), x, g, u, xa, a, *bss, xa_d, a_d, bs_d)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -53,21 +53,21 @@ class LoRAMLPFunction(torch.autograd.Function):
         x, g, u, xa, a, bs_g, bs_u, xa_d, a_d, bs_d = ctx.saved_tensors
         gate, up, down = ctx.projs
         x2 = x.reshape(-1, x.shape[-1])
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             with torch.enable_grad():
                 g_, u_ = g.detach().requires_grad_(), u.detach().requires_grad_()
                 h = swiglu(g_, u_)
-            dh, (da_d,), (db_d,) = _shared_input_backward(
+            dh, (da_d,), (db_d,) = shared_input_backward(
                 [dy.reshape(-1, dy.shape[-1])], h.detach(), xa_d, a_d, [bs_d], [down.weight], [down.scaling],
                 ctx.cdt, True,
             )
             dg, du = torch.autograd.grad(h, (g_, u_), dh)
             del h, dh
-            dx, (da_g, da_u), (db_g, db_u) = _shared_input_backward(
+            dx, (da_g, da_u), (db_g, db_u) = shared_input_backward(
                 [dg, du], x2, xa, a, [bs_g, bs_u], [gate.weight, up.weight], [gate.scaling, up.scaling], ctx.cdt,
                 ctx.needs_input_grad[0],
             )
-        return _fused_grads(ctx, x, dx, [da_g, da_u, da_d], [db_g, db_u, db_d])
+        return fused_grads(ctx, x, dx, [da_g, da_u, da_d], [db_g, db_u, db_d])
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection,
@@ -76,4 +76,4 @@ def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: Lo
     ``fusable_projections``). CUDA tensors take ``LoRAMLPFunction``, anything else the reference."""
     if policy.reference or not use_triton(x):
         return lora_mlp_reference(x, gate, up, down, policy.compute_dtype(x, gate.weight), policy.reference)
-    return _apply_fused(LoRAMLPFunction, x, (gate, up, down), policy)
+    return apply_fused(LoRAMLPFunction, x, (gate, up, down), policy)

@@ -20,8 +20,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .lora_linear import LoRAProjection, lora_linear_reference
-from .lora_linear import _apply_fused, _fused_forward_inputs, _fused_grads, _no_autocast, _save_fused
-from .lora_linear import _shared_input_backward, _shared_input_forward
+from .lora_math import apply_fused, fused_forward_inputs, fused_grads, no_autocast, save_fused
+from .lora_math import shared_input_backward, shared_input_forward
 from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
@@ -38,10 +38,10 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cdt, *flat):
-        projs, x2, adt = _fused_forward_inputs(x, cdt, flat)
-        with _no_autocast(x.device.type):
-            outs, xa, a, bss = _shared_input_forward(x2, projs, cdt, adt)
-        _save_fused(ctx, cdt, projs, x, xa, a, *bss)
+        projs, x2, adt = fused_forward_inputs(x, cdt, flat)
+        with no_autocast(x.device.type):
+            outs, xa, a, bss = shared_input_forward(x2, projs, cdt, adt)
+        save_fused(ctx, cdt, projs, x, xa, a, *bss)
         lead = x.shape[:-1]
         return tuple(y.view(*lead, y.shape[-1]) for y in outs)
 
@@ -52,12 +52,12 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
         projs = ctx.projs
-        with _no_autocast(x.device.type):
-            dx, das, dbs = _shared_input_backward(
+        with no_autocast(x.device.type):
+            dx, das, dbs = shared_input_backward(
                 dys, x2, xa, a, bss, [p.weight for p in projs], [p.scaling for p in projs], ctx.cdt,
                 ctx.needs_input_grad[0],
             )
-        return _fused_grads(ctx, x, dx, das, dbs)
+        return fused_grads(ctx, x, dx, das, dbs)
 
 
 def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProjection,
@@ -67,4 +67,4 @@ def lora_qkv(x: torch.Tensor, q: LoRAProjection, k: LoRAProjection, v: LoRAProje
     ``LoRAQKVFunction``, anything else the reference."""
     if policy.reference or not use_triton(x):
         return lora_qkv_reference(x, q, k, v, policy.compute_dtype(x, q.weight), policy.reference)
-    return _apply_fused(LoRAQKVFunction, x, (q, k, v), policy)
+    return apply_fused(LoRAQKVFunction, x, (q, k, v), policy)

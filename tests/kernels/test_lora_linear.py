@@ -21,7 +21,8 @@ import torch
 from lora_cases import (
     DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, exact_fp64, projection, randn, run,
 )
-from pronghorn.kernels.lora_linear import LoRALinearFunction, LoRAProjection, _autocast_dtype, lora_linear_reference
+from pronghorn.kernels.lora_linear import LoRALinearFunction, LoRAProjection, lora_linear_reference
+from pronghorn.kernels.lora_math import autocast_dtype
 
 lora_linear_module = importlib.import_module("pronghorn.kernels.lora_linear")  # the package attribute is the function
 
@@ -30,7 +31,7 @@ FP32_TOL = 1e-5
 
 def fused(x, p, dropout=0.0):
     return LoRALinearFunction.apply(x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, dropout,
-                                    _autocast_dtype(x.device.type))
+                                    autocast_dtype(x.device.type))
 
 
 def reference(x, p, dropout=0.0):
@@ -165,7 +166,7 @@ def test_unused_output_keeps_the_gradients_bitwise(base, autocast):
     for weight in (p.weight, nf4.quantize_nf4(p.weight, dtype=base)):
         q = p._replace(weight=weight)
         unused = lambda x, p: LoRALinearFunction.apply(x, p.weight, p.bias, p.lora_A, p.lora_B,  # noqa: E731
-                                                       p.scaling, 0.0, _autocast_dtype(x.device.type), True)
+                                                       p.scaling, 0.0, autocast_dtype(x.device.type), True)
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             got, full = run(unused, x, [q]), run(fused, x, [q])
         assert got[0].shape == full[0].shape and got[0].dtype == full[0].dtype
@@ -187,7 +188,7 @@ def test_owned_input_takes_its_gradient_in_place(base, autocast):
     def owning(x, p):
         owned["x"] = x * 1  # a fresh tensor nothing else uses
         return LoRALinearFunction.apply(owned["x"], p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, 0.0,
-                                        _autocast_dtype(x.device.type), False, True)
+                                        autocast_dtype(x.device.type), False, True)
 
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         got, ordinary = run(owning, x, [p]), run(fused, x, [p])

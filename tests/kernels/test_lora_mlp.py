@@ -17,7 +17,7 @@ from lora_cases import (
     DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, exact_fp64, gradcheck_adapters,
     nf4_and_dequantized, projection, randn, run,
 )
-from pronghorn.kernels.lora_linear import _apply_fused
+from pronghorn.kernels.lora_math import apply_fused
 from pronghorn.kernels.lora_mlp import LoRAMLPFunction, lora_mlp_reference
 
 lora_mlp_module = importlib.import_module("pronghorn.kernels.lora_mlp")  # the package attribute is the function
@@ -26,7 +26,7 @@ FP32_TOL = 1e-5
 
 
 def fused(x, gate, up, down):
-    return _apply_fused(LoRAMLPFunction, x, (gate, up, down))
+    return apply_fused(LoRAMLPFunction, x, (gate, up, down))
 
 
 def mlp(hidden, inter, gen, base=torch.float32, adapter=torch.float32, bias=False):

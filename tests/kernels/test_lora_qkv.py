@@ -15,7 +15,7 @@ from lora_cases import (
     DEVICE, as_dtype, assert_all_close, assert_bf16_as_exact_as_reference, exact_fp64, gradcheck_adapters,
     nf4_and_dequantized, projection, randn, run,
 )
-from pronghorn.kernels.lora_linear import _apply_fused
+from pronghorn.kernels.lora_math import apply_fused
 from pronghorn.kernels.lora_qkv import LoRAQKVFunction, lora_qkv_reference
 
 lora_qkv_module = importlib.import_module("pronghorn.kernels.lora_qkv")  # the package attribute is the function
@@ -23,7 +23,7 @@ FP32_TOL = 1e-5
 
 
 def fused(x, q, k, v):
-    return _apply_fused(LoRAQKVFunction, x, (q, k, v))
+    return apply_fused(LoRAQKVFunction, x, (q, k, v))
 
 
 def qkv(hidden, q_out, kv_out, gen, base=torch.float32, adapter=torch.float32, bias=False):
