@@ -122,6 +122,12 @@ class DecoderModel(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """Decoder + output head. ``forward`` matches transformers' CausalLM calling convention."""
 
+    # The contract with HF Trainer (and TRL's trainers, built on it): ``forward`` takes ``num_items_in_batch`` and
+    # divides its loss sum by it, and its loss shifts the labels itself (position i predicts label i + 1), so the
+    # Trainer counts the items over ``labels[..., 1:]``, as it does for transformers' own ``...ForCausalLM`` models.
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__()
         self.config = cfg
@@ -196,17 +202,20 @@ class DecoderForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
         """With ``labels`` the loss is the mean next-token cross-entropy over non-ignored labels (or the sum
-        divided by ``num_items_in_batch``). While training with labels, logits are not materialised unless
-        ``return_logits=True``; otherwise they are returned as transformers does."""
+        divided by ``num_items_in_batch``); ``shift_labels`` given beside them (what a context-parallel collator
+        passes) are targets already shifted, position i's own, and replace them, as in transformers. While
+        training with labels, logits are not materialised unless ``return_logits=True``; otherwise they are
+        returned as transformers does."""
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
         loss = None
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if shift_labels is None else shift_labels
             loss = linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1), num_items_in_batch
             )
