@@ -12,6 +12,7 @@ from ..errors import PronghornError
 from ..files import atomic_dir, check_output_dir
 from .adapter import MODEL_FILES, save_adapter
 from .gguf_writer import save_gguf
+from .merge_rounding import warn_if_rounding_undoes
 from .merged import _chmod_like_mkdir, generation_config, parse_size, save_merged
 
 SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced")
@@ -57,7 +58,8 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | Path, tokeniz
                            max_shard_size: int | str | None = None, dtype: torch.dtype | str | None = None,
                            base_checkpoint: str | Path | None = None) -> Path:
     """``merged_16bit``: base + adapter folded into one HF checkpoint, sharded by ``max_shard_size`` (5GB), in
-    ``dtype`` (bf16 unless given; torch.float32 keeps a small fine-tune that bf16 rounding would partly undo);
+    ``dtype`` (bf16 unless given; torch.float32 keeps a small fine-tune that bf16 rounding would partly undo: a
+    warning says when it would, see export/merge_rounding.py);
     ``lora``: the PEFT adapter (+ tokenizer); ``merged_4bit_forced``: the merged weights re-quantized to NF4 as a
     bitsandbytes "-bnb-4bit" checkpoint (lossy: prefer merged_16bit for serving), other tensors in ``dtype``.
     An option the save_method does not use is an error, not ignored."""
@@ -69,6 +71,8 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | Path, tokeniz
         uses = ", ".join(_OPTIONS[save_method]) or "none of them"
         raise PronghornError(f"save_method={save_method!r} does not use {', '.join(unused)} (it uses {uses})")
     dtype = merged_dtype(dtype) if dtype is not None else torch.bfloat16
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
     if save_method == "lora":
         check_output_dir(save_directory, overwrite, marker_files=MODEL_FILES)
         path = save_adapter(model, save_directory, getattr(model, "name_or_path", None), overwrite=overwrite)
@@ -77,6 +81,8 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | Path, tokeniz
         return path
     _need_tokenizer(tokenizer, f"save_method={save_method!r}")
     if save_method == "merged_16bit":
+        check_output_dir(save_directory, overwrite)  # before the rounding check's forward
+        warn_if_rounding_undoes(model, tokenizer, dtype, base_checkpoint)
         return save_merged(model, save_directory, tokenizer, dtype=dtype, overwrite=overwrite,
                            max_shard_size=max_shard_size or "5GB", base_checkpoint=base_checkpoint)
     return _save_merged_4bit(model, save_directory, tokenizer, dtype, overwrite)
