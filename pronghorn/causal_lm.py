@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .errors import PronghornError
 from .export.adapter import save_adapter
 from .export.merged import save_merged
 from .infer.generate import generate as _generate
@@ -91,31 +92,56 @@ class PronghornForCausalLM(DecoderForCausalLM):
             kwargs["pad_token_id"] = gen.get("pad_token_id", self.config.pad_token_id)
         return _generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
-    def save_pretrained(self, save_directory: str | Path, overwrite: bool = False, **_ignored) -> Path:
+    def save_pretrained(self, save_directory: str | Path, overwrite: bool = False,
+                        max_shard_size: int | str | None = None, is_main_process: bool = True,
+                        **hf_options) -> Path:
         """With an adapter: the PEFT adapter (adapter_config.json + adapter_model.safetensors).
-        Without one: the full model as a Hugging Face checkpoint."""
+        Without one: the full model as a Hugging Face checkpoint, sharded by ``max_shard_size`` (5GB).
+        ``is_main_process=False`` (the other ranks of a distributed run) writes nothing, as in transformers.
+        Other transformers keywords only where they ask for what pronghorn does (``safe_serialization=True``)."""
+        from .export.save import check_unused_options
+
+        check_unused_options("save_pretrained", hf_options, "overwrite, max_shard_size (no adapter), is_main_process")
+        if not is_main_process:
+            return Path(save_directory)
         if self.lora_config is not None:
+            if max_shard_size is not None:
+                raise PronghornError("save_pretrained: max_shard_size applies to a full model; the LoRA adapter is "
+                                     "one file (for a merged checkpoint: save_pretrained_merged)")
             return save_adapter(self, save_directory, self.name_or_path, overwrite=overwrite)
-        return save_merged(self, save_directory, tokenizer=None, overwrite=overwrite)
+        return save_merged(self, save_directory, tokenizer=None, overwrite=overwrite,
+                           max_shard_size=max_shard_size or "5GB")
 
     def save_pretrained_merged(self, save_directory: str | Path, tokenizer=None, save_method: str = "merged_16bit",
-                               overwrite: bool = False, max_shard_size: int | str = "5GB",
-                               base_checkpoint: str | Path | None = None, **_ignored) -> Path:
-        """``merged_16bit``: base + adapter folded into one sharded HF checkpoint (bf16); ``lora``: the adapter
-        only; ``merged_4bit_forced``: merged then re-quantized to NF4 (bnb-4bit). QLoRA models merge into the
-        dequantized base unless ``base_checkpoint`` names the original 16-bit checkpoint."""
-        from .export.save import save_pretrained_merged
+                               overwrite: bool = False, max_shard_size: int | str | None = None,
+                               dtype: torch.dtype | str | None = None, base_checkpoint: str | Path | None = None,
+                               is_main_process: bool = True, **unsloth_options) -> Path:
+        """``merged_16bit``: base + adapter folded into one sharded HF checkpoint, bf16 unless ``dtype`` (e.g.
+        torch.float32: bf16 rounding can undo part of a small fine-tune, and a warning says when it does);
+        ``lora``: the adapter only; ``merged_4bit_forced``: merged then re-quantized to NF4 (bnb-4bit). QLoRA models
+        merge into the dequantized base unless ``base_checkpoint`` names the original 16-bit checkpoint.
+        ``is_main_process=False`` writes nothing. An option the save_method does not use is an error."""
+        from .export.save import check_unused_options, save_pretrained_merged
 
+        check_unused_options("save_pretrained_merged", unsloth_options, "tokenizer, save_method, overwrite, "
+                             "max_shard_size, dtype, base_checkpoint, is_main_process")
+        if not is_main_process:
+            return Path(save_directory)
         return save_pretrained_merged(self, save_directory, tokenizer, save_method, overwrite=overwrite,
-                                      max_shard_size=max_shard_size, base_checkpoint=base_checkpoint)
+                                      max_shard_size=max_shard_size, dtype=dtype, base_checkpoint=base_checkpoint)
 
     def save_pretrained_gguf(self, save_directory: str | Path, tokenizer=None,
                              quantization_method: str | list[str] = "f16", overwrite: bool = False,
-                             base_checkpoint: str | Path | None = None, **_ignored) -> list[Path]:
+                             base_checkpoint: str | Path | None = None, is_main_process: bool = True,
+                             **unsloth_options) -> list[Path]:
         """GGUF file(s) ``model.<METHOD>.gguf`` (f16, bf16, q8_0, q4_k_m, ...; a list gives one file each) and an
-        Ollama Modelfile, adapter merged, written without llama.cpp."""
-        from .export.save import save_pretrained_gguf
+        Ollama Modelfile, adapter merged, written without llama.cpp. ``is_main_process=False`` writes nothing."""
+        from .export.save import check_unused_options, save_pretrained_gguf
 
+        check_unused_options("save_pretrained_gguf", unsloth_options, "tokenizer, quantization_method, overwrite, "
+                             "base_checkpoint, is_main_process")
+        if not is_main_process:
+            return []
         return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, overwrite=overwrite,
                                     base_checkpoint=base_checkpoint)
 

@@ -100,7 +100,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export.command import export
 
     paths = export(args.model, args.out, args.format, adapter=args.adapter, quant=args.quant,
-                   overwrite=args.overwrite, base_checkpoint=args.base_checkpoint, max_shard_size=args.max_shard_size)
+                   overwrite=args.overwrite, base_checkpoint=args.base_checkpoint, max_shard_size=args.max_shard_size,
+                   dtype=args.dtype)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -133,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="directory to create (must be empty unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     e.add_argument("--base-checkpoint", help="merge into this 16-bit checkpoint's weights (for a 4-bit base)")
-    e.add_argument("--max-shard-size", default="5GB", help="merged safetensors shard size (e.g. 5GB, 500MB)")
+    e.add_argument("--max-shard-size", help="merged safetensors shard size (e.g. 5GB, 500MB; default 5GB)")
+    e.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="merged weights' dtype (default bfloat16; float32 keeps a small fine-tune exactly, and "
+                        "export warns when bf16 rounding would undo more than 10%% of the adapter's effect)")
     e.set_defaults(func=_export)
     return parser
 

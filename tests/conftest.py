@@ -16,3 +16,20 @@ def smollm2_dir():
     from pronghorn.models.default_model import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama checkpoint (fp32, tied embeddings) with SmolLM2's tokenizer (vocab and chat template)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_smollm2")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -12,28 +12,12 @@ import torch
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-transformers = pytest.importorskip("transformers")
 
 from chat_reference import SMOL_GENERATION_TEMPLATE  # noqa: E402
 from pronghorn import FastLanguageModel  # noqa: E402
 from pronghorn.data import IGNORE_INDEX, tokenize_record  # noqa: E402
 
 MAX_LENGTH = 96
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama checkpoint with SmolLM2's tokenizer (vocab and chat template)."""
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_smollm2")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +29,8 @@ def gsm8k():
     return [(r["question"], r["answer"]) for r in rows]
 
 
-def _model(tiny_dir):
-    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype=torch.float32)
+def _model(tiny_smollm2_dir):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     return model, tok
 
@@ -54,7 +38,8 @@ def _model(tiny_dir):
 def _trainer(model, tok, rows, tmp_path, **config):
     settings = dict(output_dir=str(tmp_path), max_length=MAX_LENGTH, per_device_train_batch_size=2, max_steps=2,
                     learning_rate=2e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[],
-                    save_strategy="no", use_cpu=True, seed=0)  # TRL default: checkpointing on
+                    save_strategy="no", use_cpu=True, seed=0,
+                    bf16=False)  # fp32 (SFTConfig defaults to bf16: autocast on the CPU); TRL default: checkpointing on
     args = trl.SFTConfig(**{**settings, **config})
     return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                           processing_class=tok)
@@ -76,8 +61,8 @@ def _sequence_nll_sum(model, ids, labels):
     return torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def test_packing_padding_free_completion_only(tiny_dir, gsm8k, tmp_path):
-    model, tok = _model(tiny_dir)
+def test_packing_padding_free_completion_only(tiny_smollm2_dir, gsm8k, tmp_path):
+    model, tok = _model(tiny_smollm2_dir)
     rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
             for q, a in gsm8k]
     trainer = _trainer(model, tok, rows, tmp_path, packing=True)  # BFD packing -> padding-free
@@ -104,8 +89,8 @@ def test_packing_padding_free_completion_only(tiny_dir, gsm8k, tmp_path):
     assert [h["loss"] for h in trainer.state.log_history if "loss" in h][-1] < before
 
 
-def test_assistant_only_loss_matches_our_masks(tiny_dir, gsm8k, tmp_path):
-    model, tok = _model(tiny_dir)
+def test_assistant_only_loss_matches_our_masks(tiny_smollm2_dir, gsm8k, tmp_path):
+    model, tok = _model(tiny_smollm2_dir)
     tok.chat_template = SMOL_GENERATION_TEMPLATE  # SmolLM2's template with {% generation %} markers, as TRL needs
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in gsm8k]
     trainer = _trainer(model, tok, rows, tmp_path, packing=False, assistant_only_loss=True)
@@ -124,8 +109,8 @@ def test_assistant_only_loss_matches_our_masks(tiny_dir, gsm8k, tmp_path):
     assert after < trl_loss
 
 
-def test_padding_free_without_packing(tiny_dir, gsm8k, tmp_path):
-    model, tok = _model(tiny_dir)
+def test_padding_free_without_packing(tiny_smollm2_dir, gsm8k, tmp_path):
+    model, tok = _model(tiny_smollm2_dir)
     rows = [{"prompt": q, "completion": " " + a} for q, a in gsm8k]  # standard (string) prompt-completion
     trainer = _trainer(model, tok, rows, tmp_path, padding_free=True, max_length=None)
     batch = next(iter(trainer.get_train_dataloader()))

@@ -18,22 +18,29 @@ FORMATS = ("merged", "gguf", "lora")
 
 def export(model: str = "default", out: str | Path = "", fmt: str = "merged", adapter: str | Path | None = None,
            quant: list[str] | None = None, overwrite: bool = False, base_checkpoint: str | Path | None = None,
-           max_shard_size: str = "5GB") -> list[Path]:
-    """Write ``model`` (+ ``adapter``) to ``out`` in format ``fmt``; returns the written paths."""
+           max_shard_size: str | None = None, dtype: str | None = None) -> list[Path]:
+    """Write ``model`` (+ ``adapter``) to ``out`` in format ``fmt``; returns the written paths. ``dtype`` (merged
+    only): bfloat16 (default), float16 or float32, which keeps a small fine-tune that bf16 rounding would undo."""
     from ..api import FastLanguageModel
     from ..models.adapter_format import load_adapter, read_adapter_config
     from ..models.loader import load_tokenizer
     from .merged import parse_size
-    from .save import save_pretrained_gguf, save_pretrained_merged
+    from .save import merged_dtype, save_pretrained_gguf, save_pretrained_merged
 
     if fmt not in FORMATS:
         raise PronghornError(f"unknown export format {fmt!r}; choose among {', '.join(FORMATS)}")
     if not out:
         raise PronghornError("--out is required: the directory to create")
-    if quant and fmt != "gguf":
-        raise PronghornError(f"--quant applies to --format gguf only (got --format {fmt})")
+    only = {"--quant": (quant, "gguf"), "--dtype": (dtype, "merged"), "--max-shard-size": (max_shard_size, "merged"),
+            "--base-checkpoint": (base_checkpoint, "merged or gguf")}
+    for flag, (value, formats) in only.items():
+        if value and fmt not in formats.split(" or "):
+            raise PronghornError(f"{flag} applies to --format {formats} only (got --format {fmt})")
     methods = [m.name for m in resolve_methods(quant or ["f16"])] if fmt == "gguf" else []
-    parse_size(max_shard_size)
+    if max_shard_size:
+        parse_size(max_shard_size)
+    if dtype:
+        merged_dtype(dtype)
     check_output_dir(out, overwrite)
 
     lm, tokenizer = FastLanguageModel.from_pretrained(str(model))
@@ -53,5 +60,5 @@ def export(model: str = "default", out: str | Path = "", fmt: str = "merged", ad
         return [save_pretrained_merged(lm, out, tokenizer, "lora", overwrite=overwrite)]
     if fmt == "merged":
         return [save_pretrained_merged(lm, out, tokenizer, "merged_16bit", overwrite=overwrite,
-                                       max_shard_size=max_shard_size, base_checkpoint=base_checkpoint)]
+                                       max_shard_size=max_shard_size, dtype=dtype, base_checkpoint=base_checkpoint)]
     return save_pretrained_gguf(lm, out, tokenizer, methods, overwrite=overwrite, base_checkpoint=base_checkpoint)

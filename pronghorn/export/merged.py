@@ -49,7 +49,7 @@ def _dense(module: Linear) -> torch.Tensor:
     return dense() if callable(dense) else w.dequantize(torch.float32)
 
 
-class _Checkpoint:
+class BaseCheckpoint:
     """Lazy access to the tensors of a HF checkpoint dir (one tensor read at a time)."""
 
     def __init__(self, path: str | Path):
@@ -80,7 +80,7 @@ def iter_merged(model: nn.Module, dtype: torch.dtype | None = None,
     Tensors are cast to ``dtype`` (default: each tensor's own dtype; quantized bases: the compute dtype).
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
-    ckpt = _Checkpoint(base_checkpoint) if base_checkpoint is not None else None
+    ckpt = BaseCheckpoint(base_checkpoint) if base_checkpoint is not None else None
     tied = getattr(model.config, "tie_word_embeddings", False)
     done: set[str] = set()
     for key, tensor in model.state_dict(keep_vars=False).items():
@@ -96,10 +96,16 @@ def iter_merged(model: nn.Module, dtype: torch.dtype | None = None,
         done.add(owner)
         m = linears[owner]
         out_dtype = dtype or (m.bias.dtype if m.bias is not None else getattr(m.weight, "dtype", torch.float32))
-        base = ckpt.get(f"{owner}.weight", (m.out_features, m.in_features)) if ckpt is not None else _dense(m)
-        yield f"{owner}.weight", _merge(m, base, out_dtype)
+        yield f"{owner}.weight", _merge(m, base_weight(owner, m, ckpt), out_dtype)
         if m.bias is not None:
             yield f"{owner}.bias", m.bias.detach().to(out_dtype).contiguous().cpu()
+
+
+def base_weight(name: str, module: Linear, ckpt: BaseCheckpoint | None) -> torch.Tensor:
+    """The base weight an adapter is merged into: ``ckpt``'s tensor when given, else the module's own (dense)."""
+    if ckpt is not None:
+        return ckpt.get(f"{name}.weight", (module.out_features, module.in_features))
+    return _dense(module)
 
 
 @torch.no_grad()

@@ -224,6 +224,11 @@ class DecoderForCausalLM(nn.Module):
     """Decoder + output head. ``forward`` matches transformers' CausalLM calling convention."""
 
     kernel_policy: KernelPolicy = DEFAULT_POLICY  # the loss's; set_kernel_policy sets every layer's
+    # The contract with HF Trainer (and TRL's trainers, built on it): ``forward`` takes ``num_items_in_batch`` and
+    # divides its loss sum by it, and its loss shifts the labels itself (position i predicts label i + 1), so the
+    # Trainer counts the items over ``labels[..., 1:]``, as it does for transformers' own ``...ForCausalLM`` models.
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None):
         super().__init__()
@@ -326,13 +331,16 @@ class DecoderForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
         """With ``labels`` the loss is the mean next-token cross-entropy over non-ignored labels (or the sum
-        divided by ``num_items_in_batch``). While training with labels, logits are not materialised unless
-        ``return_logits=True``; otherwise they are returned as transformers does."""
+        divided by ``num_items_in_batch``); ``shift_labels`` given beside them (what a context-parallel collator
+        passes) are targets already shifted, position i's own, and replace them, as in transformers. While
+        training with labels, logits are not materialised unless ``return_logits=True``; otherwise they are
+        returned as transformers does."""
         plan = None
         if self.training and torch.is_grad_enabled():
             shape = (input_ids if inputs_embeds is None else inputs_embeds).shape
@@ -343,7 +351,7 @@ class DecoderForCausalLM(nn.Module):
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if shift_labels is None else shift_labels
             weight = self.lm_head.weight
             small = plan is not None and plan.loss_chunk_bytes < LOSS_CHUNK_BYTES[0]  # else the loss's own default
             rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None

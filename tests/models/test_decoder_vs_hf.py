@@ -55,3 +55,29 @@ def test_training_forward_skips_logits_but_eval_returns_them():
     with torch.no_grad():
         out = ours(input_ids=ids, labels=ids)
     assert out.logits.shape == (2, 9, 97)
+
+
+def test_trainer_loss_contract_matches_hf(tmp_path):
+    """What HF Trainer reads off a model to count ``num_items_in_batch``: a loss that shifts labels itself
+    (counted over ``labels[..., 1:]``), taking the count; given pre-shifted ``shift_labels``, they replace the labels."""
+    from transformers import Trainer
+
+    hf, ours = make_pair("llama3_gqa_rope_scaling")
+    assert ours.loss_type == hf.loss_type == "ForCausalLM" and ours.accepts_loss_kwargs
+    for model in (hf, ours):  # the Trainer's own reading of the two (no training run needed)
+        trainer = Trainer(model=model, args=_trainer_args(tmp_path))
+        assert trainer._loss_shifts_labels and trainer.model_accepts_loss_kwargs
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(4))
+    shift = torch.nn.functional.pad(ids, (0, 1), value=-100)[..., 1:].contiguous()
+    shift[0, :5] = -100
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids, shift_labels=shift, num_items_in_batch=torch.tensor(17)).loss
+        out = ours(input_ids=ids, labels=ids, shift_labels=shift, num_items_in_batch=torch.tensor(17)).loss
+        plain = ours(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(17)).loss
+    assert abs(out.item() - ref.item()) <= RTOL * abs(ref.item()) and out < plain  # 5 targets fewer
+
+
+def _trainer_args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
