@@ -243,3 +243,12 @@ def test_version_and_python_m(capsys):
     run = subprocess.run([sys.executable, "-m", "pronghorn", "train", "--help"], capture_output=True, text=True,
                          cwd=Path(pronghorn.__file__).parents[1], timeout=120)
     assert run.returncode == 0 and "--load-in-4bit" in run.stdout and "peak learning rate" in run.stdout
+
+
+def test_sft_on_preference_rows_suggests_the_dpo_method(tiny_dir, tmp_path, capsys):
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    argv = ["train", "--model", str(tiny_dir), "--data", str(pref), "--output-dir", str(tmp_path / "o"), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pref.jsonl line 1" in err and "method='dpo' (CLI: --method dpo)" in err

@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
-from ..errors import PronghornError
+from ..errors import PronghornError, cli_flag
 from ..models.checkpointing import checkpoint_mode
 from ..models.lora import ALL_TARGETS
 from ..models.tiled_mlp import tiled_mlp_mode
 from .optimizers import optimizer_name
-from .settings import check, flag
+from .settings import check
 
 
 @dataclass
@@ -85,11 +85,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, normalise in (("gradient_checkpointing", checkpoint_mode), ("tiled_mlp", tiled_mlp_mode),
-                                ("optim", optimizer_name)):
+                                ("optim", optimizer_name), ("data_format", _data_format)):
             try:
                 setattr(self, name, normalise(getattr(self, name)))
             except PronghornError as e:
-                raise PronghornError(f"{e} (CLI: {flag(name)})") from None
+                raise PronghornError(f"{e} (CLI: {cli_flag(name)})") from None
         for f in fields(self):  # every word and number against train/settings.py, before anything slow
             check(f.name, getattr(self, f.name))
 
@@ -117,6 +117,17 @@ class TrainConfig:
                 raise PronghornError(f"{path}: {e}") from None
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
+
+
+def _data_format(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from ..data import check_format_name  # the package: every format registered (oasst, pre-tokenized rows)
+
+    try:
+        return check_format_name(name)
+    except ValueError as e:
+        raise PronghornError(str(e)) from None
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import PronghornError
+from ..errors import PronghornError, spell
 
 
 @dataclass(frozen=True)
@@ -50,24 +50,11 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def flag(name: str) -> str:
-    """The CLI flag of a setting: ``learning_rate`` -> ``--learning-rate``."""
-    return "--" + name.replace("_", "-")
-
-
-def spelled(name: str, value=None) -> str:
-    """A setting as both interfaces spell it: ``max_steps=10 (CLI: --max-steps 10)``."""
-    if value is None:
-        return f"{name} (CLI: {flag(name)})"
-    shown = str(value).lower() if isinstance(value, bool) else value
-    return f"{name}={value!r} (CLI: {flag(name)} {shown})"
-
-
 def check(name: str, value) -> None:
     """Raise a :class:`PronghornError` naming the setting, both spellings and the allowed values."""
     rule = SETTINGS[name]
     if (rule.choices or rule.low is not None or rule.high is not None) and value is not None and not rule.allows(value):
-        raise PronghornError(f"{spelled(name)} must be {rule.describe()}, got {value!r}")
+        raise PronghornError(f"{spell(name)} must be {rule.describe()}, got {value!r}")
 
 
 _POS, _NONNEG, _ONE, _COUNT = dict(low=0, low_open=True), dict(low=0), dict(low=1, integer=True), dict(low=0, integer=True)
@@ -79,8 +66,8 @@ SETTINGS: dict[str, Setting] = {
     "data": Setting("training data: a .jsonl/.json/.parquet/.csv file or dir, or 'demo' for the embedded set"),
     "output_dir": Setting("where the adapter, checkpoints, metrics.jsonl and loss.png go"),
     "overwrite": Setting("replace an existing output_dir's files instead of refusing"),
-    "data_format": Setting("row format (None: detected from the first rows)",
-                           ("text", "prompt_completion", "messages")),
+    "data_format": Setting("row format: text, prompt_completion, messages, sharegpt, alpaca, oasst, tokenized "
+                           "(None: detected from the first row)"),
     "train_on": Setting("which assistant turns carry the loss", ("all_assistant", "last_assistant")),
     "max_length": Setting("tokens per row at most (see overlong)", **_ONE),
     # optimisation
