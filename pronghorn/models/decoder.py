@@ -16,6 +16,7 @@ from ..kernels import IGNORE_INDEX, linear_cross_entropy, rope_cos_sin, swiglu
 from .attention import Attention, build_attention_mask
 from .checkpointing import checkpoint_mode, layer_modes, layer_output_unused, run_layers
 from .config import ModelConfig
+from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding
 from .kv_cache import KVCache
 from .linear import Linear
@@ -218,4 +219,4 @@ class DecoderForCausalLM(nn.Module):
             weight = self.lm_head.weight
             # a tied table kept on the host (offload_embedding="tied"): a transient device copy for the logits
             logits = self.lm_head(h) if weight.device == h.device else F.linear(h, weight.to(h.device))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return causal_lm_output(loss, logits, past_key_values)
