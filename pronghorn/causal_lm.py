@@ -13,6 +13,7 @@ from .export.adapter import save_adapter
 from .export.merged import save_merged
 from .infer.generate import generate as _generate
 from .models.decoder import DecoderForCausalLM
+from .models.hf_outputs import backbone_output
 from .models.lora import set_lora_enabled, trainable_parameters
 
 
@@ -40,7 +41,7 @@ class _Backbone:
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  inputs_embeds=None, **_unused) -> BaseModelOutputWithPast:
         hidden = self._lm.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return backbone_output(hidden, past_key_values)
 
 
 class PronghornForCausalLM(DecoderForCausalLM):

@@ -1,4 +1,5 @@
-"""``pronghorn`` command line: train | chat | demo. Thin: parses arguments and calls the Python API."""
+"""``pronghorn`` (or ``python -m pronghorn``) command line: train | chat | export | demo. Thin: parses arguments and
+calls the Python API."""
 
 from __future__ import annotations
 
@@ -8,24 +9,32 @@ import sys
 import typing
 
 from .errors import LostPeersError, PronghornError
+from . import __version__
 from .train.config import TrainConfig
+from .train.settings import SETTINGS
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, described by train/settings.py (help, default, choices or range)."""
     p.add_argument("--config", help="YAML recipe whose keys are the settings below; flags override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, rule = "--" + f.name.replace("_", "-"), SETTINGS[f.name]
         kind = hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        allowed = f"; {rule.describe()}" if rule.choices or rule.low is not None else ""
+        text = f"{rule.help} (default: {default}{allowed})".replace("%", "%%")
+        metavar = "{" + ",".join(rule.choices) + "}" if rule.choices else None
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "gradient_checkpointing":  # a bare flag means "on"; also auto | off | offload | unsloth
-            p.add_argument(flag, nargs="?", const="on", default=None)
+            p.add_argument(flag, nargs="?", const="on", default=None, help=text, metavar="{auto,on,off,offload}")
         elif f.name == "target_modules":
-            p.add_argument(flag, nargs="+", default=None)
+            p.add_argument(flag, nargs="+", default=None, help=text, metavar="NAME")
         else:
             args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-            p.add_argument(flag, type=args[0] if args[0] in (int, float) else str, default=None)
+            p.add_argument(flag, type=args[0] if args[0] in (int, float) else str, default=None, help=text,
+                           metavar=metavar)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -109,34 +118,43 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pronghorn", description="Fast, exact LoRA fine-tuning of Llama-family models")
+    parser.add_argument("--version", action="version", version=f"pronghorn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune with LoRA (flags or a YAML recipe)")
     _add_train_args(t)
     t.set_defaults(func=_train)
     c = sub.add_parser("chat", help="chat with a model or a trained adapter directory (streams the reply)")
-    c.add_argument("--model", default="default", help="checkpoint dir, adapter dir, .gguf file, hub id or 'default'")
+    c.add_argument("--model", default="default",
+                   help="checkpoint dir, adapter dir, .gguf file, hub id or 'default' (default: %(default)s)")
     c.add_argument("--prompt", action="append",
-                   help="a user turn; repeat for a multi-turn conversation (history kept), then exit")
-    c.add_argument("--system", help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+                   help="a user turn; repeat for a multi-turn conversation (history kept), then exit "
+                        "(default: interactive)")
+    c.add_argument("--system", help="system prompt (default: none)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap in tokens (default: %(default)s)")
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: %(default)s)")
     c.set_defaults(func=_chat)
     d = sub.add_parser("demo", help="fine-tune the default model on the embedded persona set; show before/after")
-    d.add_argument("--output-dir", default="outputs/demo")
-    d.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True)
-    d.add_argument("--epochs", type=float, default=3.0)
+    d.add_argument("--output-dir", default="outputs/demo", help="where the demo's adapter goes (default: %(default)s)")
+    d.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an earlier demo's output (default: %(default)s)")
+    d.add_argument("--epochs", type=float, default=3.0, help="passes over the persona set (default: %(default)s)")
     d.set_defaults(func=_demo)
     e = sub.add_parser("export", help="write a merged HF checkpoint, GGUF files (+ Ollama Modelfile) or a PEFT adapter")
-    e.add_argument("--model", default="default", help="checkpoint dir, adapter dir, .gguf file, hub id or 'default'")
-    e.add_argument("--adapter", help="PEFT adapter dir to apply to --model (checked against its names and shapes)")
-    e.add_argument("--format", choices=("merged", "gguf", "lora"), default="merged")
-    e.add_argument("--quant", nargs="+", help="GGUF methods, one file each: f16 bf16 f32 q8_0 q5_0 q4_0 q6_k q4_k q4_k_m")
-    e.add_argument("--out", required=True, help="directory to create (must be empty unless --overwrite)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    e.add_argument("--base-checkpoint", help="merge into this 16-bit checkpoint's weights (for a 4-bit base)")
-    e.add_argument("--max-shard-size", help="merged safetensors shard size (e.g. 5GB, 500MB; default 5GB)")
+    e.add_argument("--model", default="default",
+                   help="checkpoint dir, adapter dir, .gguf file, hub id or 'default' (default: %(default)s)")
+    e.add_argument("--adapter", help="PEFT adapter dir to apply to --model, checked against its names and shapes "
+                                     "(default: none)")
+    e.add_argument("--format", choices=("merged", "gguf", "lora"), default="merged",
+                   help="merged HF safetensors, GGUF (+ Ollama Modelfile) or a PEFT adapter (default: %(default)s)")
+    e.add_argument("--quant", nargs="+", help="GGUF methods, one file each: f16 bf16 f32 q8_0 q5_0 q4_0 q6_k q4_k q4_k_m (default: f16)")
+    e.add_argument("--out", required=True, help="directory to create, required (must be empty unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    e.add_argument("--base-checkpoint", help="merge into this 16-bit checkpoint's weights, for a 4-bit base "
+                                             "(default: none)")
+    e.add_argument("--max-shard-size", default="5GB",
+                   help="merged safetensors shard size, e.g. 5GB, 500MB (default: %(default)s)")
     e.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="merged weights' dtype (default bfloat16; float32 keeps a small fine-tune exactly, and "
+                   help="merged weights' dtype (default: bfloat16; float32 keeps a small fine-tune exactly, and "
                         "export warns when bf16 rounding would undo more than 10%% of the adapter's effect)")
     e.set_defaults(func=_export)
     return parser

@@ -197,3 +197,58 @@ def test_chat_with_trained_adapter(trained, capsys):
 def test_chat_bad_model(tmp_path, capsys):
     assert main(["chat", "--model", str(tmp_path / "nothing"), "--prompt", "Hi"]) == 2
     assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- explains itself
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {flag}", a) for flag, a in _actions(sub))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield action.option_strings[0], action
+
+
+def test_every_flag_has_a_description_a_default_and_its_choices():
+    from pronghorn.cli import build_parser
+    from pronghorn.train.settings import SETTINGS
+
+    flags = dict(_actions(build_parser()))
+    assert "train --load-in-4bit" in flags and "train --learning-rate" in flags
+    for name, action in flags.items():
+        if name == "train --config":
+            continue
+        assert action.help and ("default" in action.help or action.required), name
+    for setting, rule in SETTINGS.items():
+        action = flags[f"train --{setting.replace('_', '-')}"]
+        if rule.choices:
+            assert action.metavar == "{" + ",".join(rule.choices) + "}", setting
+        if rule.low is not None:
+            assert rule.describe() in action.help, setting
+
+
+def test_version_and_python_m(capsys):
+    import subprocess
+    import sys
+
+    import pronghorn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pronghorn {pronghorn.__version__}"
+    run = subprocess.run([sys.executable, "-m", "pronghorn", "train", "--help"], capture_output=True, text=True,
+                         cwd=Path(pronghorn.__file__).parents[1], timeout=120)
+    assert run.returncode == 0 and "--load-in-4bit" in run.stdout and "peak learning rate" in run.stdout
+
+
+def test_sft_on_preference_rows_suggests_the_dpo_method(tiny_dir, tmp_path, capsys):
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    argv = ["train", "--model", str(tiny_dir), "--data", str(pref), "--output-dir", str(tmp_path / "o"), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pref.jsonl line 1" in err and "method='dpo' (CLI: --method dpo)" in err

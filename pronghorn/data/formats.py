@@ -124,6 +124,12 @@ def detect_format(row: Record | Mapping[str, Any]) -> str:
     for name, detect in _DETECTORS:
         if detect(keys):
             return name
+    if "chosen" in keys and "rejected" in keys:  # a preference row: SFT has no completion to train on
+        raise DataError(
+            f"{rec.where}: a preference row ('chosen' and 'rejected'); train it with method='dpo' "
+            "(CLI: --method dpo), or 'orpo'; for supervised fine-tuning give 'text', 'prompt' + 'completion' "
+            "or 'messages' rows"
+        )
     if _is_sharegpt(keys):
         return SHAREGPT
     if any(k in keys for k in MESSAGE_FIELDS):
@@ -140,7 +146,8 @@ def detect_format(row: Record | Mapping[str, Any]) -> str:
     raise DataError(
         f"{rec.where}: cannot tell the dataset format: expected a field 'text', 'prompt' and 'completion', "
         f"'messages' or 'conversations', 'instruction' and 'output', or 'input_ids' (fields found: {found}); "
-        f"convert the rows or pass fmt= one of {', '.join(FORMATS)}"
+        f"convert the rows or pass data_format= (CLI: --data-format; fmt= in pronghorn.data) one of "
+        f"{', '.join(FORMATS)}"
     )
 
 
@@ -260,7 +267,8 @@ def _check_conversation(
             raise rec.error(
                 path,
                 "uses ShareGPT keys 'from'/'value'; expected OpenAI-style 'role'/'content' "
-                "(roles 'system', 'user', 'assistant'); pass fmt='sharegpt' or use standardize_sharegpt()",
+                "(roles 'system', 'user', 'assistant'); pass data_format='sharegpt' (CLI: --data-format sharegpt; "
+                "fmt='sharegpt' in pronghorn.data) or use standardize_sharegpt()",
             )
         if "role" not in msg:
             raise rec.error(f"{path}.{rk}", "missing")

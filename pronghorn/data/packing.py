@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, spell
 from .tokenize import IGNORE_INDEX
 
 __all__ = ["OVERLONG_POLICIES", "PACKING_STRATEGIES", "collate_packed", "pack_examples"]
@@ -48,7 +48,7 @@ def _sequences(examples, max_length: int, overlong: str, stats: dict,
         elif overlong == "error":
             raise DataError(
                 f"example {i} has {len(ids)} tokens, more than max_length={max_length}; truncate it first "
-                f"(or pass overlong='truncate', 'split' or 'drop')"
+                f"(or pass {spell('overlong', 'truncate')}, 'split' or 'drop')"
             )
         elif overlong == "truncate":
             stats["truncated"] += 1

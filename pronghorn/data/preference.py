@@ -23,7 +23,7 @@ prompt; completions are cut to ``max_length - len(prompt)`` tokens, keeping thei
 
 Bad rows (chosen == rejected, an empty completion, a prompt with no room left under ``max_length``, and any
 malformed row) are reported together, naming file, row and field (:class:`DataError`, up to 10 listed); with
-``skip_bad=True`` they are dropped instead, and the result's ``skipped`` lists why.
+``skip_bad_rows=True`` they are dropped instead, and the result's ``skipped`` lists why.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jinja2
 
-from ..errors import DataError
+from ..errors import DataError, spell
 from .chat_templates import special_token_ids
 from .convert import sharegpt_messages
 from .formats import _check_conversation
@@ -81,7 +81,7 @@ class KTOExample:
 
 
 class CheckedRows(list):
-    """Validated or tokenized rows; ``skipped`` names each bad row dropped with ``skip_bad=True``."""
+    """Validated or tokenized rows; ``skipped`` names each bad row dropped with ``skip_bad_rows=True``."""
 
     skipped: list[str]
 
@@ -110,7 +110,7 @@ def load_preference_records(source: Any) -> list[Record]:
 # -- rows -> pairs ---------------------------------------------------------------------------------------
 
 
-def preference_pairs(records: Iterable[Record | Mapping[str, Any]], *, skip_bad: bool = False,
+def preference_pairs(records: Iterable[Record | Mapping[str, Any]], *, skip_bad_rows: bool = False,
                      source: str = "<memory>") -> list[PreferencePair]:
     """Validate preference rows of any layout above (OpenAssistant trees expand to their ranked pairs)."""
     pairs, bad = [], []
@@ -123,10 +123,10 @@ def preference_pairs(records: Iterable[Record | Mapping[str, Any]], *, skip_bad:
                 pairs.append(_pair(rec))
         except DataError as e:
             bad.append(str(e))
-    return _finish(pairs, bad, skip_bad, "preference pairs")
+    return _finish(pairs, bad, skip_bad_rows, "preference pairs")
 
 
-def kto_examples(records: Iterable[Record | Mapping[str, Any]], *, skip_bad: bool = False,
+def kto_examples(records: Iterable[Record | Mapping[str, Any]], *, skip_bad_rows: bool = False,
                  source: str = "<memory>") -> list[KTOExample]:
     """Validate KTO rows: ``{"prompt", "completion", "label"}`` or ``{"messages", "label"}``."""
     out, bad = [], []
@@ -136,11 +136,11 @@ def kto_examples(records: Iterable[Record | Mapping[str, Any]], *, skip_bad: boo
             out.append(_kto(rec))
         except DataError as e:
             bad.append(str(e))
-    return _finish(out, bad, skip_bad, "KTO examples")
+    return _finish(out, bad, skip_bad_rows, "KTO examples")
 
 
-def _finish(items: list, bad: list[str], skip_bad: bool, what: str):
-    if bad and not skip_bad:
+def _finish(items: list, bad: list[str], skip_bad_rows: bool, what: str):
+    if bad and not skip_bad_rows:
         raise DataError(_bad_rows_message(bad))
     if bad:
         warnings.warn(f"skipped {len(bad)} bad rows (first: {bad[0]})", stacklevel=3)
@@ -154,7 +154,7 @@ def _bad_rows_message(bad: list[str]) -> str:
         return bad[0]
     shown = bad[:_MAX_REPORTED]
     more = f" (first {_MAX_REPORTED} shown)" if len(bad) > _MAX_REPORTED else ""
-    return f"{len(bad)} bad rows{more}; pass skip_bad=True to drop them:\n  " + "\n  ".join(shown)
+    return f"{len(bad)} bad rows{more}; pass {spell('skip_bad_rows', True)} to drop them:\n  " + "\n  ".join(shown)
 
 
 def _is_messages(value: Any) -> bool:
@@ -324,10 +324,10 @@ def _kto(rec: Record) -> KTOExample:
 
 def tokenize_preference(pairs: Sequence[PreferencePair | Record | Mapping[str, Any]], tokenizer: Any,
                         max_length: int | None = 1024, max_prompt_length: int | None = None, *,
-                        chat_template: str | None = None, skip_bad: bool = False) -> CheckedRows:
+                        chat_template: str | None = None, skip_bad_rows: bool = False) -> CheckedRows:
     """Each pair -> ``{"prompt_ids", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}``."""
     if pairs and not isinstance(pairs[0], PreferencePair):
-        pairs = preference_pairs(pairs, skip_bad=skip_bad)
+        pairs = preference_pairs(pairs, skip_bad_rows=skip_bad_rows)
     skipped = list(getattr(pairs, "skipped", []))
     out, bad = [], []
     for p in pairs:
@@ -343,15 +343,15 @@ def tokenize_preference(pairs: Sequence[PreferencePair | Record | Mapping[str, A
                         "rejected_ids": r_ids, "rejected_mask": r_mask})
         except DataError as e:
             bad.append(str(e))
-    return _finish_tokenized(out, skipped, bad, skip_bad)
+    return _finish_tokenized(out, skipped, bad, skip_bad_rows)
 
 
 def tokenize_kto(examples: Sequence[KTOExample | Record | Mapping[str, Any]], tokenizer: Any,
                  max_length: int | None = 1024, max_prompt_length: int | None = None, *,
-                 chat_template: str | None = None, skip_bad: bool = False) -> CheckedRows:
+                 chat_template: str | None = None, skip_bad_rows: bool = False) -> CheckedRows:
     """Each example -> ``{"prompt_ids", "completion_ids", "completion_mask", "label"}``."""
     if examples and not isinstance(examples[0], KTOExample):
-        examples = kto_examples(examples, skip_bad=skip_bad)
+        examples = kto_examples(examples, skip_bad_rows=skip_bad_rows)
     skipped = list(getattr(examples, "skipped", []))
     out, bad = [], []
     for ex in examples:
@@ -363,11 +363,11 @@ def tokenize_kto(examples: Sequence[KTOExample | Record | Mapping[str, Any]], to
                         "label": ex.label})
         except DataError as e:
             bad.append(str(e))
-    return _finish_tokenized(out, skipped, bad, skip_bad)
+    return _finish_tokenized(out, skipped, bad, skip_bad_rows)
 
 
-def _finish_tokenized(out: list, skipped: list[str], bad: list[str], skip_bad: bool) -> CheckedRows:
-    if bad and not skip_bad:
+def _finish_tokenized(out: list, skipped: list[str], bad: list[str], skip_bad_rows: bool) -> CheckedRows:
+    if bad and not skip_bad_rows:
         raise DataError(_bad_rows_message(bad))
     if bad:
         warnings.warn(f"skipped {len(bad)} rows at tokenization (first: {bad[0]})", stacklevel=3)

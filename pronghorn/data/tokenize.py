@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import jinja2
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, spell
 from .chat_templates import special_token_ids
 from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
 from .oasst import OASST, oasst_conversations
@@ -201,10 +201,9 @@ def finish(examples: list, stats: dict[str, Any], skip_bad_rows: bool, return_st
             raise DataError(errors[0])
         count = f"at least {stats['skipped']}" if stats.get("stopped_early") else str(stats["skipped"])
         shown = f" (the first {len(errors)} shown)" if stats["skipped"] > len(errors) else ""
-        raise DataError(f"{count} bad rows{shown}:\n  " + "\n  ".join(errors) + "\n(pass skip_bad_rows=True to "
-                        "leave bad rows out instead)")
+        raise DataError(f"{count} bad rows{shown}:\n  " + "\n  ".join(errors) + f"\n(pass {spell('skip_bad_rows', True)} to leave bad rows out instead)")
     if stats["skipped"]:
-        logger.warning("skipped %d bad row(s) of %d (skip_bad_rows=True); the first:\n  %s", stats["skipped"],
+        logger.warning("skipped %d bad row(s) of %d (skip_bad_rows / --skip-bad-rows); the first:\n  %s", stats["skipped"],
                        stats["rows"], "\n  ".join(errors))
     changed = {k: stats[k] for k in ("truncated", "split", "dropped") if stats[k]}
     if changed:

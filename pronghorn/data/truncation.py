@@ -13,6 +13,7 @@ first label of each chunk after the first (the model has no context for it in th
 
 from __future__ import annotations
 
+from ..errors import spell
 from .records import Record
 
 __all__ = ["OVERLONG_ROWS", "TRUNCATION_MODES", "fit_to_length", "check_fit_options"]
@@ -62,8 +63,8 @@ def fit_to_length(
         return [], "dropped"
     if overlong == "error":
         raise record.error(
-            field, f"the row has {n} tokens, more than max_length={max_length} (overlong='error'); raise max_length "
-            "or choose overlong='truncate', 'split' or 'drop'"
+            field, f"the row has {n} tokens, more than max_length={max_length} ({spell('overlong', 'error')}); "
+            f"raise {spell('max_length')} or choose {spell('overlong', 'truncate')}, 'split' or 'drop'"
         )
     if overlong == "split":
         chunks = [
@@ -77,8 +78,8 @@ def fit_to_length(
         raise record.error(
             field,
             f"no trainable token after truncation to {max_length} tokens (truncation_mode={truncation_mode!r} "
-            f"keeps the {kept} ones; the row has {n} tokens); raise max_length, shorten the row, or use "
-            "overlong='split' or 'drop'",
+            f"keeps the {kept} ones; the row has {n} tokens); raise {spell('max_length')}, shorten the row, or use "
+            f"{spell('overlong', 'split')} or 'drop'",
         )
     return [{"input_ids": ids, "labels": labels}], "truncated"
 

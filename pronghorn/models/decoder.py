@@ -18,6 +18,7 @@ from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, s
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from .attention import Attention, build_attention_mask
 from .config import ModelConfig
+from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding, offload_embedding
 from .kv_cache import KVCache
 from .linear import Linear
@@ -369,4 +370,4 @@ class DecoderForCausalLM(nn.Module):
             cap = self.config.parts.final_softcap
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return causal_lm_output(loss, logits, past_key_values)

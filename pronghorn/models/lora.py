@@ -34,6 +34,8 @@ class LoRAConfig:
         self.target_modules = [t for t in ALL_TARGETS if t in names]
         if self.r <= 0:
             raise PronghornError(f"LoRA rank r must be positive, got {self.r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise PronghornError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
         if self.bias != "none":
             raise PronghornError(f"bias={self.bias!r} is not supported; only bias='none' (PEFT's default)")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -10,12 +10,13 @@ from typing import Any
 
 import yaml
 
-from ..errors import PronghornError
+from ..errors import PronghornError, cli_flag
 from ..models.memory_plan import parse_budget
 from ..models.recompute import checkpoint_mode
 from ..models.lora import ALL_TARGETS
-from ..models.tiled_mlp import chunk_tokens, tiled_mlp_mode
+from ..models.tiled_mlp import tiled_mlp_mode
 from .optimizers import optimizer_name
+from .settings import check
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     tiled_mlp: str | bool = "auto"  # auto | on | off: norm + MLP over chunks of tokens (models/tiled_mlp.py)
     tiled_mlp_chunk: int = 8192  # tokens per chunk of the tiled MLP
     optim: str = "adamw_torch_fused"  # adamw_torch | adamw_torch_fused | adamw_8bit (bitsandbytes, GPU)
+    load_in_4bit: bool = False  # QLoRA: the base's projections stored as NF4
     packing: bool = False  # padding-free rows of <= max_length tokens (batch_size counts rows); positions restart
     # multi-GPU, when launched by torchrun / accelerate launch (a single process ignores these); docs/multi_gpu.md
     distributed: str = "auto"  # auto (LoRA: ddp, full fine-tuning: fsdp) | ddp | fsdp
@@ -84,25 +86,18 @@ class TrainConfig:
     neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings while training (e.g. 5)
 
     def __post_init__(self):
-        self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
-        parse_budget(self.max_memory)  # a clear error now, not after the model loads
-        self.tiled_mlp, self.tiled_mlp_chunk = tiled_mlp_mode(self.tiled_mlp), chunk_tokens(self.tiled_mlp_chunk)
-        self.optim = optimizer_name(self.optim)
-        if self.method not in ("sft", "dpo", "orpo", "kto"):
-            raise PronghornError(f"method must be sft, dpo, orpo or kto, got {self.method!r}")
-        if self.distributed not in ("auto", "ddp", "fsdp"):
-            raise PronghornError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise PronghornError(f"truncation_mode must be keep_start or keep_end, got {self.truncation_mode!r}")
-        if self.overlong not in ("truncate", "split", "drop", "error"):
-            raise PronghornError(f"overlong must be truncate, split, drop or error, got {self.overlong!r}")
-        if self.lr_scheduler not in ("linear", "cosine", "constant"):
-            raise PronghornError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "r"):
-            if getattr(self, name) < 1:
-                raise PronghornError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise PronghornError(f"max_steps must be at least 1, got {self.max_steps}")
+        for name, normalise in (("gradient_checkpointing", checkpoint_mode), ("tiled_mlp", tiled_mlp_mode),
+                                ("optim", optimizer_name), ("data_format", _data_format)):
+            try:
+                setattr(self, name, normalise(getattr(self, name)))
+            except PronghornError as e:
+                raise PronghornError(f"{e} (CLI: {cli_flag(name)})") from None
+        for f in fields(self):  # every word and number against train/settings.py, before anything slow
+            check(f.name, getattr(self, f.name))
+        try:
+            parse_budget(self.max_memory)  # a clear error now, not after the model loads
+        except PronghornError as e:
+            raise PronghornError(f"{e} (CLI: {cli_flag('max_memory')})") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -121,8 +116,24 @@ class TrainConfig:
             raise PronghornError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
         hints = typing.get_type_hints(cls)
         raw = {k: _coerce(v, hints[k], f"{path}: setting {k!r}") for k, v in raw.items()}
+        for k, v in raw.items():  # the file's own values first, so that an error names the file
+            try:
+                check(k, v)
+            except PronghornError as e:
+                raise PronghornError(f"{path}: {e}") from None
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
+
+
+def _data_format(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from ..data import check_format_name  # the package: every format registered (oasst, pre-tokenized rows)
+
+    try:
+        return check_format_name(name)
+    except ValueError as e:
+        raise PronghornError(str(e)) from None
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:

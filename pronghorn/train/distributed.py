@@ -191,14 +191,28 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def fsdp_shards_integer_parameters() -> bool:
+    """Whether this torch's FSDP2 can hold a frozen integer parameter: torch 2.11 and older turn every shard
+    into ``nn.Parameter(dtensor)`` with the default ``requires_grad=True``, which torch refuses for uint8
+    ("only Tensors of floating point dtype can require gradients"); 2.12 passes the original flag."""
+    return torch.__version__ >= "2.12"
+
+
 def _nf4_storage_as_frozen_parameters(model: nn.Module) -> None:
     """Let FSDP shard a QLoRA base: ``fully_shard`` shards parameters only (buffers are replicated), so the
     packed NF4 bytes and block statistics of every :class:`NF4Weight` become frozen uint8/int32 parameters.
     FSDP then shards them on dim 0 like any frozen weight and all-gathers them (as bytes, alongside the layer's
     other parameters) before the layer runs; the layer reads ``weight.packed`` as before. Names, and so the
-    state dict, do not change; the tiny code tables stay buffers."""
+    state dict, do not change; the tiny code tables stay buffers. Where torch's FSDP cannot hold integer
+    parameters (:func:`fsdp_shards_integer_parameters`) the NF4 bytes stay buffers, replicated on every rank:
+    the same numbers, a 4-bit base's memory on each GPU, said once on rank 0."""
     from ..kernels.nf4 import NF4Weight
 
+    if not fsdp_shards_integer_parameters():
+        if any(isinstance(m, NF4Weight) for m in model.modules()) and dist.get_rank() == 0:
+            print(f"FSDP: torch {torch.__version__} cannot shard the 4-bit base's integer bytes (torch >= 2.12 "
+                  "can); they are replicated on every rank, the rest of each layer is sharded", flush=True)
+        return
     for m in model.modules():
         if isinstance(m, NF4Weight):
             for name in ("packed", "absmax"):

@@ -25,10 +25,10 @@ def train_preference(cfg: TrainConfig) -> TrainResult:
     records = load_preference_records(cfg.data)
     from .run import parse_dtype  # run.py dispatches here; imported late to keep the import graph one-way
 
-    loaded = load_pretrained(cfg.model, parse_dtype(cfg.dtype), cfg.device)
+    loaded = load_pretrained(cfg.model, parse_dtype(cfg.dtype), cfg.device, load_in_4bit=cfg.load_in_4bit)
     model, tokenizer = loaded.model, loaded.tokenizer
     tokenize = tokenize_kto if cfg.method == "kto" else tokenize_preference
-    rows = tokenize(records, tokenizer, cfg.max_length, cfg.max_prompt_length, skip_bad=cfg.skip_bad_rows)
+    rows = tokenize(records, tokenizer, cfg.max_length, cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
     attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                   target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
     model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing,  # auto | on | offload | off

@@ -49,7 +49,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     records = identity_dataset() if cfg.data == "demo" else load_records(cfg.data)
     env = init_distributed(cfg.distributed_timeout_s)  # under torchrun / accelerate launch: join the job
     device, dtype = load_placement(cfg.distributed, env, cfg.device, parse_dtype(cfg.dtype))
-    loaded = load_pretrained(cfg.model, dtype, device)
+    loaded = load_pretrained(cfg.model, dtype, device, load_in_4bit=cfg.load_in_4bit)
     model, tokenizer = loaded.model, loaded.tokenizer
     examples = tokenize_dataset(records, tokenizer, cfg.data_format, cfg.max_length, train_on=cfg.train_on,
                                 progress=cfg.progress and env.is_main, truncation_mode=cfg.truncation_mode,

@@ -35,7 +35,7 @@ def test_each_bad_row_is_named(mixed, smollm2_tokenizer):
     with pytest.raises(DataError) as e:
         tokenize_dataset(mixed, smollm2_tokenizer, fmt="messages", progress=False)
     msg = str(e.value)
-    assert msg.startswith("4 bad rows") and "skip_bad_rows=True" in msg
+    assert msg.startswith("4 bad rows") and "pass skip_bad_rows=True (CLI: --skip-bad-rows) to" in msg
     for line in range(2, 2 + len(BAD)):
         assert f"mixed.jsonl line {line}: field " in msg
     for _, field, words in BAD[1:]:

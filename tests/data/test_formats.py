@@ -118,3 +118,11 @@ def detect_format_safe(row):
         return detect_format(row)
     except DataError:
         return None
+
+
+def test_preference_rows_under_sft_point_to_the_preference_methods():
+    row = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
+    with pytest.raises(DataError, match=r"index 0 .*preference row.*method='dpo' \(CLI: --method dpo\)"):
+        detect_format(row)
+    with pytest.raises(DataError, match=r"data_format= \(CLI: --data-format; fmt= in pronghorn.data\)"):
+        detect_format({"question": "q"})

@@ -72,7 +72,7 @@ def test_bfd_gsm8k_smollm2(data_dir, smollm2_tokenizer):
 
 def test_overlong_policies():
     examples = [{"input_ids": list(range(1, 6))}, {"input_ids": list(range(1, 13))}, {"input_ids": [7, 8]}]
-    with pytest.raises(DataError, match=r"example 1 has 12 tokens.*max_length=5.*truncate"):
+    with pytest.raises(DataError, match=r"example 1 has 12 tokens.*max_length=5.*overlong='truncate' \(CLI: --overlong truncate\)"):
         pack_examples(examples, max_length=5)
     rows, stats = pack_examples(examples, max_length=5, overlong="truncate", return_stats=True)
     assert stats["truncated"] == 1 and stats["sequences"] == 3

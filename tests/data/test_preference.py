@@ -36,7 +36,7 @@ def test_hh_rlhf_bad_rows_are_reported_by_line_then_skipped_when_asked(hh, data_
     assert f"{data_dir / HH} line 87: field 'chosen': empty completion" in msg  # "Assistant: " with no reply
     assert "line 668: field 'chosen[4].role'" in msg  # two Assistant turns in a row
     with pytest.warns(UserWarning, match="skipped 13 bad rows"):
-        pairs = preference_pairs(hh, skip_bad=True)
+        pairs = preference_pairs(hh, skip_bad_rows=True)
     assert len(pairs) == 2299 and len(pairs.skipped) == 13
 
 
@@ -93,7 +93,7 @@ def test_kto_file(data_dir, smollm2_tokenizer):
     assert len(ex) == 300 and sum(e.label for e in ex) == 150
     assert ex[0].completion == recs[0].row["messages"][-1:] and ex[0].prompt == recs[0].row["messages"][:-1]
     with pytest.warns(UserWarning, match="prompt longer than max_length"):
-        rows = tokenize_kto(ex[:6], smollm2_tokenizer, max_length=256, skip_bad=True)
+        rows = tokenize_kto(ex[:6], smollm2_tokenizer, max_length=256, skip_bad_rows=True)
     assert 0 < len(rows) < 6 and len(rows) + len(rows.skipped) == 6
     assert all(isinstance(r["label"], bool) and any(r["completion_mask"]) for r in rows)
     rows = add_kl_completions(rows, batch_size=len(rows))
@@ -133,13 +133,13 @@ def test_bad_rows_named_and_skipped_only_when_asked(smollm2_tokenizer):
     assert "prefs.json index 1 (0-based): field 'chosen': empty completion" in msg
     assert "prefs.json index 3 (0-based): field 'chosen': empty completion" in msg  # nothing left after the prefix
     with pytest.warns(UserWarning, match="skipped 3 bad rows"):
-        ok = preference_pairs(rows, skip_bad=True, source="prefs.json")
+        ok = preference_pairs(rows, skip_bad_rows=True, source="prefs.json")
     assert len(ok) == 1 and len(ok.skipped) == 3
     long_prompt = [{"prompt": "word " * 80, "chosen": "yes", "rejected": "no"}, rows[2]]
     with pytest.raises(DataError, match=r"index 0 \(0-based\): field 'prompt': prompt longer than max_length"):
         tokenize_preference(long_prompt, smollm2_tokenizer, max_length=32)
     with pytest.warns(UserWarning):
-        out = tokenize_preference(long_prompt, smollm2_tokenizer, max_length=32, skip_bad=True)
+        out = tokenize_preference(long_prompt, smollm2_tokenizer, max_length=32, skip_bad_rows=True)
     assert len(out) == 1 and len(out.skipped) == 1
 
 
@@ -184,18 +184,18 @@ def test_kto_bad_rows_named_and_skipped_only_when_asked(smollm2_tokenizer):
     with pytest.raises(DataError) as e:
         kto_examples(rows, source="kto.json")
     msg = str(e.value)
-    assert msg.startswith("3 bad rows")
+    assert msg.startswith("3 bad rows") and "pass skip_bad_rows=True (CLI: --skip-bad-rows) to drop them" in msg
     assert "kto.json index 0 (0-based): field 'completion': empty completion" in msg
     assert "kto.json index 1 (0-based): field 'label': must be true or false, got 'yes'" in msg
     assert "kto.json index 2 (0-based): field 'label': missing" in msg
     with pytest.warns(UserWarning, match="skipped 3 bad rows"):
-        ok = kto_examples(rows, skip_bad=True, source="kto.json")
+        ok = kto_examples(rows, skip_bad_rows=True, source="kto.json")
     assert len(ok) == 1 and len(ok.skipped) == 3
     long_prompt = [{"prompt": "word " * 80, "completion": "yes", "label": True}, rows[3]]
     with pytest.raises(DataError, match=r"index 0 \(0-based\): field 'prompt': prompt longer than max_length"):
         tokenize_kto(long_prompt, smollm2_tokenizer, max_length=32)
     with pytest.warns(UserWarning, match="skipped 1 rows at tokenization"):
-        out = tokenize_kto(long_prompt, smollm2_tokenizer, max_length=32, skip_bad=True)
+        out = tokenize_kto(long_prompt, smollm2_tokenizer, max_length=32, skip_bad_rows=True)
     assert len(out) == 1 and out[0]["label"] is False and len(out.skipped) == 1
 
 
@@ -207,6 +207,6 @@ def test_pair_equal_only_after_truncation_is_bad(smollm2_tokenizer):
                                         r"tokenization and truncation to 4 tokens"):
         tokenize_preference(rows, smollm2_tokenizer, max_length=4)
     with pytest.warns(UserWarning, match="skipped 1 rows at tokenization"):
-        out = tokenize_preference(rows, smollm2_tokenizer, max_length=4, skip_bad=True)
+        out = tokenize_preference(rows, smollm2_tokenizer, max_length=4, skip_bad_rows=True)
     assert len(out) == 1 and len(out.skipped) == 1
     assert len(tokenize_preference(rows, smollm2_tokenizer, max_length=None)) == 2

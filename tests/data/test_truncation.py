@@ -69,5 +69,7 @@ def test_dataset_overlong_policies_report_counts(smollm2_tokenizer, caplog):
     out, stats = tokenize_dataset(rows, smollm2_tokenizer, max_length=limit, truncation_mode="keep_end",
                                   progress=False, return_stats=True)
     assert stats["truncated"] == 1 and out[1]["input_ids"] == full[-limit:]
-    with pytest.raises(DataError, match="<memory> index 1 .*more than max_length=16"):
+    with pytest.raises(DataError, match=r"<memory> index 1 .*more than max_length=16 \(overlong='error' \(CLI: "
+                       r"--overlong error\)\); raise max_length \(CLI: --max-length\) or choose overlong='truncate' "
+                       r"\(CLI: --overlong truncate\)"):
         tokenize_dataset(rows, smollm2_tokenizer, max_length=limit, overlong="error", progress=False)

@@ -27,6 +27,7 @@ import torch
 from helpers import make_pair, random_examples, tiny_lora_model
 from pronghorn.data.collate import pad_batch
 from pronghorn.train.config import TrainConfig
+from pronghorn.train.distributed import fsdp_shards_integer_parameters
 from pronghorn.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +77,10 @@ def _first_grads_and_curve(out, batch_size, model_fn=tiny_lora_model, **kw) -> d
     sharded = hasattr(t.model.model.layers[0].mlp.up_proj.weight, "full_tensor")  # an FSDP DTensor shard
     sharded = sharded or hasattr(t.model.model.layers[0].mlp.up_proj.weight, "packed") and hasattr(
         t.model.model.layers[0].mlp.up_proj.weight.packed, "full_tensor")  # QLoRA: the NF4 bytes are sharded
+    norm_sharded = hasattr(t.model.model.layers[0].input_layernorm.weight, "full_tensor")
     curve = t.train().losses
     return {"loss": loss, "tokens": tokens, "grads": grads, "curve": curve, "sharded": sharded,
+            "norm_sharded": norm_sharded,
             "weights": _full_tensors(t.model), "model": t.model}
 
 
@@ -299,7 +302,8 @@ def test_qlora_nf4_base_under_fsdp_equals_one_rank_and_exports_like_one_process(
     ref = _first_grads_and_curve(tmp_path / "ref", 4, tiny_qlora_model)
     ranks = [torch.load(two_rank_results / f"sharded-rank{r}.pt", weights_only=True)["qlora"] for r in (0, 1)]
     for got in ranks:
-        assert got["sharded"]  # the packed NF4 bytes are FSDP shards
+        assert got["sharded"] == fsdp_shards_integer_parameters()  # the packed NF4 bytes are FSDP shards
+        assert got["norm_sharded"]  # the rest of the layer is, on every torch
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6) and got["tokens"] == ref["tokens"]
         assert got["grads"].keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():

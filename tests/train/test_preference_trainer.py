@@ -181,9 +181,9 @@ def _hh_rlhf_trainer(tmp_path, smollm2_dir, device, records, held_out, max_lengt
         pytest.skip(f"{HH_RLHF} not found")
     loaded = load_pretrained(str(smollm2_dir), torch.float32, device)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # skip_bad: the file's 13 bad rows are dropped with a warning
+        warnings.simplefilter("ignore")  # skip_bad_rows: the file's 13 bad rows are dropped with a warning
         rows = tokenize_preference(load_preference_records(HH_RLHF)[:records], loaded.tokenizer,
-                                   max_length=max_length, max_prompt_length=max_prompt_length, skip_bad=True)
+                                   max_length=max_length, max_prompt_length=max_prompt_length, skip_bad_rows=True)
     model = attach_lora(loaded.model, LoRAConfig(r=8, lora_alpha=16, target_modules=target_modules))
     cfg = TrainConfig(output_dir=str(tmp_path), progress=False, method="dpo", beta=0.1, lr_scheduler="constant",
                       gradient_checkpointing="off", **cfg)
