@@ -1,11 +1,14 @@
 """The notebook API on the real SmolLM2-135M-Instruct weights, against transformers and PEFT."""
 
+import json
+
 import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from pronghorn import FastLanguageModel
+from pronghorn.models.default_model import DEFAULT_HUB_ID
 
 CHAT = [
     {"role": "user", "content": "What is the capital of France? Answer in one sentence."},
@@ -45,25 +48,55 @@ def test_32_greedy_tokens_identical(pair):
     assert got.tolist() == ref.tolist()
 
 
-def test_adapter_round_trip_with_peft(pair, smollm2_dir, tmp_path):
-    _, _, tok = pair
-    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()  # PEFT mutates it
+@pytest.fixture(scope="module")
+def default_adapter(smollm2_dir, tmp_path_factory):
+    """(model on "default" with a trained-looking adapter, the adapter dir it saved)."""
     model, _ = FastLanguageModel.from_pretrained("default", dtype=torch.float32, device="cpu")
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=1)
-    with torch.no_grad():  # a trained-looking adapter
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
-    model.save_pretrained(tmp_path / "lora")
+    path = tmp_path_factory.mktemp("default_adapter") / "lora"
+    model.save_pretrained(path)
+    return model.eval(), path
+
+
+def test_adapter_round_trip_with_peft(pair, smollm2_dir, default_adapter):
+    _, _, tok = pair
+    model, path = default_adapter
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == DEFAULT_HUB_ID  # resolvable by PEFT, vLLM, ...; not "default"
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()  # PEFT mutates it
     ids, mask = _chat_batch(tok)
     with torch.no_grad():
-        expect = model.eval()(input_ids=ids, attention_mask=mask).logits
-        reloaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "lora"), dtype=torch.float32, device="cpu")
-        again = reloaded(input_ids=ids, attention_mask=mask).logits
-        via_peft = peft.PeftModel.from_pretrained(hf, tmp_path / "lora").eval()(input_ids=ids, attention_mask=mask).logits
-    assert reloaded.lora_config is not None
+        expect = model(input_ids=ids, attention_mask=mask).logits
+        reloaded, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, device="cpu")
+        again = reloaded(input_ids=ids, attention_mask=mask).logits  # pronghorn: its local copy, no download
+        via_peft = peft.PeftModel.from_pretrained(hf, path).eval()(input_ids=ids, attention_mask=mask).logits
+    assert reloaded.lora_config is not None and reloaded.name_or_path == "default"
     assert torch.equal(again, expect)
     assert ((via_peft - expect).abs().max() / expect.abs().max()).item() <= 1e-5
+
+
+def test_default_adapter_loads_with_auto_peft_model(pair, smollm2_dir, default_adapter, tmp_path):
+    """AutoPeftModelForCausalLM resolves the recorded base as a hub id: here from a Hugging Face cache that holds
+    pronghorn's local copy under that id (no network), as `huggingface-cli download` would have left it."""
+    _, _, tok = pair
+    model, path = default_adapter
+    snapshot = tmp_path / f"models--{DEFAULT_HUB_ID.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in smollm2_dir.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(path, cache_dir=str(tmp_path), local_files_only=True,
+                                                           dtype=torch.float32).eval()
+    ids, mask = _chat_batch(tok)
+    with torch.no_grad():
+        expect = model(input_ids=ids, attention_mask=mask).logits
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-5
 
 
 def test_merged_checkpoint_loads_in_transformers(pair, tmp_path):

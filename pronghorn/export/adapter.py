@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import PronghornError
 from ..files import atomic_file, check_output_dir
-from ..models.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config_dict, peft_state_dict
+from ..models.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_record, peft_config_dict, peft_state_dict
 
 MODEL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 
@@ -26,17 +26,18 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``path``, each atomically.
 
     Other files in ``path`` (a tokenizer, metrics) are left alone; an existing adapter or model there is
-    only replaced with ``overwrite=True``.
+    only replaced with ``overwrite=True``. An adapter of the default model records its hub id as the base
+    (``base_record``), which PEFT's AutoPeftModelForCausalLM and vLLM resolve.
     """
     config = getattr(model, "lora_config", None)
     if config is None:
         raise PronghornError("the model has no LoRA adapter to save; call get_peft_model first")
     path = check_output_dir(path, overwrite, marker_files=MODEL_FILES)
     _warn_trained_base(model)
-    base = base_model_name_or_path or getattr(model, "name_or_path", None)
+    base, metadata = base_record(base_model_name_or_path or getattr(model, "name_or_path", None))
     tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
     with atomic_file(path / ADAPTER_WEIGHTS) as f:
-        f.write(save(tensors, metadata={"format": "pt"}))
+        f.write(save(tensors, metadata={"format": "pt", **metadata}))
     with atomic_file(path / ADAPTER_CONFIG, "w") as f:
         f.write(json.dumps(peft_config_dict(config, base), indent=2) + "\n")
     return path

@@ -22,7 +22,7 @@ def export(model: str = "default", out: str | Path = "", fmt: str = "merged", ad
     """Write ``model`` (+ ``adapter``) to ``out`` in format ``fmt``; returns the written paths. ``dtype`` (merged
     only): bfloat16 (default), float16 or float32, which keeps a small fine-tune that bf16 rounding would undo."""
     from ..api import FastLanguageModel
-    from ..models.adapter_format import load_adapter, read_adapter_config
+    from ..models.adapter_format import adapter_base, load_adapter
     from ..models.loader import load_tokenizer
     from .merged import parse_size
     from .save import merged_dtype, save_pretrained_gguf, save_pretrained_merged
@@ -46,8 +46,7 @@ def export(model: str = "default", out: str | Path = "", fmt: str = "merged", ad
     lm, tokenizer = FastLanguageModel.from_pretrained(str(model))
     if adapter is not None:
         adapter = Path(adapter)
-        _, raw = read_adapter_config(adapter)
-        recorded = raw.get("base_model_name_or_path")
+        recorded = adapter_base(adapter)
         if recorded and getattr(lm, "name_or_path", None) not in (recorded, None) and recorded != str(model):
             warnings.warn(f"{adapter / 'adapter_config.json'} was made for base {recorded!r}, exporting it on "
                           f"{model!r}; every tensor name and shape is checked", UserWarning, stacklevel=2)

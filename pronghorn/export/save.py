@@ -82,7 +82,7 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | Path, tokeniz
     _need_tokenizer(tokenizer, f"save_method={save_method!r}")
     if save_method == "merged_16bit":
         check_output_dir(save_directory, overwrite)  # before the rounding check's forward
-        warn_if_rounding_undoes(model, tokenizer, dtype, base_checkpoint)
+        warn_if_rounding_undoes(model, dtype, base_checkpoint)
         return save_merged(model, save_directory, tokenizer, dtype=dtype, overwrite=overwrite,
                            max_shard_size=max_shard_size or "5GB", base_checkpoint=base_checkpoint)
     return _save_merged_4bit(model, save_directory, tokenizer, dtype, overwrite)

@@ -6,16 +6,20 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .default_model import DEFAULT_HUB_ID, DEFAULT_NAMES
 from .lora import LoRAConfig, attach_lora, lora_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# adapter_model.safetensors metadata key: "default" when the adapter was trained on pronghorn's embedded copy of
+# DEFAULT_HUB_ID (adapter_config.json names the hub model, for PEFT and others; PEFT ignores this metadata)
+PRONGHORN_BASE = "pronghorn_base"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -29,6 +33,29 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach()
         out[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach()
     return out
+
+
+def base_record(base: str | None) -> tuple[str | None, dict[str, str]]:
+    """(base_model_name_or_path, weights metadata) to write for an adapter trained on ``base``: the default model
+    is recorded as its hub id, which consumers resolve, and the metadata says pronghorn trained on its local copy."""
+    if base in DEFAULT_NAMES:
+        return DEFAULT_HUB_ID, {PRONGHORN_BASE: "default"}
+    return base, {}
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model an adapter directory applies to, as pronghorn loads it: "default" (the embedded copy it was
+    trained on) when the weights' metadata says so, else adapter_config.json's ``base_model_name_or_path``."""
+    _, raw = read_adapter_config(path)
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                if (f.metadata() or {}).get(PRONGHORN_BASE) == "default":
+                    return "default"
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: cannot be read ({e})") from None
+    return raw.get("base_model_name_or_path")
 
 
 def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str | None) -> dict:

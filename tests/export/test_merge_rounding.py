@@ -74,8 +74,8 @@ def test_float32_merge_has_the_adapter_loss(tiny_smollm2_dir, tmp_path):
 
 def test_bf16_merge_warns_when_it_rounds_a_small_adapter_away(tiny_smollm2_dir, tmp_path):
     model, tok = _model(tiny_smollm2_dir, b_scale=1e-4)  # moves weights by less than bf16's spacing
-    assert rounding_effect(model, tok, torch.float32) < 1e-3
-    assert rounding_effect(model, tok, torch.bfloat16) > 3 * ROUNDING_LIMIT
+    assert rounding_effect(model, torch.float32) < 1e-3
+    assert rounding_effect(model, torch.bfloat16) > 3 * ROUNDING_LIMIT
     (_, base_logits), (_, adapter_logits), (_, logits), warned = _base_adapter_merged(model, tok, tmp_path / "m")
     assert len(warned) == 1 and "dtype=torch.float32 (CLI: --dtype float32)" in str(warned[0].message)
     # the merged model's outputs really lost a good part of what the adapter changed
@@ -84,7 +84,7 @@ def test_bf16_merge_warns_when_it_rounds_a_small_adapter_away(tiny_smollm2_dir, 
 
 def test_bf16_merge_of_a_large_adapter_is_not_warned_about(tiny_smollm2_dir, tmp_path):
     model, tok = _model(tiny_smollm2_dir, b_scale=1e-2)
-    assert rounding_effect(model, tok, torch.bfloat16) < ROUNDING_LIMIT
+    assert rounding_effect(model, torch.bfloat16) < ROUNDING_LIMIT
     (_, base_logits), (_, adapter_logits), (_, logits), warned = _base_adapter_merged(model, tok, tmp_path / "m")
     assert not warned
     assert (logits - adapter_logits).norm() < ROUNDING_LIMIT * (adapter_logits - base_logits).norm()
@@ -92,9 +92,9 @@ def test_bf16_merge_of_a_large_adapter_is_not_warned_about(tiny_smollm2_dir, tmp
 
 def test_no_adapter_or_an_unchanged_one_is_not_measured(tiny_smollm2_dir):
     model, tok = _model(tiny_smollm2_dir, b_scale=0.0)
-    assert rounding_effect(model, tok, torch.bfloat16) is None  # B = 0: nothing to lose
+    assert rounding_effect(model, torch.bfloat16) is None  # B = 0: nothing to lose
     plain, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.float32)
-    assert rounding_effect(plain, tok, torch.bfloat16) is None
+    assert rounding_effect(plain, torch.bfloat16) is None
 
 
 def test_cli_dtype_float32(tiny_smollm2_dir, tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_training_forward_skips_logits_but_eval_returns_them():
 
 def test_trainer_loss_contract_matches_hf(tmp_path):
     """What HF Trainer reads off a model to count ``num_items_in_batch``: a loss that shifts labels itself
-    (counted over ``labels[..., 1:]``), taking the count; given pre-shifted ``shift_labels``, they replace the labels."""
+    (counted over ``labels[..., 1:]``), taking the count; pre-shifted ``shift_labels`` given replace the labels."""
     from transformers import Trainer
 
     hf, ours = make_pair("llama3_gqa_rope_scaling")
