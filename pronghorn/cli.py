@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     e.add_argument("--base-checkpoint", help="merge into this 16-bit checkpoint's weights, for a 4-bit base "
                                              "(default: none)")
-    e.add_argument("--max-shard-size", default="5GB",
-                   help="merged safetensors shard size, e.g. 5GB, 500MB (default: %(default)s)")
+    e.add_argument("--max-shard-size",  # no argparse default: given with another --format it is an error
+                   help="merged safetensors shard size, e.g. 5GB, 500MB (default: 5GB)")
     e.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="merged weights' dtype (default: bfloat16; float32 keeps a small fine-tune exactly, and "
                         "export warns when bf16 rounding would undo more than 10%% of the adapter's effect)")
