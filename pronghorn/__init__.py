@@ -3,9 +3,10 @@
 from .api import FastLanguageModel
 from .causal_lm import PronghornForCausalLM
 from .errors import CheckpointError, DataError, OutputExistsError, PronghornError, UnsupportedModelError
+from .models.vocab import add_new_tokens
 from .train.config import TrainConfig
 from .train.run import train
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "DataError", "FastLanguageModel", "OutputExistsError", "PronghornError",
-           "PronghornForCausalLM", "TrainConfig", "UnsupportedModelError", "train"]
+           "PronghornForCausalLM", "TrainConfig", "UnsupportedModelError", "add_new_tokens", "train"]

@@ -57,8 +57,12 @@ class FastLanguageModel:
                        use_gradient_checkpointing: bool | str = "auto", random_state: int = 3407,
                        use_rslora: bool = False, layers_to_transform: list[int] | None = None,
                        max_seq_length: int | None = None, loftq_config=None, tiled_mlp: bool | str = "auto",
-                       adapter_math: str = "base", max_memory=None, **_ignored) -> nn.Module:
+                       adapter_math: str = "base", max_memory=None, modules_to_save: list[str] | None = None,
+                       **_ignored) -> nn.Module:
         """Freeze the base and attach LoRA adapters (PEFT-compatible init and naming).
+        "embed_tokens" / "lm_head" in target_modules (or modules_to_save, PEFT's name) train those tables fully
+        beside the adapters (a tied table is one parameter) in their own dtype, also under QLoRA; the adapter
+        saves them as PEFT's modules_to_save. After add_new_tokens both train whatever is named (as in Unsloth).
         use_gradient_checkpointing: "auto" (per layer from free memory), True (recompute every layer),
         "unsloth" (offload layer inputs to the host), False (keep all activations).
         tiled_mlp: "auto" (when a step would not fit otherwise), True, False: the MLP over chunks of tokens.
@@ -73,7 +77,7 @@ class FastLanguageModel:
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=list(target_modules) if not isinstance(target_modules, str)
                             else target_modules, use_rslora=use_rslora, bias=bias,
-                            layers_to_transform=layers_to_transform)
+                            layers_to_transform=layers_to_transform, modules_to_save=list(modules_to_save or []))
         policy = KernelPolicy(adapter_math)
         attach_lora(model, config, seed=random_state)
         model.set_kernel_policy(policy)

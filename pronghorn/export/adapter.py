@@ -1,8 +1,9 @@
 """Write a model's LoRA adapter in PEFT format (loads with peft.PeftModel.from_pretrained, vLLM, llama.cpp).
 
-The adapter holds only the LoRA matrices (``modules_to_save`` is always empty), which is what vLLM serves. A
-model whose embeddings, LM head or other base weights were trained as well cannot be expressed that way: the
-export warns and names them, and the merged export (save_pretrained_merged / GGUF) keeps them.
+The adapter holds the LoRA matrices and, when ``target_modules`` trained them, the embeddings and LM head as PEFT's
+``modules_to_save`` (which PEFT loads; vLLM and llama.cpp's adapter converter refuse them: serve the merged
+export then, see the README). Other trained base weights cannot be expressed that way: the export warns and
+names them, and the merged export (save_pretrained_merged / GGUF) keeps them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from ..errors import PronghornError
 from ..files import atomic_file, check_output_dir
 from ..models.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_record, peft_config_dict, peft_state_dict
+from ..models.lora import is_tied, trained_modules
 
 MODEL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 
@@ -39,20 +41,22 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     with atomic_file(path / ADAPTER_WEIGHTS) as f:
         f.write(save(tensors, metadata={"format": "pt", **metadata}))
     with atomic_file(path / ADAPTER_CONFIG, "w") as f:
-        f.write(json.dumps(peft_config_dict(config, base), indent=2) + "\n")
+        f.write(json.dumps(peft_config_dict(config, base, tied=is_tied(model)), indent=2) + "\n")
     return path
 
 
 def _warn_trained_base(model: nn.Module) -> None:
     """Warn when parameters outside the LoRA matrices are trainable: the adapter file cannot carry them."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(("lora_A", "lora_B"))]
+    saved = {id(p) for _, p in trained_modules(model)}
+    names = [n for n, p in model.named_parameters()
+             if p.requires_grad and not n.endswith(("lora_A", "lora_B")) and id(p) not in saved]
     if not names:
         return
     embed = [n for n in names if "embed_tokens" in n or n.startswith("lm_head")]
     what = "the embeddings / LM head" if embed else "base weights"
     warnings.warn(
         f"{what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) are trainable, but a PEFT adapter "
-        "for vLLM holds only the LoRA matrices (no modules_to_save): those weights are NOT in the adapter. "
-        "Export the merged model (save_pretrained_merged / save_pretrained_gguf) to keep them",
+        "holds only the LoRA matrices and the modules_to_save it was given: those weights are NOT in the adapter "
+        "(train embed_tokens / lm_head by naming them in target_modules). Export the merged model (save_pretrained_merged / save_pretrained_gguf) to keep them",
         UserWarning, stacklevel=3,
     )

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .default_model import DEFAULT_HUB_ID, DEFAULT_NAMES
-from .lora import LoRAConfig, attach_lora, lora_modules
+from .lora import LoRAConfig, attach_lora, is_tied, lora_modules, trained_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -27,12 +27,25 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's names (``base_model.model.<module>.lora_A.weight``)."""
+    """The adapter tensors under PEFT's names (``base_model.model.<module>.lora_A.weight``), and the modules trained
+    fully (``modules_to_save``) under the names PEFT saves them with: ``base_model.model.model.embed_tokens.weight``,
+    ``base_model.model.lm_head.weight`` (a tied table under both, as PEFT's ``ensure_weight_tying`` saves it)."""
     out = {}
     for name, module in lora_modules(model):
         out[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach()
         out[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach()
+    seen = set()
+    for name, weight in trained_modules(model):
+        out[f"{_PREFIX}{name}.weight"] = weight.detach() if id(weight) not in seen else weight.detach().clone()
+        seen.add(id(weight))
     return out
+
+
+def adapter_key(parameter_name: str) -> str:
+    """The adapter file's key of a trainable parameter: ``...q_proj.lora_A`` -> ``base_model.model...lora_A.weight``,
+    ``model.embed_tokens.weight`` -> ``base_model.model.model.embed_tokens.weight``."""
+    suffix = ".weight" if parameter_name.endswith(("lora_A", "lora_B")) else ""
+    return f"{_PREFIX}{parameter_name}{suffix}"
 
 
 def base_record(base: str | None) -> tuple[str | None, dict[str, str]]:
@@ -58,7 +71,12 @@ def adapter_base(path: str | Path) -> str | None:
     return raw.get("base_model_name_or_path")
 
 
-def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str | None) -> dict:
+def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str | None, tied: bool = False) -> dict:
+    """adapter_config.json. ``tied``: the model's embedding and head are one table; trained, it is saved as
+    ``modules_to_save`` of both with PEFT's ``ensure_weight_tying``, which ties them again on load."""
+    saved = list(config.modules_to_save)
+    if saved and tied:
+        saved = ["embed_tokens", "lm_head"]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -72,7 +90,8 @@ def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str | None) ->
         "fan_in_fan_out": False,
         "use_rslora": config.use_rslora,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
+        "ensure_weight_tying": bool(saved) and tied,
         "init_lora_weights": True,
         "inference_mode": True,
         "rank_pattern": {},
@@ -93,7 +112,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_pattern"):
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_pattern", "trainable_token_indices"):
         if raw.get(key):
             raise CheckpointError(f"{cfg_path}: field {key!r}={raw[key]!r} is not supported yet")
     if raw.get("fan_in_fan_out"):
@@ -101,6 +120,9 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
     targets = raw.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         raise CheckpointError(f"{cfg_path}: regex target_modules {targets!r} are not supported; list module names")
+    saved = raw.get("modules_to_save") or []
+    if isinstance(saved, str) or not all(isinstance(m, str) for m in saved):
+        raise CheckpointError(f"{cfg_path}: field 'modules_to_save' must be a list of module names, got {saved!r}")
     layers = raw.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
@@ -109,6 +131,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
             r=int(raw["r"]), lora_alpha=float(raw.get("lora_alpha", raw["r"])),
             lora_dropout=float(raw.get("lora_dropout") or 0.0), target_modules=targets,
             use_rslora=bool(raw.get("use_rslora", False)), bias=raw.get("bias", "none"), layers_to_transform=layers,
+            modules_to_save=list(saved),
         )
     except KeyError as e:
         raise CheckpointError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
@@ -120,7 +143,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Attach the adapter stored at ``path`` (PEFT format) to ``model``; every tensor must match a module."""
     path = Path(path)
-    config, _ = read_adapter_config(path)
+    config, raw = read_adapter_config(path)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
@@ -131,9 +154,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: cannot be read ({e})") from None
+    tensors = {_strip_adapter_name(k): v for k, v in tensors.items()}
+    _fit_vocab(model, tensors, weights)
     attach_lora(model, config)
     expected = peft_state_dict(model)
-    tensors = {_strip_adapter_name(k): v for k, v in tensors.items()}
+    if is_tied(model) and config.modules_to_save:
+        _one_table(tensors, raw, weights)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -147,8 +173,46 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                     raise CheckpointError(f"{weights}: {name}.{part} has shape {tuple(src.shape)}, "
                                           f"the model needs {tuple(dst.shape)}")
                 dst.copy_(src.to(dst.dtype))
+        for name, weight in trained_modules(model):
+            src = tensors[f"{_PREFIX}{name}.weight"]
+            if src.shape != weight.shape:
+                raise CheckpointError(f"{weights}: {name} (modules_to_save) has shape {tuple(src.shape)}, the model "
+                                      f"needs {tuple(weight.shape)}")
+            weight.copy_(src.to(weight.dtype))
     return model
 
 
+def _fit_vocab(model: nn.Module, tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """An adapter whose trained table has more rows than the base (tokens added with add_new_tokens) resizes the
+    base first, as PEFT users call ``resize_token_embeddings`` before loading such an adapter."""
+    from .vocab import resize_vocab
+
+    rows = [t.shape[0] for k, t in tensors.items() if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    if rows and max(rows) > model.get_input_embeddings().weight.shape[0]:
+        resize_vocab(model, max(rows))
+
+
+def _one_table(tensors: dict[str, torch.Tensor], raw: dict, weights: Path) -> None:
+    """A tied model keeps its embedding and head as one table: the adapter must hold one (PEFT's
+    ``ensure_weight_tying``, or both tensors equal); the missing name is filled from the other."""
+    embed, head = f"{_PREFIX}model.embed_tokens.weight", f"{_PREFIX}lm_head.weight"
+    if embed in tensors and head in tensors:
+        if not torch.equal(tensors[embed], tensors[head]):
+            raise CheckpointError(f"{weights}: embed_tokens and lm_head differ, but this model ties them (one table); "
+                                  "such an adapter needs an untied base")
+        return
+    if not raw.get("ensure_weight_tying"):
+        raise CheckpointError(f"{weights}: modules_to_save trains {'embed_tokens' if embed in tensors else 'lm_head'} "
+                              "apart from the table it is tied to, which pronghorn keeps as one parameter; save it "
+                              "with PEFT's ensure_weight_tying=True")
+    if embed in tensors:
+        tensors[head] = tensors[embed]
+    elif head in tensors:
+        tensors[embed] = tensors[head]
+
+
 def _strip_adapter_name(key: str) -> str:
-    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    """PEFT's in-memory names (``.lora_A.default.``, ``.modules_to_save.default.``) and older saved ones
+    (``.modules_to_save.``) as PEFT saves them now."""
+    key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    return key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")

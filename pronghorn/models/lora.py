@@ -12,6 +12,8 @@ from ..errors import PronghornError
 from .linear import Linear
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# modules trained fully beside the adapters (PEFT's ``modules_to_save``); a table tied to the head is one parameter
+TRAINABLE_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass
@@ -23,15 +25,22 @@ class LoRAConfig:
     use_rslora: bool = False
     bias: str = "none"
     layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] = field(default_factory=list)  # among TRAINABLE_MODULES, trained fully
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
             self.target_modules = list(ALL_TARGETS) if self.target_modules == "all-linear" else [self.target_modules]
         names = [t.split(".")[-1] for t in self.target_modules]
-        unknown = sorted(set(names) - set(ALL_TARGETS))
+        full = [t.split(".")[-1] for t in self.modules_to_save or []]
+        unknown = sorted((set(names) - set(ALL_TARGETS) - set(TRAINABLE_MODULES)) | (set(full) - set(TRAINABLE_MODULES)))
         if unknown:
-            raise PronghornError(f"target_modules {unknown} not supported; choose among {list(ALL_TARGETS)}")
+            raise PronghornError(f"target_modules {unknown} not supported; choose among {list(ALL_TARGETS)} "
+                                 f"(LoRA adapters) and {list(TRAINABLE_MODULES)} (trained fully)")
         self.target_modules = [t for t in ALL_TARGETS if t in names]
+        self.modules_to_save = [t for t in TRAINABLE_MODULES if t in names or t in full]
+        if not self.target_modules:
+            raise PronghornError(f"target_modules {names} names no projection for LoRA; add at least one of "
+                                 f"{list(ALL_TARGETS)} beside {list(TRAINABLE_MODULES)}")
         if self.r <= 0:
             raise PronghornError(f"LoRA rank r must be positive, got {self.r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
@@ -77,8 +86,57 @@ def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 3407) -> nn.Mo
         count += 1
     if count == 0:
         raise PronghornError(f"no module matched target_modules={config.target_modules}")
+    if getattr(model, "needs_embedding_training", False) and set(config.modules_to_save) != set(TRAINABLE_MODULES):
+        print("pronghorn: new tokens were added (add_new_tokens), so embed_tokens and lm_head train fully beside "
+              "the adapters (as Unsloth does); their learning rate: embedding_learning_rate", flush=True)
+        config.modules_to_save = list(TRAINABLE_MODULES)
     model.lora_config = config
+    train_fully(model, config.modules_to_save)
     return model
+
+
+def train_fully(model: nn.Module, names: list[str]) -> None:
+    """Make the modules ``names`` (among TRAINABLE_MODULES) trainable as a whole and record them in the model's
+    ``lora_config.modules_to_save`` (what the adapter saves). The tables keep their dtype (16-bit on a GPU, also
+    under QLoRA, whose NF4 is for the projections only)."""
+    config = model.lora_config
+    config.modules_to_save = [t for t in TRAINABLE_MODULES if t in names or t in config.modules_to_save]
+    for _, p in trained_modules(model, config.modules_to_save):
+        _check_trainable_table(model, p)
+        p.requires_grad_(True)
+
+
+def trained_modules(model: nn.Module, names: list[str] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """(module path, weight) of the modules trained fully beside the adapters (``names``, default the model's
+    ``lora_config.modules_to_save``), in TRAINABLE_MODULES order; a tied table appears under both paths."""
+    if names is None:
+        config = getattr(model, "lora_config", None)
+        names = config.modules_to_save if config is not None else []
+    modules = {"embed_tokens": model.get_input_embeddings(), "lm_head": model.get_output_embeddings()}
+    paths = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for name in TRAINABLE_MODULES:
+        if name in names:
+            out.append((paths[id(modules[name])], modules[name].weight))
+    if names and is_tied(model):  # one table: saved (and loaded) under both names, as PEFT's weight tying does
+        other = [n for n in TRAINABLE_MODULES if n not in names]
+        out += [(paths[id(modules[n])], modules[n].weight) for n in other]
+    return out
+
+
+def is_tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _check_trainable_table(model: nn.Module, weight: torch.Tensor) -> None:
+    if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+        raise PronghornError(f"embed_tokens / lm_head must be a 16- or 32-bit table to train, found "
+                             f"{type(weight).__name__} {getattr(weight, 'dtype', '')}")
+    device = getattr(model, "device", weight.device)
+    if weight.device != device and device.type == "cuda":
+        raise PronghornError("the input embedding is offloaded to the host (offload_embedding) and cannot be trained "
+                             "there; load without offload_embedding to train embed_tokens / lm_head")
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, Linear]]:
@@ -96,7 +154,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch adapters off (the base model) or back on, without removing them."""
+    """Switch adapters off (the base model) or back on, without removing them. A model whose embeddings or head
+    train in place (``modules_to_save``) has no base model to switch to: an error, not the wrong reference."""
+    config = getattr(model, "lora_config", None)
+    if not enabled and config is not None and config.modules_to_save:
+        raise PronghornError(f"the adapters cannot be switched off to give the base model: {config.modules_to_save} "
+                             "train in place (no original copy is kept); pass a separate reference model")
     for _, module in lora_modules(model):
         module.lora_enabled = enabled
 

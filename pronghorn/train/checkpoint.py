@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..export.adapter import save_adapter
 from ..files import atomic_dir
-from ..models.adapter_format import ADAPTER_WEIGHTS
+from ..models.adapter_format import ADAPTER_WEIGHTS, adapter_key
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -74,7 +74,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     params = dict(_trainable(model))
     with torch.no_grad():
         for name, p in params.items():
-            key = "base_model.model." + name + ".weight"
+            key = adapter_key(name)
             if key not in adapter:
                 raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: tensor {key} missing for this model")
             p.copy_(adapter[key].to(p.dtype))

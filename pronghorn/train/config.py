@@ -35,6 +35,7 @@ class TrainConfig:
     batch_size: int = 2
     gradient_accumulation_steps: int = 4
     learning_rate: float = 2e-4
+    embedding_learning_rate: float | None = None  # embed_tokens / lm_head in target_modules (None: learning_rate)
     lr_scheduler: str = "linear"  # linear | cosine | constant
     warmup_steps: int = 0
     warmup_ratio: float = 0.0

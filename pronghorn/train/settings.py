@@ -76,6 +76,9 @@ SETTINGS: dict[str, Setting] = {
     "batch_size": Setting("rows per micro-batch (per rank)", **_ONE),
     "gradient_accumulation_steps": Setting("micro-batches per optimizer step", **_ONE),
     "learning_rate": Setting("peak learning rate", **_POS),
+    "embedding_learning_rate": Setting("peak learning rate of embed_tokens / lm_head when target_modules trains them "
+                                       "(continued pretraining: e.g. a tenth of learning_rate; None: learning_rate)",
+                                       **_POS),
     "lr_scheduler": Setting("learning-rate schedule after warm-up", ("linear", "cosine", "constant")),
     "warmup_steps": Setting("linear warm-up steps (wins over warmup_ratio when > 0)", **_COUNT),
     "warmup_ratio": Setting("warm-up as a fraction of all steps", low=0, high=1),
@@ -89,7 +92,8 @@ SETTINGS: dict[str, Setting] = {
     "r": Setting("LoRA rank", **_ONE),
     "lora_alpha": Setting("LoRA alpha (scale alpha / r, or alpha / sqrt(r) with use_rslora)", **_POS),
     "lora_dropout": Setting("dropout on the LoRA input", **_PROB),
-    "target_modules": Setting("projections that get adapters ('all-linear': all seven)"),
+    "target_modules": Setting("projections that get adapters ('all-linear': all seven), and embed_tokens / lm_head "
+                              "to train fully beside them (saved as PEFT modules_to_save)"),
     "use_rslora": Setting("rank-stabilised scale alpha / sqrt(r)"),
     # runtime
     "dtype": Setting("compute dtype (None: bfloat16 on a GPU, float32 on the CPU)", ("float32", "bfloat16", "float16")),

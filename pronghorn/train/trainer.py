@@ -20,6 +20,7 @@ from ..data.packing import collate_packed, pack_examples
 from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES, save_adapter
 from ..files import check_output_dir
+from ..models.lora import trained_modules
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
@@ -57,7 +58,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first")
-        self.optimizer = build_optimizer(self.params, config.optim, config.learning_rate,
+        self.optimizer = build_optimizer(self._param_groups(), config.optim, config.learning_rate,
                                          (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
                                          config.weight_decay, self.device)
         if config.packing:  # padding-free: whole sequences in rows of max_length tokens, each with its positions
@@ -72,6 +73,25 @@ class Trainer:
                        torch.float32)
         self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
         self.autocast_dtype = compute if self.device.type == "cuda" and compute != torch.float32 else None
+
+    def _param_groups(self) -> list[dict]:
+        """The adapters at ``learning_rate``; embed_tokens / lm_head trained fully (``target_modules`` named them,
+        or add_new_tokens) at ``embedding_learning_rate`` (Unsloth's name; None: ``learning_rate``). Each group's
+        ``peak_lr`` is what the schedule scales."""
+        cfg = self.cfg
+        tables = {id(p) for _, p in trained_modules(self.model)}
+        groups = [{"params": [p for p in self.params if id(p) not in tables], "peak_lr": cfg.learning_rate}]
+        embed = [p for p in self.params if id(p) in tables]
+        if embed:
+            lr = cfg.embedding_learning_rate or cfg.learning_rate
+            groups.append({"params": embed, "peak_lr": lr})
+            if self.dist.is_main:
+                print(f"pronghorn: embed_tokens / lm_head train fully at learning rate {lr:g} (adapters: "
+                      f"{cfg.learning_rate:g})", flush=True)
+        elif cfg.embedding_learning_rate is not None:
+            raise PronghornError("embedding_learning_rate is set but embed_tokens / lm_head do not train; add them "
+                                 "to target_modules (CLI: --target-modules ... embed_tokens lm_head)")
+        return [g for g in groups if g["params"]]
 
     # --- data order: a function of (seed, step) only, so resuming needs no saved iterator ---
     def step_examples(self, step: int) -> list[dict]:
@@ -118,10 +138,10 @@ class Trainer:
         return loss, float(norm), tokens
 
     def _set_lr(self, step: int) -> float:
-        lr = self.cfg.learning_rate * lr_multiplier(step, self.total_steps, self.warmup, self.cfg.lr_scheduler)
+        scale = lr_multiplier(step, self.total_steps, self.warmup, self.cfg.lr_scheduler)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+            g["lr"] = g.get("peak_lr", self.cfg.learning_rate) * scale
+        return self.cfg.learning_rate * scale
 
     def _resume_point(self) -> Path | None:
         r = self.cfg.resume_from_checkpoint

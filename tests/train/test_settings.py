@@ -17,7 +17,8 @@ from pronghorn.train.settings import SETTINGS, Setting
 DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
 
 CLI = [  # a train flag and a bad value, or a whole command line
-    ("--learning-rate", "-1"), ("--learning-rate", "0"), ("--learning-rate", "nan"), ("--num-epochs", "0"),
+    ("--learning-rate", "-1"), ("--learning-rate", "0"), ("--learning-rate", "nan"), ("--embedding-learning-rate", "0"),
+    ("--num-epochs", "0"),
     ("--max-steps", "0"), ("--batch-size", "0"), ("--gradient-accumulation-steps", "0"), ("--max-length", "0"),
     ("--warmup-steps", "-5"), ("--warmup-ratio", "1.5"), ("--weight-decay", "-0.01"), ("--max-grad-norm", "-1"),
     ("--adam-beta1", "1"), ("--adam-beta2", "-0.1"), ("--adam-epsilon", "-1e-8"), ("--seed", "-1"),
