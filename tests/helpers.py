@@ -49,6 +49,13 @@ TINY_CONFIGS = {
         final_logit_softcapping=3.0, attn="eager")),
     "gemma2_no_softcap": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         _GEMMA, sliding_window=5, attn_logit_softcapping=None, final_logit_softcapping=None, attn="sdpa-after-init")),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        _GEMMA, query_pre_attn_scalar=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1000000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})),
+    "gemma3_text_softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(  # transformers ignores the attention cap
+        _GEMMA, num_hidden_layers=3, sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=4.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
 
 
