@@ -16,6 +16,8 @@ _BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_lay
 _GEMMA = dict(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", head_dim=16,
               initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
+_PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+
 # name -> (transformers config class, model class, fields over _BASE; "attn": the transformers attention
 # implementation to compare with, SDPA unless named)
 TINY_CONFIGS = {
@@ -56,6 +58,14 @@ TINY_CONFIGS = {
     "gemma3_text_softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(  # transformers ignores the attention cap
         _GEMMA, num_hidden_layers=3, sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=4.0,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Phi-3: LongRoPE past an original context of 16 (the tests' 23 and 40 tokens take the long factors)
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _PHI3, original_max_position_embeddings=16, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+            long_factor=[1.0, 1.5, 2.5, 4.0, 6.5, 9.0]))),
+    # Phi-4-mini-like: partial rotary (half the head) and a sliding window
+    "phi3_partial_sliding": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _PHI3, partial_rotary_factor=0.5, sliding_window=5, num_key_value_heads=1)),
 }
 
 

@@ -9,9 +9,13 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError
+from .families import FAMILIES
 from .linear import Linear
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# a fused checkpoint module's name (Phi-3's qkv_proj, gate_up_proj) -> the decoder's projections it holds
+FUSED_TARGETS = {f.fused.split(".")[-1]: tuple(p.split(".")[-1] for p in f.parts)
+                 for spec in FAMILIES.values() for f in spec.fusions}
 
 
 @dataclass
@@ -28,9 +32,11 @@ class LoRAConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = list(ALL_TARGETS) if self.target_modules == "all-linear" else [self.target_modules]
         names = [t.split(".")[-1] for t in self.target_modules]
+        names = [part for n in names for part in FUSED_TARGETS.get(n, (n,))]
         unknown = sorted(set(names) - set(ALL_TARGETS))
         if unknown:
-            raise PronghornError(f"target_modules {unknown} not supported; choose among {list(ALL_TARGETS)}")
+            raise PronghornError(f"target_modules {unknown} not supported; choose among {list(ALL_TARGETS)} "
+                                 f"(or the fused {list(FUSED_TARGETS)}, meaning their parts)")
         self.target_modules = [t for t in ALL_TARGETS if t in names]
         if self.r <= 0:
             raise PronghornError(f"LoRA rank r must be positive, got {self.r}")
