@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import PronghornError
 from ..files import atomic_file, check_output_dir
 from ..models.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config_dict, peft_state_dict
-from ..models.families import family
+from ..models.fused_adapter import fuse_adapter
 
 MODEL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 
@@ -32,28 +32,19 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     config = getattr(model, "lora_config", None)
     if config is None:
         raise PronghornError("the model has no LoRA adapter to save; call get_peft_model first")
-    _refuse_split_fusions(model)
     path = check_output_dir(path, overwrite, marker_files=MODEL_FILES)
     _warn_trained_base(model)
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
-    tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
+    # a family whose checkpoints fuse projections (Phi-3): the parts' adapters on the fused modules PEFT knows
+    tensors, targets, ranks, alphas = fuse_adapter(model.config, config, peft_state_dict(model))
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    peft_config = peft_config_dict(config, base)
+    peft_config.update(target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
     with atomic_file(path / ADAPTER_WEIGHTS) as f:
         f.write(save(tensors, metadata={"format": "pt"}))
     with atomic_file(path / ADAPTER_CONFIG, "w") as f:
-        f.write(json.dumps(peft_config_dict(config, base), indent=2) + "\n")
+        f.write(json.dumps(peft_config, indent=2) + "\n")
     return path
-
-
-def _refuse_split_fusions(model: nn.Module) -> None:
-    """A family whose checkpoints fuse projections (Phi-3's qkv_proj / gate_up_proj) has no PEFT module for the
-    decoder's split ones: say so before writing an adapter PEFT cannot load."""
-    fusions = family(model.config.model_type).fusions
-    parts = {p.split(".")[-1]: f.fused.split(".")[-1] for f in fusions for p in f.parts}
-    hit = sorted({parts[t] for t in model.lora_config.target_modules if t in parts})
-    if hit:
-        raise PronghornError(f"{model.config.model_type} checkpoints fuse {', '.join(hit)}: an adapter on their "
-                             "split parts cannot be saved in PEFT format yet; export the merged model "
-                             "(save_pretrained_merged) instead")
 
 
 def _warn_trained_base(model: nn.Module) -> None:

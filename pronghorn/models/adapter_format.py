@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .fused_adapter import split_adapter_tensors
 from .lora import LoRAConfig, attach_lora, lora_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -106,7 +107,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"{weights}: cannot be read ({e})") from None
     attach_lora(model, config)
     expected = peft_state_dict(model)
-    tensors = {_strip_adapter_name(k): v for k, v in tensors.items()}
+    tensors = split_adapter_tensors(model.config, {_strip_adapter_name(k): v for k, v in tensors.items()})
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

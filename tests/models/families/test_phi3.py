@@ -93,12 +93,40 @@ def test_lora_gradients_match_peft_on_the_fused_modules():
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7 * ref.abs().max())
 
 
-def test_adapter_on_split_parts_is_refused_clearly(tmp_path):
-    from pronghorn.errors import PronghornError
+@pytest.mark.parametrize("targets,rslora", [(["qkv_proj", "o_proj", "gate_up_proj"], False),
+                                            (["q_proj", "v_proj", "up_proj", "down_proj"], True)])
+def test_saved_adapter_loads_in_peft_on_the_fused_modules(tmp_path, targets, rslora):
+    """Each part's own adapter, and untargeted parts (zero blocks), in PEFT's one adapter per fused module."""
+    import peft
+
+    from helpers import randomize_lora_b
     from pronghorn.export.adapter import save_adapter
 
-    _, ours = make_pair("phi3_partial_sliding")
-    attach_lora(ours, LoRAConfig(r=2, target_modules=["qkv_proj", "o_proj"]))
-    with pytest.raises(PronghornError, match="phi3 checkpoints fuse qkv_proj"):
-        save_adapter(ours, tmp_path / "a")
-    assert not (tmp_path / "a").exists()
+    base, ours = make_pair("phi3_partial_sliding")
+    attach_lora(ours, LoRAConfig(r=3, lora_alpha=5, target_modules=targets, use_rslora=rslora), seed=2)
+    randomize_lora_b(ours)
+    save_adapter(ours, tmp_path / "a", base_model_name_or_path="tiny-phi3")
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref, got = loaded(input_ids=ids).logits, ours.eval()(input_ids=ids).logits
+    assert rel(got, ref) <= RTOL
+
+
+def test_peft_adapter_on_fused_modules_loads_in_pronghorn(tmp_path):
+    import peft
+
+    from helpers import randomize_lora_b
+    from pronghorn.models.adapter_format import load_adapter
+
+    hf, ours = make_pair("phi3_longrope")
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj",
+                                                                                     "down_proj"]))
+    randomize_lora_b(hf)
+    hf.save_pretrained(tmp_path / "p")
+    load_adapter(ours, tmp_path / "p")
+    assert ours.lora_config.target_modules == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref, got = hf.eval()(input_ids=ids).logits, ours.eval()(input_ids=ids).logits
+    assert rel(got, ref) <= RTOL
