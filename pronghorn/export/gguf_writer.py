@@ -77,7 +77,7 @@ def _check_supported(cfg) -> str:
                                     "checkpoint instead (format merged)")
     if kind == "llama3" and arch != "llama":
         raise UnsupportedModelError(f"llama3 rope scaling on a {cfg.model_type} model cannot be written to GGUF")
-    if any(t == "sliding_attention" for t in cfg.layer_types):
+    if any(t == "sliding_attention" for t in cfg.layer_types) and spec.gguf_metadata is None:
         if arch != "llama":
             raise UnsupportedModelError(f"{cfg.model_type} with sliding-window layers cannot be written to GGUF")
         warnings.warn(f"llama.cpp runs this {cfg.model_type} model with full attention (its sliding window of "
@@ -98,6 +98,8 @@ def _tensors(model: nn.Module, arch: str, base_checkpoint) -> Iterator[tuple[str
         if spec.gguf_permute_qk and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             w = permute_for_llama_cpp(w, heads)
+        if cfg.parts.norm_offset and hf_name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
+            w = w + np.float32(cfg.parts.norm_offset)
         yield name, w
 
 
@@ -134,6 +136,9 @@ def _write_metadata(writer, model: nn.Module, arch: str, method: Method, name: s
                                  ("beta_slow", "yarn_beta_slow")):
             if rope.get(hf_key) is not None:
                 writer.add_float32(f"{arch}.rope.scaling.{gguf_key}", float(rope[hf_key]))
+    spec = FAMILIES[cfg.model_type]
+    if spec.gguf_metadata is not None:
+        spec.gguf_metadata(writer, cfg)
     if method.default not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(2)
 

@@ -1,6 +1,6 @@
 """Gemma (``model_type`` gemma): embeddings scaled by sqrt(hidden), RMSNorm scaling by (1 + w), a GeGLU MLP
 with the tanh GELU (config.json's legacy "gelu" means it too, as transformers reads it), head_dim 256 in the
-released sizes, and a tied head."""
+released sizes, and a tied head. GGUF (llama.cpp's ``gemma``) stores the norms as (1 + w), as its converter does."""
 
 from __future__ import annotations
 
@@ -23,4 +23,4 @@ def read_config(d: dict, source: str, n_layers: int) -> dict:
                 layer_types=uniform_layers(None, n_layers))
 
 
-SPEC = FamilySpec("gemma", "GemmaForCausalLM", read_config, chat_template="gemma")
+SPEC = FamilySpec("gemma", "GemmaForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ...errors import UnsupportedModelError
 from .gemma import gemma_activation
-from .spec import FamilySpec, LayerParts
+from .spec import SANDWICH_GGUF_LAYERS, FamilySpec, LayerParts
 
 
 def gemma_window(d: dict, source: str, n_layers: int, pattern: int) -> tuple[int | None, list[str]]:
@@ -30,4 +30,15 @@ def read_config(d: dict, source: str, n_layers: int) -> dict:
     return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, parts=parts, sliding_window=window, layer_types=types)
 
 
-SPEC = FamilySpec("gemma2", "Gemma2ForCausalLM", read_config, chat_template="gemma")
+def gguf_metadata(writer, cfg) -> None:
+    """llama.cpp's gemma2 keys: the two soft-caps and the sliding window (of the alternate layers)."""
+    if cfg.parts.attn_softcap:
+        writer.add_attn_logit_softcapping(cfg.parts.attn_softcap)
+    if cfg.parts.final_softcap:
+        writer.add_final_logit_softcapping(cfg.parts.final_softcap)
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+
+
+SPEC = FamilySpec("gemma2", "Gemma2ForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma2",
+                  gguf_layers=SANDWICH_GGUF_LAYERS, gguf_metadata=gguf_metadata)

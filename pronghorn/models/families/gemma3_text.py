@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .gemma import gemma_activation
 from .gemma2 import gemma_window
-from .spec import FamilySpec, LayerParts
+from .spec import SANDWICH_GGUF_LAYERS, FamilySpec, LayerParts
 
 
 def local_rope(d: dict) -> dict:
@@ -31,4 +31,17 @@ def read_config(d: dict, source: str, n_layers: int) -> dict:
                 layer_types=types, local_rope=local_rope(d))
 
 
-SPEC = FamilySpec("gemma3_text", "Gemma3ForCausalLM", read_config, chat_template="gemma")
+def gguf_metadata(writer, cfg) -> None:
+    """llama.cpp's gemma3 keys: the sliding window, the sliding layers' pattern and their RoPE base."""
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    writer.add_rope_freq_base_swa(cfg.local_rope["rope_theta"])
+    if cfg.parts.final_softcap:
+        writer.add_final_logit_softcapping(cfg.parts.final_softcap)
+
+
+SPEC = FamilySpec("gemma3_text", "Gemma3ForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma3",
+                  gguf_layers={**SANDWICH_GGUF_LAYERS, "self_attn.q_norm": "attn_q_norm",
+                               "self_attn.k_norm": "attn_k_norm"},
+                  gguf_metadata=gguf_metadata)

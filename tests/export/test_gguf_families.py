@@ -1,0 +1,58 @@
+"""GGUF export of the Gemma families in llama.cpp's architectures: (1 + w) norms, sandwich-norm names, soft-cap and
+sliding-window keys; Gemma 2 / 3 files load in transformers' GGUF loader to the merged model's logits."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from helpers import make_pair, randomize_lora_b
+from pronghorn.export.gguf_writer import save_gguf
+from pronghorn.export.merged import merged_state_dict
+from pronghorn.models.gguf_loading import _field
+from pronghorn.models.lora import LoRAConfig, attach_lora
+
+
+def _with_adapter(name):
+    hf, model = make_pair(name)
+    attach_lora(model, LoRAConfig(r=2, lora_alpha=4), seed=0)
+    randomize_lora_b(model, scale=0.1)
+    return hf, model
+
+
+def test_gemma_norms_are_stored_plus_one(tmp_path, tiny_tokenizer):
+    _, model = _with_adapter("gemma")
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
+    assert _field(r, "general.architecture") == "gemma"
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    assert "output.weight" not in tensors  # tied head
+    want = model.model.layers[1].post_attention_layernorm.weight.detach().numpy() + 1
+    np.testing.assert_array_equal(tensors["blk.1.ffn_norm.weight"], want)
+    np.testing.assert_array_equal(tensors["output_norm.weight"], model.model.norm.weight.detach().numpy() + 1)
+
+
+def test_gemma2_metadata_and_sandwich_names(tmp_path, tiny_tokenizer):
+    _, model = _with_adapter("gemma2")
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
+    assert _field(r, "general.architecture") == "gemma2"
+    assert (_field(r, "gemma2.attn_logit_softcapping"), _field(r, "gemma2.final_logit_softcapping")) == (1.5, 3.0)
+    assert _field(r, "gemma2.attention.sliding_window") == 5 and _field(r, "gemma2.attention.key_length") == 16
+    names = {t.name for t in r.tensors if t.name.startswith("blk.0.") and "norm" in t.name}
+    assert names == {f"blk.0.{n}.weight" for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")}
+
+
+@pytest.mark.parametrize("name", ["gemma2_gguf", "gemma3_text_gguf"])
+def test_transformers_gguf_loader_gives_the_merged_logits(name, tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    hf, model = _with_adapter(name)
+    hf.load_state_dict(merged_state_dict(model, torch.float32), strict=False)
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "g"), gguf_file="model.F32.gguf",
+                                                  dtype=torch.float32).eval()
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = hf(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
