@@ -59,8 +59,9 @@ TINY_CONFIGS = {
         _GEMMA, num_hidden_layers=3, sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=4.0,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     # what transformers' GGUF loader can rebuild: the default scalar, soft-caps (Gemma 2), RoPEs and layer pattern
-    "gemma2_gguf": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GEMMA, sliding_window=5, attn="eager")),
-    "gemma3_text_gguf": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GEMMA, sliding_window=5)),
+    # (head_dim 256 = query_pre_attn_scalar, as transformers' GGUF loader and llama.cpp assume)
+    "gemma2_gguf": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GEMMA, head_dim=256, sliding_window=5, attn="eager")),
+    "gemma3_text_gguf": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GEMMA, head_dim=256, sliding_window=5)),
     # Phi-3: LongRoPE past an original context of 16 (the tests' 23 and 40 tokens take the long factors)
     "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
         _PHI3, original_max_position_embeddings=16, rope_parameters=dict(

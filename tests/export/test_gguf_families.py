@@ -34,7 +34,8 @@ def test_gemma_norms_are_stored_plus_one(tmp_path, tiny_tokenizer):
 
 def test_gemma2_metadata_and_sandwich_names(tmp_path, tiny_tokenizer):
     _, model = _with_adapter("gemma2")
-    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    with pytest.warns(UserWarning, match="query_pre_attn_scalar"):  # 24 here: see the last test
+        save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
     r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
     assert _field(r, "general.architecture") == "gemma2"
     assert (_field(r, "gemma2.attn_logit_softcapping"), _field(r, "gemma2.final_logit_softcapping")) == (1.5, 3.0)
@@ -56,3 +57,29 @@ def test_transformers_gguf_loader_gives_the_merged_logits(name, tmp_path, tiny_t
     with torch.no_grad():
         want, got = hf(input_ids=ids).logits, loaded(input_ids=ids).logits
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2_gguf", "gemma3_text", "gemma3_text_gguf"])
+def test_pronghorn_reads_its_gguf_back_to_the_same_logits(name, tmp_path, tiny_tokenizer):
+    """Norms back to w, soft-caps, window, layer pattern and both RoPE bases from the metadata."""
+    from pronghorn.models.builder import build_model
+    from pronghorn.models.config import ModelConfig
+    from pronghorn.models.gguf_loading import read_gguf
+
+    _, model = _with_adapter(name)
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    ckpt = read_gguf(tmp_path / "g" / "model.F32.gguf")
+    cfg = ModelConfig.from_hf_dict(ckpt.config)
+    assert cfg.parts == model.config.parts and cfg.layer_types == model.config.layer_types
+    assert (cfg.rope, cfg.local_rope) == (model.config.rope, model.config.local_rope)
+    loaded = build_model(cfg, ckpt.state_dict, torch.float32)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_llama_cpp_attention_scale_mismatch_warns(tmp_path, tiny_tokenizer):
+    _, model = make_pair("gemma2")  # query_pre_attn_scalar 24, head_dim 16
+    with pytest.warns(UserWarning, match="query_pre_attn_scalar 24 is not stored in GGUF"):
+        save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")

@@ -6,7 +6,7 @@ unscaled) and the global layers' (scaled). The final logits are soft-capped only
 
 from __future__ import annotations
 
-from .gemma import gemma_activation
+from .gemma import GGUF_CONFIG, gemma_activation, llama_cpp_query_scalar, warn_if_llama_cpp_scales_otherwise
 from .gemma2 import gemma_window
 from .spec import SANDWICH_GGUF_LAYERS, FamilySpec, LayerParts
 
@@ -33,6 +33,7 @@ def read_config(d: dict, source: str, n_layers: int) -> dict:
 
 def gguf_metadata(writer, cfg) -> None:
     """llama.cpp's gemma3 keys: the sliding window, the sliding layers' pattern and their RoPE base."""
+    warn_if_llama_cpp_scales_otherwise(cfg, layers_27b=62)
     if cfg.sliding_window is not None:
         writer.add_sliding_window(cfg.sliding_window)
     writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -41,7 +42,20 @@ def gguf_metadata(writer, cfg) -> None:
         writer.add_final_logit_softcapping(cfg.parts.final_softcap)
 
 
+def gguf_read(field, config: dict) -> dict:
+    out = {"query_pre_attn_scalar": llama_cpp_query_scalar(config, layers_27b=62),
+           "sliding_window": field("attention.sliding_window"),
+           "rope_local_base_freq": field("rope.freq_base_swa") or 10000.0}
+    pattern = field("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+    if field("final_logit_softcapping") is not None:
+        out["final_logit_softcapping"] = field("final_logit_softcapping")
+    return out
+
+
 SPEC = FamilySpec("gemma3_text", "Gemma3ForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma3",
+                  gguf_reads=True, gguf_config=GGUF_CONFIG, gguf_read=gguf_read,
                   gguf_layers={**SANDWICH_GGUF_LAYERS, "self_attn.q_norm": "attn_q_norm",
                                "self_attn.k_norm": "attn_k_norm"},
                   gguf_metadata=gguf_metadata)

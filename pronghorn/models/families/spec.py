@@ -71,6 +71,8 @@ class FamilySpec:
     gguf_config: dict[str, Any] = field(default_factory=dict)  # config.json fields a GGUF of it implies
     # (gguf.GGUFWriter, ModelConfig) -> None: the architecture's own keys (soft-caps, sliding window, ...)
     gguf_metadata: Callable[[Any, Any], None] | None = None
+    # (field: "<arch>.<key>" -> value or None, config.json dict so far) -> the fields those keys give on reading
+    gguf_read: Callable[[Callable[[str], Any], dict], dict] | None = None
 
 
 def activation(d: dict, source: str, key: str = "hidden_act", default: str = "silu",
