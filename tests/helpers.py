@@ -67,6 +67,8 @@ TINY_CONFIGS = {
         _PHI3, original_max_position_embeddings=16, rope_parameters=dict(
             rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
             long_factor=[1.0, 1.5, 2.5, 4.0, 6.5, 9.0]))),
+    # what transformers' GGUF loader rebuilds of a Phi-3 (no RoPE scaling, partial rotary or window)
+    "phi3_gguf": ("Phi3Config", "Phi3ForCausalLM", dict(_PHI3)),
     # Phi-4-mini-like: partial rotary (half the head) and a sliding window
     "phi3_partial_sliding": ("Phi3Config", "Phi3ForCausalLM", dict(
         _PHI3, partial_rotary_factor=0.5, sliding_window=5, num_key_value_heads=1)),

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import PronghornError, UnsupportedModelError
 from ..files import atomic_dir
 from ..models.families import FAMILIES, GGUF_GLOBALS
+from ..models.hf_layout import fuse_split
 from .gguf_quant import Method, encode, resolve_methods, tensor_type
 from .gguf_tokenizer import gguf_vocab
 from .merged import _chmod_like_mkdir, iter_merged
@@ -72,7 +73,7 @@ def _check_supported(cfg) -> str:
         raise UnsupportedModelError(f"GGUF export supports {', '.join(_EXPORTS)} models, not {cfg.model_type!r}")
     arch = spec.gguf_arch
     kind = cfg.rope.get("rope_type", "default")
-    if kind not in ("default", "linear", "yarn", "llama3"):
+    if kind not in spec.gguf_rope_types:
         raise UnsupportedModelError(f"rope scaling {kind!r} has no GGUF equivalent in llama.cpp; export the merged "
                                     "checkpoint instead (format merged)")
     if kind == "llama3" and arch != "llama":
@@ -92,7 +93,7 @@ def _tensors(model: nn.Module, arch: str, base_checkpoint) -> Iterator[tuple[str
     spec = FAMILIES[cfg.model_type]
     if cfg.rope.get("rope_type") == "llama3":
         yield "rope_freqs.weight", llama3_rope_factors(cfg.rope, cfg.head_dim)
-    for hf_name, t in iter_merged(model, torch.float32, base_checkpoint):
+    for hf_name, t in fuse_split(cfg, iter_merged(model, torch.float32, base_checkpoint)):
         name = gguf_name(hf_name, spec.gguf_layers)
         w = t.numpy()
         if spec.gguf_permute_qk and name.split(".")[-2] in ("attn_q", "attn_k"):
@@ -119,7 +120,7 @@ def _write_metadata(writer, model: nn.Module, arch: str, method: Method, name: s
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_file_type(LlamaFileType[method.file_type])
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.parts.rotary_dim or cfg.head_dim)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)

@@ -3,7 +3,8 @@
 Numerics follow ``rms_norm_reference`` step by step: the row is normalised in fp32; without an offset (Llama) the
 normalised value is rounded to the input dtype and only then multiplied by the weight; with one (Gemma's
 ``1 + w``) the fp32 row is multiplied by ``weight + offset`` in fp32 and rounded once. So bf16 outputs equal the
-reference's bit for bit up to the last bit of the fp32 sum of squares. The forward saves one fp32 ``1/rms`` per row; the backward recomputes the normalised row
+reference's bit for bit up to the last bit of the fp32 sum of squares.
+The forward saves one fp32 ``1/rms`` per row; the backward recomputes the normalised row
 from it and returns dX always and dW only when the weight needs a gradient, from per-program fp32 partial
 sums that torch reduces afterwards (no atomics, deterministic).
 

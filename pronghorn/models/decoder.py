@@ -252,8 +252,8 @@ class DecoderForCausalLM(nn.Module):
         loss = None
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
-                                        shifted.reshape(-1), num_items_in_batch, softcap=self.config.parts.final_softcap)
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
+                                        num_items_in_batch, softcap=self.config.parts.final_softcap)
         if return_logits is None:
             return_logits = labels is None or not (self.training and torch.is_grad_enabled())
         logits = None

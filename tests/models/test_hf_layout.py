@@ -32,7 +32,7 @@ def test_wrong_row_count_names_the_tensor():
     hf, ours = make_pair("phi3_partial_sliding")
     sd = dict(hf.state_dict())
     sd["model.layers.0.self_attn.qkv_proj.weight"] = sd["model.layers.0.self_attn.qkv_proj.weight"][:-1]
-    with pytest.raises(CheckpointError, match=r"ckpt: tensor model\.layers\.0\.self_attn\.qkv_proj\.weight has 71 rows"):
+    with pytest.raises(CheckpointError, match=r"ckpt: tensor model\.layers\.0\.self_attn\.qkv_proj\.weight has 71"):
         split_fused(ours.config, sd, "ckpt")
 
 

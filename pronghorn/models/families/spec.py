@@ -69,6 +69,7 @@ class FamilySpec:
     gguf_permute_qk: bool = False  # llama.cpp's interleaved-rope row order for q/k ("llama" arch)
     gguf_layers: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GGUF_LAYERS))
     gguf_config: dict[str, Any] = field(default_factory=dict)  # config.json fields a GGUF of it implies
+    gguf_rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")  # RoPE scalings llama.cpp runs
     # (gguf.GGUFWriter, ModelConfig) -> None: the architecture's own keys (soft-caps, sliding window, ...)
     gguf_metadata: Callable[[Any, Any], None] | None = None
     # (field: "<arch>.<key>" -> value or None, config.json dict so far) -> the fields those keys give on reading
