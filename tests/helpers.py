@@ -134,3 +134,26 @@ def randomize_lora_b(model, seed=0, scale=0.3):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_tiny_tokenizer():
+    """A small byte-level BPE tokenizer with a chat template (fits the 97-row tiny models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", ".", ","]
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                         "{% endif %}")
+    return tok
