@@ -16,6 +16,8 @@ _BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_lay
 _GEMMA = dict(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", head_dim=16,
               initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
+_PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+
 # name -> (transformers config class, model class, fields over _BASE; "attn": the transformers attention
 # implementation to compare with, SDPA unless named)
 TINY_CONFIGS = {
@@ -49,6 +51,27 @@ TINY_CONFIGS = {
         final_logit_softcapping=3.0, attn="eager")),
     "gemma2_no_softcap": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         _GEMMA, sliding_window=5, attn_logit_softcapping=None, final_logit_softcapping=None, attn="sdpa-after-init")),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        _GEMMA, query_pre_attn_scalar=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1000000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})),
+    "gemma3_text_softcap": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(  # transformers ignores the attention cap
+        _GEMMA, num_hidden_layers=3, sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=4.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # what transformers' GGUF loader can rebuild: the default scalar, soft-caps (Gemma 2), RoPEs and layer pattern
+    # (head_dim 256 = query_pre_attn_scalar, as transformers' GGUF loader and llama.cpp assume)
+    "gemma2_gguf": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GEMMA, head_dim=256, sliding_window=5, attn="eager")),
+    "gemma3_text_gguf": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_GEMMA, head_dim=256, sliding_window=5)),
+    # Phi-3: LongRoPE past an original context of 16 (the tests' 23 and 40 tokens take the long factors)
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _PHI3, original_max_position_embeddings=16, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0],
+            long_factor=[1.0, 1.5, 2.5, 4.0, 6.5, 9.0]))),
+    # what transformers' GGUF loader rebuilds of a Phi-3 (no RoPE scaling, partial rotary or window)
+    "phi3_gguf": ("Phi3Config", "Phi3ForCausalLM", dict(_PHI3)),
+    # Phi-4-mini-like: partial rotary (half the head) and a sliding window
+    "phi3_partial_sliding": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _PHI3, partial_rotary_factor=0.5, sliding_window=5, num_key_value_heads=1)),
 }
 
 
@@ -111,3 +134,26 @@ def randomize_lora_b(model, seed=0, scale=0.3):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_tiny_tokenizer():
+    """A small byte-level BPE tokenizer with a chat template (fits the 97-row tiny models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", ".", ","]
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                         "{% endif %}")
+    return tok

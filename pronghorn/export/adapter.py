@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import PronghornError
 from ..files import atomic_file, check_output_dir
 from ..models.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_record, peft_config_dict, peft_state_dict
+from ..models.fused_adapter import fuse_adapter
 from ..models.lora import is_tied, trained_modules
 
 MODEL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
@@ -37,11 +38,15 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     path = check_output_dir(path, overwrite, marker_files=MODEL_FILES)
     _warn_trained_base(model)
     base, metadata = base_record(base_model_name_or_path or getattr(model, "name_or_path", None))
-    tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
+    # a family whose checkpoints fuse projections (Phi-3): the parts' adapters on the fused modules PEFT knows
+    tensors, targets, ranks, alphas = fuse_adapter(model.config, config, peft_state_dict(model))
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    peft_config = peft_config_dict(config, base, tied=is_tied(model))
+    peft_config.update(target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
     with atomic_file(path / ADAPTER_WEIGHTS) as f:
         f.write(save(tensors, metadata={"format": "pt", **metadata}))
     with atomic_file(path / ADAPTER_CONFIG, "w") as f:
-        f.write(json.dumps(peft_config_dict(config, base, tied=is_tied(model)), indent=2) + "\n")
+        f.write(json.dumps(peft_config, indent=2) + "\n")
     return path
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import PronghornError, UnsupportedModelError
 from ..files import atomic_dir
 from ..models.families import FAMILIES, GGUF_GLOBALS
+from ..models.hf_layout import fuse_split
 from .gguf_quant import Method, encode, resolve_methods, tensor_type
 from .gguf_tokenizer import gguf_vocab
 from .merged import _chmod_like_mkdir, iter_merged
@@ -72,12 +73,12 @@ def _check_supported(cfg) -> str:
         raise UnsupportedModelError(f"GGUF export supports {', '.join(_EXPORTS)} models, not {cfg.model_type!r}")
     arch = spec.gguf_arch
     kind = cfg.rope.get("rope_type", "default")
-    if kind not in ("default", "linear", "yarn", "llama3"):
+    if kind not in spec.gguf_rope_types:
         raise UnsupportedModelError(f"rope scaling {kind!r} has no GGUF equivalent in llama.cpp; export the merged "
                                     "checkpoint instead (format merged)")
     if kind == "llama3" and arch != "llama":
         raise UnsupportedModelError(f"llama3 rope scaling on a {cfg.model_type} model cannot be written to GGUF")
-    if any(t == "sliding_attention" for t in cfg.layer_types):
+    if any(t == "sliding_attention" for t in cfg.layer_types) and spec.gguf_metadata is None:
         if arch != "llama":
             raise UnsupportedModelError(f"{cfg.model_type} with sliding-window layers cannot be written to GGUF")
         warnings.warn(f"llama.cpp runs this {cfg.model_type} model with full attention (its sliding window of "
@@ -92,12 +93,14 @@ def _tensors(model: nn.Module, arch: str, base_checkpoint) -> Iterator[tuple[str
     spec = FAMILIES[cfg.model_type]
     if cfg.rope.get("rope_type") == "llama3":
         yield "rope_freqs.weight", llama3_rope_factors(cfg.rope, cfg.head_dim)
-    for hf_name, t in iter_merged(model, torch.float32, base_checkpoint):
+    for hf_name, t in fuse_split(cfg, iter_merged(model, torch.float32, base_checkpoint)):
         name = gguf_name(hf_name, spec.gguf_layers)
         w = t.numpy()
         if spec.gguf_permute_qk and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             w = permute_for_llama_cpp(w, heads)
+        if cfg.parts.norm_offset and hf_name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
+            w = w + np.float32(cfg.parts.norm_offset)
         yield name, w
 
 
@@ -117,7 +120,7 @@ def _write_metadata(writer, model: nn.Module, arch: str, method: Method, name: s
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_file_type(LlamaFileType[method.file_type])
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.parts.rotary_dim or cfg.head_dim)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
@@ -134,6 +137,9 @@ def _write_metadata(writer, model: nn.Module, arch: str, method: Method, name: s
                                  ("beta_slow", "yarn_beta_slow")):
             if rope.get(hf_key) is not None:
                 writer.add_float32(f"{arch}.rope.scaling.{gguf_key}", float(rope[hf_key]))
+    spec = FAMILIES[cfg.model_type]
+    if spec.gguf_metadata is not None:
+        spec.gguf_metadata(writer, cfg)
     if method.default not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(2)
 

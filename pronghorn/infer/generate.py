@@ -100,6 +100,12 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     mode = _pick_mode(decode_mode, model, use_cache)
+    switch = longrope_switch(model)
+    if mode != "eager" and switch is not None and input_ids.shape[1] <= switch < input_ids.shape[1] + max_new_tokens:
+        if decode_mode != "auto":
+            raise ValueError(f"decode_mode={decode_mode!r}: this LongRoPE model recomputes its cache once the sequence "
+                             f"passes {switch} tokens, which only the eager loop does; use 'eager' or 'auto'")
+        mode = "eager"
 
     states = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -129,11 +135,14 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     padded = not bool(mask.all())
-    cache = None
-    if use_cache:
-        cfg = model.config
-        cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim,
-                        prompt_len + max_new_tokens, model.dtype, device)
+    cfg = model.config
+
+    def new_cache():
+        return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim,
+                       prompt_len + max_new_tokens, model.dtype, device) if use_cache else None
+
+    cache = new_cache()
+    switch = longrope_switch(model)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -156,7 +165,11 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
         if step == max_new_tokens - 1 or not bool(unfinished.any()):
             break
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-        if use_cache:
+        if use_cache and switch is not None and seq.shape[1] == switch + 1:
+            cache = new_cache()  # its keys were rotated with the short factors: all again with the long ones
+            out = model(input_ids=seq, attention_mask=mask if padded else None, position_ids=positions,
+                        past_key_values=cache, logits_to_keep=1)
+        elif use_cache:
             out = model(input_ids=next_ids[:, None], attention_mask=mask if padded else None,
                         position_ids=positions[:, -1:], past_key_values=cache, logits_to_keep=1)
         else:
@@ -209,6 +222,13 @@ def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, t
     if stopping and not bool(unfinished.any()):
         done = int(stopped_at.max()) + 1
     return seq[:, : prompt_len + done]
+
+
+def longrope_switch(model: nn.Module) -> int | None:
+    """The length past which a LongRoPE model (Phi-3) takes its long factors, or None. transformers' Phi-3
+    recomputes the whole cache when a generated sequence first passes it, and so does the eager loop here."""
+    rope = getattr(getattr(model, "config", None), "rope", None) or {}
+    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
 
 
 def _pick_mode(decode_mode: str, model: nn.Module, use_cache: bool) -> str:

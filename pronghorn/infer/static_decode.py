@@ -27,10 +27,10 @@ _RUNNERS: "weakref.WeakKeyDictionary[nn.Module, DecodeRunner]" = weakref.WeakKey
 
 
 def graphs_supported(model: nn.Module) -> bool:
-    """CUDA graphs need a CUDA model and step shapes/values free of host decisions (dynamic NTK rope reads
-    the largest position on the host every step, so it decodes eagerly)."""
+    """CUDA graphs need a CUDA model and step shapes/values free of host decisions (dynamic NTK and LongRoPE
+    read the largest position on the host every step, so they decode eagerly)."""
     rope = getattr(model.config, "rope", None) or {}
-    return model.device.type == "cuda" and rope.get("rope_type") != "dynamic"
+    return model.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope")
 
 
 def cache_length(tokens: int) -> int:

@@ -1,4 +1,6 @@
-"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back (as Hugging Face does)."""
+"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), normalised in fp32, as Hugging Face does each form: Llama's rounds the
+normalised row to the input dtype and then scales it by ``w``; Gemma's (``offset=1.0``) scales the fp32 row by
+``1 + w`` in fp32 and rounds once."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ from .triton_support import use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """Plain PyTorch RMSNorm. ``offset=1.0`` gives the Gemma form ``(1 + w)``."""
+    """Plain PyTorch RMSNorm. ``offset=1.0`` gives the Gemma form ``(1 + w)`` (scaled in fp32, rounded once)."""
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    w = weight + offset if offset else weight
-    return w * h.to(dtype)
+    if offset:
+        return (h * (weight.float() + offset)).to(dtype)
+    return weight * h.to(dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

@@ -1,9 +1,10 @@
 """RMSNorm in Triton with a hand-written backward (the fast path of ``kernels.rms_norm`` on CUDA tensors).
 
-Numerics follow ``rms_norm_reference`` step by step: the row is normalised in fp32, the normalised value is
-rounded to the input dtype, and only then multiplied by the weight (``weight + offset`` rounded in the
-weight's dtype, as torch does), so bf16 outputs equal the reference's bit for bit up to the last bit of the
-fp32 sum of squares. The forward saves one fp32 ``1/rms`` per row; the backward recomputes the normalised row
+Numerics follow ``rms_norm_reference`` step by step: the row is normalised in fp32; without an offset (Llama) the
+normalised value is rounded to the input dtype and only then multiplied by the weight; with one (Gemma's
+``1 + w``) the fp32 row is multiplied by ``weight + offset`` in fp32 and rounded once. So bf16 outputs equal the
+reference's bit for bit up to the last bit of the fp32 sum of squares.
+The forward saves one fp32 ``1/rms`` per row; the backward recomputes the normalised row
 from it and returns dX always and dW only when the weight needs a gradient, from per-program fp32 partial
 sums that torch reduces afterwards (no atomics, deterministic).
 
@@ -28,16 +29,24 @@ _DW_PROGRAMS_PER_SM = 2
 
 @triton.jit
 def _weight_f32(W, cols, col_mask, offset):
-    """``weight + offset`` rounded in the weight's dtype (as the reference's ``weight + offset``), then fp32."""
+    """The scale in fp32: ``weight + offset`` (no rounding in between)."""
     w = tl.load(W + cols, mask=col_mask, other=0.0)
-    return (w.to(tl.float32) + offset).to(W.dtype.element_ty).to(tl.float32)
+    return w.to(tl.float32) + offset
+
+
+@triton.jit
+def _as_scaled(normed, X, OFFSET: tl.constexpr):
+    """The normalised row as the scale multiplies it: rounded to the input dtype (Llama) or fp32 (an offset)."""
+    if OFFSET:
+        return normed
+    return normed.to(X.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
 def _rms_norm_fwd_kernel(
     Y, X, W, RSTD,
     stride_y, stride_x, n_rows, n_cols, eps, offset,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    OFFSET: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
@@ -49,7 +58,7 @@ def _rms_norm_fwd_kernel(
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = _weight_f32(W, cols, col_mask, offset)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / n_cols + eps)
-    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)  # HF's order: cast, then scale
+    normed = _as_scaled(x * rstd[:, None], X, OFFSET)  # HF's order: Llama casts, then scales
     tl.store(Y + r64 * stride_y + cols[None, :], (w[None, :] * normed).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -58,7 +67,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DX, DW_PARTIAL, DY, X, W, RSTD,
     stride_dx, stride_dy, stride_x, n_rows, n_cols, offset,
-    HAS_DW: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    OFFSET: tl.constexpr, HAS_DW: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first_row = pid * (TILES * ROWS)  # each program owns TILES whole tiles of ROWS rows
@@ -82,8 +91,8 @@ def _rms_norm_bwd_kernel(
         dot = tl.sum(dnormed * normed, axis=1) / n_cols
         dx = rstd[:, None] * (dnormed - normed * dot[:, None])
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_DW:  # y = w * cast(n): dW sums dy times the normalised value as the forward rounded it
-            dw += tl.sum(dy * normed.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        if HAS_DW:  # y = w * n: dW sums dy times the normalised value as the forward scaled it
+            dw += tl.sum(dy * _as_scaled(normed, X, OFFSET), axis=0)
 
     if HAS_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
@@ -118,13 +127,14 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
         )
     x2 = _rows(x)
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out_dtype = x.dtype if offset else torch.promote_types(x.dtype, weight.dtype)  # as the reference
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         rows, block, warps = _tile(n_cols)
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
             y, x2, weight, rstd, y.stride(0), x2.stride(0), n_rows, n_cols, eps, offset,
-            ROWS=rows, BLOCK=block, num_warps=warps,
+            OFFSET=bool(offset), ROWS=rows, BLOCK=block, num_warps=warps,
         )
     return y.view(x.shape), x2, rstd
 
@@ -146,7 +156,7 @@ def rms_norm_backward(dy, x2, weight, rstd, offset: float, need_dw: bool):
     _rms_norm_bwd_kernel[(programs,)](
         dx, partial, dy2, x2, weight, rstd,
         dx.stride(0), dy2.stride(0), x2.stride(0), n_rows, n_cols, offset,
-        HAS_DW=need_dw, TILES=tiles, ROWS=rows, BLOCK=block, num_warps=warps,
+        OFFSET=bool(offset), HAS_DW=need_dw, TILES=tiles, ROWS=rows, BLOCK=block, num_warps=warps,
     )
     return dx, partial.sum(0).to(weight.dtype) if need_dw else None
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .default_model import DEFAULT_HUB_ID, DEFAULT_NAMES
+from .fused_adapter import split_adapter_tensors
 from .lora import LoRAConfig, attach_lora, is_tied, lora_modules, trained_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -158,6 +159,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     _fit_vocab(model, tensors, weights)
     attach_lora(model, config)
     expected = peft_state_dict(model)
+    tensors = split_adapter_tensors(model.config, tensors)
     if is_tied(model) and config.modules_to_save:
         _one_table(tensors, raw, weights)
     missing = sorted(set(expected) - set(tensors))

@@ -155,6 +155,8 @@ def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> d
         "torch_dtype": "float32",
         **spec.gguf_config,
     }
+    if spec.gguf_read is not None:
+        config.update(spec.gguf_read(lambda key: _field(reader, f"{arch}.{key}"), config))
     for gguf_name, hf_name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
         token_id = _field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
         if token_id is not None:
@@ -224,12 +226,12 @@ def _llama3_rope_scaling(path: Path, tensor, rope_theta: float, head_dim: int) -
 # --------------------------------------------------------------------------------------------- tensors
 
 
-def _expected_tensors(spec: FamilySpec, config: dict, tensors: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+def _expected_tensors(spec: FamilySpec, cfg: ModelConfig, config: dict,
+                      tensors: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """(gguf name, HF name, numpy shape) for every tensor the model needs, in HF order: the decoder's own
     tensors (a meta-device model of the config) under the spec's GGUF names."""
     from .decoder import DecoderForCausalLM
 
-    cfg = ModelConfig.from_hf_dict(config)
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg)
     h = config["hidden_size"]
@@ -247,7 +249,8 @@ def _expected_tensors(spec: FamilySpec, config: dict, tensors: dict) -> list[tup
 def _state_dict(path: Path, arch: str, spec: FamilySpec, config: dict, tensors: dict) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
-    expected = _expected_tensors(spec, config, tensors)
+    cfg = ModelConfig.from_hf_dict(config, source=str(path))
+    expected = _expected_tensors(spec, cfg, config, tensors)
     known = {g for g, _, _ in expected} | {"rope_freqs.weight"}
     extra = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
     if extra:
@@ -272,6 +275,8 @@ def _state_dict(path: Path, arch: str, spec: FamilySpec, config: dict, tensors: 
         if spec.gguf_permute_qk and gguf_name.startswith("blk.") and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if ".attn_q." in gguf_name else config["num_key_value_heads"]
             w = _unpermute(w, heads)
+        if cfg.parts.norm_offset and hf_name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
+            w = w - np.float32(cfg.parts.norm_offset)
         if not w.flags.writeable or not w.flags.c_contiguous:
             w = np.array(w, dtype=np.float32, order="C")  # memory-mapped F32 views: copy out of the file
         state_dict[hf_name] = torch.from_numpy(w)

@@ -9,11 +9,15 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError
+from .families import FAMILIES
 from .linear import Linear
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # modules trained fully beside the adapters (PEFT's ``modules_to_save``); a table tied to the head is one parameter
 TRAINABLE_MODULES = ("embed_tokens", "lm_head")
+# a fused checkpoint module's name (Phi-3's qkv_proj, gate_up_proj) -> the decoder's projections it holds
+FUSED_TARGETS = {f.fused.split(".")[-1]: tuple(p.split(".")[-1] for p in f.parts)
+                 for spec in FAMILIES.values() for f in spec.fusions}
 
 
 @dataclass
@@ -31,11 +35,13 @@ class LoRAConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = list(ALL_TARGETS) if self.target_modules == "all-linear" else [self.target_modules]
         names = [t.split(".")[-1] for t in self.target_modules]
+        names = [part for n in names for part in FUSED_TARGETS.get(n, (n,))]
         full = [t.split(".")[-1] for t in self.modules_to_save or []]
         unknown = sorted((set(names) - set(ALL_TARGETS) - set(TRAINABLE_MODULES)) | (set(full) - set(TRAINABLE_MODULES)))
         if unknown:
-            raise PronghornError(f"target_modules {unknown} not supported; choose among {list(ALL_TARGETS)} "
-                                 f"(LoRA adapters) and {list(TRAINABLE_MODULES)} (trained fully)")
+            raise PronghornError(f"target_modules {unknown} not supported; choose among {list(ALL_TARGETS)} (LoRA "
+                                 f"adapters; the fused {list(FUSED_TARGETS)} mean their parts) and "
+                                 f"{list(TRAINABLE_MODULES)} (trained fully)")
         self.target_modules = [t for t in ALL_TARGETS if t in names]
         self.modules_to_save = [t for t in TRAINABLE_MODULES if t in names or t in full]
         if not self.target_modules:

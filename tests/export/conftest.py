@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from helpers import make_tiny_tokenizer
+
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."},
         {"role": "assistant", "content": "The capital of France is Paris."}]
 
@@ -56,26 +58,4 @@ def gguf_dir(lora_smollm2, tmp_path_factory):
 @pytest.fixture
 def tiny_tokenizer():
     """A small byte-level BPE tokenizer with a chat template (fits the 97-row tiny models of tests/helpers.py)."""
-    return _tiny_tokenizer()
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", ".", ","]
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for c in chars:
-        vocab[c] = len(vocab)
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-                         "{% endif %}")
-    return tok
+    return make_tiny_tokenizer()

@@ -82,7 +82,8 @@ def test_vocab_padded_to_embedding_rows_and_metadata(tmp_path, tiny_tokenizer):
     assert {t.tensor_type.name for t in r.tensors if len(t.shape) == 2} == {"F16"}
 
 
-@pytest.mark.parametrize("name", ["llama2", "smollm2_tied", "qwen2_bias"])
+@pytest.mark.parametrize("name", ["llama2", "smollm2_tied", "qwen2_bias", "gemma2_gguf", "gemma3_text_gguf",
+                                  "phi3_gguf"])
 def test_transformers_gguf_loader_gives_the_same_logits(name, tmp_path, tiny_tokenizer):
     """transformers' GGUF loader (its own q/k un-permute) on our f32 file = the HF model with merged weights."""
     from transformers import AutoModelForCausalLM

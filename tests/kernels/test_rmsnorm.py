@@ -60,8 +60,9 @@ def _exact_grads(x, w, dy, offset):
     x64 = x.detach().cpu().double().requires_grad_()
     w64 = w.detach().cpu().double().requires_grad_()
     normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
-    normed = normed + (normed.to(x.dtype).double() - normed).detach()  # forward rounds, gradient passes
-    w_eff = (w.detach().cpu().float() + offset).to(w.dtype).double() + (w64 - w64.detach())
+    if not offset:  # Llama's form rounds the normalised row before scaling it; Gemma's scales it in fp32
+        normed = normed + (normed.to(x.dtype).double() - normed).detach()  # forward rounds, gradient passes
+    w_eff = w64 + offset
     (w_eff * normed).backward(dy.cpu().double())
     return x64.grad, w64.grad
 

@@ -34,7 +34,7 @@ def _peft_pair(name, rslora=False, targets=TARGETS):
                                           ("qwen3_qknorm", False), ("mistral_sliding", False),
                                           ("mistral_nemo_headdim", False), ("gemma", False),
                                           ("gemma_mha_untied", True), ("gemma2", False),
-                                          ("gemma2_no_softcap", False)])
+                                          ("gemma2_no_softcap", False), ("gemma3_text", False)])
 def test_lora_gradients_match_peft(name, rslora):
     hf, ours = _peft_pair(name, rslora)
     ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(3))

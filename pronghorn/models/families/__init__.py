@@ -5,10 +5,11 @@ Adding a family is one module here plus its entry in ``FAMILIES``, and its tiny 
 
 from __future__ import annotations
 
-from . import gemma, gemma2, llama, mistral, qwen2, qwen3
+from . import gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3
 from .spec import GGUF_GLOBALS, FamilySpec, Fusion, LayerParts
 
-FAMILIES: dict[str, FamilySpec] = {m.SPEC.model_type: m.SPEC for m in (llama, mistral, qwen2, qwen3, gemma, gemma2)}
+FAMILIES: dict[str, FamilySpec] = {m.SPEC.model_type: m.SPEC for m in (llama, mistral, qwen2, qwen3, gemma, gemma2,
+                                                                         gemma3_text, phi3)}
 
 __all__ = ["FAMILIES", "GGUF_GLOBALS", "FamilySpec", "Fusion", "LayerParts", "family"]
 

@@ -18,6 +18,11 @@ LLAMA_GGUF_LAYERS: dict[str, str] = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }  # fmt: skip
+# Gemma 2/3's sandwich norms as llama.cpp names them
+SANDWICH_GGUF_LAYERS: dict[str, str] = {
+    **LLAMA_GGUF_LAYERS, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 GGUF_GLOBALS: dict[str, str] = {"model.embed_tokens.weight": "token_embd.weight",
                                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
@@ -64,6 +69,11 @@ class FamilySpec:
     gguf_permute_qk: bool = False  # llama.cpp's interleaved-rope row order for q/k ("llama" arch)
     gguf_layers: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GGUF_LAYERS))
     gguf_config: dict[str, Any] = field(default_factory=dict)  # config.json fields a GGUF of it implies
+    gguf_rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")  # RoPE scalings llama.cpp runs
+    # (gguf.GGUFWriter, ModelConfig) -> None: the architecture's own keys (soft-caps, sliding window, ...)
+    gguf_metadata: Callable[[Any, Any], None] | None = None
+    # (field: "<arch>.<key>" -> value or None, config.json dict so far) -> the fields those keys give on reading
+    gguf_read: Callable[[Callable[[str], Any], dict], dict] | None = None
 
 
 def activation(d: dict, source: str, key: str = "hidden_act", default: str = "silu",

@@ -43,3 +43,20 @@ def test_embedding_scale_is_rounded_to_the_table_dtype():
         ours(input_ids=ids)
     hook.remove()
     assert torch.equal(captured["x"], want)
+
+
+def test_norm_equals_transformers_gemma_rmsnorm_bit_for_bit_in_bf16():
+    """(1 + w) scales the fp32 row and the result is rounded once, as GemmaRMSNorm does (not Llama's order)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from pronghorn.models.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 9, 48, generator=g) * 3).to(torch.bfloat16)
+    ref = GemmaRMSNorm(48, eps=1e-6)
+    ours = RMSNorm(48, 1e-6, offset=1.0)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(48, generator=g) * 0.3)
+        ours.weight.copy_(ref.weight)
+        ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+        assert torch.equal(ours(x), ref(x))

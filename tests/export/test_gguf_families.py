@@ -1,0 +1,90 @@
+"""GGUF export of the Gemma and Phi-3 families in llama.cpp's architectures: (1 + w) norms, sandwich-norm names,
+soft-cap and sliding-window keys, Phi-3's fused tensors and LongRoPE factors; pronghorn reads the Gemma files back.
+transformers' GGUF loader on Gemma 2 / 3 and Phi-3 files: tests/export/test_gguf_writer.py."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from helpers import make_pair, randomize_lora_b
+from pronghorn.export.gguf_writer import save_gguf
+from pronghorn.export.merged import merged_state_dict
+from pronghorn.models.gguf_loading import _field
+from pronghorn.models.lora import LoRAConfig, attach_lora
+
+
+def _with_adapter(name):
+    hf, model = make_pair(name)
+    attach_lora(model, LoRAConfig(r=2, lora_alpha=4), seed=0)
+    randomize_lora_b(model, scale=0.1)
+    return hf, model
+
+
+def test_gemma_norms_are_stored_plus_one(tmp_path, tiny_tokenizer):
+    _, model = _with_adapter("gemma")
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
+    assert _field(r, "general.architecture") == "gemma"
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    assert "output.weight" not in tensors  # tied head
+    want = model.model.layers[1].post_attention_layernorm.weight.detach().numpy() + 1
+    np.testing.assert_array_equal(tensors["blk.1.ffn_norm.weight"], want)
+    np.testing.assert_array_equal(tensors["output_norm.weight"], model.model.norm.weight.detach().numpy() + 1)
+
+
+def test_gemma2_metadata_and_sandwich_names(tmp_path, tiny_tokenizer):
+    _, model = _with_adapter("gemma2")
+    with pytest.warns(UserWarning, match="query_pre_attn_scalar"):  # 24 here: see the last test
+        save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
+    assert _field(r, "general.architecture") == "gemma2"
+    assert (_field(r, "gemma2.attn_logit_softcapping"), _field(r, "gemma2.final_logit_softcapping")) == (1.5, 3.0)
+    assert _field(r, "gemma2.attention.sliding_window") == 5 and _field(r, "gemma2.attention.key_length") == 16
+    names = {t.name for t in r.tensors if t.name.startswith("blk.0.") and "norm" in t.name}
+    assert names == {f"blk.0.{n}.weight" for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")}
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2_gguf", "gemma3_text", "gemma3_text_gguf"])
+def test_pronghorn_reads_its_gguf_back_to_the_same_logits(name, tmp_path, tiny_tokenizer):
+    """Norms back to w, soft-caps, window, layer pattern and both RoPE bases from the metadata."""
+    from pronghorn.models.builder import build_model
+    from pronghorn.models.config import ModelConfig
+    from pronghorn.models.gguf_loading import read_gguf
+
+    _, model = _with_adapter(name)
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    ckpt = read_gguf(tmp_path / "g" / "model.F32.gguf")
+    cfg = ModelConfig.from_hf_dict(ckpt.config)
+    assert cfg.parts == model.config.parts and cfg.layer_types == model.config.layer_types
+    assert (cfg.rope, cfg.local_rope) == (model.config.rope, model.config.local_rope)
+    loaded = build_model(cfg, ckpt.state_dict, torch.float32)
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_llama_cpp_attention_scale_mismatch_warns(tmp_path, tiny_tokenizer):
+    _, model = make_pair("gemma2")  # query_pre_attn_scalar 24, head_dim 16
+    with pytest.warns(UserWarning, match="query_pre_attn_scalar 24 is not stored in GGUF"):
+        save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+
+
+def test_phi3_fused_tensors_and_longrope_metadata(tmp_path, tiny_tokenizer):
+    _, model = _with_adapter("phi3_longrope")
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
+    assert _field(r, "general.architecture") == "phi3"
+    assert _field(r, "phi3.rope.scaling.original_context_length") == 16
+    assert _field(r, "phi3.rope.scaling.attn_factor") == pytest.approx((1 + np.log(4) / np.log(16)) ** 0.5, rel=1e-6)
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"], model.config.rope["long_factor"])
+    merged = merged_state_dict(model, torch.float32)
+    np.testing.assert_array_equal(tensors["blk.1.attn_qkv.weight"], merged["model.layers.1.self_attn.qkv_proj.weight"])
+    np.testing.assert_array_equal(tensors["blk.0.ffn_up.weight"], merged["model.layers.0.mlp.gate_up_proj.weight"])
+    assert not any(".attn_q." in n or "ffn_gate" in n for n in tensors)
+    _, partial = make_pair("phi3_partial_sliding")
+    save_gguf(partial, tmp_path / "p", tiny_tokenizer, "f32")
+    r = GGUFReader(tmp_path / "p" / "model.F32.gguf")
+    assert (_field(r, "phi3.rope.dimension_count"), _field(r, "phi3.attention.sliding_window")) == (6, 5)
