@@ -95,6 +95,8 @@ SETTINGS: dict[str, Setting] = {
     "dtype": Setting("compute dtype (None: bfloat16 on a GPU, float32 on the CPU)", ("float32", "bfloat16", "float16")),
     "device": Setting("cpu, cuda, cuda:N (None: a GPU when there is one)"),
     "logging_steps": Setting("log metrics every N optimizer steps", **_ONE),
+    "report_to": Setting("metrics also to TensorBoard (<output_dir>/tensorboard) or W&B offline (<output_dir>/wandb)",
+                         ("none", "tensorboard", "wandb")),
     "save_steps": Setting("save a checkpoint every N steps (None: only at the end)", **_ONE),
     "save_total_limit": Setting("checkpoints kept (None: all)", **_ONE),
     "resume_from_checkpoint": Setting("a checkpoint dir, or 'latest' in output_dir"),
