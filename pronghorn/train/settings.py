@@ -29,7 +29,8 @@ class Setting:
             return "one of " + ", ".join(self.choices)
         what = "an integer" if self.integer else "a number"
         if self.low is not None and self.high is not None:
-            return f"{what} in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{what} in {left}{_num(self.low)}, {_num(self.high)}{right}"
         if self.low is not None:
             return f"{what} {'>' if self.low_open else '>='} {_num(self.low)}"
         return what
@@ -57,7 +58,8 @@ def check(name: str, value) -> None:
         raise PronghornError(f"{spell(name)} must be {rule.describe()}, got {value!r}")
 
 
-_POS, _NONNEG, _ONE, _COUNT = dict(low=0, low_open=True), dict(low=0), dict(low=1, integer=True), dict(low=0, integer=True)
+_POS, _NONNEG = dict(low=0, low_open=True), dict(low=0)
+_ONE, _COUNT = dict(low=1, integer=True), dict(low=0, integer=True)
 _PROB = dict(low=0, high=1, high_open=True)
 
 SETTINGS: dict[str, Setting] = {
