@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: interactive)")
     c.add_argument("--system", help="system prompt (default: none)")
     c.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap in tokens (default: %(default)s)")
-    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: %(default)s)")
+    c.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, 0 = greedy (default: %(default)s)")
     c.set_defaults(func=_chat)
     d = sub.add_parser("demo", help="fine-tune the default model on the embedded persona set; show before/after")
     d.add_argument("--output-dir", default="outputs/demo", help="where the demo's adapter goes (default: %(default)s)")
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: none)")
     e.add_argument("--format", choices=("merged", "gguf", "lora"), default="merged",
                    help="merged HF safetensors, GGUF (+ Ollama Modelfile) or a PEFT adapter (default: %(default)s)")
-    e.add_argument("--quant", nargs="+", help="GGUF methods, one file each: f16 bf16 f32 q8_0 q5_0 q4_0 q6_k q4_k q4_k_m (default: f16)")
+    e.add_argument("--quant", nargs="+",
+                   help="GGUF methods, one file each: f16 bf16 f32 q8_0 q5_0 q4_0 q6_k q4_k q4_k_m (default: f16)")
     e.add_argument("--out", required=True, help="directory to create, required (must be empty unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     e.add_argument("--base-checkpoint", help="merge into this 16-bit checkpoint's weights, for a 4-bit base "

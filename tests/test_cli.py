@@ -252,3 +252,23 @@ def test_sft_on_preference_rows_suggests_the_dpo_method(tiny_dir, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "pref.jsonl line 1" in err and "method='dpo' (CLI: --method dpo)" in err
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_load_in_4bit_reaches_the_loader(tmp_path, capsys, monkeypatch, data, method):
+    import importlib
+
+    seen = {}
+
+    def loader(name, *args, load_in_4bit=False, **kw):
+        seen["load_in_4bit"] = load_in_4bit
+        raise SystemExit(0)  # stop before anything slow
+
+    module = importlib.import_module("pronghorn.train.run" if method == "sft" else "pronghorn.train.preference_run")
+    monkeypatch.setattr(module, "load_pretrained", loader)
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    rows = str(data if method == "sft" else pref)
+    with pytest.raises(SystemExit):
+        main(["train", "--load-in-4bit", "--method", method, "--data", rows, "--output-dir", str(tmp_path / "o")])
+    assert seen == {"load_in_4bit": True}

@@ -201,10 +201,11 @@ def finish(examples: list, stats: dict[str, Any], skip_bad_rows: bool, return_st
             raise DataError(errors[0])
         count = f"at least {stats['skipped']}" if stats.get("stopped_early") else str(stats["skipped"])
         shown = f" (the first {len(errors)} shown)" if stats["skipped"] > len(errors) else ""
-        raise DataError(f"{count} bad rows{shown}:\n  " + "\n  ".join(errors) + f"\n(pass {spell('skip_bad_rows', True)} to leave bad rows out instead)")
+        raise DataError(f"{count} bad rows{shown}:\n  " + "\n  ".join(errors)
+                        + f"\n(pass {spell('skip_bad_rows', True)} to leave bad rows out instead)")
     if stats["skipped"]:
-        logger.warning("skipped %d bad row(s) of %d (skip_bad_rows / --skip-bad-rows); the first:\n  %s", stats["skipped"],
-                       stats["rows"], "\n  ".join(errors))
+        logger.warning("skipped %d bad row(s) of %d (skip_bad_rows / --skip-bad-rows); the first:\n  %s",
+                       stats["skipped"], stats["rows"], "\n  ".join(errors))
     changed = {k: stats[k] for k in ("truncated", "split", "dropped") if stats[k]}
     if changed:
         logger.warning("rows longer than max_length: %s", ", ".join(f"{v} {k}" for k, v in changed.items()))

@@ -1,6 +1,7 @@
-"""transformers' output classes, filled with the KV cache under the field name the installed transformers declares:
-``past_key_values`` up to 5.2x, ``cache`` in later releases (which warn that the old name is deprecated whenever it
-is passed, even as None). The field is read off the class, not guessed from a version number."""
+"""transformers' output classes, filled with the KV cache under the field name the installed transformers
+declares: ``past_key_values`` in older releases (5.18 to 5.22 at least), ``cache`` in newer ones (5.25, which
+warn that the old name is deprecated whenever it is passed, even as None). The field is read off the class, not
+guessed from a version number."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from ..models.recompute import checkpoint_mode
 from ..models.lora import ALL_TARGETS
 from ..models.tiled_mlp import tiled_mlp_mode
 from .optimizers import optimizer_name
+from .report import check_report_to
 from .settings import check
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16; None = bf16 on GPU, fp32 on CPU
     device: str | None = None
     logging_steps: int = 1
+    report_to: str = "none"  # none | tensorboard | wandb (offline), besides metrics.jsonl and loss.png
     save_steps: int | None = None  # adapter checkpoints every N steps (None = only at the end)
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
@@ -93,6 +95,7 @@ class TrainConfig:
                 setattr(self, name, normalise(getattr(self, name)))
             except PronghornError as e:
                 raise PronghornError(f"{e} (CLI: {cli_flag(name)})") from None
+        check_report_to(self.report_to)  # a known reporter whose package is installed
         for f in fields(self):  # every word and number against train/settings.py, before anything slow
             check(f.name, getattr(self, f.name))
         try:

@@ -29,7 +29,8 @@ class Setting:
             return "one of " + ", ".join(self.choices)
         what = "an integer" if self.integer else "a number"
         if self.low is not None and self.high is not None:
-            return f"{what} in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{what} in {left}{_num(self.low)}, {_num(self.high)}{right}"
         if self.low is not None:
             return f"{what} {'>' if self.low_open else '>='} {_num(self.low)}"
         return what
@@ -57,7 +58,8 @@ def check(name: str, value) -> None:
         raise PronghornError(f"{spell(name)} must be {rule.describe()}, got {value!r}")
 
 
-_POS, _NONNEG, _ONE, _COUNT = dict(low=0, low_open=True), dict(low=0), dict(low=1, integer=True), dict(low=0, integer=True)
+_POS, _NONNEG = dict(low=0, low_open=True), dict(low=0)
+_ONE, _COUNT = dict(low=1, integer=True), dict(low=0, integer=True)
 _PROB = dict(low=0, high=1, high_open=True)
 
 SETTINGS: dict[str, Setting] = {
@@ -99,6 +101,8 @@ SETTINGS: dict[str, Setting] = {
     "dtype": Setting("compute dtype (None: bfloat16 on a GPU, float32 on the CPU)", ("float32", "bfloat16", "float16")),
     "device": Setting("cpu, cuda, cuda:N (None: a GPU when there is one)"),
     "logging_steps": Setting("log metrics every N optimizer steps", **_ONE),
+    "report_to": Setting("metrics also to TensorBoard (<output_dir>/tensorboard) or W&B offline (<output_dir>/wandb)",
+                         ("none", "tensorboard", "wandb")),
     "save_steps": Setting("save a checkpoint every N steps (None: only at the end)", **_ONE),
     "save_total_limit": Setting("checkpoints kept (None: all)", **_ONE),
     "resume_from_checkpoint": Setting("a checkpoint dir, or 'latest' in output_dir"),

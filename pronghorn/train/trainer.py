@@ -5,6 +5,7 @@ the steps draw rows, the model keeping the sequences of a row apart by their res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from .config import TrainConfig
 from .distributed import DataParallel
 from .optimizers import build_optimizer
 from .progress import TrainProgress
+from .report import open_reporter
 from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from .schedule import lr_multiplier
 
@@ -194,8 +196,10 @@ class Trainer:
             start = load(resume, self.model, self.optimizer)["global_step"]
             log.truncate_after(start)
         losses = [r["loss"] for r in log.rows if "loss" in r]
+        report = open_reporter(cfg.report_to if self.dist.is_main else "none", self.out, dataclasses.asdict(cfg))
         self.model.train()
-        with TrainProgress(self.total_steps, start, enabled=cfg.progress and self.dist.is_main) as bar:
+        with TrainProgress(self.total_steps, start, enabled=cfg.progress and self.dist.is_main) as bar, \
+                contextlib.closing(report or _Nothing()):
             for step in range(start, self.total_steps):
                 lr = self._set_lr(step)
                 t0 = time.perf_counter()
@@ -207,6 +211,8 @@ class Trainer:
                 row.update(self.step_metrics())  # hook: subclasses add their own (preference rewards, ...)
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     log.log(row)
+                    if report is not None:
+                        report.log(row)
                 bar.update(step + 1, loss, lr)
                 if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps:
                     self._save_checkpoint(step + 1)
@@ -218,3 +224,8 @@ class Trainer:
             self.tokenizer.save_pretrained(str(self.out))
         plot = log.plot_loss(self.out / "loss.png")
         return TrainResult(self.out, self.total_steps, losses, log.path, plot)
+
+
+class _Nothing:
+    def close(self) -> None:
+        pass

@@ -28,7 +28,7 @@ CLI = [  # a train flag and a bad value, or a whole command line
     ("--desirable-weight", "0"), ("--undesirable-weight", "-1"), ("--neftune-noise-alpha", "-5"),
     ("--lr-scheduler", "step"), ("--method", "ppo"), ("--loss-type", "focal"), ("--dtype", "fp8"),
     ("--train-on", "everything"), ("--overlong", "cut"), ("--truncation-mode", "middle"),
-    ("--distributed", "zero3"), ("--data-format", "tsv"), ("--optim", "sgd"),
+    ("--distributed", "zero3"), ("--data-format", "tsv"), ("--report-to", "mlflow"), ("--optim", "sgd"),
     ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"),
 ]
 EXPORT = ["--max-shard-size=lots", "--max-shard-size=0"]
