@@ -1,5 +1,6 @@
 """SFT data layer: dataset files -> validated rows -> token ids + labels -> padded batches."""
 
+from ..kernels import IGNORE_INDEX  # re-exported: the data layer writes it into labels
 from .chat_templates import (
     CHAT_TEMPLATES,
     ChatTemplate,
@@ -39,7 +40,7 @@ from .preference import (
 from .preference_collate import collate_kto, collate_preference
 from .pretokenized import TOKENIZED, is_pretokenized, validate_pretokenized
 from .records import Record, as_record, load_records, records_from_rows
-from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_dataset, tokenize_record
+from .tokenize import TRAIN_ON, tokenize_dataset, tokenize_record
 
 from .packing import OVERLONG_POLICIES, PACKING_STRATEGIES, collate_packed, pack_examples
 from .prepare import prepare_dataset

@@ -28,6 +28,7 @@ import jinja2
 import numpy as np
 
 from ..errors import DataError, spell
+from ..kernels import IGNORE_INDEX
 from .chat_templates import special_token_ids
 from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
 from .oasst import OASST, oasst_conversations
@@ -35,9 +36,8 @@ from .pretokenized import TOKENIZED, pretokenized_labels
 from .records import Record, as_record
 from .truncation import check_fit_options, fit_to_length
 
-__all__ = ["IGNORE_INDEX", "TRAIN_ON", "tokenize_record", "tokenize_dataset", "tokenize_batch", "prepare_records"]
+__all__ = ["TRAIN_ON", "tokenize_record", "tokenize_dataset", "tokenize_batch", "prepare_records"]
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("all_assistant", "last_assistant")
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig.max_length default
 BATCH_SIZE = 256  # rows rendered, then encoded in one call to the fast tokenizer
