@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..kernels import IGNORE_INDEX
-from .formats import Example, _type, register_format
+from .formats import Example, register_format
 from .records import Record, as_record
+from .row_checks import type_name
 
 __all__ = ["TOKENIZED", "TOKEN_FIELDS", "MASK_FIELDS", "is_pretokenized", "pretokenized_labels",
            "validate_pretokenized"]
@@ -59,10 +60,10 @@ def _int_list(rec: Record, key: str, value: Any, minimum: int) -> list[int]:
     if hasattr(value, "tolist") and not isinstance(value, list):  # numpy arrays, torch tensors
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
-        raise rec.error(key, f"must be a list of integers, got {_type(value)}")
+        raise rec.error(key, f"must be a list of integers, got {type_name(value)}")
     for t, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise rec.error(f"{key}[{t}]", f"must be an integer, got {_type(v)}")
+            raise rec.error(f"{key}[{t}]", f"must be an integer, got {type_name(v)}")
         if v < minimum and not (key == "labels" and v == IGNORE_INDEX):
             raise rec.error(f"{key}[{t}]", f"is {v}; must be >= 0" + (f" or {IGNORE_INDEX}" if key == "labels" else ""))
     return list(value)
