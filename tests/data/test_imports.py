@@ -79,7 +79,8 @@ def test_no_module_level_import_cycles():
 
 def test_each_data_module_imports_fresh():
     assert "pronghorn.data.oasst" in DATA_MODULES and "pronghorn.data.pretokenized" in DATA_MODULES
-    code = "import importlib, sys; importlib.import_module(sys.argv[1]); from pronghorn.data import FORMATS; print(FORMATS)"
+    code = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+            "from pronghorn.data import FORMATS; print(FORMATS)")
 
     def run(module: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code, module], cwd=PACKAGE.parent, capture_output=True,
