@@ -73,3 +73,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def chmod_like_mkdir(path: str | os.PathLike) -> None:
+    """``tempfile.mkdtemp`` makes 0700 dirs; give a finished output dir the permissions ``mkdir`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
+from pronghorn.kernels import IGNORE_INDEX
 from pronghorn.models.config import ModelConfig
 from pronghorn.models.decoder import DecoderForCausalLM
 from pronghorn.models.hf_layout import split_fused
@@ -112,7 +113,7 @@ def random_examples(n=16, seed=0):
         length = int(torch.randint(5, 21, (1,), generator=g))
         ids = torch.randint(3, 97, (length,), generator=g).tolist()
         prompt = int(torch.randint(1, length - 2, (1,), generator=g))
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     return out
 
 

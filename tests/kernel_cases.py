@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from pronghorn.kernels import IGNORE_INDEX
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -78,7 +80,7 @@ def exact_gated_grads(activation, gate, up, dy):
 
 # --- per-token log-prob heads (test_linear_logprobs, test_streamed_logprobs) ---
 
-N, IGNORE = 23, -100
+N = 23
 DEV = DEVICE
 
 
@@ -88,8 +90,8 @@ def logprob_inputs(V, H, seed=0, dtype=torch.float32):
     hidden = torch.randn(N, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
-    labels[torch.randperm(N, generator=g)[: N // 3]] = IGNORE
-    labels[0] = IGNORE
+    labels[torch.randperm(N, generator=g)[: N // 3]] = IGNORE_INDEX
+    labels[0] = IGNORE_INDEX
     upstream = torch.randn(N, generator=g)
     return hidden.to(DEV), weight.to(DEV), labels.to(DEV), upstream.to(DEV)
 

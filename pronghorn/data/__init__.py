@@ -1,5 +1,6 @@
 """SFT data layer: dataset files -> validated rows -> token ids + labels -> padded batches."""
 
+from ..kernels import IGNORE_INDEX  # re-exported: the data layer writes it into labels
 from .chat_templates import (
     CHAT_TEMPLATES,
     ChatTemplate,
@@ -17,7 +18,6 @@ from .formats import (
     MESSAGE_FIELDS,
     MESSAGES,
     PROMPT_COMPLETION,
-    ROLES,
     SHAREGPT,
     TEXT,
     Example,
@@ -26,6 +26,7 @@ from .formats import (
     register_format,
     validate_record,
 )
+# oasst and pretokenized register their formats with formats.register_format when imported (here, in this order)
 from .oasst import OASST, is_oasst_tree, oasst_conversations
 from .preference import (
     KTOExample,
@@ -39,7 +40,8 @@ from .preference import (
 from .preference_collate import collate_kto, collate_preference
 from .pretokenized import TOKENIZED, is_pretokenized, validate_pretokenized
 from .records import Record, as_record, load_records, records_from_rows
-from .tokenize import IGNORE_INDEX, TRAIN_ON, tokenize_dataset, tokenize_record
+from .row_checks import ROLES
+from .tokenize import TRAIN_ON, tokenize_dataset, tokenize_record
 
 from .packing import OVERLONG_POLICIES, PACKING_STRATEGIES, collate_packed, pack_examples
 from .prepare import prepare_dataset

@@ -26,6 +26,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import DataError
+from ..kernels import IGNORE_INDEX
 
 __all__ = [
     "CHAT_TEMPLATES",
@@ -37,7 +38,6 @@ __all__ = [
     "train_on_responses_only",
 ]
 
-IGNORE_INDEX = -100
 _SYSTEM_LINE = "{%- set default_system = "  # first line of every built-in template (see ChatTemplate.with_system)
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .tokenize import IGNORE_INDEX
+from ..kernels import IGNORE_INDEX
 
 __all__ = ["batch_to_device", "pad_batch"]
 

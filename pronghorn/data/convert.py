@@ -14,6 +14,7 @@ import sys
 from typing import Any, Mapping
 
 from .records import Record, as_record
+from .row_checks import type_name
 
 __all__ = ["SHAREGPT_ROLES", "alpaca_messages", "sharegpt_messages", "standardize_sharegpt"]
 
@@ -63,7 +64,7 @@ def sharegpt_messages(row: Record | Mapping[str, Any], field: str = "conversatio
             raise rec.error(f"{path}.value", "missing")
         value = turn["value"]
         if not isinstance(value, str):
-            raise rec.error(f"{path}.value", f"must be a string, got {_type(value)}")
+            raise rec.error(f"{path}.value", f"must be a string, got {type_name(value)}")
         if not value.strip():
             raise rec.error(f"{path}.value", "is empty")
         if role == "tool_call":
@@ -136,24 +137,19 @@ def alpaca_messages(row: Record | Mapping[str, Any]) -> tuple[list[dict], list[d
         if key not in r:
             raise rec.error(key, "missing (an Alpaca row needs 'instruction' and 'output', 'input' is optional)")
         if not isinstance(r[key], str):
-            raise rec.error(key, f"must be a string, got {_type(r[key])}")
+            raise rec.error(key, f"must be a string, got {type_name(r[key])}")
         if not r[key].strip():
             raise rec.error(key, "is empty")
     extra = r.get("input")
     if extra is None:
         extra = ""
     if not isinstance(extra, str):
-        raise rec.error("input", f"must be a string, got {_type(extra)}")
+        raise rec.error("input", f"must be a string, got {type_name(extra)}")
     user = r["instruction"] + ("\n\n" + extra if extra.strip() else "")
     prompt = [{"role": "user", "content": user}]
     system = r.get("system")
     if system is not None and not isinstance(system, str):
-        raise rec.error("system", f"must be a string, got {_type(system)}")
+        raise rec.error("system", f"must be a string, got {type_name(system)}")
     if system and system.strip():
         prompt.insert(0, {"role": "system", "content": system})
     return prompt, [{"role": "assistant", "content": r["output"]}]
-
-
-def _type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import DataError
 from .records import Record, as_record
+from .row_checks import check_conversation, require_string, type_name
 
 __all__ = [
     "TEXT",
@@ -36,7 +37,6 @@ __all__ = [
     "ALPACA",
     "FORMATS",
     "MESSAGE_FIELDS",
-    "ROLES",
     "Example",
     "check_format_name",
     "detect_format",
@@ -51,7 +51,6 @@ SHAREGPT = "sharegpt"
 ALPACA = "alpaca"
 FORMATS = [TEXT, PROMPT_COMPLETION, MESSAGES, SHAREGPT, ALPACA]  # other modules append theirs
 MESSAGE_FIELDS = ("messages", "conversations")  # row keys holding a conversation, in order of preference
-ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,8 @@ class Example:
 
 
 # Extra format detectors, tried before the built-in ones: (name, predicate on the row dict). Other modules
-# (oasst trees, pre-tokenized rows) register theirs with :func:`register_format`.
+# (oasst trees, pre-tokenized rows) register theirs with :func:`register_format` when imported; ``pronghorn.data``
+# imports them, so importing any data module registers all formats.
 _DETECTORS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = []
 
 
@@ -169,7 +169,7 @@ def validate_record(row: Record | Mapping[str, Any], fmt: str | None = None) -> 
 
 
 def _validate_text(rec: Record) -> Example:
-    return Example(rec, TEXT, "text", text=_string(rec, "text", rec.row.get("text"), "text" in rec.row))
+    return Example(rec, TEXT, "text", text=require_string(rec, "text", rec.row.get("text"), "text" in rec.row))
 
 
 def _validate_prompt_completion(rec: Record) -> Example:
@@ -181,20 +181,20 @@ def _validate_prompt_completion(rec: Record) -> Example:
         for key, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, list):
                 raise rec.error(
-                    key, f"must be a list of messages like the other half of the row, got {_type(value)}"
+                    key, f"must be a list of messages like the other half of the row, got {type_name(value)}"
                 )
             if not value:
                 raise rec.error(key, "empty list of messages")
         labelled = [(f"prompt[{i}]", m) for i, m in enumerate(prompt)]
         labelled += [(f"completion[{i}]", m) for i, m in enumerate(completion)]
-        _check_conversation(rec, labelled)
+        check_conversation(rec, labelled)
         return Example(rec, PROMPT_COMPLETION, "completion", prompt=prompt, completion=completion)
     return Example(
         rec,
         PROMPT_COMPLETION,
         "completion",
-        prompt=_string(rec, "prompt", prompt, True),
-        completion=_string(rec, "completion", completion, True),
+        prompt=require_string(rec, "prompt", prompt, True),
+        completion=require_string(rec, "completion", completion, True),
     )
 
 
@@ -204,10 +204,10 @@ def _validate_messages(rec: Record) -> Example:
         raise rec.error("messages", "missing (a messages row needs 'messages' or 'conversations')")
     messages = rec.row[field]
     if not isinstance(messages, list):
-        raise rec.error(field, f"must be a list of {{'role', 'content'}} messages, got {_type(messages)}")
+        raise rec.error(field, f"must be a list of {{'role', 'content'}} messages, got {type_name(messages)}")
     if not messages:
         raise rec.error(field, "empty conversation")
-    _check_conversation(rec, [(f"{field}[{i}]", m) for i, m in enumerate(messages)])
+    check_conversation(rec, [(f"{field}[{i}]", m) for i, m in enumerate(messages)])
     return Example(rec, MESSAGES, field, messages=messages, tools=_tools(rec))
 
 
@@ -218,7 +218,7 @@ def _validate_sharegpt(rec: Record) -> Example:
     if field is None:
         raise rec.error("conversations", "missing (a ShareGPT row needs 'conversations' with 'from'/'value')")
     messages = sharegpt_messages(rec, field)
-    _check_conversation(rec, [(f"{field}[{i}]", m) for i, m in enumerate(messages)], keys=("from", "value"))
+    check_conversation(rec, [(f"{field}[{i}]", m) for i, m in enumerate(messages)], keys=("from", "value"))
     return Example(rec, SHAREGPT, field, messages=messages, tools=_tools(rec))
 
 
@@ -242,96 +242,6 @@ _VALIDATORS: dict[str, Callable[[Record], Example]] = {
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def _string(rec: Record, field: str, value: Any, present: bool) -> str:
-    if not present:
-        raise rec.error(field, "missing")
-    if not isinstance(value, str):
-        raise rec.error(field, f"must be a string, got {_type(value)}")
-    if not value.strip():
-        raise rec.error(field, "is empty")
-    return value
-
-
-def _check_conversation(
-    rec: Record, labelled: list[tuple[str, Any]], keys: tuple[str, str] = ("role", "content")
-) -> None:
-    """Validate each message and the role order: optional system first, then user and assistant turns
-    alternating; an assistant message with ``tool_calls`` is followed by one or more ``tool`` messages and then
-    an assistant message. The conversation ends with an assistant message (there must be something to train on).
-    ``keys`` names the role/content fields in errors (``("from", "value")`` for ShareGPT rows)."""
-    rk, ck = keys
-    for path, msg in labelled:
-        if not isinstance(msg, dict):
-            raise rec.error(path, f"expected an object with 'role' and 'content', got {_type(msg)}")
-        if "role" not in msg and "from" in msg and "value" in msg:
-            raise rec.error(
-                path,
-                "uses ShareGPT keys 'from'/'value'; expected OpenAI-style 'role'/'content' "
-                "(roles 'system', 'user', 'assistant'); pass data_format='sharegpt' (CLI: --data-format sharegpt; "
-                "fmt='sharegpt' in pronghorn.data) or use standardize_sharegpt()",
-            )
-        if "role" not in msg:
-            raise rec.error(f"{path}.{rk}", "missing")
-        role = msg["role"]
-        if role not in ROLES:
-            raise rec.error(f"{path}.{rk}", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        calls = msg.get("tool_calls")
-        if calls is not None:
-            if role != "assistant":
-                raise rec.error(f"{path}.tool_calls", f"only assistant messages may carry tool calls, not {role!r}")
-            _check_tool_calls(rec, f"{path}.tool_calls", calls)
-            content = msg.get("content")
-            if content is not None and not isinstance(content, str):
-                raise rec.error(f"{path}.{ck}", f"must be a string, got {_type(content)}")
-        else:
-            _string(rec, f"{path}.{ck}", msg.get("content"), "content" in msg)
-
-    expected: tuple[str, ...] = ("user",)
-    for pos, (path, msg) in enumerate(labelled):
-        role = msg["role"]
-        if role == "system":
-            if pos != 0:
-                raise rec.error(f"{path}.{rk}", "a 'system' message is only allowed as the first message")
-            continue
-        if role not in expected:
-            previous = labelled[pos - 1][1]["role"] if pos else None
-            after = f"after {previous!r}" if previous else "as the first message"
-            want = " or ".join(map(repr, expected))
-            raise rec.error(
-                f"{path}.{rk}",
-                f"expected {want} {after}, got {role!r}; roles must alternate user/assistant "
-                "(after an optional first system message; tool messages only after an assistant tool call)",
-            )
-        if role == "user":
-            expected = ("assistant",)
-        elif role == "assistant":
-            expected = ("tool",) if msg.get("tool_calls") else ("user",)
-        else:  # tool
-            expected = ("tool", "assistant")
-    path, last = labelled[-1]
-    if last["role"] != "assistant" or last.get("tool_calls"):
-        got = repr(last["role"])
-        if last.get("tool_calls"):
-            got = "an assistant tool call (no tool result and answer follow)"
-        raise rec.error(
-            f"{path}.{rk}",
-            f"the conversation must end with an 'assistant' message to train on, got {got}",
-        )
-
-
-def _check_tool_calls(rec: Record, path: str, calls: Any) -> None:
-    if not isinstance(calls, list) or not calls:
-        raise rec.error(path, f"must be a non-empty list of tool calls, got {_type(calls)}")
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict):
-            raise rec.error(f"{path}[{j}]", "expected {'type': 'function', 'function': {'name', 'arguments'}}")
-        _string(rec, f"{path}[{j}].function.name", fn.get("name"), "name" in fn)
-        args = fn.get("arguments", {})
-        if not isinstance(args, (dict, str)):
-            raise rec.error(f"{path}[{j}].function.arguments", f"must be an object or a JSON string, got {_type(args)}")
-
-
 def _tools(rec: Record) -> list[dict] | None:
     """The row's ``tools`` column: a list of JSON schemas (a JSON string is decoded); None when absent/empty."""
     tools = rec.row.get("tools")
@@ -345,15 +255,5 @@ def _tools(rec: Record) -> list[dict] | None:
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise rec.error("tools", f"must be a list of tool JSON schemas (objects), got {_type(tools)}")
+        raise rec.error("tools", f"must be a list of tool JSON schemas (objects), got {type_name(tools)}")
     return tools or None
-
-
-def _type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-# formats defined in their own modules register themselves on import
-from . import oasst as _oasst  # noqa: E402,F401
-from . import pretokenized as _pretokenized  # noqa: E402,F401

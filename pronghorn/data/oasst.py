@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from ..errors import DataError
-from .formats import Example, _string, register_format
+from .formats import Example, register_format
 from .records import Record, as_record
+from .row_checks import require_string
 
 __all__ = ["OASST", "is_oasst_tree", "oasst_conversations"]
 
 OASST = "oasst"
-_ROLES = {"prompter": "user", "assistant": "assistant"}
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
 def is_oasst_tree(row: Mapping[str, Any]) -> bool:
@@ -56,14 +57,14 @@ def _tree_conversations(rec: Record, best_only: bool) -> list[tuple[list[dict], 
     if "prompt" not in rec.row:
         raise rec.error("prompt", "missing (an OpenAssistant tree row needs a 'prompt' message node)")
     root = rec.row["prompt"]
-    _check_node(rec, root, "prompt", None)
+    check_node(rec, root, "prompt", None)
     if root["role"] != "prompter":
         raise rec.error("prompt.role", f"the root message must be from the 'prompter', got {root['role']!r}")
     results: list[tuple[list[dict], list[str]]] = []
     seen: set[tuple[str, ...]] = set()
 
     def walk(node: dict, path: str, msgs: list[dict], paths: list[str]) -> None:
-        msgs = msgs + [{"role": _ROLES[node["role"]], "content": node["text"]}]
+        msgs = msgs + [{"role": OASST_ROLES[node["role"]], "content": node["text"]}]
         paths = paths + [f"{path}.text"]
         replies = node.get("replies") or []
         if not isinstance(replies, list):
@@ -71,7 +72,7 @@ def _tree_conversations(rec: Record, best_only: bool) -> list[tuple[list[dict], 
         kept = []
         for j, child in enumerate(replies):
             child_path = f"{path}.replies[{j}]"
-            _check_node(rec, child, child_path, node["role"])
+            check_node(rec, child, child_path, node["role"])
             if not child.get("deleted", False):
                 kept.append((j, child, child_path))
         if best_only and node["role"] == "prompter" and len(kept) > 1:
@@ -96,20 +97,21 @@ def _top_ranked(kept: list[tuple[int, dict, str]]) -> tuple[int, dict, str]:
     return min(ranked, key=lambda k: k[1]["rank"]) if ranked else kept[0]
 
 
-def _check_node(rec: Record, node: Any, path: str, parent_role: str | None) -> None:
+def check_node(rec: Record, node: Any, path: str, parent_role: str | None) -> None:
+    """Check one message node of a tree (its role alternates with ``parent_role``; a kept node has text)."""
     if not isinstance(node, dict):
         raise rec.error(path, f"expected a message node object, got {type(node).__name__}")
     if "role" not in node:
         raise rec.error(f"{path}.role", "missing")
     role = node["role"]
-    if role not in _ROLES:
+    if role not in OASST_ROLES:
         raise rec.error(f"{path}.role", f"unknown role {role!r}; expected 'prompter' or 'assistant'")
     if parent_role is not None and role == parent_role:
         raise rec.error(f"{path}.role", f"a reply to a {parent_role!r} message must come from the other side, "
                                         f"got {role!r} again")
     if node.get("deleted", False):
         return
-    _string(rec, f"{path}.text", node.get("text"), "text" in node)
+    require_string(rec, f"{path}.text", node.get("text"), "text" in node)
 
 
 def _validate_oasst(rec: Record) -> Example:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import DataError, spell
-from .tokenize import IGNORE_INDEX
+from ..kernels import IGNORE_INDEX
 
 __all__ = ["OVERLONG_POLICIES", "PACKING_STRATEGIES", "collate_packed", "pack_examples"]
 

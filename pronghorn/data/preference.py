@@ -40,9 +40,9 @@ import jinja2
 from ..errors import DataError, spell
 from .chat_templates import special_token_ids
 from .convert import sharegpt_messages
-from .formats import _check_conversation
-from .oasst import _ROLES, _check_node, is_oasst_tree
-from .records import Record, _parse_jsonl, as_record, load_records
+from .oasst import OASST_ROLES, check_node, is_oasst_tree
+from .records import Record, as_record, load_records, parse_jsonl
+from .row_checks import check_conversation
 
 __all__ = ["KTOExample", "PreferencePair", "CheckedRows", "kto_examples", "load_preference_records",
            "preference_pairs", "tokenize_kto", "tokenize_preference"]
@@ -100,7 +100,7 @@ def load_preference_records(source: Any) -> list[Record]:
             text = gzip.decompress(path.read_bytes()).decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not gzip-compressed UTF-8 JSONL ({e})") from None
-        records = _parse_jsonl(text, str(path))
+        records = parse_jsonl(text, str(path))
         if not records:
             raise DataError(f"{path}: the dataset is empty (no rows)")
         return records
@@ -226,7 +226,7 @@ def _split_messages(rec: Record, prompt: list | None, chosen: list, rejected: li
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         labelled = [(f"{pf[0]}[{i + offsets[0]}]", m) for i, m in enumerate(prompt)]
         labelled += [(f"{field}[{i + offsets[1]}]", m) for i, m in enumerate(value)]
-        _check_conversation(rec, labelled)
+        check_conversation(rec, labelled)
     return PreferencePair(rec, prompt, chosen, rejected)
 
 
@@ -254,7 +254,7 @@ def _sharegpt_pair(rec: Record) -> PreferencePair:
     _check_completions(rec, *completions)
     for key, msgs in zip(("chosen", "rejected"), completions):
         labelled = [(f"conversations[{i}]", m) for i, m in enumerate(prompt)] + [(key, m) for m in msgs]
-        _check_conversation(rec, labelled, keys=("from", "value"))
+        check_conversation(rec, labelled, keys=("from", "value"))
     return PreferencePair(rec, prompt, completions[0], completions[1])
 
 
@@ -262,10 +262,10 @@ def _oasst_pairs(rec: Record) -> list[PreferencePair]:
     pairs: list[PreferencePair] = []
 
     def walk(node: dict, path: str, parent_role: str | None, msgs: list[dict]) -> None:
-        _check_node(rec, node, path, parent_role)
+        check_node(rec, node, path, parent_role)
         if node.get("deleted", False):
             return
-        msgs = msgs + [{"role": _ROLES[node["role"]], "content": node["text"]}]
+        msgs = msgs + [{"role": OASST_ROLES[node["role"]], "content": node["text"]}]
         replies = [(j, r) for j, r in enumerate(node.get("replies") or [])]
         for j, child in replies:
             walk(child, f"{path}.replies[{j}]", node["role"], msgs)
@@ -299,7 +299,7 @@ def _kto(rec: Record) -> KTOExample:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise rec.error("messages", "must be a non-empty list of messages")
-        _check_conversation(rec, [(f"messages[{i}]", m) for i, m in enumerate(msgs)])
+        check_conversation(rec, [(f"messages[{i}]", m) for i, m in enumerate(msgs)])
         return KTOExample(rec, msgs[:-1], msgs[-1:], label, f"messages[{len(msgs) - 1}]")
     for key in ("prompt", "completion"):
         if key not in row:
@@ -310,7 +310,7 @@ def _kto(rec: Record) -> KTOExample:
             raise rec.error("completion", "empty completion")
         labelled = [(f"prompt[{i}]", m) for i, m in enumerate(prompt)]
         labelled += [(f"completion[{i}]", m) for i, m in enumerate(completion)]
-        _check_conversation(rec, labelled)
+        check_conversation(rec, labelled)
         return KTOExample(rec, prompt, completion, label)
     if not (isinstance(prompt, str) and isinstance(completion, str)):
         raise rec.error("completion", "prompt and completion must both be strings or both lists of messages")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from ..kernels import IGNORE_INDEX
 from .collate import pad_batch
-from .tokenize import IGNORE_INDEX
 
 __all__ = ["add_kl_completions", "collate_kto", "collate_preference", "sequence"]
 

@@ -25,17 +25,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..cache import cache_root
 from ..files import atomic_file
 from .records import Record
 from .tokenize import (
     BATCH_SIZE,
     DEFAULT_MAX_LENGTH,
-    _check_options,
-    _progress,
     add_results,
+    check_tokenize_options,
     finish,
     new_stats,
     prepare_records,
+    progress_batches,
     tokenize_batch,
 )
 
@@ -48,11 +49,8 @@ _CHUNK = 4 * BATCH_SIZE
 
 
 def default_cache_dir() -> Path:
-    """``$PRONGHORN_CACHE/tokenized``, else ``$XDG_CACHE_HOME/pronghorn/tokenized`` (``~/.cache`` by default)."""
-    root = os.environ.get("PRONGHORN_CACHE")
-    if root:
-        return Path(root) / "tokenized"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pronghorn" / "tokenized"
+    """``tokenized`` under the cache root (:func:`pronghorn.cache.cache_root`)."""
+    return cache_root() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -102,7 +100,7 @@ def prepare_dataset(
     ``(examples, stats)``; ``stats["cache"]`` is ``"hit"``, ``"miss"`` or ``"off"``, ``stats["cache_file"]``
     the file used and ``stats["processes"]`` how many processes tokenized it.
     """
-    _check_options(train_on, max_length, truncation_mode, overlong)
+    check_tokenize_options(train_on, max_length, truncation_mode, overlong)
     records, fmt = prepare_records(records, fmt, oasst_best_only)
     settings = dict(fmt=fmt, max_length=max_length, train_on=train_on, chat_template=chat_template,
                     truncation_mode=truncation_mode, overlong=overlong, version=CACHE_VERSION)
@@ -160,7 +158,7 @@ def _tokenize_all(records, tokenizer, fmt, max_length, kwargs, processes, progre
     examples, stats = [], new_stats(len(records))
     if processes == 1:
         chunks = (records[s:s + BATCH_SIZE] for s in range(0, len(records), BATCH_SIZE))
-        for chunk in _progress(chunks, len(records), f"Tokenizing {fmt} rows", progress):
+        for chunk in progress_batches(chunks, len(records), f"Tokenizing {fmt} rows", progress):
             add_results(tokenize_batch(chunk, tokenizer, fmt, max_length, **kwargs), examples, stats)
         return examples, stats
     size = max(1, min(_CHUNK, -(-len(records) // (4 * processes))))  # >= 4 chunks a worker, to balance them
@@ -172,7 +170,8 @@ def _tokenize_all(records, tokenizer, fmt, max_length, kwargs, processes, progre
     try:
         with ctx.Pool(processes, initializer=_init_worker, initargs=(tokenizer, fmt, max_length, kwargs)) as pool:
             done = pool.imap(_work, chunks)
-            for chunk in _progress(chunks, len(records), f"Tokenizing {fmt} rows ({processes} processes)", progress):
+            what = f"Tokenizing {fmt} rows ({processes} processes)"
+            for chunk in progress_batches(chunks, len(records), what, progress):
                 add_results(next(done), examples, stats)
     finally:
         if saved is None:

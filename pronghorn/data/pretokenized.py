@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .formats import Example, _type, register_format
+from ..kernels import IGNORE_INDEX
+from .formats import Example, register_format
 from .records import Record, as_record
+from .row_checks import type_name
 
 __all__ = ["TOKENIZED", "TOKEN_FIELDS", "MASK_FIELDS", "is_pretokenized", "pretokenized_labels",
            "validate_pretokenized"]
@@ -20,7 +22,6 @@ __all__ = ["TOKENIZED", "TOKEN_FIELDS", "MASK_FIELDS", "is_pretokenized", "preto
 TOKENIZED = "tokenized"
 MASK_FIELDS = ("completion_mask", "assistant_masks")
 TOKEN_FIELDS = ("input_ids", "labels") + MASK_FIELDS
-IGNORE_INDEX = -100
 
 
 def is_pretokenized(row: Mapping[str, Any]) -> bool:
@@ -46,7 +47,7 @@ def _validate_pretokenized(rec: Record) -> Example:
             if key == "labels" and v != IGNORE_INDEX and v != tokens["input_ids"][t]:
                 raise rec.error(
                     f"labels[{t}]",
-                    f"is {v} but input_ids[{t}] is {tokens['input_ids'][t]}; a label must be -100 or equal the "
+                    f"is {v} but input_ids[{t}] is {tokens['input_ids'][t]}; a label must be {IGNORE_INDEX} or equal the "
                     "input id at the same position (labels are not shifted: the model shifts them)",
                 )
             if key != "labels" and v not in (0, 1):
@@ -59,12 +60,12 @@ def _int_list(rec: Record, key: str, value: Any, minimum: int) -> list[int]:
     if hasattr(value, "tolist") and not isinstance(value, list):  # numpy arrays, torch tensors
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
-        raise rec.error(key, f"must be a list of integers, got {_type(value)}")
+        raise rec.error(key, f"must be a list of integers, got {type_name(value)}")
     for t, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise rec.error(f"{key}[{t}]", f"must be an integer, got {_type(v)}")
+            raise rec.error(f"{key}[{t}]", f"must be an integer, got {type_name(v)}")
         if v < minimum and not (key == "labels" and v == IGNORE_INDEX):
-            raise rec.error(f"{key}[{t}]", f"is {v}; must be >= 0" + (" or -100" if key == "labels" else ""))
+            raise rec.error(f"{key}[{t}]", f"is {v}; must be >= 0" + (f" or {IGNORE_INDEX}" if key == "labels" else ""))
     return list(value)
 
 

@@ -110,7 +110,7 @@ def load_records(source: str | os.PathLike | Any, split: str = "train", subset: 
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{name}: not valid UTF-8 text (byte {e.start}): {e.reason}") from None
-        parse = {".jsonl": _parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".txt": _parse_txt}[suffix]
+        parse = {".jsonl": parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".txt": _parse_txt}[suffix]
         records = parse(text, name)
     if not records:
         raise DataError(f"{name}: the dataset is empty (no rows)")
@@ -207,7 +207,7 @@ def _read_parquet(path: Path, name: str) -> list[Record]:
     return [Record(source=name, index=i, row=row, kind="index") for i, row in enumerate(rows)]
 
 
-def _parse_jsonl(text: str, name: str) -> list[Record]:
+def parse_jsonl(text: str, name: str) -> list[Record]:
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -28,6 +28,7 @@ import jinja2
 import numpy as np
 
 from ..errors import DataError, spell
+from ..kernels import IGNORE_INDEX
 from .chat_templates import special_token_ids
 from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
 from .oasst import OASST, oasst_conversations
@@ -35,9 +36,8 @@ from .pretokenized import TOKENIZED, pretokenized_labels
 from .records import Record, as_record
 from .truncation import check_fit_options, fit_to_length
 
-__all__ = ["IGNORE_INDEX", "TRAIN_ON", "tokenize_record", "tokenize_dataset", "tokenize_batch", "prepare_records"]
+__all__ = ["TRAIN_ON", "tokenize_record", "tokenize_dataset", "tokenize_batch", "prepare_records"]
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("all_assistant", "last_assistant")
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig.max_length default
 BATCH_SIZE = 256  # rows rendered, then encoded in one call to the fast tokenizer
@@ -76,7 +76,7 @@ def tokenize_record(
     template. Raises :class:`DataError` naming the file, row and field for an invalid row or a row left with
     no trained token.
     """
-    _check_options(train_on, max_length, truncation_mode, "truncate")
+    check_tokenize_options(train_on, max_length, truncation_mode, "truncate")
     (out,) = tokenize_batch([as_record(row)], tokenizer, fmt, max_length, train_on=train_on,
                             chat_template=chat_template, truncation_mode=truncation_mode)
     if isinstance(out, DataError):
@@ -160,11 +160,11 @@ def tokenize_dataset(
     ``(examples, stats)``: ``rows``, ``examples``, ``skipped``, ``truncated``, ``split``, ``dropped`` and
     ``bad_rows`` (the first 10 skipped rows' errors).
     """
-    _check_options(train_on, max_length, truncation_mode, overlong)
+    check_tokenize_options(train_on, max_length, truncation_mode, overlong)
     records, fmt = prepare_records(records, fmt, oasst_best_only)
     examples, stats = [], new_stats(len(records))
     batches = (records[s:s + BATCH_SIZE] for s in range(0, len(records), BATCH_SIZE))
-    for batch in _progress(batches, len(records), f"Tokenizing {fmt} rows", progress):
+    for batch in progress_batches(batches, len(records), f"Tokenizing {fmt} rows", progress):
         results = tokenize_batch(batch, tokenizer, fmt, max_length, train_on=train_on, chat_template=chat_template,
                                  truncation_mode=truncation_mode, overlong=overlong)
         add_results(results, examples, stats)
@@ -215,7 +215,8 @@ def finish(examples: list, stats: dict[str, Any], skip_bad_rows: bool, return_st
     return (examples, stats) if return_stats else examples
 
 
-def _check_options(train_on: str, max_length: int | None, truncation_mode: str, overlong: str) -> None:
+def check_tokenize_options(train_on: str, max_length: int | None, truncation_mode: str, overlong: str) -> None:
+    """Raise ``ValueError`` for an unknown ``train_on`` or a bad length / truncation / overlong setting."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     check_fit_options(max_length, truncation_mode, overlong)
@@ -379,7 +380,7 @@ def _eos_id(tokenizer: Any) -> int:
     return eos
 
 
-def _progress(batches: Iterable[Sequence], total: int, description: str, enabled: bool) -> Iterator[Sequence]:
+def progress_batches(batches: Iterable[Sequence], total: int, description: str, enabled: bool) -> Iterator[Sequence]:
     """Yield ``batches``, advancing a progress bar by each batch's length (rows) when ``enabled``."""
     if not enabled:
         yield from batches

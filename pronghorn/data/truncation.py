@@ -14,11 +14,11 @@ first label of each chunk after the first (the model has no context for it in th
 from __future__ import annotations
 
 from ..errors import spell
+from ..kernels import IGNORE_INDEX
 from .records import Record
 
 __all__ = ["OVERLONG_ROWS", "TRUNCATION_MODES", "fit_to_length", "check_fit_options"]
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_start", "keep_end")
 OVERLONG_ROWS = ("truncate", "split", "drop", "error")
 

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError, UnsupportedModelError
-from ..files import atomic_dir
+from ..files import atomic_dir, chmod_like_mkdir
 from ..models.families import FAMILIES, GGUF_GLOBALS
 from ..models.hf_layout import fuse_split
 from .gguf_quant import Method, encode, resolve_methods, tensor_type
 from .gguf_tokenizer import gguf_vocab
-from .merged import _chmod_like_mkdir, iter_merged
+from .merged import iter_merged
 from .ollama import ollama_modelfile
 
 _EXPORTS = {t: s for t, s in FAMILIES.items() if s.gguf_arch is not None}
@@ -191,5 +191,5 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer, quantization_method
             written.append(Path(path) / gguf_file_name(method))
         if modelfile:
             (tmp / "Modelfile").write_text(ollama_modelfile(gguf_file_name(methods[0]), tokenizer))
-        _chmod_like_mkdir(tmp)
+        chmod_like_mkdir(tmp)
     return written

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, PronghornError
-from ..files import atomic_dir
+from ..files import atomic_dir, chmod_like_mkdir
 from ..models.config import hf_dtype_name
 from ..models.hf_checkpoint import INDEX, SINGLE, safetensors_files
 from ..models.hf_layout import fuse_split
@@ -220,13 +220,5 @@ def save_merged(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _chmod_like_mkdir(tmp)
+        chmod_like_mkdir(tmp)
     return Path(path)
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)

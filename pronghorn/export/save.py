@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError
-from ..files import atomic_dir, check_output_dir
+from ..files import atomic_dir, check_output_dir, chmod_like_mkdir
 from .adapter import MODEL_FILES, save_adapter
 from .gguf_writer import save_gguf
 from .merge_rounding import warn_if_rounding_undoes
-from .merged import _chmod_like_mkdir, generation_config, parse_size, save_merged
+from .merged import generation_config, parse_size, save_merged
 
 SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced")
 MERGED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -95,7 +95,7 @@ def _save_merged_4bit(model: nn.Module, path: str | Path, tokenizer, dtype: torc
         write_bnb_4bit_files(model, tmp, dtype)
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model, tokenizer), indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
-        _chmod_like_mkdir(tmp)
+        chmod_like_mkdir(tmp)
     return Path(path)
 
 

@@ -66,6 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear_cross_entropy import IGNORE_INDEX
+
 CHUNK_BYTES = 1 << 30  # default size of the reused logits buffer
 _BLOCK_V = 16384  # vocab elements per loop step of the CE kernel on the GPU (H100 sweep: best with 16 warps)
 _NUM_WARPS = 16
@@ -266,7 +268,7 @@ def linear_cross_entropy_triton(
     weight: torch.Tensor,
     labels: torch.Tensor,
     num_items: int | torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
     chunk_size: int | None = None,
     block_v: int | None = None,

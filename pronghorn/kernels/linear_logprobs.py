@@ -30,10 +30,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .linear_cross_entropy import IGNORE_INDEX
 from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
-IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 30  # logits chunk budget (rows x V x itemsize)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from .linear_cross_entropy import IGNORE_INDEX
 from .linear_logprobs import kept_rows
 
-IGNORE_INDEX = -100
 VOCAB_CHUNK = 8192
 ROW_TILE = 2048
 

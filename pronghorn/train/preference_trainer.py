@@ -34,6 +34,7 @@ from torch import nn
 from ..data.collate import batch_to_device
 from ..data.preference_collate import add_kl_completions, collate_kto, collate_preference
 from ..errors import PronghornError
+from ..kernels import IGNORE_INDEX
 from ..kernels.linear_logprobs import linear_logprobs
 from ..models.decoder import DecoderForCausalLM
 from ..models.lora import set_lora_enabled
@@ -41,7 +42,6 @@ from .config import TrainConfig
 from .preference_losses import DPO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from .trainer import Trainer
 
-IGNORE_INDEX = -100
 METHODS = ("dpo", "orpo", "kto")
 
 

@@ -21,6 +21,7 @@ from ..data.packing import collate_packed, pack_examples
 from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES, save_adapter
 from ..files import check_output_dir
+from ..kernels import IGNORE_INDEX
 from ..models.lora import trained_modules
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
@@ -43,7 +44,7 @@ class TrainResult:
 
 def count_trained_tokens(example: dict) -> int:
     """Labels that count in the loss after the next-token shift (the first position is never predicted)."""
-    return sum(1 for y in example["labels"][1:] if y != -100)
+    return sum(1 for y in example["labels"][1:] if y != IGNORE_INDEX)
 
 
 class Trainer:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pronghorn.kernels import linear_cross_entropy
+from pronghorn.kernels import IGNORE_INDEX, linear_cross_entropy
 from pronghorn.kernels.linear_cross_entropy import linear_cross_entropy_reference
 
 pytest.importorskip("triton")
 from pronghorn.kernels.linear_cross_entropy_triton import linear_cross_entropy_triton  # noqa: E402
 
-N, IGNORE = 37, -100
+N = 37
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_INTERPRET=1 only without a GPU
 
 
@@ -38,14 +38,14 @@ def _inputs(dtype, V, H, ignore="some", seed=0, device=DEV):
     weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     if ignore == "some":
-        labels[torch.randperm(N, generator=g)[: N // 3]] = IGNORE
-        labels[0] = IGNORE  # the first row ignored: compaction must move rows
+        labels[torch.randperm(N, generator=g)[: N // 3]] = IGNORE_INDEX
+        labels[0] = IGNORE_INDEX  # the first row ignored: compaction must move rows
     elif ignore == "all_but_one":
         keep = labels[N // 2].item()
-        labels[:] = IGNORE
+        labels[:] = IGNORE_INDEX
         labels[N // 2] = keep
     elif ignore == "all":
-        labels[:] = IGNORE
+        labels[:] = IGNORE_INDEX
     return hidden.to(device), weight.to(device), labels.to(device)
 
 
@@ -81,7 +81,7 @@ def test_fp32_matches_reference(V, H, ignore, softcap, num_items, train_weight, 
     assert out[0].dtype == torch.float32
     _close(out[0], ref[0], atol=0, rtol=1e-5)
     _close(out[1], ref[1], atol=1e-6, rtol=1e-4)
-    ignored = labels == IGNORE
+    ignored = labels == IGNORE_INDEX
     assert torch.all(out[1][ignored] == 0)
     if train_weight:
         _close(out[2], ref[2], atol=1e-6, rtol=1e-4)
@@ -105,7 +105,7 @@ def test_bf16_matches_reference(V, softcap, ignore, chunk_size):
     assert out[0].dtype == torch.float32
     _close(out[0], ref[0], atol=0, rtol=2e-3)
     assert out[1].dtype == out[2].dtype == torch.bfloat16
-    assert torch.all(out[1][labels == IGNORE] == 0)
+    assert torch.all(out[1][labels == IGNORE_INDEX] == 0)
     for i in (1, 2):
         assert _rel(out[i], ref[i]) < 2e-2
         assert _rel(out[i], oracle[i]) < 1.5e-2

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pronghorn.kernels import IGNORE_INDEX
 from pronghorn.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 
-from kernel_cases import IGNORE, logprob_inputs as _inputs, run_logprobs as _run
+from kernel_cases import logprob_inputs as _inputs, run_logprobs as _run
 
 
 @pytest.mark.parametrize("triton_rows", [False, True])
@@ -27,7 +28,7 @@ def test_values_and_grads_match_reference_fp32(V, H, chunk, train_weight, triton
     ref = _run(linear_logprobs_reference, *x, train_weight)
     got = _run(linear_logprobs, *x, train_weight, chunk_size=chunk, triton_rows=triton_rows)
     assert torch.allclose(got[0], ref[0], atol=2e-5, rtol=0)
-    assert (got[0][x[2] == IGNORE] == 0).all()
+    assert (got[0][x[2] == IGNORE_INDEX] == 0).all()
     assert torch.allclose(got[1], ref[1], atol=1e-6, rtol=1e-4)
     if train_weight:
         assert torch.allclose(got[2], ref[2], atol=1e-6, rtol=1e-4)
@@ -45,7 +46,7 @@ def test_no_grad_forward_and_float64_oracle():
 
 def test_all_rows_ignored_gives_zeros_and_zero_grads():
     hidden, weight, labels, upstream = _inputs(97, 16)
-    labels[:] = IGNORE
+    labels[:] = IGNORE_INDEX
     out, dh, dw = _run(linear_logprobs, hidden, weight, labels, upstream, True)
     assert (out == 0).all() and (dh == 0).all() and (dw == 0).all()
 
@@ -65,7 +66,7 @@ def test_keep_rows_from_the_caller_give_the_same_values_and_grads():
     """``keep_rows`` (the labelled rows, known to the caller: no nonzero, no host sync) changes nothing; wrong
     ones are refused (checked on the device, asynchronously; tested on the CPU, where the check raises at once)."""
     x = _inputs(97, 16)
-    rows = (x[2] != IGNORE).nonzero().squeeze(-1)
+    rows = (x[2] != IGNORE_INDEX).nonzero().squeeze(-1)
     for train_weight in (False, True):
         ref = _run(linear_logprobs, *x, train_weight, chunk_size=4)
         got = _run(linear_logprobs, *x, train_weight, chunk_size=4, keep_rows=rows)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pronghorn.kernels import IGNORE_INDEX
 from pronghorn.kernels.linear_logprobs import linear_logprobs_reference
 from pronghorn.kernels.streamed_logprobs import streamed_logprobs
-from kernel_cases import DEV, IGNORE, logprob_inputs as _inputs, run_logprobs as _run
+from kernel_cases import DEV, logprob_inputs as _inputs, run_logprobs as _run
 
 
 def _host(weight):
@@ -25,7 +26,7 @@ def test_values_and_grads_match_reference_fp32(V, H, chunk, tile):
     got = _run(lambda h, w, y: streamed_logprobs(h, _host(w), y, vocab_chunk=chunk, row_tile=tile),
                hidden, weight, labels, upstream, False)
     assert torch.allclose(got[0], ref[0], atol=2e-5, rtol=0)
-    assert (got[0][labels == IGNORE] == 0).all() and (got[1][labels == IGNORE] == 0).all()
+    assert (got[0][labels == IGNORE_INDEX] == 0).all() and (got[1][labels == IGNORE_INDEX] == 0).all()
     assert torch.allclose(got[1], ref[1], atol=1e-6, rtol=1e-4)
 
 
@@ -35,7 +36,7 @@ def test_no_grad_float64_oracle_and_all_ignored():
         got = streamed_logprobs(hidden, _host(weight), labels, vocab_chunk=7, row_tile=4)
     oracle = linear_logprobs_reference(hidden.double(), weight.double(), labels).float()
     assert torch.allclose(got, oracle, atol=2e-5, rtol=0)
-    labels[:] = IGNORE
+    labels[:] = IGNORE_INDEX
     out, dh, _ = _run(streamed_logprobs, hidden, weight, labels, upstream, False)
     assert (out == 0).all() and (dh == 0).all()
 

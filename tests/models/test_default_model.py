@@ -12,17 +12,6 @@ from pronghorn.models import default_model as dm
 from pronghorn.models.gguf_loading import GGUFCheckpoint
 
 
-def test_cache_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("PRONGHORN_CACHE", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert dm.cache_root() == tmp_path / "home" / ".cache" / "pronghorn"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dm.cache_root() == tmp_path / "xdg" / "pronghorn"
-    monkeypatch.setenv("PRONGHORN_CACHE", str(tmp_path / "pc"))
-    assert dm.cache_root() == tmp_path / "pc"
-
-
 def test_find_default_gguf():
     path = dm.find_default_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size == 98_362_432

@@ -26,6 +26,7 @@ import torch
 
 from helpers import make_pair, random_examples, tiny_lora_model
 from pronghorn.data.collate import pad_batch
+from pronghorn.kernels import IGNORE_INDEX
 from pronghorn.train.config import TrainConfig
 from pronghorn.train.distributed import fsdp_shards_integer_parameters
 from pronghorn.train.trainer import Trainer
@@ -113,7 +114,7 @@ def _full_finetune_grads(dp_strategy: str | None) -> dict:
     examples = random_examples(8, seed=3)
     dp = DataParallel(model, dp_strategy) if dp_strategy else None
     mine = dp.shard(examples, 2) if dp else examples
-    count = sum(sum(1 for y in e["labels"][1:] if y != -100) for e in mine)
+    count = sum(sum(1 for y in e["labels"][1:] if y != IGNORE_INDEX) for e in mine)
     norm = dp.loss_normalizer(count) if dp else count
     for i in range(0, len(mine), 2 if dp else 4):
         batch = pad_batch(mine[i:i + (2 if dp else 4)], 0)
