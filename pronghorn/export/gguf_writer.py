@@ -50,7 +50,7 @@ def gguf_name(hf_name: str, layers: dict[str, str]) -> str:
 
 
 def permute_for_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's rotate-half q/k row order -> llama.cpp's interleaved pairs (inverse of gguf_loading._unpermute)."""
+    """HF's rotate-half q/k row order -> llama.cpp's interleaved pairs (inverse of gguf_loading.unpermute_rope_rows)."""
     d = w.shape[0] // n_head // 2
     return w.reshape(n_head, 2, d, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

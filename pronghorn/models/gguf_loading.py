@@ -45,7 +45,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """
     path = Path(path)
     reader = _open_reader(path)
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch is None:
         raise CheckpointError(f"{path}: GGUF metadata lacks general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -56,7 +56,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     spec = _READERS[arch]
     config = _config(reader, path, arch, spec, tensors)
     state_dict = _state_dict(path, arch, spec, config, tensors)
-    return GGUFCheckpoint(config=config, state_dict=state_dict, chat_template=_field(reader, "tokenizer.chat_template"))
+    return GGUFCheckpoint(config=config, state_dict=state_dict, chat_template=gguf_field(reader, "tokenizer.chat_template"))
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
@@ -88,7 +88,7 @@ def _open_reader(path: Path):
         raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from e
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
+def gguf_field(reader, key: str, default: Any = None) -> Any:
     """A metadata value as plain Python (str, int, float, bool or list of them); float32 values rounded."""
     from gguf import GGUFValueType
 
@@ -113,26 +113,26 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> dict[str, Any]:
     def need(key: str):
-        value = _field(reader, f"{arch}.{key}")
+        value = gguf_field(reader, f"{arch}.{key}")
         if value is None:
             raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
 
     hidden = need("embedding_length")
     n_heads = need("attention.head_count")
-    n_kv = _field(reader, f"{arch}.attention.head_count_kv", n_heads)
-    head_dim = _field(reader, f"{arch}.attention.key_length")
+    n_kv = gguf_field(reader, f"{arch}.attention.head_count_kv", n_heads)
+    head_dim = gguf_field(reader, f"{arch}.attention.key_length")
     if head_dim is None and arch == "llama":
-        head_dim = _field(reader, f"{arch}.rope.dimension_count")
+        head_dim = gguf_field(reader, f"{arch}.rope.dimension_count")
     head_dim = head_dim or hidden // n_heads
-    vocab = _field(reader, f"{arch}.vocab_size")
+    vocab = gguf_field(reader, f"{arch}.vocab_size")
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         embed = tensors.get("token_embd.weight")
         if tokens is None and embed is None:
             raise CheckpointError(f"{path}: GGUF has neither {arch}.vocab_size, a vocabulary nor token_embd.weight")
         vocab = len(tokens.data) if tokens is not None else int(embed.shape[1])
-    rope_theta = _field(reader, f"{arch}.rope.freq_base", 10000.0)
+    rope_theta = gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)
 
     config: dict[str, Any] = {
         "architectures": [spec.hf_architecture],
@@ -145,7 +145,7 @@ def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> d
         "head_dim": head_dim,
         "vocab_size": vocab,
         "max_position_embeddings": need("context_length"),
-        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rms_norm_eps": gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": rope_theta,
         "rope_scaling": _rope_scaling(reader, path, arch, tensors, rope_theta, head_dim),
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -156,19 +156,19 @@ def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> d
         **spec.gguf_config,
     }
     if spec.gguf_read is not None:
-        config.update(spec.gguf_read(lambda key: _field(reader, f"{arch}.{key}"), config))
+        config.update(spec.gguf_read(lambda key: gguf_field(reader, f"{arch}.{key}"), config))
     for gguf_name, hf_name in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
-        token_id = _field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
+        token_id = gguf_field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
         if token_id is not None:
             config[f"{hf_name}_token_id"] = token_id
     return config
 
 
 def _rope_scaling(reader, path: Path, arch: str, tensors: dict, rope_theta: float, head_dim: int) -> dict | None:
-    kind = _field(reader, f"{arch}.rope.scaling.type")
-    factor = _field(reader, f"{arch}.rope.scaling.factor")
-    if kind is None and _field(reader, f"{arch}.rope.scale_linear") is not None:  # older llama.cpp key
-        kind, factor = "linear", _field(reader, f"{arch}.rope.scale_linear")
+    kind = gguf_field(reader, f"{arch}.rope.scaling.type")
+    factor = gguf_field(reader, f"{arch}.rope.scaling.factor")
+    if kind is None and gguf_field(reader, f"{arch}.rope.scale_linear") is not None:  # older llama.cpp key
+        kind, factor = "linear", gguf_field(reader, f"{arch}.rope.scale_linear")
     if "rope_freqs.weight" in tensors:
         if kind not in (None, "none"):
             raise UnsupportedModelError(f"{path}: rope_freqs tensor together with rope scaling {kind!r}")
@@ -186,7 +186,7 @@ def _rope_scaling(reader, path: Path, arch: str, tensors: dict, rope_theta: floa
             "yarn_beta_slow": "beta_slow",
         }
         for gguf_key, hf_key in extra.items():
-            value = _field(reader, f"{arch}.rope.scaling.{gguf_key}")
+            value = gguf_field(reader, f"{arch}.rope.scaling.{gguf_key}")
             if value is not None:
                 scaling[hf_key] = value
         return scaling
@@ -274,7 +274,7 @@ def _state_dict(path: Path, arch: str, spec: FamilySpec, config: dict, tensors: 
             raise CheckpointError(f"{path}: cannot read tensor {gguf_name} (file truncated or corrupt?): {e}") from e
         if spec.gguf_permute_qk and gguf_name.startswith("blk.") and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if ".attn_q." in gguf_name else config["num_key_value_heads"]
-            w = _unpermute(w, heads)
+            w = unpermute_rope_rows(w, heads)
         if cfg.parts.norm_offset and hf_name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
             w = w - np.float32(cfg.parts.norm_offset)
         if not w.flags.writeable or not w.flags.c_contiguous:
@@ -283,7 +283,7 @@ def _state_dict(path: Path, arch: str, spec: FamilySpec, config: dict, tensors: 
     return state_dict
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's ``permute`` of q/k rows (interleaved rope pairs -> HF's rotate-half layout)."""
     d = w.shape[0] // n_head // 2
     return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from helpers import make_pair, randomize_lora_b
 from pronghorn.export.gguf_writer import save_gguf
 from pronghorn.export.merged import merged_state_dict
-from pronghorn.models.gguf_loading import _field
+from pronghorn.models.gguf_loading import gguf_field
 from pronghorn.models.lora import LoRAConfig, attach_lora
 
 
@@ -25,7 +25,7 @@ def test_gemma_norms_are_stored_plus_one(tmp_path, tiny_tokenizer):
     _, model = _with_adapter("gemma")
     save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
     r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
-    assert _field(r, "general.architecture") == "gemma"
+    assert gguf_field(r, "general.architecture") == "gemma"
     tensors = {t.name: np.asarray(t.data) for t in r.tensors}
     assert "output.weight" not in tensors  # tied head
     want = model.model.layers[1].post_attention_layernorm.weight.detach().numpy() + 1
@@ -38,9 +38,9 @@ def test_gemma2_metadata_and_sandwich_names(tmp_path, tiny_tokenizer):
     with pytest.warns(UserWarning, match="query_pre_attn_scalar"):  # 24 here: see the last test
         save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
     r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
-    assert _field(r, "general.architecture") == "gemma2"
-    assert (_field(r, "gemma2.attn_logit_softcapping"), _field(r, "gemma2.final_logit_softcapping")) == (1.5, 3.0)
-    assert _field(r, "gemma2.attention.sliding_window") == 5 and _field(r, "gemma2.attention.key_length") == 16
+    assert gguf_field(r, "general.architecture") == "gemma2"
+    assert (gguf_field(r, "gemma2.attn_logit_softcapping"), gguf_field(r, "gemma2.final_logit_softcapping")) == (1.5, 3.0)
+    assert gguf_field(r, "gemma2.attention.sliding_window") == 5 and gguf_field(r, "gemma2.attention.key_length") == 16
     names = {t.name for t in r.tensors if t.name.startswith("blk.0.") and "norm" in t.name}
     assert names == {f"blk.0.{n}.weight" for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")}
 
@@ -75,9 +75,9 @@ def test_phi3_fused_tensors_and_longrope_metadata(tmp_path, tiny_tokenizer):
     _, model = _with_adapter("phi3_longrope")
     save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
     r = GGUFReader(tmp_path / "g" / "model.F32.gguf")
-    assert _field(r, "general.architecture") == "phi3"
-    assert _field(r, "phi3.rope.scaling.original_context_length") == 16
-    assert _field(r, "phi3.rope.scaling.attn_factor") == pytest.approx((1 + np.log(4) / np.log(16)) ** 0.5, rel=1e-6)
+    assert gguf_field(r, "general.architecture") == "phi3"
+    assert gguf_field(r, "phi3.rope.scaling.original_context_length") == 16
+    assert gguf_field(r, "phi3.rope.scaling.attn_factor") == pytest.approx((1 + np.log(4) / np.log(16)) ** 0.5, rel=1e-6)
     tensors = {t.name: np.asarray(t.data) for t in r.tensors}
     np.testing.assert_array_equal(tensors["rope_factors_long.weight"], model.config.rope["long_factor"])
     merged = merged_state_dict(model, torch.float32)
@@ -87,4 +87,4 @@ def test_phi3_fused_tensors_and_longrope_metadata(tmp_path, tiny_tokenizer):
     _, partial = make_pair("phi3_partial_sliding")
     save_gguf(partial, tmp_path / "p", tiny_tokenizer, "f32")
     r = GGUFReader(tmp_path / "p" / "model.F32.gguf")
-    assert (_field(r, "phi3.rope.dimension_count"), _field(r, "phi3.attention.sliding_window")) == (6, 5)
+    assert (gguf_field(r, "phi3.rope.dimension_count"), gguf_field(r, "phi3.attention.sliding_window")) == (6, 5)

@@ -15,7 +15,7 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pronghorn.models.default_model import find_default_gguf
-from pronghorn.models.gguf_loading import _field, read_gguf
+from pronghorn.models.gguf_loading import gguf_field, read_gguf
 
 BOUNDS = {"model.F16.gguf": 5e-3, "model.Q8_0.gguf": 7e-2}
 
@@ -40,11 +40,11 @@ def test_metadata_and_tensor_types(readers, lora_smollm2):
     cfg = lora_smollm2[0].config
     for name, kind in (("model.F16.gguf", "F16"), ("model.Q8_0.gguf", "Q8_0")):
         r = readers[name]
-        assert _field(r, "general.architecture") == "llama"
+        assert gguf_field(r, "general.architecture") == "llama"
         expect = {"context_length": 8192, "embedding_length": 576, "block_count": 30, "feed_forward_length": 1536,
                   "attention.head_count": 9, "attention.head_count_kv": 3, "rope.dimension_count": 64,
                   "rope.freq_base": 100000.0, "attention.layer_norm_rms_epsilon": 1e-5, "vocab_size": 49152}
-        assert {k: _field(r, f"llama.{k}") for k in expect} == expect
+        assert {k: gguf_field(r, f"llama.{k}") for k in expect} == expect
         assert cfg.vocab_size == expect["vocab_size"]
         types = {t.name: t.tensor_type.name for t in r.tensors}
         assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
@@ -60,11 +60,11 @@ def test_tokenizer_metadata_matches_llama_cpp_conversion(readers, lora_smollm2):
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
                 "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
-        assert _field(ours, key) == _field(theirs, key), key
+        assert gguf_field(ours, key) == gguf_field(theirs, key), key
     # the cached HF tokenizer splits digits as GPT-2 does, and the GGUF says so (llama.cpp's original: "smollm")
-    assert _field(ours, "tokenizer.ggml.pre") == "gpt-2"
-    assert _field(ours, "tokenizer.ggml.eos_token_id") == tok.eos_token_id == 2
-    assert _field(ours, "tokenizer.ggml.add_eos_token") is False
+    assert gguf_field(ours, "tokenizer.ggml.pre") == "gpt-2"
+    assert gguf_field(ours, "tokenizer.ggml.eos_token_id") == tok.eos_token_id == 2
+    assert gguf_field(ours, "tokenizer.ggml.add_eos_token") is False
 
 
 def test_transformers_gguf_tokenizer_encodes_like_the_original(gguf_dir, lora_smollm2):

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from pronghorn.export.gguf_writer import save_gguf
-from pronghorn.models.gguf_loading import _field
+from pronghorn.models.gguf_loading import gguf_field
 
 
 def _spm_tokenizer():
@@ -30,9 +30,9 @@ def test_sentencepiece_vocab_scores_types_and_transformers_reads_it(tmp_path):
     _, model = make_pair("llama2")
     save_gguf(model, tmp_path / "g", tok, "f16")
     r = GGUFReader(tmp_path / "g" / "model.F16.gguf")
-    assert _field(r, "tokenizer.ggml.model") == "llama"
-    assert _field(r, "tokenizer.ggml.add_space_prefix") is True
-    types, scores = _field(r, "tokenizer.ggml.token_type"), _field(r, "tokenizer.ggml.scores")
+    assert gguf_field(r, "tokenizer.ggml.model") == "llama"
+    assert gguf_field(r, "tokenizer.ggml.add_space_prefix") is True
+    types, scores = gguf_field(r, "tokenizer.ggml.token_type"), gguf_field(r, "tokenizer.ggml.scores")
     assert types[:3] == [2, 3, 3]  # <unk> UNKNOWN, <s> </s> CONTROL
     assert types[16:36] == [6] * 20  # <0xNN> BYTE
     assert types[36:] == [5] * (97 - 36)  # padding rows UNUSED

@@ -7,7 +7,7 @@ from gguf import GGUFReader
 from helpers import make_pair
 
 from pronghorn.export.gguf_writer import llama3_rope_factors, permute_for_llama_cpp, save_gguf
-from pronghorn.models.gguf_loading import _field, _unpermute, read_gguf
+from pronghorn.models.gguf_loading import gguf_field, unpermute_rope_rows, read_gguf
 from pronghorn.models.lora import LoRAConfig, attach_lora
 from pronghorn.models.rope_scaling import rope_inv_freq
 
@@ -59,7 +59,7 @@ def test_llama3_rope_freqs_tensor_reproduces_the_scaled_frequencies(tmp_path, ti
 def test_permutation_is_llama_cpp_layout_and_inverts():
     w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)  # 4 heads of dim 8
     p = permute_for_llama_cpp(w, 4)
-    np.testing.assert_array_equal(_unpermute(p, 4), w)
+    np.testing.assert_array_equal(unpermute_rope_rows(p, 4), w)
     # llama.cpp interleaves rope pairs: row 2i of a head is HF row i, row 2i+1 is HF row i + d/2
     np.testing.assert_array_equal(p[0:4, 0], w[[0, 4, 1, 5], 0])
 
@@ -69,15 +69,15 @@ def test_vocab_padded_to_embedding_rows_and_metadata(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     save_gguf(model, tmp_path / "g", tok, "q8_0")
     r = GGUFReader(tmp_path / "g" / "model.Q8_0.gguf")
-    tokens, types = _field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.token_type")
+    tokens, types = gguf_field(r, "tokenizer.ggml.tokens"), gguf_field(r, "tokenizer.ggml.token_type")
     assert len(tokens) == model.config.vocab_size == 97
     assert tokens[: len(tok)] == [tok.convert_ids_to_tokens(i) for i in range(len(tok))]
     assert tokens[len(tok)] == f"[PAD{len(tok)}]" and types[len(tok)] == 5  # UNUSED
     assert types[:3] == [3, 3, 3]  # special tokens are CONTROL
-    assert _field(r, "tokenizer.ggml.merges") == ["Ġ t", "h e", "Ġt he"]
-    assert _field(r, "tokenizer.ggml.model") == "gpt2" and _field(r, "tokenizer.ggml.pre") == "gpt-2"
-    assert _field(r, "tokenizer.chat_template") == tok.chat_template
-    assert _field(r, "general.file_type") == 7 and _field(r, "general.quantization_version") == 2
+    assert gguf_field(r, "tokenizer.ggml.merges") == ["Ġ t", "h e", "Ġt he"]
+    assert gguf_field(r, "tokenizer.ggml.model") == "gpt2" and gguf_field(r, "tokenizer.ggml.pre") == "gpt-2"
+    assert gguf_field(r, "tokenizer.chat_template") == tok.chat_template
+    assert gguf_field(r, "general.file_type") == 7 and gguf_field(r, "general.quantization_version") == 2
     # 48-wide rows: not a multiple of Q8_0's 32-value blocks -> F16 fallback
     assert {t.tensor_type.name for t in r.tensors if len(t.shape) == 2} == {"F16"}
 
