@@ -172,13 +172,14 @@ def test_decoder_with_triton_rope_matches_reference(monkeypatch):
         logits.square().mean().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    monkeypatch.setattr(attention, "apply_rope", apply_rope_reference)  # on a GPU apply_rope would take the kernel
+    # the reference everywhere first (on a GPU apply_rope would take the kernel), then the RoPE kernel forced
+    monkeypatch.setattr(attention, "apply_rope", lambda q, k, cos, sin, policy: apply_rope_reference(q, k, cos, sin))
     ref_logits, ref_grads = run()
     calls = []
 
-    def triton_rope(*args):
+    def triton_rope(q, k, cos, sin, policy):
         calls.append(1)
-        return RoPEFunction.apply(*args)
+        return RoPEFunction.apply(q, k, cos, sin)
 
     monkeypatch.setattr(attention, "apply_rope", triton_rope)
     logits, grads = run()
