@@ -97,15 +97,12 @@ def test_adapter_policy_keeps_peft_numerics(monkeypatch):
 
 
 def _model(policy):
-    from helpers import make_pair
+    from helpers import make_pair, randomize_lora_b
     from pronghorn.models.lora import LoRAConfig, attach_lora
 
     _, model = make_pair("llama3_gqa_rope_scaling")
     attach_lora(model, LoRAConfig(r=4, lora_alpha=8), seed=11)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    randomize_lora_b(model, seed=11, scale=0.1)
     model.to(torch.bfloat16)
     for n, p in model.named_parameters():  # adapters fp32 on the bf16 base, as get_peft_model makes them
         if "lora_" in n:

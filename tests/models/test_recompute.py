@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import make_pair, tiny_lora_model
+from helpers import make_pair, randomize_lora_b, tiny_lora_model
 from pronghorn.api import FastLanguageModel
 from pronghorn.errors import PronghornError
 from pronghorn.models.lora import LoRAConfig, attach_lora
@@ -194,10 +194,7 @@ def test_sandwich_norm_layers_replay_exactly(monkeypatch, name):
         monkeypatch.setattr(importlib.import_module(f"pronghorn.kernels.{mod}"), "use_triton", lambda *t: True)
     _, model = make_pair(name)
     attach_lora(model, LoRAConfig(r=4, lora_alpha=8), seed=3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    randomize_lora_b(model, seed=3, scale=0.1)
     model.train()
     batch = _batch()
     ref_loss, ref_grads = _loss_and_grads(model, batch)
