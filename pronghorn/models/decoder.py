@@ -22,7 +22,8 @@ from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding, offload_embedding
 from .kv_cache import KVCache
 from .linear import Linear
-from .memory_plan import LOSS_CHUNK_BYTES, MemoryPlan, device_budget, make_plan, parse_budget, step_sizes
+from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan, parse_budget,
+                          step_sizes)
 from .norm import RMSNorm
 from .recompute import checkpoint_mode, run_layers
 from .rope_scaling import rope_inv_freq
@@ -126,6 +127,7 @@ class DecoderModel(nn.Module):
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
+        self.optimizer_footprint = OptimizerFootprint()  # what the optimizer adds per trained weight (the trainer's)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
         """cos and sin tables keyed by RoPE ("global", and "local" for a family whose sliding layers have
@@ -158,11 +160,12 @@ class DecoderModel(nn.Module):
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) \
             if device.type == "cuda" else 1.0
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
-               fraction, head is not None)
+               fraction, head is not None, self.optimizer_footprint)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
-            sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans)
+            sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
+                               optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), mode=mode, tiled_mlp=tiled,
                              mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
             plans[key] = plan

@@ -12,8 +12,8 @@ An update smaller than half a bf16 spacing (2**-8 of the weight: 4e-3 of a weigh
 
 The rounding noise is counter-based: each weight's draws come from a generator seeded by (``seed``, the weight's
 index among the optimizer's parameters, its step), so it needs no saved generator state: a resumed run rounds as
-the uninterrupted one, and the per-parameter optimizers of :mod:`pronghorn.train.step_in_backward` (given
-distinct seeds) draw as they would in one optimizer.
+the uninterrupted one, and the per-parameter optimizers of :mod:`pronghorn.train.step_in_backward` (each told
+its parameter's index, ``first_index``) draw what one optimizer over all of them would.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ class BF16AdamW(torch.optim.Optimizer):
     are updated in fp32 and cast back (exact for fp32 weights)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rounding: str = "stochastic", seed: int = 0):
+                 weight_decay: float = 0.0, rounding: str = "stochastic", seed: int = 0, first_index: int = 0):
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.rounding, self.seed = rounding, int(seed)
+        self.rounding, self.seed, self.first_index = rounding, int(seed), int(first_index)
 
     def _noise(self, index: int, step: int, device: torch.device) -> torch.Generator:
         g = torch.Generator(device=device)
@@ -59,7 +59,7 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = -1
+        index = self.first_index - 1
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:

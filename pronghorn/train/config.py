@@ -15,6 +15,7 @@ from ..models.memory_plan import parse_budget
 from ..models.recompute import checkpoint_mode
 from ..models.lora import ALL_TARGETS
 from ..models.tiled_mlp import tiled_mlp_mode
+from .full_finetune import check_settings as check_full_finetuning
 from .optimizers import optimizer_name
 from .report import check_report_to
 from .settings import check
@@ -87,6 +88,9 @@ class TrainConfig:
     truncation_mode: str = "keep_start"  # keep_start | keep_end (rows longer than max_length)
     overlong: str = "truncate"  # truncate | split | drop | error
     neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings while training (e.g. 5)
+    # full fine-tuning on one device (train/full_finetune.py, train/step_in_backward.py)
+    full_finetuning: bool = False  # every weight trains (no LoRA): bf16 weights on a GPU
+    optimizer_in_backward: bool = False  # each weight steps in the backward pass: no full set of gradients
 
     def __post_init__(self):
         for name, normalise in (("gradient_checkpointing", checkpoint_mode), ("tiled_mlp", tiled_mlp_mode),
@@ -102,6 +106,7 @@ class TrainConfig:
             parse_budget(self.max_memory)  # a clear error now, not after the model loads
         except PronghornError as e:
             raise PronghornError(f"{e} (CLI: {cli_flag('max_memory')})") from None
+        check_full_finetuning(self)  # what full fine-tuning and the step in the backward cannot combine with
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":

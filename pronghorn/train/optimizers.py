@@ -34,8 +34,10 @@ def optimizer_name(name: str) -> str:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas: tuple[float, float],
-                    eps: float, weight_decay: float, device: torch.device, seed: int = 0) -> torch.optim.Optimizer:
-    """The optimizer ``name`` for ``params`` living on ``device``; ``seed``: the stochastic rounding's."""
+                    eps: float, weight_decay: float, device: torch.device, seed: int = 0,
+                    first_index: int = 0) -> torch.optim.Optimizer:
+    """The optimizer ``name`` for ``params`` living on ``device``; ``seed``: the stochastic rounding's, and
+    ``first_index`` the index of the first of ``params`` in that rounding's streams (train/bf16_adamw.py)."""
     name = optimizer_name(name)
     params = list(params)
     kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -47,7 +49,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     if name in _BF16_ROUNDING:
         from .bf16_adamw import BF16AdamW
 
-        return BF16AdamW(params, rounding=_BF16_ROUNDING[name], seed=seed, **kw)
+        return BF16AdamW(params, rounding=_BF16_ROUNDING[name], seed=seed, first_index=first_index, **kw)
     if device.type != "cuda":
         raise PronghornError(f"optim {name!r} runs on a CUDA GPU only (bitsandbytes); on {device.type} use "
                              f"optim='adamw_torch_fused'")

@@ -113,7 +113,8 @@ SETTINGS: dict[str, Setting] = {
     "gradient_checkpointing": Setting("recompute activations in backward: auto, on, off, offload ('unsloth')"),
     "tiled_mlp": Setting("norm + MLP over chunks of tokens: auto, on, off"),
     "tiled_mlp_chunk": Setting("tokens per chunk of the tiled MLP", **_ONE),
-    "optim": Setting("optimizer: adamw_torch, adamw_torch_fused, adamw_8bit (bitsandbytes, GPU)"),
+    "optim": Setting("optimizer: adamw_torch, adamw_torch_fused, adamw_8bit (bitsandbytes, GPU), adamw_bf16_sr, "
+                     "adamw_bf16_master (bf16 weights: fp32 moments, stochastic rounding or an fp32 master copy)"),
     "packing": Setting("pack rows padding-free into rows of <= max_length tokens"),
     "load_in_4bit": Setting("QLoRA: store the base model's projections in NF4 (4-bit)"),
     # multi-GPU
@@ -136,4 +137,9 @@ SETTINGS: dict[str, Setting] = {
     "overlong": Setting("rows over max_length", ("truncate", "split", "drop", "error")),
     "neftune_noise_alpha": Setting("NEFTune noise on the input embeddings while training, e.g. 5 (0 or None: off)",
                                    **_NONNEG),
+    # full fine-tuning on one device
+    "full_finetuning": Setting("train every weight instead of LoRA adapters (bf16 weights on a GPU; with the default "
+                               "optim, bf16 weights train with adamw_bf16_sr); saves a Hugging Face checkpoint"),
+    "optimizer_in_backward": Setting("step each weight as soon as its gradient is complete and free it: no full set of "
+                                     "gradients (needs gradient_accumulation_steps 1 and max_grad_norm 0)"),
 }

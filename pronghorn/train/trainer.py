@@ -26,9 +26,11 @@ from ..models.lora import trained_modules
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
+from .full_finetune import optimizer_footprint, resolve_optim
 from .optimizers import build_optimizer
 from .progress import TrainProgress
 from .report import open_reporter
+from .step_in_backward import StepInBackward, check_step_in_backward
 from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from .schedule import lr_multiplier
 
@@ -61,9 +63,8 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first")
-        self.optimizer = build_optimizer(self._param_groups(), config.optim, config.learning_rate,
-                                         (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
-                                         config.weight_decay, self.device)
+        self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
+        self.optimizer = self._build_optimizer()
         if config.packing:  # padding-free: whole sequences in rows of max_length tokens, each with its positions
             self.examples = pack_examples(train_examples, config.max_length)
         per_step = config.batch_size * config.gradient_accumulation_steps * self.dist.world_size
@@ -74,23 +75,45 @@ class Trainer:
         self.pad_id = 0 if pad is None else pad
         compute = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
                        torch.float32)
-        self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
         self.autocast_dtype = compute if self.device.type == "cuda" and compute != torch.float32 else None
+
+    def _build_optimizer(self):
+        """``optim`` over the trained parameters; with ``optimizer_in_backward`` one per parameter, stepped in the
+        backward pass (train/step_in_backward.py); full fine-tuning of bf16 weights: train/full_finetune.py."""
+        cfg = self.cfg
+        name = resolve_optim(cfg.optim, self.params) if self.full_finetuning else cfg.optim
+        if name != cfg.optim and self.dist.is_main:
+            print(f"pronghorn: full fine-tuning of bfloat16 weights: optim {name} (fp32 moments, stochastic "
+                  f"rounding) for the default {cfg.optim}; optim='adamw_torch' keeps torch's AdamW", flush=True)
+
+        def build(groups, first_index: int = 0):
+            return build_optimizer(groups, name, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
+                                   cfg.adam_epsilon, cfg.weight_decay, self.device, seed=cfg.seed,
+                                   first_index=first_index)
+
+        decoder = getattr(self.model, "model", None)
+        if hasattr(decoder, "optimizer_footprint"):  # the memory plan counts what this optimizer holds
+            decoder.optimizer_footprint = optimizer_footprint(name, cfg.optimizer_in_backward)
+        if not cfg.optimizer_in_backward:
+            return build(self._param_groups())
+        check_step_in_backward(cfg.gradient_accumulation_steps, cfg.max_grad_norm, self.dist.world_size)
+        return StepInBackward(self._param_groups(), build)
 
     def _param_groups(self) -> list[dict]:
         """The adapters at ``learning_rate``; embed_tokens / lm_head trained fully (``target_modules`` named them,
         or add_new_tokens) at ``embedding_learning_rate`` (Unsloth's name; None: ``learning_rate``). Each group's
         ``peak_lr`` is what the schedule scales."""
         cfg = self.cfg
-        tables = {id(p) for _, p in trained_modules(self.model)}
+        full_tables = ["embed_tokens", "lm_head"] if self.full_finetuning and cfg.embedding_learning_rate else None
+        tables = {id(p) for _, p in trained_modules(self.model, full_tables)}
         groups = [{"params": [p for p in self.params if id(p) not in tables], "peak_lr": cfg.learning_rate}]
         embed = [p for p in self.params if id(p) in tables]
         if embed:
             lr = cfg.embedding_learning_rate or cfg.learning_rate
             groups.append({"params": embed, "peak_lr": lr})
             if self.dist.is_main:
-                print(f"pronghorn: embed_tokens / lm_head train fully at learning rate {lr:g} (adapters: "
-                      f"{cfg.learning_rate:g})", flush=True)
+                print(f"pronghorn: embed_tokens / lm_head train fully at learning rate {lr:g} ("
+                      f"{'other weights' if self.full_finetuning else 'adapters'}: {cfg.learning_rate:g})", flush=True)
         elif cfg.embedding_learning_rate is not None:
             raise PronghornError("embedding_learning_rate is set but embed_tokens / lm_head do not train; add them "
                                  "to target_modules (CLI: --target-modules ... embed_tokens lm_head)")
@@ -135,6 +158,8 @@ class Trainer:
     def train_step(self, examples: list[dict]) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad norm before clipping, tokens)."""
         loss, tokens = self.accumulate_gradients(examples)
+        if isinstance(self.optimizer, StepInBackward):  # every weight stepped in the backward pass
+            return loss, self.optimizer.grad_norm(), tokens
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,8 @@ CLI = [  # a train flag and a bad value, or a whole command line
 ]
 EXPORT = ["--max-shard-size=lots", "--max-shard-size=0"]
 YAML = ["learning_rate: -1", "adam_beta2: 1.0", "lr_scheduler: step"]
-API = [dict(learning_rate=-1.0), dict(batch_size=2.5), dict(lora_dropout=-0.1)]
+API = [dict(learning_rate=-1.0), dict(batch_size=2.5), dict(lora_dropout=-0.1),
+       dict(optimizer_in_backward=True), dict(full_finetuning=True, load_in_4bit=True)]
 PEFT = [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0)]
 
 

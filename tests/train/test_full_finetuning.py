@@ -1,0 +1,146 @@
+"""Full fine-tuning on one device (train/full_finetune.py) in the native trainer, on the CPU: every weight's
+gradient equals transformers' on the same weights (with and without recompute), gradient accumulation equals the
+big batch, a resumed run reproduces the loss curve exactly (fp32 AdamW, and bf16 weights with stochastic
+rounding), and the saved model loads in transformers with equal logits."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_pair, random_examples
+from pronghorn.data.collate import pad_batch
+from pronghorn.errors import PronghornError
+from pronghorn.train.config import TrainConfig
+from pronghorn.train.full_finetune import make_full_finetuning
+from pronghorn.train.trainer import Trainer
+
+CASE = "smollm2_tied"  # tied table: trained once, through both its uses
+
+
+class _Tokenizer:  # the trainer reads the pad/eos ids and saves the tokenizer
+    pad_token_id, eos_token_id = 0, 1
+
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer_config.json").write_text("{}")
+
+
+def full_model(dtype=torch.float32, case=CASE):
+    hf, ours = make_pair(case, dtype=dtype)
+    return hf, make_full_finetuning(ours)
+
+
+def _trainer(out, examples, model=None, **kw) -> Trainer:
+    kw = {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "lr_scheduler": "constant",
+          "max_grad_norm": 0.0, **kw}
+    cfg = TrainConfig(output_dir=str(out), progress=False, overwrite=True, **kw)
+    return Trainer(model if model is not None else full_model()[1], _Tokenizer(), examples, cfg, base_name="tiny")
+
+
+def _hf_grads(hf, examples) -> dict:
+    """The plain reference: transformers' model on the same weights, the loss summed over the step's labelled
+    tokens and divided by their count."""
+    hf.train()
+    batch = pad_batch(examples, 0)
+    items = int((batch["labels"][:, 1:] != -100).sum())
+    hf(**batch, num_items_in_batch=items).loss.backward()
+    return {n: p.grad for n, p in hf.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_every_gradient_equals_transformers(tmp_path, mode):
+    hf, ours = full_model()
+    ours.gradient_checkpointing_enable(mode=mode)
+    examples = random_examples(6)
+    t = _trainer(tmp_path, examples, ours, batch_size=6)
+    assert {id(p) for p in t.params} == {id(p) for p in ours.parameters()}  # every weight, the tied table once
+    t.model.train()
+    t.accumulate_gradients(examples)
+    ref = _hf_grads(hf, examples)
+    names = dict(ours.named_parameters())
+    assert set(names) == set(ref) - {"lm_head.weight"}  # transformers lists the tied head apart
+    for name, p in names.items():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6 * float(ref[name].abs().max()),
+                                   msg=name)
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    """fp32 differs from one big batch only by summation order (3e-5 of each tensor's largest gradient, as the
+    LoRA test); after two optimizer steps the weights agree to the same order."""
+    examples = random_examples(16)
+    big = _trainer(tmp_path / "big", examples, batch_size=8, gradient_accumulation_steps=1)
+    small = _trainer(tmp_path / "small", examples, batch_size=2, gradient_accumulation_steps=4)
+    for t in (big, small):
+        t.model.train()
+    loss_big, _ = big.accumulate_gradients(examples[:8])
+    loss_small, _ = small.accumulate_gradients(examples[:8])
+    assert loss_small == pytest.approx(loss_big, rel=3e-6)
+    for (name, p), q in zip(big.model.named_parameters(), small.model.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 3e-5 * p.grad.abs().max(), name
+    for t in (big, small):
+        t.optimizer.zero_grad(set_to_none=True)
+        t.total_steps = 2
+        t.train()
+    for (name, p), q in zip(big.model.named_parameters(), small.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype,optim", [(torch.float32, "adamw_torch_fused"), (torch.bfloat16, "adamw_torch_fused"),
+                                         (torch.float32, "adamw_torch")])
+def test_resume_reproduces_the_loss_curve(tmp_path, dtype, optim):
+    """Interrupted after step 4 (checkpoint-3 the last saved) and resumed: the same losses, bit for bit. bf16
+    weights with the default optim train with adamw_bf16_sr, whose rounding noise is a function of the step."""
+    examples = random_examples(24)
+    kw = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=5e-3, warmup_steps=2,
+              lr_scheduler="cosine", max_grad_norm=1.0, optim=optim)
+    full = _trainer(tmp_path / "full", examples, full_model(dtype)[1], **kw).train()
+    cut = _trainer(tmp_path / "cut", examples, full_model(dtype)[1], save_steps=3, **kw)
+    cut.total_steps = 4  # stop early as if interrupted after step 4
+    cut.train()
+    assert (tmp_path / "cut" / "checkpoint-3" / "sharded").is_dir()
+    torch.manual_seed(123)  # a different process state must not matter
+    resumed = _trainer(tmp_path / "cut", examples, full_model(dtype)[1], resume_from_checkpoint="latest",
+                       **kw).train()
+    assert resumed.losses == full.losses
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("full", "cut"))
+    assert a == b
+
+
+def test_the_saved_model_loads_in_transformers_with_equal_logits(tmp_path):
+    import transformers
+
+    examples = random_examples(8)
+    t = _trainer(tmp_path, examples, max_steps=3, learning_rate=1e-2)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    assert all(not torch.equal(before[n], p) for n, p in t.model.named_parameters())  # every weight moved
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    batch = pad_batch(examples[:4], 0)
+    with torch.no_grad():
+        ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = t.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], ref[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_learning_rate_applies_to_the_tables(tmp_path, capsys):
+    t = _trainer(tmp_path, random_examples(4), embedding_learning_rate=1e-5)
+    table = t.model.get_input_embeddings().weight
+    groups = {id(p): g["peak_lr"] for g in t.optimizer.param_groups for p in g["params"]}
+    assert groups[id(table)] == 1e-5 and set(groups.values()) == {1e-3, 1e-5}
+    assert "other weights: 0.001" in capsys.readouterr().out
+
+
+def test_settings_full_finetuning_cannot_combine_with():
+    with pytest.raises(PronghornError, match="full_finetuning.*load_in_4bit"):
+        TrainConfig(full_finetuning=True, load_in_4bit=True)
+    _, ours = make_pair(CASE)
+    from pronghorn.models.lora import LoRAConfig, attach_lora
+
+    attach_lora(ours, LoRAConfig(r=2), seed=0)
+    with pytest.raises(PronghornError, match="LoRA adapters attached"):
+        make_full_finetuning(ours)
