@@ -4,38 +4,16 @@ big batch, a resumed run reproduces the loss curve exactly (fp32 AdamW, and bf16
 rounding), and the saved model loads in transformers with equal logits."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from full_finetune_cases import CASE, full_model, full_trainer as _trainer
 from helpers import make_pair, random_examples
 from pronghorn.data.collate import pad_batch
 from pronghorn.errors import PronghornError
 from pronghorn.train.config import TrainConfig
 from pronghorn.train.full_finetune import make_full_finetuning
-from pronghorn.train.trainer import Trainer
-
-CASE = "smollm2_tied"  # tied table: trained once, through both its uses
-
-
-class _Tokenizer:  # the trainer reads the pad/eos ids and saves the tokenizer
-    pad_token_id, eos_token_id = 0, 1
-
-    def save_pretrained(self, path):
-        (Path(path) / "tokenizer_config.json").write_text("{}")
-
-
-def full_model(dtype=torch.float32, case=CASE):
-    hf, ours = make_pair(case, dtype=dtype)
-    return hf, make_full_finetuning(ours)
-
-
-def _trainer(out, examples, model=None, **kw) -> Trainer:
-    kw = {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "lr_scheduler": "constant",
-          "max_grad_norm": 0.0, **kw}
-    cfg = TrainConfig(output_dir=str(out), progress=False, overwrite=True, **kw)
-    return Trainer(model if model is not None else full_model()[1], _Tokenizer(), examples, cfg, base_name="tiny")
 
 
 def _hf_grads(hf, examples) -> dict:
