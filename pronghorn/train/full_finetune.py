@@ -53,6 +53,7 @@ def make_full_finetuning(model: nn.Module) -> nn.Module:
     if table.device != model.device:
         raise PronghornError("full_finetuning trains the embedding table; offload_embedding keeps it frozen on the "
                              "host (pass offload_embedding=False)")
+    model.__dict__["full_finetuning"] = True  # get_peft_model then attaches nothing (as Unsloth)
     return model
 
 
