@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train.distributed import env_from_os
 
     if env_from_os().is_main:  # under torchrun: one report, from rank 0
-        print(f"saved adapter to {res.output_dir} after {res.global_step} steps "
+        print(f"saved {'model' if cfg.full_finetuning else 'adapter'} to {res.output_dir} after {res.global_step} steps "
               f"(final loss {res.losses[-1]:.4f}); metrics: {res.metrics_file}; plot: {res.loss_plot}")
     return 0
 

@@ -67,3 +67,16 @@ def resolve_optim(name: str, params: list[torch.Tensor]) -> str:
 def optimizer_footprint(optim: str, in_backward: bool) -> OptimizerFootprint:
     """What the memory plan counts for the trained weights under ``optim`` (torch AdamW: two moments)."""
     return OptimizerFootprint(state_bytes=_STATE_BYTES.get(optim), grads_in_backward=in_backward)
+
+
+def make_trainable(model: nn.Module, cfg) -> str:
+    """What ``cfg`` trains of ``model``: every weight (``full_finetuning``) or LoRA adapters, attached here.
+    Returns the words for the run's summary line. The one call ``pronghorn.train`` makes for either."""
+    if cfg.full_finetuning:
+        make_full_finetuning(model)
+        return "full fine-tuning"
+    from ..models.lora import LoRAConfig, attach_lora
+
+    attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
+    return f"LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds"
