@@ -12,9 +12,10 @@ from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES
 from ..files import check_output_dir
 from ..models.loader import load_pretrained
-from ..models.lora import LoRAConfig, attach_lora, trainable_parameters
+from ..models.lora import trainable_parameters
 from .config import TrainConfig
 from .distributed import failure_guard, init_distributed, load_placement
+from .full_finetune import make_trainable
 from .neftune import activate_neftune
 from .trainer import Trainer, TrainResult
 
@@ -54,8 +55,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     examples = tokenize_dataset(records, tokenizer, cfg.data_format, cfg.max_length, train_on=cfg.train_on,
                                 progress=cfg.progress and env.is_main, truncation_mode=cfg.truncation_mode,
                                 overlong=cfg.overlong, skip_bad_rows=cfg.skip_bad_rows)
-    attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                  target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
+    trains = make_trainable(model, cfg)  # LoRA adapters, or every weight (full_finetuning): train/full_finetune.py
     model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing,  # auto | on | offload | off
                                         tiled_mlp=cfg.tiled_mlp, tiled_mlp_chunk=cfg.tiled_mlp_chunk,
                                         max_memory=cfg.max_memory or "none")
@@ -64,7 +64,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     trainable, total = trainable_parameters(model)
     if env.is_main:
         print(f"pronghorn: {loaded.base_name} on {model.device} ({model.dtype}), {len(examples)} examples, "
-              f"LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds: {trainable:,} of {total:,} parameters "
+              f"{trains}: {trainable:,} of {total:,} parameters "
               f"train" + (f", {env.world_size} ranks ({cfg.distributed})" if env.distributed else ""))
     torch.manual_seed(cfg.seed + env.rank)  # LoRA dropout masks differ per rank; the adapter init does not
     with failure_guard(env, cfg.output_dir):
