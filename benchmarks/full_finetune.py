@@ -47,15 +47,14 @@ from train_e2e import TARGETS  # noqa: E402
 
 _GIB = 2**30
 LR = 1e-5
-WORKLOADS = {  # name: (model, batch, seq, kind, the peers' optimizer)
-    "1b-full": ("llama-3.2-1b", 4, 2048, "full", "adamw_torch_fused"),
-    "8b-full-8bit": ("llama-3.1-8b", 1, 2048, "full", "adamw_8bit"),
-    "8b-lora-embed": ("llama-3.1-8b", 2, 2048, "lora-embed", "adamw_torch_fused"),
-    "tiny-full": ("tiny", 2, 128, "full", "adamw_torch_fused"),  # --dry-run
-    "tiny-lora-embed": ("tiny", 2, 128, "lora-embed", "adamw_torch_fused"),
+_FULL = ["adamw_bf16_sr", "adamw_bf16_sr+inbwd", "adamw_8bit+inbwd"]
+WORKLOADS = {  # name: (model, batch, seq, kind, the peers' optimizer, pronghorn's optimizers: +inbwd = in backward)
+    "1b-full": ("llama-3.2-1b", 4, 2048, "full", "adamw_torch_fused", _FULL),
+    "8b-full-8bit": ("llama-3.1-8b", 1, 2048, "full", "adamw_8bit", ["adamw_8bit+inbwd", "adamw_8bit"]),
+    "8b-lora-embed": ("llama-3.1-8b", 2, 2048, "lora-embed", "adamw_torch_fused", ["adamw_torch_fused"]),
+    "tiny-full": ("tiny", 2, 128, "full", "adamw_torch_fused", _FULL),  # --dry-run
+    "tiny-lora-embed": ("tiny", 2, 128, "lora-embed", "adamw_torch_fused", ["adamw_torch_fused"]),
 }
-PRONGHORN_OPTIMS = {"full": ["adamw_bf16_sr", "adamw_bf16_sr+inbwd", "adamw_8bit+inbwd"],
-                    "lora-embed": ["adamw_torch_fused"]}
 SYSTEMS = ("pronghorn", "hf-trainer", "unsloth")
 
 
@@ -220,10 +219,10 @@ def _child(spec: dict) -> None:
 def _points(workloads: list[str], systems: list[str]) -> list[dict]:
     points = []
     for w in workloads:
-        model, batch, seq, kind, peer_optim = WORKLOADS[w]
+        model, batch, seq, kind, peer_optim, ours = WORKLOADS[w]
         base = dict(workload=w, model=model, batch=batch, seq=seq, kind=kind, peer_optim=peer_optim)
         for s in systems:
-            optims = PRONGHORN_OPTIMS[kind] if s == "pronghorn" else [peer_optim]
+            optims = ours if s == "pronghorn" else [peer_optim]
             points += [dict(base, system=s, optim=o) for o in optims]
     return points
 

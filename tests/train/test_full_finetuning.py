@@ -122,3 +122,35 @@ def test_settings_full_finetuning_cannot_combine_with():
     attach_lora(ours, LoRAConfig(r=2), seed=0)
     with pytest.raises(PronghornError, match="LoRA adapters attached"):
         make_full_finetuning(ours)
+
+
+def test_8bit_adamw_state_resumes_exactly(tmp_path):
+    """bitsandbytes' 8-bit AdamW (it runs on the CPU too, outside the trainer): its quantization maps, shared by
+    every weight, and its block scales (not of the weight's shape) save and restore; two more steps after a
+    resume take the losses of two more steps without one."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from pronghorn.train.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+
+    batch = pad_batch(random_examples(4), 0)
+
+    def run(model, opt, steps):
+        losses = []
+        for _ in range(steps):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    def fresh():
+        model = full_model()[1].train()
+        return model, bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=0)
+
+    model, opt = fresh()
+    run(model, opt, 2)
+    save_sharded_checkpoint(tmp_path / "checkpoint-2", model, opt, {"global_step": 2})
+    expected = run(model, opt, 2)
+    model, opt = fresh()
+    load_sharded_checkpoint(tmp_path / "checkpoint-2", model, opt)
+    assert run(model, opt, 2) == expected
