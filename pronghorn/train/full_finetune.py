@@ -37,6 +37,10 @@ def check_settings(cfg) -> None:
     if cfg.full_finetuning and cfg.load_in_4bit:
         raise PronghornError("full_finetuning trains every weight in 16 or 32 bits; it cannot be combined with "
                              "load_in_4bit (QLoRA) (CLI: drop --load-in-4bit or --full-finetuning)")
+    if cfg.full_finetuning and (cfg.method == "kto" or (cfg.method == "dpo" and cfg.loss_type != "simpo")):
+        raise PronghornError(f"full_finetuning with method={cfg.method!r} needs a reference model, and full "
+                             "fine-tuning keeps no frozen copy of the weights (LoRA's is the base with the adapters "
+                             "off); use a reference-free loss (method='orpo', or loss_type='simpo') or LoRA")
 
 
 def make_full_finetuning(model: nn.Module) -> nn.Module:

@@ -116,6 +116,9 @@ def test_embedding_learning_rate_applies_to_the_tables(tmp_path, capsys):
 def test_settings_full_finetuning_cannot_combine_with():
     with pytest.raises(PronghornError, match="full_finetuning.*load_in_4bit"):
         TrainConfig(full_finetuning=True, load_in_4bit=True)
+    with pytest.raises(PronghornError, match="method='dpo' needs a reference model.*loss_type='simpo'"):
+        TrainConfig(full_finetuning=True, method="dpo")
+    assert TrainConfig(full_finetuning=True, method="orpo").full_finetuning
     _, ours = make_pair(CASE)
     from pronghorn.models.lora import LoRAConfig, attach_lora
 
