@@ -13,8 +13,9 @@ learning rate 1e-5, no gradient clipping; tok/s = batch x seq / median step of s
 Systems, each point its own process with a timeout:
 
 - ``pronghorn``: the native trainer's step (``Trainer.train_step``: memory plan "auto", the fused loss) with the
-  optimizer each row names: ``adamw_bf16_sr`` (the default for bf16 weights), ``adamw_8bit``, and
-  ``+inbwd``: ``optimizer_in_backward`` (no full set of gradients);
+  optimizer each row names: ``adamw_bf16_sr`` (the default for bf16 weights), ``adamw_8bit``; ``+inbwd``:
+  ``optimizer_in_backward`` (no full set of gradients); ``@hf0.6``: ``max_memory`` set to 0.6 x hf-trainer's peak
+  on the workload in the same run (the issue's memory target; the plan recomputes what it must);
 - ``hf-trainer``: ``transformers.Trainer`` on ``LlamaForCausalLM`` (SDPA), ``bf16=True``, gradient checkpointing
   on, ``optim`` adamw_torch_fused (bf16 moments) or adamw_bnb_8bit; for LoRA PEFT with ``modules_to_save``;
 - ``unsloth``: ``FastLanguageModel.from_pretrained(full_finetuning=True, use_gradient_checkpointing="unsloth")``
@@ -47,15 +48,18 @@ from train_e2e import TARGETS  # noqa: E402
 
 _GIB = 2**30
 LR = 1e-5
-_FULL = ["adamw_bf16_sr", "adamw_bf16_sr+inbwd", "adamw_8bit+inbwd"]
-WORKLOADS = {  # name: (model, batch, seq, kind, the peers' optimizer, pronghorn's optimizers: +inbwd = in backward)
+# pronghorn's rows: optim, "+inbwd": optimizer_in_backward, "@hf0.6": max_memory = 0.6 x hf-trainer's peak on the
+# workload in this run (the issue's target), so the memory plan recomputes what it must to fit
+_FULL = ["adamw_bf16_sr", "adamw_bf16_sr+inbwd", "adamw_8bit+inbwd", "adamw_bf16_sr+inbwd@hf0.6",
+         "adamw_8bit+inbwd@hf0.6"]
+WORKLOADS = {  # name: (model, batch, seq, kind, the peers' optimizer, pronghorn's rows)
     "1b-full": ("llama-3.2-1b", 4, 2048, "full", "adamw_torch_fused", _FULL),
     "8b-full-8bit": ("llama-3.1-8b", 1, 2048, "full", "adamw_8bit", ["adamw_8bit+inbwd", "adamw_8bit"]),
     "8b-lora-embed": ("llama-3.1-8b", 2, 2048, "lora-embed", "adamw_torch_fused", ["adamw_torch_fused"]),
     "tiny-full": ("tiny", 2, 128, "full", "adamw_torch_fused", _FULL),  # --dry-run
     "tiny-lora-embed": ("tiny", 2, 128, "lora-embed", "adamw_torch_fused", ["adamw_torch_fused"]),
 }
-SYSTEMS = ("pronghorn", "hf-trainer", "unsloth")
+SYSTEMS = ("hf-trainer", "pronghorn", "unsloth")
 
 
 # --- one point, in its own process ---
@@ -89,12 +93,13 @@ def _pronghorn(spec: dict, device: str, dtype: torch.dtype) -> tuple[list[float]
     config = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
                                        **CONFIGS[spec["model"]]})
     model = init_random_model(config, dtype, device)
-    optim, _, inbwd = spec["optim"].partition("+")
+    optim, _, inbwd = spec["optim"].split("@")[0].partition("+")
     if spec["kind"] == "full":
         make_full_finetuning(model)
     else:
         attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS + ["embed_tokens", "lm_head"]))
-    model.gradient_checkpointing_enable(mode="auto")
+    budget = spec.get("budget_gib")
+    model.gradient_checkpointing_enable(mode="auto", max_memory=f"{budget}GiB" if budget else "none")
     ids = _random_ids(spec, device)[0].tolist()
     examples = [{"input_ids": ids, "labels": ids}] * spec["batch"]
 
@@ -110,7 +115,10 @@ def _pronghorn(spec: dict, device: str, dtype: torch.dtype) -> tuple[list[float]
     losses = []
     step = lambda i: losses.append(t.train_step(examples)[0])  # noqa: E731
     _reset_peak(device)
-    return _time_steps(step, spec["steps"], device == "cuda"), losses[-1]
+    times = _time_steps(step, spec["steps"], device == "cuda")
+    plan = model.memory_plan
+    EXTRA.update(plan=plan.summary(), est_gib=round(plan.estimate_bytes / _GIB, 2))
+    return times, losses[-1]
 
 
 def _hf_trainer(spec: dict, device: str, dtype: torch.dtype) -> tuple[list[float], float]:
@@ -187,6 +195,7 @@ def _unsloth(spec: dict, device: str, dtype: torch.dtype) -> tuple[list[float], 
     return _time_steps(step, spec["steps"], device == "cuda"), losses[-1]
 
 
+EXTRA: dict = {}  # what a runner adds to its row (pronghorn: the memory plan and its estimate)
 RUNNERS = {"pronghorn": _pronghorn, "hf-trainer": _hf_trainer, "unsloth": _unsloth}
 
 
@@ -205,7 +214,8 @@ def _child(spec: dict) -> None:
         times, loss = RUNNERS[spec["system"]](spec, device, dtype)
         steady = sorted(times[2:] or times)
         step_s = steady[len(steady) // 2]
-        out.update(step_s=round(step_s, 4), tok_s=round(spec["batch"] * spec["seq"] / step_s), loss=round(loss, 4))
+        out.update(step_s=round(step_s, 4), tok_s=round(spec["batch"] * spec["seq"] / step_s), loss=round(loss, 4),
+                   **EXTRA)
     except torch.OutOfMemoryError as e:
         out.update(status="oom", message=str(e).splitlines()[0][:300])
     except Exception as e:  # recorded as a row; the sweep goes on
@@ -227,9 +237,25 @@ def _points(workloads: list[str], systems: list[str]) -> list[dict]:
     return points
 
 
-def _run_point(pt: dict, a, env: dict) -> dict:
+def _budget(pt: dict, rows: list[dict]) -> tuple[float | None, str | None]:
+    """(max_memory in GiB for a pronghorn row's "@hf<f>" suffix, or why there is none)."""
+    _, _, label = pt["optim"].partition("@")
+    if not label:
+        return None, None
+    hf = next((r for r in rows if r["workload"] == pt["workload"] and r["system"] == "hf-trainer"
+               and r["status"] == "ok"), None)
+    if hf is None:
+        return None, "no hf-trainer peak on this workload in this run (run hf-trainer first)"
+    return round(float(label.removeprefix("hf")) * hf["peak_gib"], 2), None
+
+
+def _run_point(pt: dict, a, env: dict, rows: list[dict]) -> dict:
     if pt["system"] == "unsloth" and importlib.util.find_spec("unsloth") is None:
         return dict(pt, status="skipped", message="unsloth does not import here")
+    budget, why = _budget(pt, rows)
+    if why:
+        return dict(pt, status="skipped", message=why)
+    pt = dict(pt, budget_gib=budget)
     spec = dict(pt, steps=a.steps, tmp=tempfile.mkdtemp(prefix="fullft-"))
     if pt["system"] == "unsloth":
         spec["dir"] = _checkpoint_dir(pt["model"], Path(env["BENCH_MODELS"]), a.peer_scripts)
@@ -244,14 +270,15 @@ def _run_point(pt: dict, a, env: dict) -> dict:
 
 def _print_table(rows: list[dict]) -> None:
     ref = {r["workload"]: r for r in rows if r["system"] == "hf-trainer" and r["status"] == "ok"}
-    print(f"\n{'workload':<16} {'system':<11} {'optim':<22} {'tok/s':>9} {'peak GiB':>9} {'speed':>7} {'memory':>7}")
+    print(f"\n{'workload':<16} {'system':<11} {'optim':<26} {'tok/s':>9} {'peak GiB':>9} {'speed':>7} {'memory':>7}")
     for r in rows:
         base, ok = ref.get(r["workload"]), r["status"] == "ok"
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if ok and base else "-"
         mem = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if ok and base and base["peak_gib"] else "-"
         tok = f"{r['tok_s']:,}" if ok else r["status"]
-        print(f"{r['workload']:<16} {r['system']:<11} {r['optim']:<22} {tok:>9} {str(r.get('peak_gib')):>9} "
-              f"{speed:>7} {mem:>7}" + ("" if ok else f"  {r.get('message', '')[:90]}"))
+        note = f"  max_memory {r['budget_gib']} GiB" if r.get("budget_gib") else ""
+        print(f"{r['workload']:<16} {r['system']:<11} {r['optim']:<26} {tok:>9} {str(r.get('peak_gib')):>9} "
+              f"{speed:>7} {mem:>7}" + (note if ok else f"  {r.get('message', '')[:90]}"))
     print("(speed and memory relative to hf-trainer on the same workload)")
 
 
@@ -259,7 +286,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workloads", default="1b-full,8b-full-8bit,8b-lora-embed")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="hf-trainer first: pronghorn's @hf0.6 rows "
+                    "take their budget from its peak")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=400.0, help="seconds per point")
     ap.add_argument("--peer-scripts", type=Path, default=PEER_SCRIPTS, help="unsloth_bench.py (makes checkpoints)")
@@ -279,7 +307,7 @@ def main(argv=None) -> None:
            "BENCH_MODELS": os.environ.get("BENCH_MODELS", tempfile.mkdtemp(prefix="bench-models-"))}
     rows = []
     for pt in _points(a.workloads.split(","), a.systems.split(",")):
-        rows.append(_run_point(pt, a, env))
+        rows.append(_run_point(pt, a, env, rows))
         print(json.dumps(rows[-1]), flush=True)
         write_results(a.json, run_meta(steps=a.steps, lr=LR, peak="max_memory_allocated" if cuda else
                                        "max RSS (CPU dry run)", argv=sys.argv[1:]), rows)

@@ -62,7 +62,8 @@ class Trainer:
         self.device = device if isinstance(device, torch.device) else next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first")
+            raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first (or "
+                                 "load it with full_finetuning=True)")
         self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
         self.optimizer = self._build_optimizer()
         if config.packing:  # padding-free: whole sequences in rows of max_length tokens, each with its positions
