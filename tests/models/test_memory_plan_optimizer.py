@@ -49,3 +49,25 @@ def test_lora_counts_its_adapters_only():
     model = tiny_lora_model()
     adapters = [p for p in model.parameters() if p.requires_grad]
     assert _to_come(model) == _bytes(adapters) + 8 * sum(p.numel() for p in adapters)
+
+
+def test_a_budget_that_fits_the_step_in_the_backward_keeps_what_the_ordinary_step_must_recompute(tmp_path):
+    """A budget halfway between the two steps' keep-everything estimates: the ordinary full fine-tuning step
+    recomputes a layer to fit it, the step in the backward (fewer gradients) keeps every layer."""
+    from pronghorn.models.memory_plan import HEADROOM, MemoryPlan, estimate_peak
+
+    _, model = full_model()
+    keep = [estimate_peak(step_sizes(model.model, 4, 256, torch.float32, CPU, model.lm_head,
+                                     optimizer=optimizer_footprint("adamw_torch_fused", f)), MemoryPlan(("keep",) * 2))
+            for f in (False, True)]
+    assert keep[1] < keep[0]
+    budget = int((keep[0] + keep[1]) / 2 / (1 - HEADROOM))
+    plans = []
+    for in_backward in (False, True):
+        _, model = full_model()
+        model.gradient_checkpointing_enable(mode="auto", max_memory=budget)
+        t = full_trainer(tmp_path / str(in_backward), random_examples(4), model, optimizer_in_backward=in_backward)
+        t.model.train()
+        t.train_step(t.step_examples(0))
+        plans.append(model.memory_plan.layers)
+    assert plans == [("recompute", "keep"), ("keep", "keep")]
