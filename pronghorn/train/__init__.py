@@ -1,8 +1,10 @@
-"""Training layer: the native SFT loop, its settings, schedules, checkpoints and metrics."""
+"""Training layer: the native trainers (SFT, DPO / ORPO / KTO), the method table, one ``prepare`` path for
+every method, settings, schedules, checkpoints and metrics."""
 
 from .bf16_adamw import BF16AdamW
 from .config import TrainConfig
-from .run import train
+from .methods import METHODS, Method
+from .run import Prepared, prepare, train
 from .trainer import Trainer, TrainResult
 
-__all__ = ["BF16AdamW", "TrainConfig", "TrainResult", "Trainer", "train"]
+__all__ = ["BF16AdamW", "METHODS", "Method", "Prepared", "TrainConfig", "TrainResult", "Trainer", "prepare", "train"]
