@@ -157,3 +157,18 @@ def test_8bit_adamw_state_resumes_exactly(tmp_path):
     model, opt = fresh()
     load_sharded_checkpoint(tmp_path / "checkpoint-2", model, opt)
     assert run(model, opt, 2) == expected
+
+
+def test_orpo_trains_every_weight_and_saves_a_transformers_checkpoint(tmp_path):
+    """Reference-free preference training (ORPO) with full fine-tuning: the preference trainer on the same path."""
+    from full_finetune_cases import TinyTokenizer
+    from helpers import random_pairs
+    from pronghorn.train.preference_trainer import PreferenceTrainer
+
+    _, model = full_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(output_dir=str(tmp_path), progress=False, method="orpo", beta=0.3, full_finetuning=True,
+                      batch_size=3, gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-2)
+    PreferenceTrainer(model, TinyTokenizer(), random_pairs(), cfg, base_name="tiny").train()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "adapter_config.json").exists()
