@@ -10,8 +10,9 @@ An update smaller than half a bf16 spacing (2**-8 of the weight: 4e-3 of a weigh
 - ``rounding="master"`` (``optim="adamw_bf16_master"``): an fp32 master copy of each weight takes the updates;
   the bf16 weight is its nearest rounding. Exact AdamW on the master, 14 bytes per trained weight.
 
-The rounding noise is counter-based: each weight's draws come from a generator seeded by (``seed``, the weight's
-index among the optimizer's parameters, its step), so it needs no saved generator state: a resumed run rounds as
+The bf16 step with stochastic rounding is one kernel (kernels/adamw_sr.py: a PyTorch reference on the CPU, one
+Triton pass on CUDA). Its rounding noise is counter-based: a hash of each element's index and a key made of
+(``seed``, the weight's index among the optimizer's parameters, its step), so it needs no saved generator state: a resumed run rounds as
 the uninterrupted one, and the per-parameter optimizers of :mod:`pronghorn.train.step_in_backward` (each told
 its parameter's index, ``first_index``) draw what one optimizer over all of them would.
 """
@@ -20,20 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.adamw_sr import adamw_sr_constants, adamw_sr_step
+
 ROUNDINGS = ("stochastic", "master")
-_BITS = 16  # fp32 bits below bfloat16's mantissa
-
-
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x`` (fp32) rounded to bfloat16, to the neighbour below or above with probability proportional to the
-    distance to the other one: ``E[result] == x``. Adds a uniform 16-bit integer to the fp32 bit pattern and
-    truncates the low 16 bits (the sign is apart from the magnitude, so negative values round symmetrically)."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"stochastic_round_bf16 takes float32, got {x.dtype}")
-    noise = torch.randint(0, 1 << _BITS, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = (x.view(torch.int32) + noise) & -(1 << _BITS)
-    rounded = bits.view(torch.float32)
-    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)  # the low bits are zero: exact
 
 
 class BF16AdamW(torch.optim.Optimizer):
@@ -48,10 +38,9 @@ class BF16AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding, self.seed, self.first_index = rounding, int(seed), int(first_index)
 
-    def _noise(self, index: int, step: int, device: torch.device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + index) * 1_000_033 + step)  # a distinct stream per weight and step
-        return g
+    def _key(self, index: int, step: int) -> int:
+        """The rounding noise's key of weight ``index`` at ``step`` (31 bits)."""
+        return ((self.seed * 1_000_003 + index) * 1_000_033 + step) % 2_147_483_647
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -75,14 +64,15 @@ class BF16AdamW(torch.optim.Optimizer):
                         state["master"] = p.detach().float()
                 state["step"] += 1
                 step = int(state["step"])
+                if p.dtype == torch.bfloat16 and self.rounding == "stochastic":
+                    adamw_sr_step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], self._key(index, step),
+                                  adamw_sr_constants(lr, beta1, beta2, eps, wd, step))
+                    continue
                 master = state.get("master")
                 weight = master if master is not None else p.detach().float()
                 _adamw_update(weight, p.grad.float(), state["exp_avg"], state["exp_avg_sq"], step, lr, beta1,
                               beta2, eps, wd)
-                if master is not None or p.dtype != torch.bfloat16:
-                    p.copy_(weight)  # round to nearest (or exact for fp32)
-                else:
-                    p.copy_(stochastic_round_bf16(weight, self._noise(index, step, p.device)))
+                p.copy_(weight)  # round to nearest (or exact for fp32)
         return loss
 
     def _keeps_master(self, p: torch.Tensor) -> bool:

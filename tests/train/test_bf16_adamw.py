@@ -7,7 +7,8 @@ import torch
 
 from helpers import make_pair, random_examples
 from pronghorn.data.collate import pad_batch
-from pronghorn.train.bf16_adamw import BF16AdamW, stochastic_round_bf16
+from pronghorn.kernels.adamw_sr import stochastic_round_bf16
+from pronghorn.train.bf16_adamw import BF16AdamW
 from pronghorn.train.optimizers import build_optimizer
 
 CPU = torch.device("cpu")
@@ -22,7 +23,7 @@ def test_stochastic_rounding_is_unbiased():
     g = torch.Generator().manual_seed(0)
     x = 1 + torch.rand(64, generator=g)
     n, spacing = 20_000, 2.0 ** -7
-    rounded = stochastic_round_bf16(x.repeat(n, 1), torch.Generator().manual_seed(1)).float()
+    rounded = stochastic_round_bf16(x.repeat(n, 1), key=1).float()
     below = x.to(torch.bfloat16).float()
     below = torch.where(below > x, below - spacing, below)
     assert bool(((rounded == below) | (rounded == below + spacing)).all())
@@ -33,14 +34,14 @@ def test_stochastic_rounding_is_unbiased():
 
 def test_stochastic_rounding_keeps_exact_values_signs_and_specials():
     x = torch.tensor([0.0, -0.0, 1.0, -3.5, float("inf"), float("-inf"), -1.00390625, 2.0 ** -130])
-    out = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    out = stochastic_round_bf16(x, key=0).float()
     assert torch.equal(out[:6], x[:6]) and out[6] in (-1.0, -1.0078125) and out[7] >= 0
-    assert stochastic_round_bf16(torch.tensor([float("nan")]), torch.Generator()).isnan().all()
+    assert stochastic_round_bf16(torch.tensor([float("nan")]), key=0).isnan().all()
 
 
-def test_stochastic_rounding_is_deterministic_with_a_seeded_generator():
+def test_stochastic_rounding_is_deterministic_given_its_key():
     x = torch.randn(1000)
-    a, b, c = (stochastic_round_bf16(x, torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    a, b, c = (stochastic_round_bf16(x, key=s) for s in (7, 7, 8))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -121,7 +122,7 @@ def _curve(optim: str) -> list[float]:
 def test_stochastic_rounding_tracks_fp32_master_weights_where_round_to_nearest_stalls():
     """At learning rate 3e-5 most AdamW updates are below half a bf16 spacing of their weight (8e-5 near 0.02,
     4e-3 near 1): round to nearest drops them. Measured over 40 steps (loss 4.59 at the start): the master-weights
-    run lowers the loss by 0.177, stochastic rounding by 0.177 (every step within 0.004 of master), plain bf16
+    run lowers the loss by 0.177, stochastic rounding by 0.177 (every step within 0.005 of master), plain bf16
     AdamW by 0.066 (0.11 behind at the end). Asserted: stochastic rounding within 0.01 of the master curve at
     every step and its drop within 5% of master's; round to nearest at least 0.05 behind and under half the drop."""
     master, sr, plain = (_curve(name) for name in ("adamw_bf16_master", "adamw_bf16_sr", "adamw_torch"))
