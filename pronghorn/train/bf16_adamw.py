@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PronghornError
 from ..kernels.adamw_sr import adamw_sr_constants, adamw_sr_step
 
 ROUNDINGS = ("stochastic", "master")
@@ -37,6 +38,9 @@ class BF16AdamW(torch.optim.Optimizer):
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding, self.seed, self.first_index = rounding, int(seed), int(first_index)
+        if any(hasattr(p, "full_tensor") for g in self.param_groups for p in g["params"]):
+            raise PronghornError("optim adamw_bf16_sr / adamw_bf16_master runs in one process: these parameters are "
+                                 "FSDP shards (under torchrun use optim='adamw_torch_fused')")
 
     def _key(self, index: int, step: int) -> int:
         """The rounding noise's key of weight ``index`` at ``step`` (31 bits)."""

@@ -4,9 +4,9 @@ No adapter is attached; every parameter of the model trains (a tied table is one
 weights' own dtype: bfloat16 on a GPU, float32 on the CPU unless ``dtype`` says otherwise. What makes it affordable:
 
 - the optimizer (train/optimizers.py): ``adamw_8bit`` (bitsandbytes, 8-bit moments) or ``adamw_bf16_sr`` (fp32
-  moments, stochastically rounded bf16 weights: train/bf16_adamw.py). With bf16 weights the default ``optim``
-  (``adamw_torch_fused``, whose moments would be bf16 and whose rounding to nearest loses small updates) means
-  ``adamw_bf16_sr``; ``adamw_torch`` asks for torch's AdamW as it is;
+  moments, stochastically rounded bf16 weights: train/bf16_adamw.py). With bf16 weights in one process the default
+  ``optim`` (``adamw_torch_fused``, whose moments would be bf16 and whose rounding to nearest loses small updates)
+  means ``adamw_bf16_sr``; ``adamw_torch`` asks for torch's AdamW as it is (FSDP: the setting as it is);
 - ``optimizer_in_backward`` (train/step_in_backward.py): each weight steps as soon as its gradient is complete,
   so no full set of gradients exists;
 - recompute and the memory budget (models/memory_plan.py), as for LoRA: the plan counts a gradient and the
@@ -61,9 +61,10 @@ def make_full_finetuning(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_optim(name: str, params: list[torch.Tensor]) -> str:
-    """The optimizer full fine-tuning of ``params`` uses for the setting ``name`` (module doc)."""
-    if name == DEFAULT_OPTIM and any(p.dtype == torch.bfloat16 for p in params):
+def resolve_optim(name: str, params: list[torch.Tensor], world_size: int = 1) -> str:
+    """The optimizer full fine-tuning of ``params`` uses for the setting ``name`` (module doc); under torchrun
+    (FSDP shards) the setting as it is."""
+    if name == DEFAULT_OPTIM and world_size == 1 and any(p.dtype == torch.bfloat16 for p in params):
         return "adamw_bf16_sr"
     return name
 

@@ -82,7 +82,7 @@ class Trainer:
         """``optim`` over the trained parameters; with ``optimizer_in_backward`` one per parameter, stepped in the
         backward pass (train/step_in_backward.py); full fine-tuning of bf16 weights: train/full_finetune.py."""
         cfg = self.cfg
-        name = resolve_optim(cfg.optim, self.params) if self.full_finetuning else cfg.optim
+        name = resolve_optim(cfg.optim, self.params, self.dist.world_size) if self.full_finetuning else cfg.optim
         if name != cfg.optim and self.dist.is_main:
             print(f"pronghorn: full fine-tuning of bfloat16 weights: optim {name} (fp32 moments, stochastic "
                   f"rounding) for the default {cfg.optim}; optim='adamw_torch' keeps torch's AdamW", flush=True)

@@ -132,3 +132,20 @@ def test_stochastic_rounding_tracks_fp32_master_weights_where_round_to_nearest_s
     assert (sr[0] - sr[-1]) == pytest.approx(drop, rel=0.05)
     assert plain[-1] - master[-1] > 0.05
     assert plain[0] - plain[-1] < 0.5 * drop
+
+
+def test_fsdp_shards_are_refused_and_the_default_stays_torch_adamw_there():
+    from pronghorn.errors import PronghornError
+    from pronghorn.train.full_finetune import resolve_optim
+
+    class Shard(torch.nn.Parameter):  # what an FSDP2 parameter looks like to the optimizer: a DTensor
+        def full_tensor(self):
+            return self
+
+    with pytest.raises(PronghornError, match="runs in one process.*adamw_torch_fused"):
+        build_optimizer([Shard(torch.zeros(2, dtype=torch.bfloat16))], "adamw_bf16_sr", device=CPU, **HYPER)
+    weights = [torch.zeros(2, dtype=torch.bfloat16)]
+    assert resolve_optim("adamw_torch_fused", weights) == "adamw_bf16_sr"
+    assert resolve_optim("adamw_torch_fused", weights, world_size=2) == "adamw_torch_fused"
+    assert resolve_optim("adamw_torch", weights) == "adamw_torch"
+    assert resolve_optim("adamw_torch_fused", [torch.zeros(2)]) == "adamw_torch_fused"
