@@ -82,3 +82,25 @@ def test_refuses_what_needs_every_gradient_at_once(tmp_path):
         TrainConfig(optimizer_in_backward=True, gradient_accumulation_steps=1)
     t = _trainer(tmp_path, random_examples(4), optimizer_in_backward=True)
     assert t.cfg.max_grad_norm == 0
+
+
+def test_8bit_adamw_in_the_backward_equals_its_ordinary_step():
+    """bitsandbytes' AdamW8bit (it runs on the CPU, outside the trainer, which refuses it there): one optimizer per
+    weight in the backward pass takes the ordinary step's weights bit for bit (its blocks are per tensor)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from pronghorn.data.collate import pad_batch
+
+    batch = pad_batch(random_examples(4), 0)
+
+    def run(in_backward):
+        model = full_model()[1].train()
+        groups = [{"params": list(model.parameters())}]
+        build = lambda g, i=0: bnb.optim.AdamW8bit(g, lr=1e-3, min_8bit_size=0)  # noqa: E731
+        opt = StepInBackward(groups, build) if in_backward else build(groups)
+        for _ in range(STEPS):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return list(model.parameters())
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
