@@ -64,14 +64,21 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("dtype,optim", [(torch.float32, "adamw_torch_fused"), (torch.bfloat16, "adamw_torch_fused"),
-                                         (torch.float32, "adamw_torch")])
-def test_resume_reproduces_the_loss_curve(tmp_path, dtype, optim):
+IN_BACKWARD = dict(optimizer_in_backward=True, gradient_accumulation_steps=1, max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize("dtype,optim,extra", [(torch.float32, "adamw_torch_fused", {}),
+                                               (torch.bfloat16, "adamw_torch_fused", {}),
+                                               (torch.float32, "adamw_torch", {}),
+                                               (torch.bfloat16, "adamw_torch_fused", IN_BACKWARD)],
+                         ids=["fp32", "bf16-sr", "fp32-foreach", "bf16-sr-in-backward"])
+def test_resume_reproduces_the_loss_curve(tmp_path, dtype, optim, extra):
     """Interrupted after step 4 (checkpoint-3 the last saved) and resumed: the same losses, bit for bit. bf16
-    weights with the default optim train with adamw_bf16_sr, whose rounding noise is a function of the step."""
+    weights with the default optim train with adamw_bf16_sr, whose rounding noise is a function of the step;
+    with the step in the backward the per-weight optimizers' state is saved and restored the same way."""
     examples = random_examples(24)
-    kw = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=5e-3, warmup_steps=2,
-              lr_scheduler="cosine", max_grad_norm=1.0, optim=optim)
+    kw = {**dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=5e-3, warmup_steps=2,
+                 lr_scheduler="cosine", max_grad_norm=1.0, optim=optim), **extra}
     full = _trainer(tmp_path / "full", examples, full_model(dtype)[1], **kw).train()
     cut = _trainer(tmp_path / "cut", examples, full_model(dtype)[1], save_steps=3, **kw)
     cut.total_steps = 4  # stop early as if interrupted after step 4
