@@ -61,9 +61,11 @@ def _tanh(x):
 
 @triton.jit
 def _dot(a, b, FP32: tl.constexpr):
-    """a @ b with fp32 accumulation; fp32 operands as IEEE fp32 (not TF32)."""
+    """a @ b with fp32 accumulation. ``FP32``: the operands widened to fp32 and multiplied as IEEE fp32 (not
+    TF32): fp32 inputs, and 16-bit ones in the interpreter, whose dot multiplies bf16's raw bits (numpy has no
+    bf16); 16-bit products are exact in fp32, so that is the GPU's 16-bit dot up to the order of the sum."""
     if FP32:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
 
@@ -285,9 +287,16 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * qk_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _blocks(d: int, dtype: torch.dtype, kernel: str) -> tuple[int, int, int, int]:
+# The interpreter (CPU tensors) takes 16 x 16 blocks, so tests of a few dozen tokens cover several blocks, the
+# skipped ones and partial tails; None: the GPU's blocks (tests of the wide-head tiles set it).
+INTERPRETER_BLOCKS: tuple[int, int, int, int] | None = (16, 16, 4, 1)
+
+
+def _blocks(d: int, dtype: torch.dtype, kernel: str, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim ``d``; smaller tiles for wide heads and fp32
     so the Q/K/V tiles of a program fit in shared memory. Untuned (chosen without a GPU)."""
+    if device.type != "cuda" and INTERPRETER_BLOCKS is not None:
+        return INTERPRETER_BLOCKS
     wide = d > 128 or (d > 64 and dtype == torch.float32)
     if kernel == "fwd":
         return (64, 32, 8, 2) if wide else (64, 64, 4, 2)
@@ -302,9 +311,9 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _flags(causal, window, key_padding, dtype) -> dict:
+def _flags(causal, window, key_padding, q: torch.Tensor) -> dict:
     return dict(CAUSAL=bool(causal), WINDOW=window is not None, PADDED=key_padding is not None,
-                FP32=dtype == torch.float32)
+                FP32=q.dtype == torch.float32 or not q.is_cuda)
 
 
 def _padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -324,11 +333,11 @@ def softcapped_attention_forward(q, k, v, causal, softcap, scale, window, key_pa
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     kp, stride_kpb = _padding_arg(key_padding, q)
-    bm, bn, warps, stages = _blocks(d, q.dtype, "fwd")
+    bm, bn, warps, stages = _blocks(d, q.dtype, "fwd", q.device)
     _fwd_kernel[(triton.cdiv(tq, bm), b * hq)](
         q, k, v, out, lse, kp, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_kpb,
         hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap,
-        **_flags(causal, window, key_padding, q.dtype),
+        **_flags(causal, window, key_padding, q),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -340,14 +349,14 @@ def softcapped_attention_backward(do, q, k, v, out, lse, causal, softcap, scale,
     hk, tk = k.shape[1], k.shape[2]
     do = _unit_last(do)
     block_d = max(16, triton.next_power_of_2(d))
-    flags = _flags(causal, window, key_padding, q.dtype)
+    flags = _flags(causal, window, key_padding, q)
     kp, stride_kpb = _padding_arg(key_padding, q)
     delta = torch.empty_like(lse)
     _delta_kernel[(triton.cdiv(tq, 64), b * hq)](
         out, do, delta, *_strides(out), *_strides(do), hq, tq, d, BLOCK_M=64, BLOCK_D=block_d,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bm, bn, warps, stages = _blocks(d, q.dtype, "bwd")
+    bm, bn, warps, stages = _blocks(d, q.dtype, "bwd", q.device)
     _bwd_dkdv_kernel[(triton.cdiv(tk, bn), b * hk)](
         q, k, v, do, lse, delta, dk, dv, kp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), stride_kpb, hk, hq // hk, tq, tk, d, window or 0, scale, softcap,

@@ -34,3 +34,140 @@ def test_matches_direct_formula(tq, tk, heads):
     mask[..., -1] = True  # every query sees a key
     got = softcapped_attention(q, k, v, mask, False, softcap=2.0)
     assert torch.allclose(got.double(), _direct(q, k, v, mask, 2.0, 16 ** -0.5), atol=1e-5)
+
+
+# --- the Triton kernel (softcapped_attention_triton) against the reference --------------------------------------
+#
+# Forced on the CPU (the module's ``use_triton`` patched), the kernel runs in Triton's interpreter with 16 x 16
+# blocks (``INTERPRETER_BLOCKS``), so a few dozen tokens cover several key blocks, skipped blocks and tails.
+#
+# Tolerances, and why:
+# - fp32: output and dq/dk/dv within 1e-5 of the reference's largest element. Only the order of the fp32 sums
+#   (the online softmax's rescaling, blockwise dots) and a few ulps of tanh differ (observed <= 2e-6).
+# - bf16: against the exact result (fp64 on the same bf16 inputs), within 2^-6 of the largest element, and no
+#   further from exact than twice the bf16 reference is plus 2^-8. The kernel rounds as FlashAttention does:
+#   P to bf16 before P V, and delta = rowsum(dO * O) from the bf16 output, so each row's delta (subtracted from
+#   every dP of the row) carries ~2^-9 |dO| |O| of error into dS = P (dP - delta) (1 - t^2); dK and dQ sum such
+#   terms over a row or column with cancellation. An fp64 emulation of exactly these rounding steps puts dk at
+#   1.0e-2 of its largest element on the head_dim_24 case (delta alone 6.3e-3, P alone 5.0e-3); the kernel
+#   measures 9.2e-3 there, the bf16 eager reference (scores, caps and P rounded to bf16) 9.6e-3, and <= 5.3e-3
+#   on the other outputs and cases (the bf16 reference: 5.6e-3 to 3.0e-2).
+
+import importlib
+
+sa_module = importlib.import_module("pronghorn.kernels.softcapped_attention")
+sa_triton = pytest.importorskip("pronghorn.kernels.softcapped_attention_triton")
+from pronghorn.kernels.softcapped_attention import softcapped_attention_reference  # noqa: E402
+from pronghorn.kernels.policy import KernelPolicy  # noqa: E402
+from pronghorn.kernels.triton_support import kernel_dtype_ok  # noqa: E402
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The Triton path on CPU tensors (the interpreter): ``use_triton`` without its CUDA check."""
+    monkeypatch.setattr(sa_module, "use_triton", lambda *t: all(kernel_dtype_ok(x) for x in t))
+
+
+def _case(tq, tk, d, dtype, seed, heads=(4, 2), padding=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads[0], tq, d, generator=g) * 2
+    k = torch.randn(2, heads[1], tk, d, generator=g) * 2
+    v = torch.randn(2, heads[1], tk, d, generator=g)
+    do = torch.randn(2, heads[0], tq, d, generator=g)
+    key_padding = None
+    if padding:  # row 0 left-padded, row 1 right-padded (generation and training)
+        key_padding = torch.ones(2, tk, dtype=torch.bool)
+        key_padding[0, :padding] = False
+        key_padding[1, tk - padding:] = False
+    return [t.to(dtype) for t in (q, k, v, do)], key_padding
+
+
+def _run(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# (tq, tk, causal, window, padding, head_dim, softcap)
+CASES = {
+    "causal": (40, 40, True, None, 0, 16, 50.0),
+    "causal_past": (7, 37, True, None, 0, 16, 5.0),
+    "window": (40, 40, True, 10, 0, 16, 50.0),
+    "padding": (23, 23, True, None, 5, 16, 5.0),  # row 0's first 5 queries see no key: zeros
+    "window_padding_past": (9, 30, True, 7, 4, 16, 5.0),
+    "bidirectional_padding": (12, 12, False, None, 3, 16, 50.0),
+    "decode": (1, 19, False, 6, 2, 16, 5.0),
+    "head_dim_24": (21, 21, True, None, 0, 24, 5.0),
+}
+
+
+def _both(case, dtype, seed=0):
+    tq, tk, causal, window, padding, d, cap = CASES[case]
+    (q, k, v, do), kp = _case(tq, tk, d, dtype, seed, padding=padding)
+    scale = 0.3 if d == 16 else d ** -0.5
+    kw = dict(window=window, key_padding=kp)
+    got = _run(lambda *t: softcapped_attention(*t, None, causal, cap, scale, **kw), q, k, v, do)
+    ref = lambda *t: softcapped_attention_reference(*t, None, causal, cap, scale, **kw)  # noqa: E731
+    return got, ref, (q, k, v, do)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference_fp32(kernel, case):
+    got, ref, inputs = _both(case, torch.float32)
+    want = _run(ref, *inputs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _rel(a, b) <= 1e-5, name
+
+
+@pytest.mark.parametrize("case", ["causal", "window_padding_past", "head_dim_24"])
+def test_kernel_bf16_against_exact(kernel, case):
+    got, ref, inputs = _both(case, torch.bfloat16, seed=1)
+    exact = _run(ref, *(t.double() for t in inputs))
+    bf16_ref = _run(ref, *inputs)
+    for name, a, r, e in zip(("out", "dq", "dk", "dv"), got, bf16_ref, exact):
+        assert a.dtype == torch.bfloat16
+        err, ref_err = _rel(a, e), _rel(r, e)
+        assert err <= 2**-6, f"{name}: {err:.2e} from exact"
+        assert err <= 2 * ref_err + 2**-8, f"{name}: {err:.2e} from exact, the bf16 reference {ref_err:.2e}"
+
+
+def test_wide_head_with_the_gpu_blocks(kernel, monkeypatch):
+    """Gemma's head_dim 256 with the GPU's tiles (64 x 32 forward, 32 x 32 backward): one block of each kind."""
+    monkeypatch.setattr(sa_triton, "INTERPRETER_BLOCKS", None)
+    (q, k, v, do), kp = _case(20, 20, 256, torch.float32, seed=3, padding=2)
+    kw = dict(window=6, key_padding=kp)
+    got = _run(lambda *t: softcapped_attention(*t, None, True, 50.0, 256 ** -0.5, **kw), q, k, v, do)
+    want = _run(lambda *t: softcapped_attention_reference(*t, None, True, 50.0, 256 ** -0.5, **kw), q, k, v, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _rel(a, b) <= 1e-5, name
+
+
+def _fn_name(out):
+    return type(out.grad_fn).__name__
+
+
+def test_dispatch(kernel):
+    """The kernel takes causal / window / key padding; a dense mask, a reference policy, fp64 or a head wider
+    than 256 take the reference."""
+    (q, k, v, _), kp = _case(5, 5, 16, torch.float32, seed=4, padding=1)
+    q.requires_grad_()
+    assert "SoftcappedAttention" in _fn_name(softcapped_attention(q, k, v, None, True, 5.0, key_padding=kp))
+    half = softcapped_attention(q.half(), k.half(), v.half(), None, True, 5.0, window=2)
+    assert "SoftcappedAttention" in _fn_name(half) and half.dtype == torch.float16
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    assert "SoftcappedAttention" not in _fn_name(softcapped_attention(q, k, v, mask, False, 5.0))
+    ref = softcapped_attention(q, k, v, None, True, 5.0, policy=KernelPolicy(reference=True))
+    assert "SoftcappedAttention" not in _fn_name(ref)
+    q64 = q.detach().double().requires_grad_()
+    assert "SoftcappedAttention" not in _fn_name(softcapped_attention(q64, k.double(), v.double(), None, True, 5.0))
+    wide = torch.randn(1, 1, 3, 320, requires_grad=True)
+    assert "SoftcappedAttention" not in _fn_name(softcapped_attention(wide, wide, wide, None, True, 5.0))
+    with pytest.raises(ValueError, match="not both"):
+        softcapped_attention(q, k, v, mask, False, 5.0, window=2)
