@@ -135,7 +135,7 @@ class Attention(nn.Module):
         mask = masks[self.window]
         causal = mask is None and t > 1 and t == k.shape[2]
         if self.softcap:
-            out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale)
+            out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale, self.kernel_policy)
         else:
             out = sdpa(q, k, v, mask, causal, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), output_unused=output_unused)
