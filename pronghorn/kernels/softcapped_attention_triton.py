@@ -99,27 +99,28 @@ def _capped_scores(a, b, qk_scale, softcap, inv_cap, FP32: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, O, LSE, KP,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stride_kpb,
-    n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dmask = dims < D
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqt + dims[None, :]
-    q = tl.load(q_ptrs, mask=(rows[:, None] < Tq) & dmask[None, :], other=0.0)
-    K += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    V += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+def _tile_ptrs(P, b, h, sb, sh, st, idx, dims):
+    """Pointers to rows ``idx`` of head ``h`` of batch ``b`` of a [B, H, T, D] tensor (int64 base offset)."""
+    return P + b.to(tl.int64) * sb + h.to(tl.int64) * sh + idx[:, None] * st + dims[None, :]
 
-    # the key blocks this query block can see: causal bounds the end, a window the start
+
+@triton.jit
+def _load_tile(P, b, h, sb, sh, st, idx, n, dims, D):
+    """The [len(idx), BLOCK_D] tile at rows ``idx`` (< n) and features ``dims`` (< D), zeros outside."""
+    mask = (idx[:, None] < n) & (dims[None, :] < D)
+    return tl.load(_tile_ptrs(P, b, h, sb, sh, st, idx, dims), mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(P, b, h, sb, sh, st, idx, n, dims, D, value):
+    mask = (idx[:, None] < n) & (dims[None, :] < D)
+    tl.store(_tile_ptrs(P, b, h, sb, sh, st, idx, dims), value.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_range(pid_m, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the key blocks query block ``pid_m`` can see: causal bounds the end, a window the start."""
     first = pid_m * BLOCK_M + (Tk - Tq)  # key position of the block's first query
     hi = Tk
     if CAUSAL:
@@ -127,14 +128,51 @@ def _fwd_kernel(
     lo = 0
     if WINDOW:
         lo = tl.maximum(0, first - window + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _query_range(pid_n, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the query rows that can see key block ``pid_n``: causal bounds the start, a window the end."""
+    off = Tk - Tq
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, pid_n * BLOCK_N - off) // BLOCK_M * BLOCK_M
+    hi = Tq
+    if WINDOW:
+        hi = tl.minimum(Tq, pid_n * BLOCK_N + BLOCK_N - 1 + window - off)
+    return lo, hi
+
+
+@triton.jit
+def _query_program(n_heads, group, BLOCK_M: tl.constexpr):
+    """(query block, batch * head, batch, head, its KV head, query rows) of a program over query blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % n_heads
+    return pid_m, bh, bh // n_heads, h, h // group, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KP,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stride_kpb,
+    n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m, bh, b, h, hk, rows = _query_program(n_heads, group, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q, b, h, sqb, sqh, sqt, rows, Tq, dims, D)
+    lo, hi = _key_range(pid_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kv_mask = (cols[:, None] < Tk) & dmask[None, :]
-        k = tl.load(K + cols[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(K, b, hk, skb, skh, skt, cols, Tk, dims, D)
         z, _ = _capped_scores(q, tl.trans(k), qk_scale, softcap, inv_cap, FP32)
         kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
         z = tl.where(_visible(rows, cols, kp, Tq, Tk, window, CAUSAL, WINDOW, PADDED), z, float("-inf"))
@@ -143,14 +181,12 @@ def _fwd_kernel(
         p = tl.exp(z - m_use[:, None])
         alpha = tl.exp(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
+        v = _load_tile(V, b, hk, svb, svh, svt, cols, Tk, dims, D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32)
         m_i = m_new
 
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * sot + dims[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Tq) & dmask[None, :])
+    _store_tile(O, b, h, sob, soh, sot, rows, Tq, dims, D, acc / tl.where(seen, l_i, 1.0)[:, None])
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
 
@@ -165,11 +201,8 @@ def _delta_kernel(
     h = bh % n_heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < Tq) & (dims[None, :] < D)
-    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * sot + dims[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdt + dims[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = _load_tile(O, b, h, sob, soh, sot, rows, Tq, dims, D).to(tl.float32)
+    do = _load_tile(DO, b, h, sdb, sdh, sdt, rows, Tq, dims, D).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
 
 
@@ -189,35 +222,20 @@ def _bwd_dkdv_kernel(
     hk = bhk % n_kv_heads
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    dmask = dims < D
-    kv_mask = (cols[:, None] < Tk) & dmask[None, :]
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + cols[:, None] * skt + dims[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + cols[:, None] * svt + dims[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K, b, hk, skb, skh, skt, cols, Tk, dims, D)
+    v = _load_tile(V, b, hk, svb, svh, svt, cols, Tk, dims, D)
     kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
-
-    # the query rows that can see this key block: causal bounds the start, a window the end
-    off = Tk - Tq
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(0, pid_n * BLOCK_N - off) // BLOCK_M * BLOCK_M
-    hi = Tq
-    if WINDOW:
-        hi = tl.minimum(Tq, pid_n * BLOCK_N + BLOCK_N - 1 + window - off)
+    lo, hi = _query_range(pid_n, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(group):
-        h = (hk * group + g).to(tl.int64)
-        q_base = Q + b.to(tl.int64) * sqb + h * sqh
-        do_base = DO + b.to(tl.int64) * sdb + h * sdh
+        h = hk * group + g
         stats = (b.to(tl.int64) * n_kv_heads * group + h) * Tq
         for start in range(lo, hi, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            q_mask = (rows[:, None] < Tq) & dmask[None, :]
-            q = tl.load(q_base + rows[:, None] * sqt + dims[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdt + dims[None, :], mask=q_mask, other=0.0)
+            q = _load_tile(Q, b, h, sqb, sqh, sqt, rows, Tq, dims, D)
+            do = _load_tile(DO, b, h, sdb, sdh, sdt, rows, Tq, dims, D)
             lse = tl.load(LSE + stats + rows, mask=rows < Tq, other=float("inf"))
             delta = tl.load(DELTA + stats + rows, mask=rows < Tq, other=0.0)
             zt, tt = _capped_scores(k, tl.trans(q), qk_scale, softcap, inv_cap, FP32)  # [keys, queries]
@@ -228,10 +246,8 @@ def _bwd_dkdv_kernel(
             dst = pt * (dpt - delta[None, :]) * (1.0 - tt * tt)
             dk += _dot(dst.to(q.dtype), q, FP32)
 
-    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + cols[:, None] * sdkt + dims[None, :]
-    tl.store(dk_ptrs, (dk * qk_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    dv_ptrs = DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + cols[:, None] * sdvt + dims[None, :]
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK, b, hk, sdkb, sdkh, sdkt, cols, Tk, dims, D, dk * qk_scale)
+    _store_tile(DV, b, hk, sdvb, sdvh, sdvt, cols, Tk, dims, D, dv)
 
 
 @triton.jit
@@ -243,38 +259,19 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one (batch, query head), over the key blocks it sees."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, hk, rows = _query_program(n_heads, group, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    dmask = dims < D
-    q_mask = (rows[:, None] < Tq) & dmask[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqt + dims[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdt + dims[None, :],
-                 mask=q_mask, other=0.0)
+    q = _load_tile(Q, b, h, sqb, sqh, sqt, rows, Tq, dims, D)
+    do = _load_tile(DO, b, h, sdb, sdh, sdt, rows, Tq, dims, D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
-    K += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    V += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-
-    first = pid_m * BLOCK_M + (Tk - Tq)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, first + BLOCK_M)
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(0, first - window + 1) // BLOCK_N * BLOCK_N
+    lo, hi = _key_range(pid_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kv_mask = (cols[:, None] < Tk) & dmask[None, :]
-        k = tl.load(K + cols[:, None] * skt + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None] * svt + dims[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(K, b, hk, skb, skh, skt, cols, Tk, dims, D)
+        v = _load_tile(V, b, hk, svb, svh, svt, cols, Tk, dims, D)
         z, t = _capped_scores(q, tl.trans(k), qk_scale, softcap, inv_cap, FP32)
         kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
         ok = _visible(rows, cols, kp, Tq, Tk, window, CAUSAL, WINDOW, PADDED)
@@ -283,8 +280,7 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None]) * (1.0 - t * t)
         dq += _dot(ds.to(k.dtype), k, FP32)
 
-    dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + rows[:, None] * sdqt + dims[None, :]
-    tl.store(dq_ptrs, (dq * qk_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ, b, h, sdqb, sdqh, sdqt, rows, Tq, dims, D, dq * qk_scale)
 
 
 # The interpreter (CPU tensors) takes 16 x 16 blocks, so tests of a few dozen tokens cover several blocks, the
