@@ -1,7 +1,8 @@
 """Grouped-query self-attention through torch SDPA, with causal, padding and sliding-window masks.
 
 The family's parts (``cfg.parts``) set the score scale, tanh soft-capping of the scores (Gemma 2, through
-``kernels.softcapped_attention``), partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
+``kernels.softcapped_attention``, which takes its mask as a :class:`KeyVisibility` rather than a dense one),
+partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
 
 from __future__ import annotations
 
