@@ -77,6 +77,9 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     CUDA tensors without a dense ``mask`` take the Triton kernel (hand-written backward); a dense mask, any other
     device, or a reference ``policy`` takes the PyTorch reference.
     """
+    if key_padding is not None and key_padding.shape != (q.shape[0], k.shape[2]):
+        raise ValueError(f"softcapped_attention: key_padding has shape {tuple(key_padding.shape)}, expected "
+                         f"[batch, keys] = {(q.shape[0], k.shape[2])}")
     if not policy.reference and _kernel_takes(q, k, v, mask, key_padding):
         from .softcapped_attention_triton import SoftcappedAttentionFunction
 

@@ -169,6 +169,8 @@ def test_dispatch(kernel):
     assert "SoftcappedAttention" not in _fn_name(softcapped_attention(q64, k.double(), v.double(), None, True, 5.0))
     wide = torch.randn(1, 1, 3, 320, requires_grad=True)
     assert "SoftcappedAttention" not in _fn_name(softcapped_attention(wide, wide, wide, None, True, 5.0))
+    with pytest.raises(ValueError, match=r"key_padding has shape \(1, 5\), expected \[batch, keys\] = \(2, 5\)"):
+        softcapped_attention(q, k, v, None, True, 5.0, key_padding=kp[:1])
     with pytest.raises(ValueError, match="not both"):
         softcapped_attention(q, k, v, mask, False, 5.0, window=2)
 
