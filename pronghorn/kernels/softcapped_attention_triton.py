@@ -70,16 +70,18 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, kp, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr):
-    """[rows, cols] True where key ``cols`` is visible to query ``rows`` (both in range)."""
-    ok = (rows[:, None] < Tq) & (cols[None, :] < Tk)
-    pos = rows + (Tk - Tq)
+def _visible(qi, kj, kp, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr):
+    """True where key ``kj`` is visible to query ``qi`` (both in range); ``qi`` and ``kj`` (and ``kp``, the key
+    padding at ``kj``) are broadcast against each other: [M, 1] x [1, N], or [1, M] x [N, 1] for a transposed
+    tile."""
+    ok = (qi < Tq) & (kj < Tk)
+    pos = qi + (Tk - Tq)
     if CAUSAL:
-        ok = ok & (cols[None, :] <= pos[:, None])
+        ok = ok & (kj <= pos)
     if WINDOW:
-        ok = ok & (cols[None, :] > pos[:, None] - window)
+        ok = ok & (kj > pos - window)
     if PADDED:
-        ok = ok & (kp[None, :] != 0)
+        ok = ok & (kp != 0)
     return ok
 
 
@@ -175,7 +177,8 @@ def _fwd_kernel(
         k = _load_tile(K, b, hk, skb, skh, skt, cols, Tk, dims, D)
         z, _ = _capped_scores(q, tl.trans(k), qk_scale, softcap, inv_cap, FP32)
         kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
-        z = tl.where(_visible(rows, cols, kp, Tq, Tk, window, CAUSAL, WINDOW, PADDED), z, float("-inf"))
+        ok = _visible(rows[:, None], cols[None, :], kp[None, :], Tq, Tk, window, CAUSAL, WINDOW, PADDED)
+        z = tl.where(ok, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf - 0) = 0
         p = tl.exp(z - m_use[:, None])
@@ -239,7 +242,7 @@ def _bwd_dkdv_kernel(
             lse = tl.load(LSE + stats + rows, mask=rows < Tq, other=float("inf"))
             delta = tl.load(DELTA + stats + rows, mask=rows < Tq, other=0.0)
             zt, tt = _capped_scores(k, tl.trans(q), qk_scale, softcap, inv_cap, FP32)  # [keys, queries]
-            ok = tl.trans(_visible(rows, cols, kp, Tq, Tk, window, CAUSAL, WINDOW, PADDED))
+            ok = _visible(rows[None, :], cols[:, None], kp[:, None], Tq, Tk, window, CAUSAL, WINDOW, PADDED)
             pt = tl.where(ok, tl.exp(zt - lse[None, :]), 0.0)
             dv += _dot(pt.to(do.dtype), do, FP32)
             dpt = _dot(v, tl.trans(do), FP32)
@@ -274,7 +277,7 @@ def _bwd_dq_kernel(
         v = _load_tile(V, b, hk, svb, svh, svt, cols, Tk, dims, D)
         z, t = _capped_scores(q, tl.trans(k), qk_scale, softcap, inv_cap, FP32)
         kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
-        ok = _visible(rows, cols, kp, Tq, Tk, window, CAUSAL, WINDOW, PADDED)
+        ok = _visible(rows[:, None], cols[None, :], kp[None, :], Tq, Tk, window, CAUSAL, WINDOW, PADDED)
         p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), FP32)
         ds = p * (dp - delta[:, None]) * (1.0 - t * t)
