@@ -40,8 +40,8 @@ def visibility_mask(tq: int, tk: int, causal: bool, window: int | None, key_padd
 def softcapped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                                    causal: bool, softcap: float, scale: float | None = None,
                                    window: int | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, Hq, Tq, D], k/v [B, Hk, Tk, D] (Hk divides Hq); ``mask`` bool [B|1, 1, Tq, Tk] (True = may attend),
-    or None with ``causal`` / ``window`` / ``key_padding`` (see :func:`visibility_mask`) -> [B, Hq, Tq, Dv].
+    """q [B, Hq, Tq, D], k/v [B, Hk, Tk, D] (Hk divides Hq); ``mask`` bool [B|1, 1, Tq, Tk] (True = may attend)
+    or additive (0 / -inf, added to the capped scores, as HF's eager path adds its mask), or None with ``causal`` / ``window`` / ``key_padding`` (see :func:`visibility_mask`) -> [B, Hq, Tq, Dv].
     Softmax in fp32, as HF's eager path. A query that sees no key gets zeros (as the kernel)."""
     if mask is not None and (window is not None or key_padding is not None):
         raise ValueError("softcapped_attention: give a dense mask or window / key_padding, not both")
@@ -53,10 +53,13 @@ def softcapped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
         mask = visibility_mask(q.shape[2], k.shape[2], causal, window, key_padding, q.device)
-    if mask is not None:
+    additive = mask is not None and mask.is_floating_point()
+    if additive:  # 0 / -inf (the static cache's decode masks)
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if mask is not None:
+    if mask is not None and not additive:
         probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return torch.matmul(probs.to(q.dtype), v)
 

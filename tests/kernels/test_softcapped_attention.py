@@ -34,6 +34,9 @@ def test_matches_direct_formula(tq, tk, heads):
     mask[..., -1] = True  # every query sees a key
     got = softcapped_attention(q, k, v, mask, False, softcap=2.0)
     assert torch.allclose(got.double(), _direct(q, k, v, mask, 2.0, 16 ** -0.5), atol=1e-5)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)  # the static cache's decode masks
+    got_additive = softcapped_attention(q, k, v, additive, False, softcap=2.0)
+    assert torch.allclose(got_additive, got, atol=1e-6)
 
 
 # --- the Triton kernel (softcapped_attention_triton) against the reference --------------------------------------
@@ -252,3 +255,20 @@ def test_gemma2_model_with_the_kernel_equals_the_reference(kernel, monkeypatch, 
     assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
     for name, g in ref_grads.items():
         assert _rel(grads[name], g) <= 1e-5, name
+
+
+def test_gemma2_static_decode_equals_eager():
+    """Gemma 2 through the static cache (CUDA's default decode mode, whose decode masks are additive 0 / -inf)
+    picks the eager loop's tokens (a left-padded row included)."""
+    from helpers import make_pair
+    from pronghorn.infer.generate import generate
+
+    _, model = make_pair("gemma2")
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=[])
+    with torch.no_grad():
+        eager = generate(model, ids, decode_mode="eager", **kw)
+        static = generate(model, ids, decode_mode="static", **kw)
+    assert torch.equal(static, eager)
