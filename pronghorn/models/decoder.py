@@ -17,7 +17,7 @@ from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
-from .attention import Attention, build_attention_mask
+from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
 from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding, offload_embedding
@@ -203,9 +203,9 @@ class DecoderModel(nn.Module):
         cos, sin = self._rope(position_ids, x.dtype)
         windows = {self.cfg.window_of(i) for i in range(len(self.layers))}
         masks = cache.decode_masks(windows, x.dtype) if cache is not None else None  # static decode: no syncs
-        if masks is None:
-            masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions)
-                     for w in windows}
+        if masks is None:  # soft-capped attention takes the kernel's form of the mask
+            build = attention_visibility if self.cfg.parts.attn_softcap else build_attention_mask
+            masks = {w: build(attention_mask, t, past + t, w, x.device, packed_positions) for w in windows}
         if plan is not None:
             mlp_chunk = plan.mlp_chunk
         else:  # inference: tiled only when asked ("on"), for long prompts
