@@ -47,14 +47,15 @@ METHODS = ("dpo", "orpo", "kto")
 
 def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of each row's labelled tokens (fp32), their count) for a batch with unshifted
-    ``labels``. pronghorn models never build logits, except those of a family with soft-capped logits (Gemma 2;
-    the fused log-prob head has no softcap yet); any other causal LM goes through its logits. Optional
-    ``keep_rows``: the flat indices of the labelled tokens after the shift (see :func:`device_batch`)."""
+    ``labels``. pronghorn models never build logits (the chunked head soft-caps them for the families that cap
+    their final logits, Gemma 2 / 3); any other causal LM goes through its logits. Optional ``keep_rows``: the
+    flat indices of the labelled tokens after the shift (see :func:`device_batch`)."""
     shifted = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
-    if isinstance(model, DecoderForCausalLM) and not model.config.parts.final_softcap:
+    if isinstance(model, DecoderForCausalLM):
         hidden = model.model(batch["input_ids"], batch.get("attention_mask"))
         tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, shifted.reshape(-1),
-                              keep_rows=batch.get("keep_rows"), policy=model.kernel_policy)
+                              keep_rows=batch.get("keep_rows"), policy=model.kernel_policy,
+                              softcap=model.config.parts.final_softcap)
         tok = tok.view(shifted.shape)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
