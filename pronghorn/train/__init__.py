@@ -1,7 +1,9 @@
-"""Training layer: the native SFT loop, its settings, schedules, checkpoints and metrics."""
+"""Training layer: the native trainers (SFT, DPO / ORPO / KTO), the method table, one ``prepare`` path for
+every method, settings, schedules, checkpoints and metrics."""
 
 from .config import TrainConfig
-from .run import train
+from .methods import METHODS, Method
+from .run import Prepared, prepare, train
 from .trainer import Trainer, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]
+__all__ = ["METHODS", "Method", "Prepared", "TrainConfig", "TrainResult", "Trainer", "prepare", "train"]

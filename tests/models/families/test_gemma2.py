@@ -76,7 +76,7 @@ def test_preference_log_probs_use_the_capped_chunked_head(name, monkeypatch):
     def no_logits(*args, **kwargs):
         raise AssertionError("completion_logps built the logits")
 
-    monkeypatch.setattr(type(ours), "forward", no_logits)
+    monkeypatch.setattr(ours.lm_head, "forward", no_logits)  # the logits path calls the head; the chunked one not
     ours.zero_grad()
     got, count = completion_logps(ours, {"input_ids": ids, "labels": labels})
     got.sum().backward()
