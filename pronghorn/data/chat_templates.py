@@ -473,6 +473,7 @@ def _response_labels(
     row: Mapping[str, Any], index: int, tokenizer: Any, instruction_part: str, response_part: str,
     last_response_only: bool, specials: set[int],
 ) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
     ids = [int(i) for i in row["input_ids"]]
     attention = row.get("attention_mask")
     n_real = len(ids) if attention is None else sum(1 for a in attention if a)
@@ -496,8 +497,13 @@ def _response_labels(
         toks = [t for t in range(min(len(ids), n_real)) if begin <= offsets[t][0] < end or
                 (offsets[t][0] == offsets[t][1] == begin)]
         # as in tokenize_record: train up to and including the span's last special token (its end-of-turn
-        # marker); the template's trailing newline stays masked
-        last_special = max((t for t in toks if ids[t] in specials), default=None)
+        # marker); the template's trailing newline stays masked, and so does the EOS that closes a conversation
+        # after the last turn's marker (Phi-3.5 / Phi-4-mini: <|end|>\n<|endoftext|>)
+        marks = [t for t in toks if ids[t] in specials]
+        if (len(marks) > 1 and marks[-1] == n_real - 1 and ids[marks[-1]] == eos
+                and not text[offsets[marks[-2]][1]:offsets[marks[-1]][0]].strip()):
+            marks.pop()
+        last_special = marks[-1] if marks else None
         for t in toks:
             if last_special is None or t <= last_special:
                 labels[t] = ids[t]

@@ -122,3 +122,16 @@ def test_gemma_2s_own_template_refuses_a_system_message_clearly(smollm2_tokenize
     ours = tokenize_record({"messages": TURNS}, tok, max_length=None)
     tok.chat_template = CHAT_TEMPLATES["gemma"].jinja
     assert tokenize_record({"messages": TURNS}, tok, max_length=None) == ours
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_train_on_responses_only_equals_the_offset_masks(name, smollm2_tokenizer):
+    """Unsloth's helper (a character search for the template's parts) masks as tokenize_record does, the EOS that
+    Phi's templates write after the last turn included (masked: it follows the turn's <|end|>)."""
+    from pronghorn.data.chat_templates import train_on_responses_only
+
+    tok = _family_tokenizer(smollm2_tokenizer, name)
+    tok.chat_template = CHAT_TEMPLATES[name].jinja
+    rows = [tokenize_record({"messages": m}, tok, max_length=None) for m in ([SYSTEM] + TURNS, TURNS[:2])]
+    out = train_on_responses_only([{"input_ids": r["input_ids"]} for r in rows], tokenizer=tok)
+    assert [r["labels"] for r in out] == [r["labels"] for r in rows]
