@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jinja2
 import numpy as np
@@ -265,10 +265,13 @@ def _render_chat(
             raise rec.error(ex.field, f"the chat template failed to render this conversation: {e}") from None
 
     full = render(messages, False)
+    closing = _closing_text(full, lambda: render(messages, True), getattr(tokenizer, "eos_token", None))
     spans = []
     for i in trained:
         start_text = render(messages[:i], True)
         end_text = full if i == len(messages) - 1 else render(messages[: i + 1], False)
+        if closing and end_text.endswith(closing):
+            end_text = end_text[: -len(closing)]
         for prefix, what in ((start_text, f"the first {i} messages with add_generation_prompt=True"),
                              (end_text, f"the first {i + 1} messages")):
             if not full.startswith(prefix):
@@ -290,6 +293,21 @@ def _render_chat(
         spans.append((len(start_text), len(end_text)))
     _check_every_message_rendered(ex, messages, full)
     return full, spans
+
+
+def _closing_text(full: str, with_prompt: Callable[[], str], eos: str | None) -> str:
+    """What a template appends only at the very end of a conversation: the EOS that Phi-3 / 3.5 / 4-mini's
+    templates write when no generation prompt follows (their turns end ``<|end|>``, the conversation
+    ``<|end|>\\n<|endoftext|>``). It is found as the tokenizer's EOS that ends ``full`` while ``full`` without it is
+    where the generation prompt would start; '' for the usual template (the prompt just follows ``full``).
+    Every assistant turn's span ends before it, so each turn trains its content and end-of-turn marker only."""
+    if not eos or not full.endswith(eos):
+        return ""
+    try:
+        prompted = with_prompt()  # the conversation followed by a generation prompt
+    except DataError:  # a template that refuses a prompt after an assistant turn: no closing text found
+        return ""
+    return eos if not prompted.startswith(full) and prompted.startswith(full[: -len(eos)]) else ""
 
 
 def _check_every_message_rendered(ex: Example, messages: list[dict], full: str) -> None:

@@ -389,11 +389,8 @@ class DecoderForCausalLM(nn.Module):
 
     def _token_logps(self, hidden: torch.Tensor, shifted: torch.Tensor, chunk_rows: int | None,
                      keep_rows: torch.Tensor | None) -> torch.Tensor:
-        cap = self.config.parts.final_softcap
-        if cap:  # the chunked log-prob head has no softcap yet: through the soft-capped logits
-            logits = torch.tanh(self.lm_head(hidden).float() / cap) * cap
-            keep = shifted != IGNORE_INDEX
-            return logits.log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        # soft-capped final logits (Gemma 2 / 3) are capped inside the chunked head
         tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
-                              chunk_size=chunk_rows, keep_rows=keep_rows, policy=self.kernel_policy)
+                              chunk_size=chunk_rows, keep_rows=keep_rows, policy=self.kernel_policy,
+                              softcap=self.config.parts.final_softcap)
         return tok.view(shifted.shape)

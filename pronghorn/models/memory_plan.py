@@ -328,7 +328,7 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         loss_extra=3 * tokens * hidden * e,  # the final norm's input and output, the hidden-state gradient
         resident=resident, to_come=to_come,
         untied_table=table_bytes if movable and not tied else 0,
-        tied_table=table_bytes if movable and tied and not parts.final_softcap else 0,  # streamed head: no cap
+        tied_table=table_bytes if movable and tied else 0,
     )
 
 

@@ -92,11 +92,25 @@ EXPECTED = {
         "<|im_start|>system\n" + QWEN_SYS + "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         "Hello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
     ),
-    "phi-3": (
-        "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n4<|end|>\n",
+    "phi-3": (  # a conversation without a generation prompt ends with eos_token, as Phi-3.5's own template
+        "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n4<|end|>\n</s>",
         "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n"
-        "<|assistant|>\n4<|end|>\n",
+        "<|assistant|>\n4<|end|>\n</s>",
         "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n",
+    ),
+    "phi-4-mini": (
+        "<|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>4<|end|></s>",
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>4<|end|></s>",
+        "<|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>",
+    ),
+    "phi-4": (
+        "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>"
+        "<|im_start|>user<|im_sep|>2+2?<|im_end|><|im_start|>assistant<|im_sep|>4<|im_end|>",
+        "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>2+2?<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>4<|im_end|>",
+        "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>"
+        "<|im_start|>user<|im_sep|>2+2?<|im_end|><|im_start|>assistant<|im_sep|>",
     ),
     "gemma": (
         "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
@@ -226,7 +240,7 @@ def test_get_chat_template_error_when_token_cannot_be_added():
         get_chat_template(NoAdd(), "phi-3")
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama-3.1", "mistral", "zephyr", "phi-3", "gemma"])
+@pytest.mark.parametrize("name", ["chatml", "llama-3.1", "mistral", "zephyr", "phi-3", "phi-4-mini", "phi-4", "gemma"])
 def test_kto_masks_train_replies_and_end_of_turn(name, smollm2_tokenizer, data_dir):
     rows = json.loads((data_dir / "llamafactory-demo" / "kto_en_demo.json").read_text())[:60]
     tok = copy.deepcopy(smollm2_tokenizer)
