@@ -53,7 +53,8 @@ class ChatTemplate:
     ``ollama_template``: the Ollama Modelfile ``TEMPLATE`` (Go template). ``default_system``: the system
     prompt used when a conversation has none (Ollama: the Modelfile ``SYSTEM``). ``instruction_part`` /
     ``response_part``: the strings that open a user turn / an assistant reply, for
-    :func:`train_on_responses_only`.
+    :func:`train_on_responses_only`. ``special_tokens``: the turn markers the format renders, each one special
+    token of the models made for it (what ``get_chat_template(..., model=)`` adds to a base that lacks them).
     """
 
     name: str
@@ -64,6 +65,7 @@ class ChatTemplate:
     default_system: str | None = None
     instruction_part: str = ""
     response_part: str = ""
+    special_tokens: tuple[str, ...] = ()  # markers the format renders as single special tokens
 
     def with_system(self, system_message: str | None) -> "ChatTemplate":
         """This template with ``system_message`` as its default system prompt (``None``: no default)."""
@@ -267,17 +269,19 @@ _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assist
 _ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 _L3_USER, _L3_ASSISTANT = "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"
 _L3_STOP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+_PHI_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 _PHI_STOP = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
 
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
         ChatTemplate("chatml", _chatml_jinja(None), "<|im_end|>", ("<|im_start|>", "<|im_end|>"), _OLLAMA_CHATML,
-                     None, "<|im_start|>user\n", "<|im_start|>assistant\n"),
+                     None, "<|im_start|>user\n", "<|im_start|>assistant\n", _CHATML_TOKENS),
         ChatTemplate("llama-3", _llama3_jinja(None, dated=False), "<|eot_id|>", _L3_STOP, _OLLAMA_LLAMA3,
-                     None, _L3_USER, _L3_ASSISTANT),
+                     None, _L3_USER, _L3_ASSISTANT, _L3_STOP),
         ChatTemplate("llama-3.1", _llama3_jinja(None, dated=True), "<|eot_id|>", _L3_STOP + ("<|eom_id|>",),
-                     _OLLAMA_LLAMA31, None, _L3_USER, _L3_ASSISTANT),
+                     _OLLAMA_LLAMA31, None, _L3_USER, _L3_ASSISTANT, _L3_STOP),
         ChatTemplate("mistral", _mistral_jinja(None), "</s>", ("[INST]", "[/INST]", "</s>"), _OLLAMA_MISTRAL,
                      None, "[INST]", "[/INST]"),
         ChatTemplate("alpaca", _alpaca_jinja(_ALPACA_SYSTEM), None, ("### Instruction:", "### Response:"),
@@ -285,16 +289,17 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
         ChatTemplate("zephyr", _tagged_jinja(None, "</s>"), "</s>", ("<|system|>", "<|user|>", "<|assistant|>", "</s>"),
                      _ollama_tagged("</s>"), None, "<|user|>\n", "<|assistant|>\n"),
         ChatTemplate("qwen-2.5", _chatml_jinja(_QWEN_SYSTEM), "<|im_end|>", ("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
-                     _OLLAMA_CHATML, _QWEN_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n"),
+                     _OLLAMA_CHATML, _QWEN_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", _CHATML_TOKENS),
         ChatTemplate("phi-3", _phi_jinja(None, newline=True), "<|end|>", _PHI_STOP, _ollama_tagged("<|end|>"),
-                     None, "<|user|>\n", "<|assistant|>\n"),
+                     None, "<|user|>\n", "<|assistant|>\n", _PHI_TOKENS),
         ChatTemplate("phi-4-mini", _phi_jinja(None, newline=False), "<|end|>", _PHI_STOP,
-                     _ollama_tagged("<|end|>", nl=""), None, "<|user|>", "<|assistant|>"),
+                     _ollama_tagged("<|end|>", nl=""), None, "<|user|>", "<|assistant|>", _PHI_TOKENS),
         ChatTemplate("phi-4", _chatml_jinja(None, "<|im_sep|>", "<|im_end|>", only_roles=True), "<|im_end|>",
                      ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
-                     _OLLAMA_PHI4, None, "<|im_start|>user<|im_sep|>", "<|im_start|>assistant<|im_sep|>"),
+                     _OLLAMA_PHI4, None, "<|im_start|>user<|im_sep|>", "<|im_start|>assistant<|im_sep|>",
+                     ("<|im_start|>", "<|im_sep|>", "<|im_end|>")),
         ChatTemplate("gemma", _gemma_jinja(None), "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), _OLLAMA_GEMMA,
-                     None, "<start_of_turn>user\n", "<start_of_turn>model\n"),
+                     None, "<start_of_turn>user\n", "<start_of_turn>model\n", ("<start_of_turn>", "<end_of_turn>")),
     )
 }
 
@@ -330,6 +335,7 @@ def get_chat_template(
     chat_template: str | ChatTemplate = "chatml",
     map_eos_token: bool = True,
     system_message: str | None = None,
+    model: Any = None,
 ) -> Any:
     """Set a built-in chat template on ``tokenizer`` (in place) and return it, as Unsloth's helper does.
 
@@ -339,10 +345,23 @@ def get_chat_template(
     resized to ``len(tokenizer)`` (nothing is resized here) -- and becomes ``tokenizer.eos_token``, so training
     data end each reply with it and generation stops on it. Raises ``ValueError`` for an unknown name (listing
     the built-in ones) and when the marker cannot be made a single token.
+
+    ``model``: the format's turn markers the tokenizer lacks (``<|im_start|>`` on a Llama 2 base, ...) are added
+    as special tokens with :func:`~pronghorn.models.vocab.add_new_tokens`: the embedding and head grow (new rows
+    the mean of the others) and then train fully beside the adapters, so the model can learn them.
     """
     t = lookup_chat_template(chat_template)
     if system_message is not None:
         t = t.with_system(system_message)
+    if model is not None:
+        vocab = tokenizer.get_vocab()
+        missing = [m for m in t.special_tokens if m not in vocab]
+        if missing:
+            from ..models.vocab import add_new_tokens
+
+            add_new_tokens(model, tokenizer, missing, special=True)
+            print(f"pronghorn: the {t.name} template's markers {missing} were not in the vocabulary: added as special "
+                  "tokens; the embedding and head grow and train fully", flush=True)
     if map_eos_token and t.eos_token is not None:
         _ensure_special_token(tokenizer, t.eos_token, t.name)
         tokenizer.eos_token = t.eos_token

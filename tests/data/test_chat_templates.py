@@ -266,3 +266,44 @@ def test_kto_masks_train_replies_and_end_of_turn(name, smollm2_tokenizer, data_d
         got = [tok.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
         want = [REPLY_PREFIX.get(name, "") + m["content"] + eot for m in row["messages"] if m["role"] == "assistant"]
         assert got == want, f"row {i}"
+
+
+@pytest.mark.parametrize("name", ["llama-3", "gemma", "phi-3"])
+def test_a_base_without_the_markers_gets_them_as_new_tokens(tiny_smollm2_dir, name):
+    """Issue 17 item 2: asking for a template whose turn markers the base's tokenizer lacks (SmolLM2 has ChatML's,
+    not Llama 3's, Gemma's or Phi's) with ``model=`` adds them as special tokens: each encodes to one new id,
+    the embedding grows to the tokenizer (new rows the mean of the others) and the tables train."""
+    import torch
+    import transformers
+
+    from pronghorn import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.float32)
+    template = CHAT_TEMPLATES[name]
+    before, mean = len(tok), model.get_input_embeddings().weight.detach().mean(0)
+    assert not any(m in tok.get_vocab() for m in template.special_tokens)
+    get_chat_template(tok, name, model=model)
+    assert len(tok) == before + len(template.special_tokens)
+    table = model.get_input_embeddings().weight
+    assert table.shape[0] == len(tok) and model.config.vocab_size == len(tok)
+    ids = tok(render_chat(SYS + TWO_TURNS, tok.chat_template), add_special_tokens=False).input_ids
+    for marker in template.special_tokens:
+        (new_id,) = tok.encode(marker, add_special_tokens=False)
+        assert new_id >= before and new_id in ids
+        torch.testing.assert_close(table[new_id].detach(), mean)
+    assert tok.eos_token == template.eos_token and model.needs_embedding_training
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert table.requires_grad or model.get_input_embeddings().weight.requires_grad
+    assert isinstance(tok, transformers.PreTrainedTokenizerBase)
+
+
+def test_markers_already_there_add_nothing(tiny_smollm2_dir):
+    import torch
+
+    from pronghorn import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.float32)
+    rows = model.get_input_embeddings().weight.shape[0]
+    get_chat_template(tok, "chatml", model=model)
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert not getattr(model, "needs_embedding_training", False)
