@@ -46,7 +46,7 @@ class TrainResult:
     losses: list[float]
     metrics_file: Path
     loss_plot: Path | None
-    eval_metrics: dict | None = None  # the last evaluation's eval_loss, eval_perplexity, eval_tokens
+    eval_metrics: dict | None = None  # the last evaluation's metrics row (step, eval_loss, eval_perplexity, ...)
 
 
 class Trainer:
