@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,50 @@ def test_bad_model_exit_2(data, tmp_path, capsys):
     missing = tmp_path / "no_model"
     assert _train(missing, data, tmp_path / "out") == 2
     assert str(missing) in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+C4 = Path("/work/shared/data/llamafactory-demo/c4_demo.jsonl")
+
+
+def _printed_eval(capsys) -> tuple[float, float, int]:
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # "loss L  perplexity P  (N predicted tokens)"
+    words = line.replace("(", "").replace(")", "").replace(",", "").split()
+    assert words[0] == "loss" and words[2] == "perplexity" and words[5:] == ["predicted", "tokens"], line
+    return float(words[1]), float(words[3]), int(words[4])
+
+
+def test_eval_prints_loss_and_perplexity_of_the_default_model(tmp_path, capsys):
+    if not C4.is_file():
+        pytest.skip(f"shared raw-text demo not found at {C4}")
+    held = tmp_path / "held_out.jsonl"
+    held.write_text("\n".join(C4.read_text().splitlines()[5:8]) + "\n")
+    assert main(["eval", "--data", str(held), "--data-format", "raw_text", "--max-length", "64",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    loss, perplexity, tokens = _printed_eval(capsys)
+    assert tokens == 413 and 1.0 < loss < 10.0  # three documents; SmolLM2-Instruct on web text: ~4.5 nats
+    assert abs(perplexity - math.exp(loss)) <= 1e-3 * perplexity
+
+
+def test_eval_of_an_adapter_dir_equals_the_python_function(trained, capsys):
+    from pronghorn import FastLanguageModel, evaluate_perplexity
+
+    _, data, out = trained
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(data), "--max-length", "64", "--batch-size", "4"]) == 0
+    loss, _, tokens = _printed_eval(capsys)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(out))
+    expected = evaluate_perplexity(model, tokenizer, str(data), max_length=64, batch_size=4, progress=False)
+    assert tokens == expected.tokens and loss == round(expected.loss, 4)
+
+
+def test_eval_bad_row_exit_2(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    assert main(["eval", "--model", str(tiny_dir), "--data", str(path), "--data-format", "raw_text"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pronghorn: error: ") and f"{path} line 2: field 'text': missing" in err
 
 
 # ------------------------------------------------------------------------------------------------ chat

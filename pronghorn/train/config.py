@@ -138,13 +138,17 @@ class TrainConfig:
 
 
 def _check_eval_settings(cfg: "TrainConfig") -> None:
-    """Held-out evaluation needs one source of held-out rows, and SFT (the loss it reports)."""
+    """Held-out evaluation needs one source of held-out rows, and SFT (the loss it reports); raw text trains
+    with the SFT loop."""
     if cfg.eval_data and cfg.eval_split:
         raise PronghornError(f"give {spell('eval_data')} or {spell('eval_split')}, not both")
     wanted = [n for n in ("eval_steps", "eval_batch_size", "eval_on_start") if getattr(cfg, n)]
     if wanted and not (cfg.eval_data or cfg.eval_split):
         raise PronghornError(f"{spell(wanted[0])} is set but there is no held-out data; give {spell('eval_data')} "
                              f"(a dataset file) or {spell('eval_split')} (e.g. 0.05)")
+    if cfg.data_format == "raw_text" and cfg.method != "sft":
+        raise PronghornError(f"data_format='raw_text' (continued pretraining) trains the language-modelling loss; "
+                             f"it does not work with method={cfg.method!r}")
     if (cfg.eval_data or cfg.eval_split) and cfg.method != "sft":
         raise PronghornError(f"held-out evaluation (eval_data / eval_split) reports the SFT loss; it does not "
                              f"work with method={cfg.method!r}")

@@ -65,7 +65,8 @@ _PROB = dict(low=0, high=1, high_open=True)
 SETTINGS: dict[str, Setting] = {
     # what to train on
     "model": Setting("checkpoint dir, adapter dir, .gguf file, hub id or 'default' (SmolLM2-135M-Instruct)"),
-    "data": Setting("training data: a .jsonl/.json/.parquet/.csv file or dir, or 'demo' for the embedded set"),
+    "data": Setting("training data: a .jsonl/.json/.parquet/.csv/.txt file, a dir or glob of them, or 'demo' for the "
+                    "embedded set"),
     "output_dir": Setting("where the adapter, checkpoints, metrics.jsonl and loss.png go"),
     "overwrite": Setting("replace an existing output_dir's files instead of refusing"),
     "data_format": Setting("row format: text, raw_text (continued pretraining: documents cut into max_length "
