@@ -51,6 +51,9 @@ def _train(args: argparse.Namespace) -> int:
     if env_from_os().is_main:  # under torchrun: one report, from rank 0
         print(f"saved adapter to {res.output_dir} after {res.global_step} steps "
               f"(final loss {res.losses[-1]:.4f}); metrics: {res.metrics_file}; plot: {res.loss_plot}")
+        if res.eval_metrics:
+            print(f"held-out loss {res.eval_metrics['eval_loss']:.4f}  perplexity "
+                  f"{res.eval_metrics['eval_perplexity']:.4f} after step {res.eval_metrics['step']}")
     return 0
 
 

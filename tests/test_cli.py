@@ -108,6 +108,19 @@ def test_recipe_and_flag_override(tiny_dir, data, tmp_path):
     assert [r["step"] for r in rows] == [1] and rows[0]["lr"] == pytest.approx(1e-4)
 
 
+def test_raw_text_from_a_glob_with_a_held_out_split(tiny_dir, tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text(f"Document {i} starts here and runs on for a while.\n"
+                                               f"Another document, number {i}b, follows it.\n")
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(tmp_path / "part*.txt"), "--output-dir", str(out),
+                 *FAST, "--data-format", "raw_text", "--max-length", "16", "--eval-split", "0.34",
+                 "--eval-steps", "1"]) == 0
+    evals = [r for r in _lines(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval_tokens"] > 0 for r in evals)
+    assert f"held-out loss {evals[-1]['eval_loss']:.4f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("line, fragment", [("batch_size: two", "integer"), ("progress: maybe", "true or false"),
                                             ("learning_rate: [1]", "number"), ("output_dir: null", "required")])
 def test_recipe_wrong_type(tmp_path, capsys, line, fragment):

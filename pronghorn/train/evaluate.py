@@ -1,8 +1,8 @@
 """Held-out loss and perplexity: the token-weighted mean next-token negative log-likelihood over every predicted
 token of a dataset (not a mean of per-batch means), and its exponential.
 
-A token is predicted when its label is not ``-100`` and it is not the first of its sequence (labels are not
-shifted: the model shifts them). Raw-text blocks (:mod:`pronghorn.data.raw_text`) and packed rows are evaluated
+A token is predicted when its label is not ``-100`` and it is not the first of its row (labels are not shifted:
+the model shifts them; packed rows carry ``-100`` where each further sequence starts). Raw-text blocks (:mod:`pronghorn.data.raw_text`) and packed rows are evaluated
 as packed rows, their documents kept apart; other examples are padded. The model runs in eval mode (no dropout)
 and without gradients; each batch returns its loss sum (``num_items_in_batch=1``), accumulated in float64.
 """
