@@ -1,6 +1,8 @@
 """Rows -> ``input_ids`` + ``labels`` (``-100`` where no loss is taken), as TRL's SFTTrainer builds them.
 
 - ``text``: every token is trained; EOS is appended unless the tokenizer already ends with it.
+- ``raw_text``: as ``text`` (the tokenizer's own special tokens, BOS where it adds one, then EOS), but never
+  fitted to ``max_length``: documents are cut into blocks later (:mod:`pronghorn.data.raw_text`).
 - ``prompt_completion`` (strings): ``prompt + completion`` is tokenized once; tokens of the completion and
   the appended EOS are trained.
 - chat rows (``messages``, and conversational ``prompt_completion``) are rendered with the tokenizer's chat
@@ -30,7 +32,7 @@ import numpy as np
 from ..errors import DataError, spell
 from ..kernels import IGNORE_INDEX
 from .chat_templates import special_token_ids
-from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
+from .formats import MESSAGES, PROMPT_COMPLETION, RAW_TEXT, TEXT, Example, check_format_name, detect_format, validate_record
 from .oasst import OASST, oasst_conversations
 from .pretokenized import TOKENIZED, pretokenized_labels
 from .records import Record, as_record
@@ -113,8 +115,9 @@ def tokenize_batch(
         for (i, p), (ids, offsets) in zip(group, encoded):
             p.ids, p.labels = _labels(p, ids, offsets, tokenizer, specials)
     for i, p in plans:
+        limit = None if p.ex.fmt == RAW_TEXT else max_length  # a document is cut into blocks, not truncated
         try:
-            results[i] = fit_to_length(p.ex.record, p.ex.field, p.ids, p.labels, max_length, truncation_mode, overlong)
+            results[i] = fit_to_length(p.ex.record, p.ex.field, p.ids, p.labels, limit, truncation_mode, overlong)
         except DataError as e:
             results[i] = e
     return results
@@ -230,7 +233,7 @@ def _plan(rec: Record, tokenizer: Any, fmt: str | None, train_on: str, chat_temp
     if ex.fmt == TOKENIZED:
         ids, labels = pretokenized_labels(ex, tokenizer)
         return _Plan(ex, "tokenized", ids=ids, labels=labels)
-    if ex.fmt == TEXT:
+    if ex.fmt in (TEXT, RAW_TEXT):
         return _Plan(ex, "text", ex.text)
     if ex.fmt == PROMPT_COMPLETION and not ex.conversational:
         full = ex.prompt + ex.completion

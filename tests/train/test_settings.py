@@ -26,10 +26,11 @@ CLI = [  # a train flag and a bad value, or a whole command line
     ("--save-total-limit", "0"), ("--tiled-mlp-chunk", "0"), ("--distributed-timeout-s", "0"), ("--beta", "0"),
     ("--label-smoothing", "0.5"), ("--simpo-gamma", "-1"), ("--max-prompt-length", "0"),
     ("--desirable-weight", "0"), ("--undesirable-weight", "-1"), ("--neftune-noise-alpha", "-5"),
+    ("--eval-split", "1"), ("--eval-steps", "0"), ("--eval-batch-size", "0"), ("--eval-steps", "5"),
     ("--lr-scheduler", "step"), ("--method", "ppo"), ("--loss-type", "focal"), ("--dtype", "fp8"),
     ("--train-on", "everything"), ("--overlong", "cut"), ("--truncation-mode", "middle"),
     ("--distributed", "zero3"), ("--data-format", "tsv"), ("--report-to", "mlflow"), ("--optim", "sgd"),
-    ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"),
+    ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"), ("--sample-by", "page"),
 ]
 EXPORT = ["--max-shard-size=lots", "--max-shard-size=0"]
 YAML = ["learning_rate: -1", "adam_beta2: 1.0", "lr_scheduler: step"]
