@@ -60,15 +60,13 @@ Gradient of ignored rows of ``hidden``: zero. Frozen weight: no dW matmul, gradi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .linear_cross_entropy import IGNORE_INDEX
+from .logits_chunks import chunk_rows
 
-CHUNK_BYTES = 1 << 30  # default size of the reused logits buffer
 _BLOCK_V = 16384  # vocab elements per loop step of the CE kernel on the GPU (H100 sweep: best with 16 warps)
 _NUM_WARPS = 16
 
@@ -195,12 +193,6 @@ def _dweight(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tensor, f
     return torch.addmm(acc, a, h, out_dtype=torch.float32, out=acc)
 
 
-def _chunk_rows(n: int, vocab: int, itemsize: int, chunk_size: int | None) -> int:
-    cap = chunk_size if chunk_size else max(1, CHUNK_BYTES // (vocab * itemsize))
-    chunks = max(1, math.ceil(n / cap))
-    return max(1, math.ceil(n / chunks))
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = sum over non-ignored rows of CE(hidden @ weight^T, labels) / num_items, gradients in forward."""
 
@@ -219,7 +211,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         write_grad = need_dh or need_dw
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         dh_c = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device) if need_dh else None
-        rows = _chunk_rows(n, V, hidden.element_size(), chunk_size)
+        rows = chunk_rows(n, V, hidden.element_size(), chunk_size)
         # dW: one chunk -> one matmul in the weight's dtype (as an unfused head would); several chunks -> fp32
         # accumulator. fp16 always accumulates in fp32: the unscaled sum can exceed fp16's range.
         dw, dw_fp32 = None, rows < n or weight.dtype == torch.float16

@@ -27,16 +27,14 @@ multiply ``softmax - onehot`` by the cap's derivative ``1 - tanh^2``. Reference 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .linear_cross_entropy import IGNORE_INDEX
+from .logits_chunks import chunk_rows
 from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
-CHUNK_BYTES = 1 << 30  # logits chunk budget (rows x V x itemsize)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -96,12 +94,6 @@ def _rows(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, triton_r
     return neg
 
 
-def _chunk_rows(n: int, vocab: int, itemsize: int, chunk_size: int | None) -> int:
-    cap = chunk_size if chunk_size else max(1, CHUNK_BYTES // (vocab * itemsize))
-    chunks = max(1, math.ceil(n / cap))
-    return max(1, math.ceil(n / chunks))
-
-
 def _dweight_add(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """acc (fp32) + dlogits^T @ h, with fp32 accumulation of the product."""
     if dlogits.is_cuda and dlogits.dtype != torch.float32:
@@ -124,7 +116,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if n:
             torch._assert_async(((y >= 0) & (y < V)).all(), "linear_logprobs: a label is outside [0, vocab)")
         out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        rows = _chunk_rows(n, V, hidden.element_size(), chunk_size)
+        rows = chunk_rows(n, V, hidden.element_size(), chunk_size)
         grads_now = need_dh and not need_dw  # frozen head: d hidden in the forward
         dh_c = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device) if grads_now else None
         buf = torch.empty(min(rows, n), V, dtype=hidden.dtype, device=hidden.device)

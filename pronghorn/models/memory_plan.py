@@ -28,10 +28,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import PronghornError
+from ..kernels.logits_chunks import CHUNK_BYTES
 
 GIB = 2**30
 HEADROOM = 0.04  # of the budget, left to fragmentation and allocator rounding
-LOSS_CHUNK_BYTES = (2**30, 2**28, 2**26)  # logits buffer of the loss, tried in this order
+LOSS_CHUNK_BYTES = (CHUNK_BYTES, CHUNK_BYTES // 4, CHUNK_BYTES // 16)  # logits buffer of the loss, tried in order
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

@@ -8,7 +8,7 @@ from helpers import make_pair, tiny_lora_model
 from pronghorn.errors import PronghornError
 from pronghorn.models import decoder as decoder_module
 from pronghorn.models.lora import LoRAConfig, attach_lora
-from pronghorn.models.memory_plan import (HEADROOM, LOSS_CHUNK_BYTES, MemoryPlan, StepSizes, candidate_plans,
+from pronghorn.models.memory_plan import (HEADROOM, MemoryPlan, StepSizes, candidate_plans,
                                           estimate_peak, make_plan, parse_budget, relative_cost, step_sizes)
 
 GIB, MIB = 2**30, 2**20
