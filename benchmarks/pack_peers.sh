@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.benchwheels
-grep -qx '/.benchwheels/' .git/info/exclude 2>/dev/null || echo '/.benchwheels/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.benchwheels/' "$exclude" 2>/dev/null || echo '/.benchwheels/' >> "$exclude"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
