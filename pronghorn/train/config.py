@@ -102,6 +102,7 @@ class TrainConfig:
     reward_funcs: list[str] = field(default_factory=list)  # built-in names or "module:function" (Python: callables)
     reward_weights: list[float] | None = None  # None: 1.0 each
     stop_strings: list[str] | None = None
+    use_bias_correction_kl: bool = True  # the KL term times the probability ratio (TRL's default)
 
     def __post_init__(self):
         for name, normalise in (("gradient_checkpointing", checkpoint_mode), ("tiled_mlp", tiled_mlp_mode),

@@ -7,6 +7,8 @@ step: the ratio is then 1 but its gradient is not), the reference's ``ref`` and 
     r_it   = exp(logp_it - old_it)
     pg_it  = -min(r_it * A_i, clamp(r_it, 1 - epsilon, 1 + epsilon_high) * A_i)
     kl_it  = exp(ref_it - logp_it) - (ref_it - logp_it) - 1          (k3 estimator; only when beta > 0)
+             times r_it with ``use_bias_correction_kl`` (TRL's default: the unbiased reverse-KL gradient;
+             r_it is differentiable, so this changes the gradient even where r_it = 1)
     l_it   = pg_it + beta * kl_it
 
 and the loss of a step of B completions holding N completion tokens::
@@ -46,8 +48,8 @@ class GRPOLoss:
 
 
 def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
-                   advantages: torch.Tensor, beta: float, epsilon: float, epsilon_high: float | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   advantages: torch.Tensor, beta: float, epsilon: float, epsilon_high: float | None = None,
+                   use_bias_correction_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(l [B, T], ratio r [B, T], kl [B, T] or None) from [B, T] log-probs and [B] advantages (formulas above)."""
     high = epsilon if epsilon_high is None else epsilon_high
     old = logps.detach() if old_logps is None else old_logps
@@ -60,6 +62,8 @@ def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logp
             raise PronghornError("beta > 0 needs the reference log-probs (ref_logps)")
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
+        if use_bias_correction_kl:
+            kl = kl * ratio
         loss = loss + beta * kl
     return loss, ratio, kl
 
@@ -67,14 +71,16 @@ def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logp
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str, beta: float, epsilon: float,
               epsilon_high: float | None = None, max_completion_length: int | None = None,
-              num_sequences: int | None = None, num_tokens: int | torch.Tensor | None = None) -> GRPOLoss:
+              num_sequences: int | None = None, num_tokens: int | torch.Tensor | None = None,
+              use_bias_correction_kl: bool = True) -> GRPOLoss:
     """The loss of [B, T] completion log-probs (``mask`` 1 on completion tokens) as a share of a step of
     ``num_sequences`` completions and ``num_tokens`` completion tokens (default: this batch alone)."""
     if loss_type not in GRPO_LOSS_TYPES:
         raise PronghornError(f"loss_type {loss_type!r} is not a GRPO loss; expected one of {', '.join(GRPO_LOSS_TYPES)}")
     mask = mask.to(logps.dtype)
     high = epsilon if epsilon_high is None else epsilon_high
-    losses, ratio, kl = per_token_loss(logps, old_logps, ref_logps, advantages, beta, epsilon, high)
+    losses, ratio, kl = per_token_loss(logps, old_logps, ref_logps, advantages, beta, epsilon, high,
+                                       use_bias_correction_kl)
     sequences = logps.shape[0] if num_sequences is None else num_sequences
     tokens = mask.sum() if num_tokens is None else num_tokens
     masked = losses * mask

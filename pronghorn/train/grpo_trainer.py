@@ -172,7 +172,7 @@ class GRPOTrainer(Trainer):
                             batch.advantages[part], packed.mask.to(logps.device), loss_type=cfg.loss_type,
                             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                             max_completion_length=cfg.max_completion_length, num_sequences=len(batch),
-                            num_tokens=n_tokens)
+                            num_tokens=n_tokens, use_bias_correction_kl=cfg.use_bias_correction_kl)
             out.loss.backward()
             tokens += packed.tokens
             total = out.loss.detach() if total is None else total + out.loss.detach()

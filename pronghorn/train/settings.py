@@ -162,4 +162,6 @@ SETTINGS: dict[str, Setting] = {
                             "module:function import paths (Python: callables)"),
     "reward_weights": Setting("GRPO: weight of each reward function (None: 1 each)", low=-math.inf),
     "stop_strings": Setting("GRPO: a completion ends after any of these strings"),
+    "use_bias_correction_kl": Setting("GRPO: multiply the KL term by the probability ratio (unbiased reverse-KL "
+                                      "gradient, TRL's default)"),
 }

@@ -26,16 +26,16 @@ def plain_logps(model, prompt, completion, temperature):
 
 
 def plain_loss(cur, old, ref, adv, loss_type, beta, eps_low, eps_high, max_len):
-    """The objective token by token: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta k3(ref, cur)."""
+    """The objective token by token: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta r k3(ref, cur)."""
     per_seq, total = [], 0.0
     for i, logp in enumerate(cur):
         terms = []
         for t in range(logp.shape[0]):
             r = torch.exp(logp[t] - old[i][t])
             term = -torch.minimum(r * adv[i], torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv[i])
-            if beta:
+            if beta:  # k3, times the ratio (use_bias_correction_kl, TRL's default)
                 d = ref[i][t] - logp[t]
-                term = term + beta * (torch.exp(d) - d - 1)
+                term = term + beta * (torch.exp(d) - d - 1) * r
             terms.append(term)
         per_seq.append(torch.stack(terms))
     tokens = sum(s.numel() for s in per_seq)
