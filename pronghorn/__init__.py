@@ -10,4 +10,14 @@ from .train.run import train
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "DataError", "FastLanguageModel", "GRPOTrainer", "OutputExistsError", "PronghornError",
-           "PronghornForCausalLM", "TrainConfig", "UnsupportedModelError", "add_new_tokens", "train"]
+           "PronghornForCausalLM", "PronghornTrainer", "PronghornTrainingArguments", "TrainConfig",
+           "UnsupportedModelError", "add_new_tokens", "train"]
+
+
+def __getattr__(name: str):
+    """TRL-based classes, imported on first use (trl is optional)."""
+    if name in ("PronghornTrainer", "PronghornTrainingArguments"):
+        from .train import trl_trainer
+
+        return getattr(trl_trainer, name)
+    raise AttributeError(f"module 'pronghorn' has no attribute {name!r}")

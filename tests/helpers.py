@@ -158,3 +158,36 @@ def make_tiny_tokenizer():
                          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                          "{% endif %}")
     return tok
+
+
+def random_pairs(n=6, seed=0, vocab=97):
+    """Tokenized preference pairs of random ids and lengths (for a tiny model's vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    ids = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()
+    rows = []
+    for _ in range(n):
+        c, rj = r(2, 8), r(2, 8)
+        cm = [1] * c
+        cm[-1] = r(0, 2)  # sometimes an untrained template tail
+        rows.append({"prompt_ids": ids(r(2, 9)), "chosen_ids": ids(c), "chosen_mask": cm,
+                     "rejected_ids": ids(rj), "rejected_mask": [1] * rj})
+    return rows
+
+
+def random_kto_rows(n=6, seed=1):
+    """Tokenized KTO rows (every third one undesirable)."""
+    pairs = random_pairs(n, seed)
+    return [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"], "completion_mask": p["chosen_mask"],
+             "label": i % 3 != 0} for i, p in enumerate(pairs)]
+
+
+def preference_lora_model(seed=5):
+    """The tiny LoRA model with every adapter weight moved off its initial value."""
+    model = tiny_lora_model()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # LoRA B starts at zero; move it so policy != reference and every adapter has a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model

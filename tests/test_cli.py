@@ -264,7 +264,7 @@ def test_load_in_4bit_reaches_the_loader(tmp_path, capsys, monkeypatch, data, me
         seen["load_in_4bit"] = load_in_4bit
         raise SystemExit(0)  # stop before anything slow
 
-    module = importlib.import_module("pronghorn.train.run" if method == "sft" else "pronghorn.train.preference_run")
+    module = importlib.import_module("pronghorn.train.run")
     monkeypatch.setattr(module, "load_pretrained", loader)
     pref = tmp_path / "pref.jsonl"
     pref.write_text(json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n")

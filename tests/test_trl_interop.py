@@ -124,3 +124,45 @@ def test_padding_free_without_packing(tiny_smollm2_dir, gsm8k, tmp_path):
     assert labels[1:] == first["labels"][1:]
     trl_loss, native = _loss_pair(trainer, model, batch)
     torch.testing.assert_close(trl_loss, native, rtol=1e-5, atol=1e-5)
+
+
+def test_trl_step_is_the_same_with_and_without_autocast(tiny_smollm2_dir, gsm8k, tmp_path, monkeypatch):
+    """Issue 15 item 1 under TRL: a bf16 base with fp32 adapters trained by SFTTrainer without autocast (what
+    ``bf16=False`` gives) and inside ``torch.autocast(bfloat16)`` (what ``bf16=True`` gives on a GPU; on the CPU
+    the Trainer does not autocast, so the test enters it around ``train()``) calls the fused LoRA Functions the
+    same number of times and gives bitwise the same logged losses and adapter weights after two steps: the
+    kernel policy computes the adapters in the base's dtype either way. The fused path is forced on the CPU
+    (the interpreter runs its Triton parts)."""
+    import contextlib
+    import importlib
+
+    from pronghorn.kernels.lora_linear import LoRALinearFunction
+    from pronghorn.kernels.lora_qkv import LoRAQKVFunction
+
+    calls = []
+    for name in ("lora_linear", "lora_qkv"):
+        monkeypatch.setattr(importlib.import_module(f"pronghorn.kernels.{name}"), "use_triton", lambda *t: True)
+    for fn in (LoRALinearFunction, LoRAQKVFunction):
+        monkeypatch.setattr(fn, "apply", lambda *a, _o=fn.apply, _n=fn.__name__: calls.append(_n) or _o(*a))
+    rows = [{"prompt": q, "completion": " " + a} for q, a in gsm8k[:4]]
+    runs = {}
+    for autocast in (False, True):
+        calls.clear()
+        model, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.bfloat16)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        trainer = _trainer(model, tok, rows, tmp_path / str(autocast), max_length=48)
+        seen = []
+        model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            trainer.train()
+        assert set(seen) == {autocast}
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs[autocast] = (losses, weights, list(calls))
+    (loss_a, w_a, calls_a), (loss_b, w_b, calls_b) = runs[False], runs[True]
+    assert calls_a and calls_a == calls_b
+    assert loss_a == loss_b
+    assert all(w.dtype == torch.float32 for w in w_a.values())
+    for n, w in w_a.items():
+        assert torch.equal(w, w_b[n]), n

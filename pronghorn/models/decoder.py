@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
+from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from .attention import Attention, build_attention_mask
 from .config import ModelConfig
@@ -335,13 +336,20 @@ class DecoderForCausalLM(nn.Module):
         shift_labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
+        return_token_logps: bool = False,
+        keep_rows: torch.Tensor | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
         """With ``labels`` the loss is the mean next-token cross-entropy over non-ignored labels (or the sum
         divided by ``num_items_in_batch``); ``shift_labels`` given beside them (what a context-parallel collator
         passes) are targets already shifted, position i's own, and replace them, as in transformers. While
         training with labels, logits are not materialised unless ``return_logits=True``; otherwise they are
-        returned as transformers does."""
+        returned as transformers does.
+
+        ``return_token_logps=True`` (with ``labels``): instead of the loss, ``token_logps`` [batch, seq], the fp32
+        log-prob of each next-token label (0 where ignored), from the chunked log-prob head (no logits). The
+        preference trainers call it this way, so a DDP / FSDP wrapper sees one forward. ``keep_rows``: the flat
+        indices of the labels not ignored, when the caller computed them on the host (no host sync)."""
         plan = None
         if self.training and torch.is_grad_enabled():
             shape = (input_ids if inputs_embeds is None else inputs_embeds).shape
@@ -356,6 +364,10 @@ class DecoderForCausalLM(nn.Module):
             weight = self.lm_head.weight
             small = plan is not None and plan.loss_chunk_bytes < LOSS_CHUNK_BYTES[0]  # else the loss's own default
             rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None
+            if return_token_logps:
+                out = causal_lm_output(None, None, past_key_values)
+                out["token_logps"] = self._token_logps(hidden, shifted, rows, keep_rows)
+                return out
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
                                         num_items_in_batch, softcap=self.config.parts.final_softcap, chunk_size=rows,
                                         policy=self.kernel_policy)
@@ -371,3 +383,14 @@ class DecoderForCausalLM(nn.Module):
             if cap:
                 logits = torch.tanh(logits / cap) * cap
         return causal_lm_output(loss, logits, past_key_values)
+
+    def _token_logps(self, hidden: torch.Tensor, shifted: torch.Tensor, chunk_rows: int | None,
+                     keep_rows: torch.Tensor | None) -> torch.Tensor:
+        cap = self.config.parts.final_softcap
+        if cap:  # the chunked log-prob head has no softcap yet: through the soft-capped logits
+            logits = torch.tanh(self.lm_head(hidden).float() / cap) * cap
+            keep = shifted != IGNORE_INDEX
+            return logits.log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
+                              chunk_size=chunk_rows, keep_rows=keep_rows, policy=self.kernel_policy)
+        return tok.view(shifted.shape)

@@ -1,8 +1,10 @@
-"""Training layer: the native SFT loop, preference and GRPO trainers, settings, schedules, checkpoints, metrics."""
+"""Training layer: the native trainers (SFT, DPO / ORPO / KTO, GRPO), the method table, one ``prepare`` path for
+every method, settings, schedules, checkpoints and metrics."""
 
 from .config import TrainConfig
 from .grpo_trainer import GRPOTrainer
-from .run import train
+from .methods import METHODS, Method
+from .run import Prepared, prepare, train
 from .trainer import Trainer, TrainResult
 
-__all__ = ["GRPOTrainer", "TrainConfig", "TrainResult", "Trainer", "train"]
+__all__ = ["GRPOTrainer", "METHODS", "Method", "Prepared", "TrainConfig", "TrainResult", "Trainer", "prepare", "train"]

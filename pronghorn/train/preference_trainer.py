@@ -35,10 +35,10 @@ from ..data.collate import batch_to_device
 from ..data.preference_collate import add_kl_completions, collate_kto, collate_preference
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX
-from ..kernels.linear_logprobs import linear_logprobs
 from ..models.decoder import DecoderForCausalLM
 from ..models.lora import set_lora_enabled
 from .config import TrainConfig
+from .distributed import FILLER, all_reduce_sum, env_from_os
 from .preference_losses import DPO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from .trainer import Trainer
 
@@ -47,15 +47,13 @@ METHODS = ("dpo", "orpo", "kto")
 
 def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of each row's labelled tokens (fp32), their count) for a batch with unshifted
-    ``labels``. pronghorn models never build logits, except those of a family with soft-capped logits (Gemma 2;
-    the fused log-prob head has no softcap yet); any other causal LM goes through its logits. Optional
+    ``labels``. A pronghorn model (or a DDP wrapper of one) is called once with ``return_token_logps``: no
+    logits, and the wrapper sees the forward; any other causal LM goes through its logits. Optional
     ``keep_rows``: the flat indices of the labelled tokens after the shift (see :func:`device_batch`)."""
     shifted = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
-    if isinstance(model, DecoderForCausalLM) and not model.config.parts.final_softcap:
-        hidden = model.model(batch["input_ids"], batch.get("attention_mask"))
-        tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, shifted.reshape(-1),
-                              keep_rows=batch.get("keep_rows"), policy=model.kernel_policy)
-        tok = tok.view(shifted.shape)
+    if isinstance(getattr(model, "module", model), DecoderForCausalLM):
+        tok = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                    return_token_logps=True, keep_rows=batch.get("keep_rows"))["token_logps"]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         keep = shifted != IGNORE_INDEX
@@ -103,11 +101,11 @@ class PreferenceTrainer(Trainer):
             raise PronghornError(f"PreferenceTrainer needs method dpo, orpo or kto, got {config.method!r}")
         if config.method == "dpo" and config.loss_type not in DPO_LOSS_TYPES:
             raise PronghornError(f"loss_type {config.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
-        rows = add_kl_completions(train_rows, config.batch_size) if config.method == "kto" else list(train_rows)
+        # KTO's mismatched KL pairs are drawn within blocks of the global micro-batch (every rank's micro-batch
+        # together), so 2 ranks x batch B pair the same rows as 1 rank x batch 2B
+        block = config.batch_size * env_from_os().world_size
+        rows = add_kl_completions(train_rows, block) if config.method == "kto" else list(train_rows)
         super().__init__(model, tokenizer, rows, config, base_name)
-        dist = getattr(self, "dist", None)
-        if dist is not None and getattr(dist, "world_size", 1) > 1:
-            raise PronghornError("preference training runs in a single process for now (no torchrun)")
         self.ref_model = ref_model
         self.uses_reference = config.method == "kto" or (config.method == "dpo" and config.loss_type != "simpo")
         self._step_metrics: dict = {}
@@ -159,7 +157,12 @@ class PreferenceTrainer(Trainer):
         return self._reference_logps(batch)
 
     # --- one micro-batch: (loss to backpropagate, metric sums: 0-dim device tensors or host numbers) ---
-    def micro_batch_loss(self, rows: list[dict], num_rows: int, num_chosen_tokens: int) -> tuple[torch.Tensor, dict]:
+    def micro_batch_loss(self, rows: list[dict], num_rows: float, num_chosen_tokens: float,
+                         counted: bool = True) -> tuple[torch.Tensor, dict]:
+        """``num_rows`` / ``num_chosen_tokens``: the step's pairs (ORPO: chosen tokens) over all ranks, divided by
+        the world size (gradients are averaged over ranks). ``counted=False``: a stand-in micro-batch of a rank
+        that ran out of rows; it still runs forward and backward (every rank joins every gradient reduction)
+        but takes no part in KTO's KL estimate; the caller zeroes its loss."""
         cfg = self.cfg
         batch = self._batch(rows)
         # forwards without gradient first (reference; KTO's KL pairs, in TRL's order): their transient
@@ -168,14 +171,14 @@ class PreferenceTrainer(Trainer):
         if cfg.method == "kto":
             with torch.no_grad(), self._autocast():
                 kl_logps = completion_logps(self.model, batch["kl"])[0]
-        with self._autocast():
-            logps, counts = completion_logps(self.model, batch["main"])
+        with self._autocast():  # through the DDP / FSDP wrapper, if any: it sees the forward
+            logps, counts = completion_logps(self.dist.module, batch["main"])
         stats: dict = {}
         if cfg.method == "kto":  # rows split by label with host-made indices (a boolean mask would sync)
             label = [bool(r["label"]) for r in rows]
             pos = self._tensor([j for j, good in enumerate(label) if good], torch.long)
             neg = self._tensor([j for j, good in enumerate(label) if not good], torch.long)
-            kl = kto_kl(kl_logps, ref["kl"])
+            kl = self._kto_kl(kl_logps, ref["kl"], counted)
             out = kto_loss(logps[pos], logps[neg], ref["main"][pos], ref["main"][neg], kl, cfg.beta,
                            cfg.desirable_weight, cfg.undesirable_weight)
             loss = out.losses.sum() / num_rows
@@ -208,22 +211,45 @@ class PreferenceTrainer(Trainer):
                       "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()})
         return loss, stats
 
+    def _kto_kl(self, kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, counted: bool) -> torch.Tensor:
+        """KTO's reference point over the global micro-batch: averaged over every rank's rows (as TRL gathers
+        it), one host sync per micro-batch when there are several ranks."""
+        if not self.dist.env.distributed:
+            return kto_kl(kl_logps, ref_kl_logps)
+        diff = float((kl_logps.float() - ref_kl_logps.float()).sum()) if counted else 0.0
+        total, n = all_reduce_sum([diff, len(kl_logps) if counted else 0], self.dist.env)
+        return torch.tensor(max(total / max(n, 1), 0.0), device=kl_logps.device)
+
     def accumulate_gradients(self, examples: list[dict]) -> tuple[float, int]:
-        num_rows = len(examples)
-        num_chosen_tokens = max(1, sum(sum(r.get("chosen_mask", ())) for r in examples))
+        """This rank's share of a step (``FILLER`` rows pad a short share, see train/distributed.py): each
+        micro-batch adds sum(per-pair losses) / (the step's pairs over all ranks / world size), so the gradient
+        averaged over ranks equals one big batch's."""
+        real = [r for r in examples if r is not FILLER]
+        num_rows = self.dist.loss_normalizer(len(real))
+        num_chosen_tokens = self.dist.loss_normalizer(sum(sum(r.get("chosen_mask", ())) for r in real)) or 1
         tokens, sums = 0, defaultdict(float)  # summed on the device: one host sync per step
-        for i in range(0, num_rows, self.cfg.batch_size):
-            rows = examples[i:i + self.cfg.batch_size]
-            loss, stats = self.micro_batch_loss(rows, num_rows, num_chosen_tokens)
-            loss.backward()
+        for i in range(0, len(examples), self.cfg.batch_size):
+            rows = [r for r in examples[i:i + self.cfg.batch_size] if r is not FILLER]
+            counted = bool(rows)
+            with self.dist.grad_sync(i + self.cfg.batch_size >= len(examples)):
+                loss, stats = self.micro_batch_loss(rows if counted else self.examples[:1], num_rows,
+                                                    num_chosen_tokens, counted)
+                if not counted:  # a filler micro-batch: zero loss and statistics, same reductions
+                    loss, stats = loss * 0.0, {k: v * 0 for k, v in stats.items()}
+                loss.backward()
             tokens += sum(len(r["prompt_ids"]) * (1 if self.cfg.method == "kto" else 2)
                           + len(r.get("completion_ids", ())) + len(r.get("chosen_ids", ()))
                           + len(r.get("rejected_ids", ())) for r in rows)
             for k, v in {**stats, "loss": loss.detach()}.items():
                 sums[k] = sums[k] + v
         sums = _on_host(sums)
-        total = sums.pop("loss")
-        self._step_metrics = self._means(sums, num_rows)
+        sums["tokens"] = tokens
+        if self.dist.env.distributed:  # every rank's sums, in one reduction (the same keys on every rank)
+            keys = sorted(sums)
+            sums = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.dist.env)))
+            sums["loss"] /= self.dist.world_size
+        total, tokens = sums.pop("loss"), int(sums.pop("tokens"))
+        self._step_metrics = self._means(sums, round(num_rows * self.dist.world_size))
         return total, tokens
 
     def _means(self, sums: dict, num_rows: int) -> dict:

@@ -1,20 +1,25 @@
-"""``pronghorn.train(...)``: load a model, attach LoRA, tokenize the data, train, save — one call."""
+"""``pronghorn.train(...)``: load a model, attach LoRA, tokenize the data, train, save — one call, every method.
+
+:func:`prepare` is the one path every method (train/methods.py) goes through: join a torchrun / accelerate
+job, check the output directory, read the data, load the model on this rank's device, tokenize, attach LoRA,
+set gradient checkpointing and the memory budget, NEFTune where it applies, and build the method's trainer.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from ..data import load_records, tokenize_dataset
-from ..data.demo import identity_dataset
 from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES
 from ..files import check_output_dir
 from ..models.loader import load_pretrained
 from ..models.lora import LoRAConfig, attach_lora, trainable_parameters
 from .config import TrainConfig
-from .distributed import failure_guard, init_distributed, load_placement
+from .distributed import DistEnv, failure_guard, init_distributed, load_placement
+from .methods import get_method
 from .neftune import activate_neftune
 from .trainer import Trainer, TrainResult
 
@@ -31,29 +36,24 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise PronghornError(f"dtype {name!r} is not one of {sorted(_DTYPES)}") from None
 
 
-def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
-    """Fine-tune with LoRA as ``config`` (or keyword settings, the fields of TrainConfig) says.
+@dataclass
+class Prepared:
+    """A run ready to start: ``trainer.train()`` inside ``failure_guard(env, ...)`` (what :func:`train` does)."""
+    trainer: Trainer
+    env: DistEnv
 
-    ``data="demo"`` uses the embedded persona dataset. Writes the PEFT adapter, tokenizer, metrics.jsonl
-    and loss.png into ``output_dir``.
-    """
-    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
-    if cfg.method != "sft":  # DPO / ORPO / KTO (train/preference_run.py)
-        from .preference_run import train_preference
 
-        return train_preference(cfg)
-    if cfg.data is None:
-        raise PronghornError("no training data given (a .json/.jsonl file, or 'demo')")
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Everything before the first step, the same for every method (see the module docstring)."""
+    method = get_method(cfg)
     if not cfg.resume_from_checkpoint:  # fail before the slow load, not after
         check_output_dir(cfg.output_dir, cfg.overwrite, marker_files=MODEL_FILES + ("metrics.jsonl",))
-    records = identity_dataset() if cfg.data == "demo" else load_records(cfg.data)
+    records = method.read(cfg)
     env = init_distributed(cfg.distributed_timeout_s)  # under torchrun / accelerate launch: join the job
     device, dtype = load_placement(cfg.distributed, env, cfg.device, parse_dtype(cfg.dtype))
     loaded = load_pretrained(cfg.model, dtype, device, load_in_4bit=cfg.load_in_4bit)
     model, tokenizer = loaded.model, loaded.tokenizer
-    examples = tokenize_dataset(records, tokenizer, cfg.data_format, cfg.max_length, train_on=cfg.train_on,
-                                progress=cfg.progress and env.is_main, truncation_mode=cfg.truncation_mode,
-                                overlong=cfg.overlong, skip_bad_rows=cfg.skip_bad_rows)
+    rows = method.tokenize(records, tokenizer, cfg, cfg.progress and env.is_main)
     attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                   target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
     model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing,  # auto | on | offload | off
@@ -63,9 +63,23 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         activate_neftune(model, cfg.neftune_noise_alpha)
     trainable, total = trainable_parameters(model)
     if env.is_main:
-        print(f"pronghorn: {loaded.base_name} on {model.device} ({model.dtype}), {len(examples)} examples, "
-              f"LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds: {trainable:,} of {total:,} parameters "
+        skipped = getattr(rows, "skipped", None)
+        print(f"pronghorn {cfg.method}: {loaded.base_name} on {model.device} ({model.dtype}), {len(rows)} "
+              f"{method.rows_are}" + (f" ({len(skipped)} bad rows skipped)" if skipped else "")
+              + f", LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds: {trainable:,} of {total:,} parameters "
               f"train" + (f", {env.world_size} ranks ({cfg.distributed})" if env.distributed else ""))
     torch.manual_seed(cfg.seed + env.rank)  # LoRA dropout masks differ per rank; the adapter init does not
-    with failure_guard(env, cfg.output_dir):
-        return Trainer(model, tokenizer, examples, cfg, loaded.base_name).train()
+    return Prepared(method.trainer(model, tokenizer, rows, cfg, loaded.base_name), env)
+
+
+def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Fine-tune with LoRA as ``config`` (or keyword settings, the fields of TrainConfig) says: SFT, or
+    ``method="dpo" | "orpo" | "kto"`` on preference data.
+
+    ``data="demo"`` uses the embedded persona dataset. Writes the PEFT adapter, tokenizer, metrics.jsonl
+    and loss.png into ``output_dir``. Under torchrun / accelerate launch every method trains data-parallel.
+    """
+    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    run = prepare(cfg)
+    with failure_guard(run.env, cfg.output_dir):
+        return run.trainer.train()

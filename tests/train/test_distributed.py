@@ -10,9 +10,7 @@ The pytest process is the 1-rank reference; this same file, run as a script, is 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import pytest
 import torch
 
 from helpers import make_pair, random_examples, tiny_lora_model
+from rank_launcher import close as _close, free_port as _free_port, spawn, wait as _wait, worker_env as _env
 from pronghorn.data.collate import pad_batch
 from pronghorn.kernels import IGNORE_INDEX
 from pronghorn.train.config import TrainConfig
@@ -163,48 +162,8 @@ def _worker(mode: str, out: Path) -> int:
 
 
 # ---------------------------------------------------------------- launching ----------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-           "CUDA_VISIBLE_DEVICES": "", **extra}  # CPU processes and gloo, also on a machine with GPUs
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None) if k not in extra else None
-    return env
-
-
-def _spawn(mode: str, out: Path, world: int = 2) -> list[subprocess.Popen]:
-    """One process per rank with the variables torchrun would set (no torchrun agent, which would kill the
-    survivors itself: here the survivors must notice on their own)."""
-    port = str(_free_port())
-    return [subprocess.Popen(
-        [sys.executable, __file__, mode, str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=port))
-        for r in range(world)]
-
-
-def _wait(procs, timeout):
-    results = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=timeout)
-            results.append((p.returncode, stdout + stderr))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return results
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
-    """fp32 summation order differs between the runs: tolerance relative to the tensor's largest entry."""
-    return bool((a - b).abs().max() <= rel * max(b.abs().max(), 1e-30))
+def _spawn(mode: str, out: Path, world: int = 2):
+    return spawn(__file__, [mode, str(out)], world)
 
 
 @pytest.mark.parametrize("n,world,batch", [(13, 2, 2), (5, 2, 2), (3, 4, 1), (1, 2, 3), (16, 3, 2)])

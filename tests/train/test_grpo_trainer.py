@@ -108,3 +108,27 @@ def test_rollout_groups_and_stops(tmp_path):
         assert "e" not in tok.decode(ids[:-1])  # nothing after the stop string
     again = rollout(t.model, tok, prompts, 3, max_completion_length=7, seed=5, stop_strings=["e"])
     assert again.completion_ids == ro.completion_ids  # seeded
+
+
+def test_cli_recipe_trains_grpo_on_gsm8k_rows(smollm2_dir, tmp_path, capsys):
+    """``pronghorn train --config recipes/grpo-gsm8k.yaml`` (method grpo, the gsm8k rewards) on the default model,
+    2 steps, a few real gsm8k rows (../shared/data), small generations."""
+    from pathlib import Path
+
+    from pronghorn.cli import main
+
+    source = Path("/work/shared/data/gsm8k/train.jsonl")
+    if not source.is_file():
+        pytest.skip(f"shared datasets not found at {source.parent}")
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("\n".join(source.read_text().splitlines()[:4]) + "\n")
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "grpo-gsm8k.yaml"
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(recipe), "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
+                 "--num-generations", "2", "--batch-size", "2", "--gradient-accumulation-steps", "1",
+                 "--max-completion-length", "8", "--no-progress"]) == 0
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"rewards/gsm8k_format/mean", "rewards/gsm8k_correct/mean", "reward"} <= set(rows[0])
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "pronghorn grpo:" in capsys.readouterr().out

@@ -13,41 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_lora_model
+from helpers import preference_lora_model, random_kto_rows as _kto_rows, random_pairs as _pairs
 from pronghorn.data.preference_collate import collate_preference
 from pronghorn.models.lora import set_lora_enabled
 from pronghorn.train.config import TrainConfig
 from pronghorn.train.preference_trainer import PreferenceTrainer, completion_logps
-
-
-def _pairs(n=6, seed=0, vocab=97):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
-    ids = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()
-    rows = []
-    for _ in range(n):
-        c, rj = r(2, 8), r(2, 8)
-        cm = [1] * c
-        cm[-1] = r(0, 2)  # sometimes an untrained template tail
-        rows.append({"prompt_ids": ids(r(2, 9)), "chosen_ids": ids(c), "chosen_mask": cm,
-                     "rejected_ids": ids(rj), "rejected_mask": [1] * rj})
-    return rows
-
-
-def _kto_rows(n=6, seed=1):
-    pairs = _pairs(n, seed)
-    return [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"], "completion_mask": p["chosen_mask"],
-             "label": i % 3 != 0} for i, p in enumerate(pairs)]
-
-
-def _model(seed=5):
-    model = tiny_lora_model()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # LoRA B starts at zero; move it so policy != reference and every adapter has a gradient
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def _plain_logps(model, prompt, completion, mask):
@@ -108,7 +78,7 @@ def _plain_loss(model, rows, method, cfg):
 
 def _trainer(tmp_path, tok, rows, model=None, **kw):
     cfg = TrainConfig(output_dir=str(tmp_path), progress=False, **kw)
-    return PreferenceTrainer(model or _model(), tok, rows, cfg, base_name="tiny")
+    return PreferenceTrainer(model or preference_lora_model(), tok, rows, cfg, base_name="tiny")
 
 
 CASES = [("dpo", dict(loss_type="sigmoid", beta=0.5)), ("dpo", dict(loss_type="ipo", beta=0.5)),
@@ -126,7 +96,7 @@ def test_step_gradients_equal_plain_implementation(tmp_path, smollm2_tokenizer, 
     t = _trainer(tmp_path, smollm2_tokenizer, rows, method=method, batch_size=bs,
                  gradient_accumulation_steps=6 // bs, **kw)
     loss, _ = t.accumulate_gradients(t.examples)
-    plain_model = _model()
+    plain_model = preference_lora_model()
     plain = _plain_loss(plain_model, t.examples, method, t.cfg)
     plain.backward()
     assert loss == pytest.approx(float(plain), rel=1e-5, abs=1e-6)
@@ -271,7 +241,7 @@ def test_a_dpo_micro_batch_never_waits_for_the_gpu(tmp_path, gc):
     ids = lambda k: torch.randint(3, 97, (k,), generator=g).tolist()
     rows = [{"prompt_ids": ids(6), "chosen_ids": ids(5), "chosen_mask": [1] * 5, "rejected_ids": ids(5),
              "rejected_mask": [1] * 5} for _ in range(4)]
-    model = _model().cuda()
+    model = preference_lora_model().cuda()
     model.gradient_checkpointing_enable(mode=gc)
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
     t = _trainer(tmp_path, tok, rows, model=model, method="dpo", batch_size=2,
