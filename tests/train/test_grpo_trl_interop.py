@@ -13,6 +13,7 @@ datasets = pytest.importorskip("datasets")
 
 from pronghorn import FastLanguageModel  # noqa: E402
 from pronghorn.train.config import TrainConfig  # noqa: E402
+from pronghorn.train.grpo_advantages import group_advantages  # noqa: E402
 from pronghorn.train.grpo_rollout import Rollout, left_pad  # noqa: E402
 from pronghorn.train.grpo_trainer import GRPOTrainer  # noqa: E402
 
@@ -58,6 +59,10 @@ def test_trl_grpo_trains_the_pronghorn_model(tiny_smollm2_dir, tmp_path):
     assert any(h["reward_std"] > 0 for h in logs)  # sampled (do_sample from TRL's GenerationConfig), not greedy
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved
+    # TRL's advantages of its last generation batch (its completion table) are ours from the same rewards
+    rewards = torch.tensor(list(trainer._logs["rewards"]["length_reward"]))
+    ours, _ = group_advantages(rewards, G, "group")
+    torch.testing.assert_close(ours, torch.tensor(list(trainer._logs["advantages"])), rtol=1e-6, atol=1e-6)
 
 
 def _fixed_rollout(tok):
