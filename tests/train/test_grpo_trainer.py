@@ -132,3 +132,27 @@ def test_cli_recipe_trains_grpo_on_gsm8k_rows(smollm2_dir, tmp_path, capsys):
     assert {"rewards/gsm8k_format/mean", "rewards/gsm8k_correct/mean", "reward"} <= set(rows[0])
     assert (out / "adapter_model.safetensors").is_file()
     assert "pronghorn grpo:" in capsys.readouterr().out
+
+
+def test_python_api_trains_grpo_with_callable_rewards(tiny_smollm2_dir, tmp_path):
+    """``pronghorn.train(method="grpo", reward_funcs=[callable, "module:function"])``: the one prepare path, rewards
+    given as Python callables and as an import path, conversational and plain prompts with an extra column."""
+    import pronghorn
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": [{"role": "user", "content": "Say hi"}], "target": "hi"},
+        {"prompt": [{"role": "user", "content": "Say bye"}], "target": "bye"}]) + "\n")
+    seen = []
+
+    def mentions_target(prompts, completions, target, **_):
+        seen.append(len(target))
+        return [float(t in c[0]["content"]) for c, t in zip(completions, target)]
+
+    result = pronghorn.train(method="grpo", model=str(tiny_smollm2_dir), data=str(data), output_dir=str(tmp_path / "o"),
+                             reward_funcs=[mentions_target, "pronghorn.train.rewards:gsm8k_format"],
+                             reward_weights=[1.0, 0.5], num_generations=2, batch_size=2, gradient_accumulation_steps=2,
+                             max_completion_length=4, max_steps=2, progress=False, r=2, lora_alpha=4)
+    rows = _rows(result.metrics_file)
+    assert len(rows) == 2 and "rewards/mentions_target/mean" in rows[0] and "rewards/gsm8k_format/mean" in rows[0]
+    assert seen == [4, 4]  # one call per generation batch, a value per completion
