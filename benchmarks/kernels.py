@@ -5,6 +5,8 @@ reference, and Liger-Kernel (when importable), at the Llama-3.1-8B and Llama-3.2
     python benchmarks/kernels.py --ops lora_linear,lora_qkv,lora_mlp --json lora.json   # the LoRA ops only
     python benchmarks/kernels.py --graphs     # + each case replayed as a CUDA graph (launch cost removed)
     python benchmarks/kernels.py --smoke      # tiny shapes, CPU allowed: checks the script runs
+    python benchmarks/kernels.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
+        --json softcap.json                   # Gemma 2's soft-capped attention, beside FlexAttention
 
 The LoRA ops (r=16, fp32 adapters on a bf16 base under bf16 autocast, as the trainer runs them) also time
 "unfused": pronghorn's single-projection ops composed as the model did before fusing (three ``lora_linear``
@@ -25,10 +27,12 @@ from common import median_ms, run_meta, write_results
 SHAPES = {
     "llama-3.1-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256),
     "llama-3.2-1b": dict(hidden=2048, inter=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256),
+    "gemma-2-9b": dict(hidden=3584, inter=14336, heads=16, kv_heads=8, head_dim=256, vocab=256000),
     "smoke": dict(hidden=48, inter=80, heads=4, kv_heads=2, head_dim=12, vocab=97),
 }
 LORA_RANK = 16
-FLOP_OPS = {"linear_cross_entropy": 3, "lora_linear": 2, "lora_qkv": 2, "lora_mlp": 2}  # fwd+bwd / fwd FLOPs
+FLOP_OPS = {"linear_cross_entropy": 3, "lora_linear": 2, "lora_qkv": 2, "lora_mlp": 2,  # fwd+bwd / fwd FLOPs
+            "softcapped_attention": 3.5}
 
 
 def _bench(fn, iters: int) -> tuple[float, float]:
@@ -117,6 +121,33 @@ def cases(shape: dict, tokens: int, dtype=torch.bfloat16):
             torch.nn.functional.linear(a, b_).float(), c)), 2 * tokens * h * shape["vocab"]
 
     yield from lora_cases(shape, tokens, dev, dtype)
+    yield softcapped_attention_case(shape, tokens, dev, dtype)
+
+
+def softcapped_attention_case(shape: dict, tokens: int, dev: str, dtype=torch.bfloat16):
+    """Gemma 2's causal soft-capped attention (cap 50) over rows of up to 2048 tokens: the kernel, the eager
+    reference, FlexAttention with the cap as its score_mod (compiled), and SDPA without a cap (a ceiling)."""
+    import importlib
+
+    sa = importlib.import_module("pronghorn.kernels.softcapped_attention")
+    b, seq, hd = tokens // 2048 or 1, min(tokens, 2048), shape["head_dim"]
+    q, k, v = (torch.randn(b, n, seq, hd, device=dev, dtype=dtype).requires_grad_()
+               for n in (shape["heads"], shape["kv_heads"], shape["kv_heads"]))
+    impls = dict(pronghorn=lambda q_, k_, v_: sa.softcapped_attention(q_, k_, v_, None, True, 50.0),
+                 reference=lambda q_, k_, v_: sa.softcapped_attention_reference(q_, k_, v_, None, True, 50.0),
+                 sdpa_no_cap=lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(
+                     q_, k_, v_, is_causal=True, enable_gqa=True))
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(lambda b_, h_, i, j: j <= i, None, None, seq, seq, device=dev)
+        flex = torch.compile(flex_attention)
+        impls["flex_attention"] = lambda q_, k_, v_: flex(
+            q_, k_, v_, score_mod=lambda s, *_: 50.0 * torch.tanh(s / 50.0), block_mask=block_mask, enable_gqa=True)
+    except Exception:  # noqa: BLE001 - an older torch, or a device FlexAttention does not run on
+        pass
+    flops = 2 * 2 * b * shape["heads"] * seq * seq * hd // 2  # QK^T and PV, causal half
+    return "softcapped_attention", (q, k, v), impls, flops
 
 
 def _autocast(fn):

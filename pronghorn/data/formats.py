@@ -2,7 +2,11 @@
 
 Formats (one per dataset; detected from the first row unless given explicitly):
 
-- ``"text"``: ``{"text": str}``, language modelling on the whole text.
+- ``"text"``: ``{"text": str}``, language modelling on the whole text (a row longer than ``max_length`` is
+  truncated, split or dropped as ``overlong`` says).
+- ``"raw_text"``: ``{"text": str}`` rows read as documents for continued pretraining: never truncated, but
+  concatenated and cut into ``max_length`` blocks with the documents kept apart (:mod:`pronghorn.data.raw_text`).
+  Never detected: ask for it with ``data_format="raw_text"``.
 - ``"prompt_completion"``: ``{"prompt": str, "completion": str}``, or TRL's conversational variant where both
   are lists of ``{"role", "content"}`` messages; only the completion is trained.
 - ``"messages"``: ``{"messages": [{"role", "content"}, ...]}`` (the key ``conversations`` is accepted too);
@@ -31,6 +35,7 @@ from .row_checks import check_conversation, require_string, type_name
 
 __all__ = [
     "TEXT",
+    "RAW_TEXT",
     "PROMPT_COMPLETION",
     "MESSAGES",
     "SHAREGPT",
@@ -45,11 +50,12 @@ __all__ = [
 ]
 
 TEXT = "text"
+RAW_TEXT = "raw_text"
 PROMPT_COMPLETION = "prompt_completion"
 MESSAGES = "messages"
 SHAREGPT = "sharegpt"
 ALPACA = "alpaca"
-FORMATS = [TEXT, PROMPT_COMPLETION, MESSAGES, SHAREGPT, ALPACA]  # other modules append theirs
+FORMATS = [TEXT, RAW_TEXT, PROMPT_COMPLETION, MESSAGES, SHAREGPT, ALPACA]  # other modules append theirs
 MESSAGE_FIELDS = ("messages", "conversations")  # row keys holding a conversation, in order of preference
 
 
@@ -168,8 +174,12 @@ def validate_record(row: Record | Mapping[str, Any], fmt: str | None = None) -> 
 # -- per-format validators ------------------------------------------------------------------------------
 
 
-def _validate_text(rec: Record) -> Example:
-    return Example(rec, TEXT, "text", text=require_string(rec, "text", rec.row.get("text"), "text" in rec.row))
+def _validate_text(rec: Record, fmt: str = TEXT) -> Example:
+    return Example(rec, fmt, "text", text=require_string(rec, "text", rec.row.get("text"), "text" in rec.row))
+
+
+def _validate_raw_text(rec: Record) -> Example:
+    return _validate_text(rec, RAW_TEXT)
 
 
 def _validate_prompt_completion(rec: Record) -> Example:
@@ -232,6 +242,7 @@ def _validate_alpaca(rec: Record) -> Example:
 
 _VALIDATORS: dict[str, Callable[[Record], Example]] = {
     TEXT: _validate_text,
+    RAW_TEXT: _validate_raw_text,
     PROMPT_COMPLETION: _validate_prompt_completion,
     MESSAGES: _validate_messages,
     SHAREGPT: _validate_sharegpt,

@@ -1,9 +1,10 @@
 """Load dataset rows from files and folders, keeping where each row came from.
 
 Sources: ``.json`` (a list of objects, or ``{"data": [...]}``), ``.jsonl``, ``.csv`` (header row, every cell a
-string; read with the standard library), ``.parquet`` (needs ``pyarrow``), ``.txt`` (one document per
-non-blank line -> ``{"text": line}``), a folder of such files (read in sorted path order, hidden files
-skipped), a Hugging Face ``datasets.Dataset`` / ``IterableDataset`` object (when ``datasets`` is installed), and
+string; read with the standard library), ``.parquet`` (needs ``pyarrow``), ``.txt`` (``{"text": ...}`` rows:
+by default one per non-blank line; ``sample_by`` as Hugging Face's ``text`` loader: ``"line"``, ``"paragraph"``
+(blocks between blank lines) or ``"document"`` (the whole file)), a folder of such files (read in sorted path
+order, hidden files skipped) or a glob pattern matching them (``"books/*.txt"``, ``"**"`` recursing), a Hugging Face ``datasets.Dataset`` / ``IterableDataset`` object (when ``datasets`` is installed), and
 a Hugging Face Hub dataset name (``"openai/gsm8k"``: any string that is not an existing path nor a dataset file
 name; loaded with ``datasets.load_dataset``, so it needs ``datasets`` and a network or its local cache).
 
@@ -16,6 +17,7 @@ a JSON list, a Parquet file or an in-memory dataset).
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -27,9 +29,11 @@ from typing import Any, Iterable, Literal, Mapping
 
 from ..errors import DataError
 
-__all__ = ["Record", "as_record", "load_records", "records_from_rows"]
+__all__ = ["SAMPLE_BY", "Record", "as_record", "load_records", "records_from_rows"]
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+SAMPLE_BY = ("line", "paragraph", "document")  # how a .txt file is cut into rows (Hugging Face's names)
+_GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,11 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<memory>
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def load_records(source: str | os.PathLike | Any, split: str = "train", subset: str | None = None) -> list[Record]:
-    """Read every row of a dataset file, a folder of dataset files, a ``datasets`` (Iterable)Dataset, or a
-    Hugging Face Hub dataset (``split`` and ``subset``, its configuration name, apply to Hub datasets only).
+def load_records(source: str | os.PathLike | Any, split: str = "train", subset: str | None = None,
+                 sample_by: str = "line") -> list[Record]:
+    """Read every row of a dataset file, a folder of dataset files, a glob pattern, a ``datasets``
+    (Iterable)Dataset, or a Hugging Face Hub dataset (``split`` and ``subset``, its configuration name, apply to
+    Hub datasets only; ``sample_by`` to ``.txt`` files: a row per ``"line"``, ``"paragraph"`` or ``"document"``).
 
     Blank JSONL / text lines are skipped. Raises :class:`DataError` for a missing file, an unsupported suffix,
     invalid JSON (with its line number), a malformed CSV row, a row that is not an object, a Parquet file
@@ -90,9 +96,13 @@ def load_records(source: str | os.PathLike | Any, split: str = "train", subset: 
         return records_from_rows(source, source=f"<datasets {type(source).__name__}{' ' + name if name else ''}>")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_records expects a path or a datasets.Dataset, got {type(source).__name__}")
+    if sample_by not in SAMPLE_BY:
+        raise ValueError(f"sample_by must be one of {', '.join(SAMPLE_BY)}, got {sample_by!r}")
     path = Path(source)
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, sample_by)
+    if isinstance(source, str) and not path.exists() and any(c in source for c in _GLOB_CHARS):
+        return _load_glob(source, sample_by)
     name = str(path)
     suffix = path.suffix.lower()
     if isinstance(source, str) and not path.exists() and suffix not in SUFFIXES and _HUB_NAME.match(source):
@@ -110,8 +120,10 @@ def load_records(source: str | os.PathLike | Any, split: str = "train", subset: 
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{name}: not valid UTF-8 text (byte {e.start}): {e.reason}") from None
-        parse = {".jsonl": parse_jsonl, ".json": _parse_json, ".csv": _parse_csv, ".txt": _parse_txt}[suffix]
-        records = parse(text, name)
+        if suffix == ".txt":
+            records = _parse_txt(text, name, sample_by)
+        else:
+            records = {".jsonl": parse_jsonl, ".json": _parse_json, ".csv": _parse_csv}[suffix](text, name)
     if not records:
         raise DataError(f"{name}: the dataset is empty (no rows)")
     return records
@@ -144,7 +156,7 @@ def _is_hf_dataset(obj: Any) -> bool:
     return bool(kinds) and isinstance(obj, kinds)
 
 
-def _load_folder(path: Path) -> list[Record]:
+def _load_folder(path: Path, sample_by: str) -> list[Record]:
     files = sorted(
         p for p in path.rglob("*")
         if p.is_file() and p.suffix.lower() in SUFFIXES
@@ -152,7 +164,15 @@ def _load_folder(path: Path) -> list[Record]:
     )
     if not files:
         raise DataError(f"{path}: the folder holds no dataset file ({', '.join(SUFFIXES)})")
-    return [rec for f in files for rec in load_records(f)]
+    return [rec for f in files for rec in load_records(f, sample_by=sample_by)]
+
+
+def _load_glob(pattern: str, sample_by: str) -> list[Record]:
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    files = [p for p in files if p.is_file() and p.suffix.lower() in SUFFIXES]
+    if not files:
+        raise DataError(f"{pattern}: the pattern matches no dataset file ({', '.join(SUFFIXES)})")
+    return [rec for f in files for rec in load_records(f, sample_by=sample_by)]
 
 
 def _parse_csv(text: str, name: str) -> list[Record]:
@@ -187,12 +207,21 @@ def _parse_csv(text: str, name: str) -> list[Record]:
     return records
 
 
-def _parse_txt(text: str, name: str) -> list[Record]:
-    return [
-        Record(source=name, index=lineno, row={"text": line}, kind="line")
-        for lineno, line in enumerate(text.splitlines(), start=1)
-        if line.strip()
-    ]
+def _parse_txt(text: str, name: str, sample_by: str = "line") -> list[Record]:
+    """``{"text": ...}`` rows, each at the line where it starts: one per non-blank line, per paragraph (lines
+    up to a blank one, joined by newlines) or the whole file as one document."""
+    if sample_by == "document":
+        return [Record(source=name, index=1, row={"text": text}, kind="line")] if text.strip() else []
+    records, block, start = [], [], 0
+    for lineno, line in enumerate(text.splitlines() + [""], start=1):
+        if line.strip() and sample_by == "paragraph":
+            block, start = block + [line], start or lineno
+        elif line.strip():
+            records.append(Record(source=name, index=lineno, row={"text": line}, kind="line"))
+        elif block:
+            records.append(Record(source=name, index=start, row={"text": "\n".join(block)}, kind="line"))
+            block, start = [], 0
+    return records
 
 
 def _read_parquet(path: Path, name: str) -> list[Record]:

@@ -1,6 +1,8 @@
 """Rows -> ``input_ids`` + ``labels`` (``-100`` where no loss is taken), as TRL's SFTTrainer builds them.
 
 - ``text``: every token is trained; EOS is appended unless the tokenizer already ends with it.
+- ``raw_text``: as ``text`` (the tokenizer's own special tokens, BOS where it adds one, then EOS), but never
+  fitted to ``max_length``: documents are cut into blocks later (:mod:`pronghorn.data.raw_text`).
 - ``prompt_completion`` (strings): ``prompt + completion`` is tokenized once; tokens of the completion and
   the appended EOS are trained.
 - chat rows (``messages``, and conversational ``prompt_completion``) are rendered with the tokenizer's chat
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jinja2
 import numpy as np
@@ -30,7 +32,7 @@ import numpy as np
 from ..errors import DataError, spell
 from ..kernels import IGNORE_INDEX
 from .chat_templates import special_token_ids
-from .formats import MESSAGES, PROMPT_COMPLETION, TEXT, Example, check_format_name, detect_format, validate_record
+from .formats import MESSAGES, PROMPT_COMPLETION, RAW_TEXT, TEXT, Example, check_format_name, detect_format, validate_record
 from .oasst import OASST, oasst_conversations
 from .pretokenized import TOKENIZED, pretokenized_labels
 from .records import Record, as_record
@@ -113,8 +115,9 @@ def tokenize_batch(
         for (i, p), (ids, offsets) in zip(group, encoded):
             p.ids, p.labels = _labels(p, ids, offsets, tokenizer, specials)
     for i, p in plans:
+        limit = None if p.ex.fmt == RAW_TEXT else max_length  # a document is cut into blocks, not truncated
         try:
-            results[i] = fit_to_length(p.ex.record, p.ex.field, p.ids, p.labels, max_length, truncation_mode, overlong)
+            results[i] = fit_to_length(p.ex.record, p.ex.field, p.ids, p.labels, limit, truncation_mode, overlong)
         except DataError as e:
             results[i] = e
     return results
@@ -230,7 +233,7 @@ def _plan(rec: Record, tokenizer: Any, fmt: str | None, train_on: str, chat_temp
     if ex.fmt == TOKENIZED:
         ids, labels = pretokenized_labels(ex, tokenizer)
         return _Plan(ex, "tokenized", ids=ids, labels=labels)
-    if ex.fmt == TEXT:
+    if ex.fmt in (TEXT, RAW_TEXT):
         return _Plan(ex, "text", ex.text)
     if ex.fmt == PROMPT_COMPLETION and not ex.conversational:
         full = ex.prompt + ex.completion
@@ -265,10 +268,13 @@ def _render_chat(
             raise rec.error(ex.field, f"the chat template failed to render this conversation: {e}") from None
 
     full = render(messages, False)
+    closing = _closing_text(full, lambda: render(messages, True), getattr(tokenizer, "eos_token", None))
     spans = []
     for i in trained:
         start_text = render(messages[:i], True)
         end_text = full if i == len(messages) - 1 else render(messages[: i + 1], False)
+        if closing and end_text.endswith(closing):
+            end_text = end_text[: -len(closing)]
         for prefix, what in ((start_text, f"the first {i} messages with add_generation_prompt=True"),
                              (end_text, f"the first {i + 1} messages")):
             if not full.startswith(prefix):
@@ -290,6 +296,21 @@ def _render_chat(
         spans.append((len(start_text), len(end_text)))
     _check_every_message_rendered(ex, messages, full)
     return full, spans
+
+
+def _closing_text(full: str, with_prompt: Callable[[], str], eos: str | None) -> str:
+    """What a template appends only at the very end of a conversation: the EOS that Phi-3 / 3.5 / 4-mini's
+    templates write when no generation prompt follows (their turns end ``<|end|>``, the conversation
+    ``<|end|>\\n<|endoftext|>``). It is found as the tokenizer's EOS that ends ``full`` while ``full`` without it is
+    where the generation prompt would start; '' for the usual template (the prompt just follows ``full``).
+    Every assistant turn's span ends before it, so each turn trains its content and end-of-turn marker only."""
+    if not eos or not full.endswith(eos):
+        return ""
+    try:
+        prompted = with_prompt()  # the conversation followed by a generation prompt
+    except DataError:  # a template that refuses a prompt after an assistant turn: no closing text found
+        return ""
+    return eos if not prompted.startswith(full) and prompted.startswith(full[: -len(eos)]) else ""
 
 
 def _check_every_message_rendered(ex: Example, messages: list[dict], full: str) -> None:

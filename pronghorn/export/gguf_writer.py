@@ -190,6 +190,7 @@ def save_gguf(model: nn.Module, path: str | Path, tokenizer, quantization_method
             _write_file(tmp / gguf_file_name(method), model, arch, method, vocab, name, base_checkpoint)
             written.append(Path(path) / gguf_file_name(method))
         if modelfile:
-            (tmp / "Modelfile").write_text(ollama_modelfile(gguf_file_name(methods[0]), tokenizer))
+            template = FAMILIES[model.config.model_type].chat_template
+            (tmp / "Modelfile").write_text(ollama_modelfile(gguf_file_name(methods[0]), tokenizer, template))
         chmod_like_mkdir(tmp)
     return written

@@ -4,7 +4,8 @@ Ollama speaks Go templates, not Jinja, so the tokenizer's chat template is match
 built-in templates (pronghorn/data/chat_templates.py), each of which has an Ollama twin: a candidate matches
 when both render the same text for a handful of probe conversations. The default system prompt (what the
 template inserts when a conversation has none, e.g. SmolLM2's) is found by rendering with and without a
-system message and becomes the Modelfile's SYSTEM.
+system message and becomes the Modelfile's SYSTEM. The model family's own template (its spec's
+``chat_template``: Gemma's, Phi-3's, ...) is tried first, and is the Modelfile's when the tokenizer has none.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import warnings
 from dataclasses import replace
 
-from ..data.chat_templates import CHAT_TEMPLATES, ChatTemplate, render_chat
+from ..data.chat_templates import CHAT_TEMPLATES, ChatTemplate, lookup_chat_template, render_chat
 
 _SENTINEL = "\x01pronghorn-system\x01"
 _PROBES = (
@@ -46,12 +47,15 @@ def default_system_prompt(template: str, tokenizer=None) -> str | None:
     return None
 
 
-def match_chat_template(template: str | None, tokenizer=None) -> ChatTemplate | None:
-    """The built-in template (with the right default system prompt) that renders exactly like ``template``."""
+def match_chat_template(template: str | None, tokenizer=None, first: str | None = None) -> ChatTemplate | None:
+    """The built-in template (with the right default system prompt) that renders exactly like ``template``;
+    ``first``: the name of the one to try first (the model family's)."""
     if not template:
         return None
     system = default_system_prompt(template, tokenizer)
-    for builtin in sorted(CHAT_TEMPLATES.values(), key=lambda t: t.default_system != system):  # exact first
+    preferred = lookup_chat_template(first).name if first else None
+    # the family's template first, then those with the same default system prompt
+    for builtin in sorted(CHAT_TEMPLATES.values(), key=lambda t: (t.name != preferred, t.default_system != system)):
         candidate = builtin if builtin.default_system == system else builtin.with_system(system)
         same = True
         for messages in _PROBES:
@@ -64,11 +68,18 @@ def match_chat_template(template: str | None, tokenizer=None) -> ChatTemplate | 
     return None
 
 
-def ollama_modelfile(gguf_file: str, tokenizer) -> str:
-    """Modelfile text for ``ollama create -f Modelfile`` with the GGUF ``gguf_file`` beside it."""
+def ollama_modelfile(gguf_file: str, tokenizer, family_template: str | None = None) -> str:
+    """Modelfile text for ``ollama create -f Modelfile`` with the GGUF ``gguf_file`` beside it.
+    ``family_template``: the model family's chat template name (``FamilySpec.chat_template``), tried first and
+    used when the tokenizer has no chat template."""
     template = getattr(tokenizer, "chat_template", None)
     template = template.get("default") if isinstance(template, dict) else template
-    match = match_chat_template(template, tokenizer)
+    match = match_chat_template(template, tokenizer, first=family_template)
+    if match is None and not template and family_template:
+        match = lookup_chat_template(family_template)
+        warnings.warn(f"the tokenizer has no chat template, so the Modelfile uses the model family's "
+                      f"({match.name!r}); set one with get_chat_template(tokenizer, ...) if it was trained on "
+                      "another format", UserWarning, stacklevel=2)
     eos = getattr(tokenizer, "eos_token", None)
     if match is None:
         if template:

@@ -61,10 +61,10 @@ def linear_cross_entropy(
     PyTorch reference; both compute the same function. A frozen head weight on the host while ``hidden`` is on
     a GPU (a tied table kept there) is streamed slice by slice (``streamed_logprobs``): minus the summed
     log-probs over the same count."""
-    if weight.device != hidden.device and not weight.requires_grad and softcap is None:
+    if weight.device != hidden.device and not weight.requires_grad:
         from .streamed_logprobs import streamed_logprobs
 
-        logp = streamed_logprobs(hidden, weight, labels, ignore_index)
+        logp = streamed_logprobs(hidden, weight, labels, ignore_index, softcap=softcap)
         count = (labels != ignore_index).sum() if num_items is None else num_items
         if isinstance(count, torch.Tensor):
             count = count.to(logp.device)

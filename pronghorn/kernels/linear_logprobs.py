@@ -1,8 +1,9 @@
 """Per-token log-probabilities of given labels from hidden states and the output head, without [N x V] logits.
 
 ``hidden`` [N, H], ``weight`` [V, H] (the lm_head), ``labels`` [N] already aligned (the caller shifts).
-Returns fp32 (fp64 for fp64 inputs) ``log_softmax(hidden @ weight^T)[i, labels[i]]`` for every row, 0 where the label is
-``ignore_index``. This is what preference losses (DPO, ORPO, KTO, SimPO) need: summed or averaged
+Returns fp32 (fp64 for fp64 inputs) ``log_softmax(softcap(hidden @ weight^T))[i, labels[i]]`` for every row, 0 where the label is
+``ignore_index``; ``softcap(x) = c * tanh(x / c)`` for a family with soft-capped final logits (Gemma 2; Gemma 3
+when its config sets one), the identity without. This is what preference losses (DPO, ORPO, KTO, SimPO) need: summed or averaged
 log-probs of a completion, for the policy (with gradients) and the reference (without).
 
 How (:class:`LinearLogprobsFunction`): ignored rows are dropped before any matmul; the rest run in chunks
@@ -19,8 +20,9 @@ input dtype (as an unfused head would), the log-sum-exp is accumulated in fp32.
 
 Row math: on CUDA the CE row kernel of the fused head (``linear_cross_entropy_triton.ce_rows``: online fp32
 max/sum over vocab blocks, writes ``lse - x[label]`` per row and, when asked, ``softmax - onehot`` in place)
-is reused as is; on the CPU the same quantities come from torch ops in fp32. Reference for the tests:
-:func:`linear_logprobs_reference` (full logits + ``log_softmax`` + ``gather``).
+is reused as is; on the CPU the same quantities come from torch ops in fp32. Both cap the logits in fp32 and
+multiply ``softmax - onehot`` by the cap's derivative ``1 - tanh^2``. Reference for the tests:
+:func:`linear_logprobs_reference` (full logits + cap + ``log_softmax`` + ``gather``).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Plain version: full logits (input dtype), fp32 log_softmax, gather; 0 at ignored rows."""
+                              ignore_index: int = IGNORE_INDEX, softcap: float | None = None) -> torch.Tensor:
+    """Plain version: full logits (input dtype), fp32 soft-cap and log_softmax, gather; 0 at ignored rows."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logp = F.linear(hidden, weight).to(acc).log_softmax(-1)
+    logits = F.linear(hidden, weight).to(acc)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = logits.log_softmax(-1)
     keep = labels != ignore_index
     picked = logp.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(keep, picked, picked.new_zeros(()))
@@ -71,25 +76,32 @@ def kept_rows(labels: torch.Tensor, ignore_index: int, keep_rows: torch.Tensor |
     return idx
 
 
-def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool) -> torch.Tensor:
-    """Per row: ``-logp`` (= lse - x[label], fp32); with ``write_grad`` the rows become softmax - onehot."""
+def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, softcap: float | None) -> torch.Tensor:
+    """Per row: ``-logp`` (= lse - x[label], fp32, x the capped logits); with ``write_grad`` the rows become
+    (softmax - onehot) times the cap's derivative: d(-logp) / d logits."""
     x = _acc(logits)
+    if softcap:
+        t = torch.tanh(x / softcap)
+        x = softcap * t
     lse = torch.logsumexp(x, -1)
     neg = lse - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if write_grad:
         g = torch.exp(x - lse.unsqueeze(-1))
         g.scatter_add_(-1, labels.unsqueeze(-1), g.new_full((labels.numel(), 1), -1.0))
+        if softcap:
+            g.mul_(1.0 - t * t)
         logits.copy_(g)
     return neg
 
 
-def _rows(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, triton_rows: bool) -> torch.Tensor:
+def _rows(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, triton_rows: bool,
+          softcap: float | None) -> torch.Tensor:
     if not triton_rows:
-        return _rows_torch(logits, labels, write_grad)
+        return _rows_torch(logits, labels, write_grad, softcap)
     from .linear_cross_entropy_triton import ce_rows
 
     neg = torch.empty(labels.numel(), dtype=torch.float32, device=logits.device)
-    ce_rows(logits, labels, neg, IGNORE_INDEX, None, write_grad)
+    ce_rows(logits, labels, neg, IGNORE_INDEX, softcap, write_grad)
     return neg
 
 
@@ -111,7 +123,8 @@ def _dweight_add(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tenso
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, need_dh, need_dw, triton_rows, keep_rows):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, need_dh, need_dw, triton_rows, keep_rows,
+                softcap):
         N, H = hidden.shape
         V = weight.shape[0]
         idx = kept_rows(labels, ignore_index, keep_rows)
@@ -129,7 +142,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             h_c = hidden.index_select(0, idx[s:e])
             logits = buf[: e - s]
             torch.mm(h_c, weight.t(), out=logits)
-            neg = _rows(logits, y[s:e], grads_now, triton_rows)
+            neg = _rows(logits, y[s:e], grads_now, triton_rows, softcap)
             out.index_copy_(0, idx[s:e], -neg)
             if grads_now:
                 torch.mm(logits, weight, out=dh_c[s:e])  # (softmax - onehot) @ W = -d logp / d h
@@ -137,6 +150,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(labels)
         ctx.mode = "scale" if grads_now else "recompute" if need_dw else "none"
         ctx.shape, ctx.rows, ctx.triton_rows, ctx.weight_dtype = (N, H), rows, triton_rows, weight.dtype
+        ctx.softcap = softcap
         if ctx.mode == "scale":
             ctx.save_for_backward(dh_c, idx)
         elif ctx.mode == "recompute":
@@ -147,14 +161,14 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         N, H = ctx.shape
         if ctx.mode == "none":
-            return (None,) * 9
+            return (None,) * 10
         g = _acc(grad_out)
         if ctx.mode == "scale":
             dh_c, idx = ctx.saved_tensors
             scale = -g.index_select(0, idx).unsqueeze(-1)
             dh = torch.zeros(N, H, dtype=dh_c.dtype, device=dh_c.device)
             dh.index_copy_(0, idx, (_acc(dh_c) * scale).to(dh_c.dtype))
-            return (dh,) + (None,) * 8
+            return (dh,) + (None,) * 9
         hidden, weight, y, idx = ctx.saved_tensors
         need_dh = ctx.needs_input_grad[0]
         n, rows = idx.numel(), ctx.rows
@@ -166,21 +180,22 @@ class LinearLogprobsFunction(torch.autograd.Function):
             h_c = hidden.index_select(0, idx[s:e])
             logits = buf[: e - s]
             torch.mm(h_c, weight.t(), out=logits)
-            _rows(logits, y[s:e], True, ctx.triton_rows)  # logits <- softmax - onehot = -d logp / d logits
+            _rows(logits, y[s:e], True, ctx.triton_rows, ctx.softcap)  # logits <- -d logp / d logits
             scale = -g.index_select(0, idx[s:e]).unsqueeze(-1)  # d loss / d logits = scale * (softmax - onehot)
             if need_dh:
                 dh.index_copy_(0, idx[s:e], (_acc(logits @ weight) * scale).to(hidden.dtype))
             dw = _dweight_add(dw, logits, (_acc(h_c) * scale).to(h_c.dtype))
         if dw is None:
             dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
-        return (dh, dw.to(ctx.weight_dtype)) + (None,) * 7
+        return (dh, dw.to(ctx.weight_dtype)) + (None,) * 8
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
                     triton_rows: bool | None = None, keep_rows: torch.Tensor | None = None,
-                    policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
-    """fp32 per-row log-prob of ``labels`` under ``softmax(hidden @ weight^T)`` (0 at ignored rows), chunked.
+                    policy: KernelPolicy = DEFAULT_POLICY, softcap: float | None = None) -> torch.Tensor:
+    """fp32 per-row log-prob of ``labels`` under ``softmax(softcap(hidden @ weight^T))`` (0 at ignored rows),
+    chunked; ``softcap`` (the family's final logit cap, None: none) caps the logits as ``c * tanh(x / c)``.
 
     ``chunk_size`` caps the rows per logits chunk (default: a ~1 GiB chunk). ``triton_rows`` picks the Triton
     row kernel (default: on CUDA tensors when Triton is importable). A frozen ``weight`` on another device than
@@ -189,7 +204,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if weight.device != hidden.device and not weight.requires_grad:
         from .streamed_logprobs import streamed_logprobs
 
-        return streamed_logprobs(hidden, weight, labels, ignore_index, keep_rows=keep_rows)
+        return streamed_logprobs(hidden, weight, labels, ignore_index, keep_rows=keep_rows, softcap=softcap)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)  # differentiable cast (autocast-style mixed dtypes)
     if triton_rows is None:
@@ -197,4 +212,4 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad = torch.is_grad_enabled()
     return LinearLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_size,
                                         grad and hidden.requires_grad, grad and weight.requires_grad, triton_rows,
-                                        keep_rows)
+                                        keep_rows, softcap)

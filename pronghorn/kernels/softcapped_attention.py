@@ -1,35 +1,91 @@
 """Attention with tanh soft-capped scores (Gemma 2): softmax(c * tanh(q k^T * scale / c) + mask) v.
 
-SDPA has no soft-capping, so this is its own op. Only the plain PyTorch reference exists so far (it builds the
-[B, H, q, kv] scores, as transformers' eager attention does); a GPU fast path (FlexAttention with a score_mod,
-or a Triton kernel) would go behind the same function.
+SDPA has no soft-capping, so this is its own op: a plain PyTorch reference (it builds the [B, H, q, kv] scores, as
+transformers' eager attention does) and a FlashAttention-style Triton kernel (``softcapped_attention_triton``)
+behind one function. Which keys a query sees is given either as a dense bool ``mask`` (the reference only) or,
+cheaply, as ``causal`` + an optional sliding ``window`` + an optional ``key_padding`` [B, Tk] (HF's attention
+mask), which the kernel takes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .policy import DEFAULT_POLICY, KernelPolicy
+from .triton_support import use_triton
+
+MAX_HEAD_DIM = 256  # the kernel's widest head (Gemma's 256); wider ones take the reference
+
+
+def visibility_mask(tq: int, tk: int, causal: bool, window: int | None, key_padding: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor | None:
+    """The dense bool mask [B|1, 1, tq, tk] (True = may attend) of ``causal`` / ``window`` / ``key_padding``, or
+    None when every key is visible. Queries are the last ``tq`` of ``tk`` positions; key j is visible to the
+    query at position p when j <= p (causal), p - window < j (window) and ``key_padding[b, j]`` is nonzero."""
+    if not causal and window is None and key_padding is None:
+        return None
+    pos = torch.arange(tk - tq, tk, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed & (j <= pos)
+    if window is not None:
+        allowed = allowed & (j > pos - window)
+    allowed = allowed[None, None]
+    if key_padding is not None:
+        allowed = allowed & key_padding.to(device).bool()[:, None, None, :]
+    return allowed
+
 
 def softcapped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                                   causal: bool, softcap: float, scale: float | None = None) -> torch.Tensor:
+                                   causal: bool, softcap: float, scale: float | None = None,
+                                   window: int | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, Tq, D], k/v [B, Hk, Tk, D] (Hk divides Hq); ``mask`` bool [B|1, 1, Tq, Tk] (True = may attend)
-    or None with ``causal`` (the last Tq of Tk positions) -> [B, Hq, Tq, Dv]. Softmax in fp32, as HF's eager path."""
+    or additive (0 / -inf, added to the capped scores, as HF's eager path adds its mask), or None with ``causal`` / ``window`` / ``key_padding`` (see :func:`visibility_mask`) -> [B, Hq, Tq, Dv].
+    Softmax in fp32, as HF's eager path. A query that sees no key gets zeros (as the kernel)."""
+    if mask is not None and (window is not None or key_padding is not None):
+        raise ValueError("softcapped_attention: give a dense mask or window / key_padding, not both")
     if q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    if mask is None and causal:
-        tq, tk = q.shape[2], k.shape[2]
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    if mask is not None:
+    if mask is None:
+        mask = visibility_mask(q.shape[2], k.shape[2], causal, window, key_padding, q.device)
+    additive = mask is not None and mask.is_floating_point()
+    if additive:  # 0 / -inf (the static cache's decode masks)
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if mask is not None and not additive:
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return torch.matmul(probs.to(q.dtype), v)
+
+
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, key_padding) -> bool:
+    """The Triton kernel's domain: CUDA fp16/bf16/fp32 tensors, no dense mask, head dims up to 256, v's head dim
+    that of q and k."""
+    tensors = (q, k, v) if key_padding is None else (q, k, v, key_padding)
+    return (mask is None and use_triton(*tensors) and q.shape[-1] <= MAX_HEAD_DIM
+            and q.shape[-1] == k.shape[-1] == v.shape[-1])
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                         softcap: float, scale: float | None = None) -> torch.Tensor:
-    """The single entry point model code calls (the reference on every device for now)."""
-    return softcapped_attention_reference(q, k, v, mask, causal, softcap, scale)
+                         softcap: float, scale: float | None = None, policy: KernelPolicy = DEFAULT_POLICY,
+                         window: int | None = None, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The single entry point model code calls (arguments as :func:`softcapped_attention_reference`).
+
+    CUDA tensors without a dense ``mask`` take the Triton kernel (hand-written backward); a dense mask, any other
+    device, or a reference ``policy`` takes the PyTorch reference.
+    """
+    if key_padding is not None and key_padding.shape != (q.shape[0], k.shape[2]):
+        raise ValueError(f"softcapped_attention: key_padding has shape {tuple(key_padding.shape)}, expected "
+                         f"[batch, keys] = {(q.shape[0], k.shape[2])}")
+    if not policy.reference and _kernel_takes(q, k, v, mask, key_padding):
+        from .softcapped_attention_triton import SoftcappedAttentionFunction
+
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return SoftcappedAttentionFunction.apply(q, k, v, causal, softcap, scale, window, key_padding)
+    return softcapped_attention_reference(q, k, v, mask, causal, softcap, scale, window, key_padding)

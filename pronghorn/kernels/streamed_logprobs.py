@@ -6,9 +6,12 @@ with the vocabulary as the outer loop: each slice of ``vocab_chunk`` rows of W i
 a side stream, the next slice while the current one is used), and every token row keeps an online fp32
 max / sum of exponentials, its label's logit and, when ``hidden`` needs a gradient, the running
 ``sum_v exp(z_v - max) W_v``. So W crosses PCIe once per call, and only [row tile, vocab_chunk] logits exist.
+With ``softcap`` (Gemma 2's final logit cap) z is the capped logit ``c * tanh(x / c)`` and each W_v is weighted
+by the cap's derivative ``1 - tanh^2`` as well.
 
 The head is frozen (LoRA/QLoRA), so, as in :mod:`.linear_logprobs`, the gradient with respect to ``hidden``
-is produced in the forward: d logp_i / d h_i = W[label_i] - softmax_i @ W; backward scales its rows.
+is produced in the forward: d logp_i / d h_i = c'_label W[label_i] - (softmax_i * c') @ W (c' the cap's
+derivative, 1 without a cap); backward scales its rows.
 Logits are computed in the input dtype and the reductions in fp32, like the chunked head. Reference:
 ``linear_logprobs_reference``. Ignored rows (``ignore_index``) give 0 and no gradient.
 """
@@ -26,22 +29,24 @@ ROW_TILE = 2048
 
 def streamed_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       ignore_index: int = IGNORE_INDEX, vocab_chunk: int = VOCAB_CHUNK,
-                      row_tile: int = ROW_TILE, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      row_tile: int = ROW_TILE, keep_rows: torch.Tensor | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
     """fp32 [N] log-probs of ``labels`` under ``hidden`` [N, H] @ ``weight`` [V, H]^T; ``weight`` may be on the
     host (pinned: the copies overlap) while ``hidden`` is on a GPU. ``weight`` must not need a gradient.
-    ``keep_rows``: the indices of the rows not ignored, when the caller knows them (no host sync)."""
+    ``keep_rows``: the indices of the rows not ignored, when the caller knows them (no host sync). ``softcap``:
+    the logits are capped as ``c * tanh(x / c)`` before the softmax (None: not)."""
     if weight.requires_grad:
         raise ValueError("streamed_logprobs takes a frozen head; its weight requires grad")
-    return _StreamedLogprobs.apply(hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows)
+    return _StreamedLogprobs.apply(hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows, softcap)
 
 
 class _StreamedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows):
+    def forward(ctx, hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows, softcap):
         rows = kept_rows(labels, ignore_index, keep_rows)
         h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
         want_grad = ctx.needs_input_grad[0]
-        picked, lse, grad = _scan(h, weight, y, vocab_chunk, row_tile, want_grad)
+        picked, lse, grad = _scan(h, weight, y, vocab_chunk, row_tile, want_grad, softcap)
         out = torch.zeros(labels.shape, dtype=picked.dtype, device=hidden.device)
         out.index_copy_(0, rows, picked - lse)
         if want_grad:
@@ -54,11 +59,11 @@ class _StreamedLogprobs(torch.autograd.Function):
         rows, grad = ctx.saved_tensors
         dh = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad.device)
         dh.index_copy_(0, rows, (grad * dout.index_select(0, rows).to(grad.dtype).unsqueeze(-1)).to(dh.dtype))
-        return (dh,) + (None,) * 6
+        return (dh,) + (None,) * 7
 
 
 def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: int, row_tile: int,
-          want_grad: bool):
+          want_grad: bool, softcap: float | None):
     """One pass over the vocabulary: (label logit, log-sum-exp, d logp / d h or None) per row of ``h``."""
     acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     n = h.shape[0]
@@ -72,6 +77,9 @@ def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: i
         for r in range(0, n, row_tile):
             sl = slice(r, min(n, r + row_tile))
             z = (h[sl] @ w.t()).to(acc_dtype)  # logits in the input dtype, reduced in fp32
+            if softcap:
+                t = torch.tanh(z / softcap)
+                z, slope = softcap * t, 1.0 - t * t  # the capped logits and the cap's derivative
             new_peak = torch.maximum(peak[sl], z.amax(-1))
             rescale = torch.exp(peak[sl] - new_peak)
             p = torch.exp(z - new_peak.unsqueeze(-1))
@@ -81,8 +89,12 @@ def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: i
             picked[sl] += torch.where(here, z.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
             peak[sl] = new_peak
             if want_grad:
-                expect[sl] = expect[sl] * rescale.unsqueeze(-1) + (p.to(w.dtype) @ w).to(acc_dtype)
-                label_rows[sl] += torch.where(here.unsqueeze(-1), w.index_select(0, local).to(acc_dtype), 0.0)
+                weighted = p * slope if softcap else p
+                expect[sl] = expect[sl] * rescale.unsqueeze(-1) + (weighted.to(w.dtype) @ w).to(acc_dtype)
+                label_w = w.index_select(0, local).to(acc_dtype)
+                if softcap:
+                    label_w = label_w * slope.gather(-1, local.unsqueeze(-1))
+                label_rows[sl] += torch.where(here.unsqueeze(-1), label_w, 0.0)
             del z, p
     lse = peak + torch.log(total)
     grad = None

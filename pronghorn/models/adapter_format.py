@@ -113,7 +113,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_pattern", "trainable_token_indices"):
+    for key in ("use_dora", "layers_pattern", "trainable_token_indices"):
         if raw.get(key):
             raise CheckpointError(f"{cfg_path}: field {key!r}={raw[key]!r} is not supported yet")
     if raw.get("fan_in_fan_out"):
@@ -132,7 +132,8 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
             r=int(raw["r"]), lora_alpha=float(raw.get("lora_alpha", raw["r"])),
             lora_dropout=float(raw.get("lora_dropout") or 0.0), target_modules=targets,
             use_rslora=bool(raw.get("use_rslora", False)), bias=raw.get("bias", "none"), layers_to_transform=layers,
-            modules_to_save=list(saved),
+            modules_to_save=list(saved), rank_pattern=raw.get("rank_pattern") or {},
+            alpha_pattern=raw.get("alpha_pattern") or {},
         )
     except KeyError as e:
         raise CheckpointError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None

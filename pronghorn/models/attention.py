@@ -1,9 +1,12 @@
 """Grouped-query self-attention through torch SDPA, with causal, padding and sliding-window masks.
 
 The family's parts (``cfg.parts``) set the score scale, tanh soft-capping of the scores (Gemma 2, through
-``kernels.softcapped_attention``), partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
+``kernels.softcapped_attention``, which takes its mask as a :class:`KeyVisibility` rather than a dense one),
+partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +68,33 @@ def build_attention_mask(
     if padded:
         allowed = allowed & attention_mask[:, None, None, :].bool()
     return allowed | ~allowed.any(-1, keepdim=True)
+
+
+class KeyVisibility(NamedTuple):
+    """Which keys a query sees, as the soft-capped attention kernel takes it (no dense [B, 1, q, kv] mask):
+    causal over the last ``q_len`` of ``kv_len`` positions, a sliding ``window`` or None, and ``key_padding``
+    [B, kv_len] (1 = real token) or None. See :func:`attention_visibility`."""
+
+    window: int | None
+    key_padding: torch.Tensor | None
+
+
+def attention_visibility(
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    window: int | None,
+    device: torch.device,
+    position_ids: torch.Tensor | None = None,
+) -> KeyVisibility | torch.Tensor | None:
+    """:func:`build_attention_mask` for soft-capped layers: the same keys as a :class:`KeyVisibility`, or the
+    dense mask for packed rows (a document mask, which it cannot express). One difference, in outputs nothing
+    uses: a padding query that sees no key gets zeros here, where the dense mask lets it see every key."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if position_ids is not None and not padded and q_len == kv_len and q_len > 1:
+        if bool(sequence_ids(position_ids.to(device))[:, -1].any()):  # host sync: a restart, so packed rows
+            return build_attention_mask(attention_mask, q_len, kv_len, window, device, position_ids)
+    return KeyVisibility(window, attention_mask.to(device) if padded else None)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
@@ -133,9 +163,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         mask = masks[self.window]
+        if isinstance(mask, KeyVisibility) and not self.softcap:  # a cap switched off on a soft-capped model
+            mask = build_attention_mask(mask.key_padding, t, k.shape[2], mask.window, q.device)
         causal = mask is None and t > 1 and t == k.shape[2]
-        if self.softcap:
-            out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale)
+        if isinstance(mask, KeyVisibility):  # the soft-capped kernel's form of the mask (attention_visibility)
+            out = softcapped_attention(q, k, v, None, True, self.softcap, self.scale, self.kernel_policy, *mask)
+        elif self.softcap:  # a dense mask: packed rows, or the static cache's decode masks
+            out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale, self.kernel_policy)
         else:
             out = sdpa(q, k, v, mask, causal, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), output_unused=output_unused)

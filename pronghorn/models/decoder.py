@@ -17,13 +17,14 @@ from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
-from .attention import Attention, build_attention_mask
+from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
 from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding, offload_embedding
 from .kv_cache import KVCache
 from .linear import Linear
-from .memory_plan import LOSS_CHUNK_BYTES, MemoryPlan, device_budget, make_plan, parse_budget, step_sizes
+from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan, parse_budget,
+                          step_sizes)
 from .norm import RMSNorm
 from .recompute import checkpoint_mode, run_layers
 from .rope_scaling import rope_inv_freq
@@ -127,6 +128,7 @@ class DecoderModel(nn.Module):
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
+        self.optimizer_footprint = OptimizerFootprint()  # what the optimizer adds per trained weight (the trainer's)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
         """cos and sin tables keyed by RoPE ("global", and "local" for a family whose sliding layers have
@@ -159,11 +161,12 @@ class DecoderModel(nn.Module):
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) \
             if device.type == "cuda" else 1.0
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
-               fraction, head is not None)
+               fraction, head is not None, self.optimizer_footprint)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
-            sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans)
+            sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
+                               optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), mode=mode, tiled_mlp=tiled,
                              mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
             plans[key] = plan
@@ -200,9 +203,9 @@ class DecoderModel(nn.Module):
         cos, sin = self._rope(position_ids, x.dtype)
         windows = {self.cfg.window_of(i) for i in range(len(self.layers))}
         masks = cache.decode_masks(windows, x.dtype) if cache is not None else None  # static decode: no syncs
-        if masks is None:
-            masks = {w: build_attention_mask(attention_mask, t, past + t, w, x.device, packed_positions)
-                     for w in windows}
+        if masks is None:  # soft-capped attention takes the kernel's form of the mask
+            build = attention_visibility if self.cfg.parts.attn_softcap else build_attention_mask
+            masks = {w: build(attention_mask, t, past + t, w, x.device, packed_positions) for w in windows}
         if plan is not None:
             mlp_chunk = plan.mlp_chunk
         else:  # inference: tiled only when asked ("on"), for long prompts
@@ -386,11 +389,8 @@ class DecoderForCausalLM(nn.Module):
 
     def _token_logps(self, hidden: torch.Tensor, shifted: torch.Tensor, chunk_rows: int | None,
                      keep_rows: torch.Tensor | None) -> torch.Tensor:
-        cap = self.config.parts.final_softcap
-        if cap:  # the chunked log-prob head has no softcap yet: through the soft-capped logits
-            logits = torch.tanh(self.lm_head(hidden).float() / cap) * cap
-            keep = shifted != IGNORE_INDEX
-            return logits.log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        # soft-capped final logits (Gemma 2 / 3) are capped inside the chunked head
         tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
-                              chunk_size=chunk_rows, keep_rows=keep_rows, policy=self.kernel_policy)
+                              chunk_size=chunk_rows, keep_rows=keep_rows, policy=self.kernel_policy,
+                              softcap=self.config.parts.final_softcap)
         return tok.view(shifted.shape)

@@ -1,8 +1,8 @@
 """Read a GGUF checkpoint (llama.cpp's format) into a Hugging Face-style config and float32 state dict.
 
 The architectures read are those a family spec marks ``gguf_reads`` (models/families/: ``llama`` for Llama,
-SmolLM2 and Mistral-as-llama, and ``qwen2``); the spec gives the tensor names and the config fields the
-architecture implies. Quantized tensors are dequantized with ``gguf.quants.dequantize``; llama.cpp's rope
+SmolLM2 and Mistral-as-llama, ``qwen2``, ``gemma`` 1-3 and ``phi3``); the spec gives the tensor names and the
+config fields the architecture implies. Quantized tensors are dequantized with ``gguf.quants.dequantize``; llama.cpp's rope
 permutation of the q/k projections (``gguf_permute_qk``) is undone, so the result matches what transformers loads.
 """
 
@@ -21,6 +21,7 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 from .config import ModelConfig
 from .families import FAMILIES, FamilySpec
+from .hf_layout import fuse_split
 
 _READERS: dict[str, FamilySpec] = {s.gguf_arch: s for s in FAMILIES.values() if s.gguf_reads}
 SUPPORTED_ARCHITECTURES = tuple(_READERS)
@@ -30,7 +31,8 @@ _IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd(\.weight)?$")
 
 @dataclass
 class GGUFCheckpoint:
-    """What :func:`read_gguf` returns: HF ``config.json``-style dict, HF-named float32 tensors, chat template."""
+    """What :func:`read_gguf` returns: HF ``config.json``-style dict, HF-named float32 tensors in the family's
+    checkpoint layout (Phi-3's fused; ``hf_layout.split_fused`` splits them), chat template."""
 
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
@@ -41,7 +43,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read the GGUF file at ``path`` into a :class:`GGUFCheckpoint` (float32, Hugging Face names).
 
     Raises :class:`CheckpointError` for a missing, truncated or corrupt file (naming the file and, where it
-    applies, the tensor) and :class:`UnsupportedModelError` for architectures other than llama/qwen2.
+    applies, the tensor) and :class:`UnsupportedModelError` for architectures not in SUPPORTED_ARCHITECTURES.
     """
     path = Path(path)
     reader = _open_reader(path)
@@ -147,7 +149,7 @@ def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> d
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(reader, path, arch, tensors, rope_theta, head_dim),
+        "rope_scaling": _rope_scaling(reader, path, arch, tensors, rope_theta, head_dim, need("context_length")),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": False,
         "mlp_bias": False,
@@ -164,15 +166,19 @@ def _config(reader, path: Path, arch: str, spec: FamilySpec, tensors: dict) -> d
     return config
 
 
-def _rope_scaling(reader, path: Path, arch: str, tensors: dict, rope_theta: float, head_dim: int) -> dict | None:
+def _rope_scaling(reader, path: Path, arch: str, tensors: dict, rope_theta: float, head_dim: int,
+                  max_pos: int) -> dict | None:
     kind = gguf_field(reader, f"{arch}.rope.scaling.type")
     factor = gguf_field(reader, f"{arch}.rope.scaling.factor")
     if kind is None and gguf_field(reader, f"{arch}.rope.scale_linear") is not None:  # older llama.cpp key
         kind, factor = "linear", gguf_field(reader, f"{arch}.rope.scale_linear")
+    for table in ("rope_freqs.weight", "rope_factors_long.weight"):
+        if table in tensors and kind not in (None, "none"):
+            raise UnsupportedModelError(f"{path}: {table} tensor together with rope scaling {kind!r}")
     if "rope_freqs.weight" in tensors:
-        if kind not in (None, "none"):
-            raise UnsupportedModelError(f"{path}: rope_freqs tensor together with rope scaling {kind!r}")
         return _llama3_rope_scaling(path, tensors["rope_freqs.weight"], rope_theta, head_dim)
+    if "rope_factors_long.weight" in tensors:
+        return _longrope_scaling(reader, path, arch, tensors, max_pos)
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
@@ -191,6 +197,30 @@ def _rope_scaling(reader, path: Path, arch: str, tensors: dict, rope_theta: floa
                 scaling[hf_key] = value
         return scaling
     raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported")
+
+
+def _longrope_scaling(reader, path: Path, arch: str, tensors: dict, max_pos: int) -> dict:
+    """Phi-3's LongRoPE from llama.cpp's ``rope_factors_long`` / ``rope_factors_short`` tensors and its original
+    context; the attention factor only when it is not the one LongRoPE derives from the two lengths."""
+    from gguf.quants import dequantize
+
+    if "rope_factors_short.weight" not in tensors:
+        raise CheckpointError(f"{path}: GGUF has rope_factors_long.weight but no rope_factors_short.weight")
+    original = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
+    if not original:
+        raise CheckpointError(f"{path}: LongRoPE factors without {arch}.rope.scaling.original_context_length")
+    factors = {}
+    for which in ("long", "short"):
+        t = tensors[f"rope_factors_{which}.weight"]
+        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+        factors[f"{which}_factor"] = [float(str(v)) for v in values]  # shortest repr: 1.08, as config.json has
+    scaling = {"rope_type": "longrope", **factors, "original_max_position_embeddings": original}
+    attn = gguf_field(reader, f"{arch}.rope.scaling.attn_factor")
+    scale = max_pos / original
+    derived = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    if attn is not None and not math.isclose(attn, derived, rel_tol=1e-6):  # stored in float32
+        scaling["attention_factor"] = attn
+    return scaling
 
 
 def _llama3_rope_scaling(path: Path, tensor, rope_theta: float, head_dim: int) -> dict:
@@ -229,7 +259,8 @@ def _llama3_rope_scaling(path: Path, tensor, rope_theta: float, head_dim: int) -
 def _expected_tensors(spec: FamilySpec, cfg: ModelConfig, config: dict,
                       tensors: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """(gguf name, HF name, numpy shape) for every tensor the model needs, in HF order: the decoder's own
-    tensors (a meta-device model of the config) under the spec's GGUF names."""
+    tensors (a meta-device model of the config) in the family's checkpoint layout (Phi-3's fused qkv_proj and
+    gate_up_proj) under the spec's GGUF names."""
     from .decoder import DecoderForCausalLM
 
     with torch.device("meta"):
@@ -237,7 +268,7 @@ def _expected_tensors(spec: FamilySpec, cfg: ModelConfig, config: dict,
     h = config["hidden_size"]
     stems = spec.gguf_layers
     out = [("token_embd.weight", "model.embed_tokens.weight", (config["vocab_size"], h))]
-    for name, t in model.model.layers.state_dict().items():
+    for name, t in fuse_split(cfg, model.model.layers.state_dict().items()):
         i, module, leaf = name.split(".", 1)[0], name.split(".", 1)[1].rsplit(".", 1)[0], name.rsplit(".", 1)[1]
         out.append((f"blk.{i}.{stems[module]}.{leaf}", f"model.layers.{name}", tuple(t.shape)))
     out.append(("output_norm.weight", "model.norm.weight", (h,)))
@@ -251,7 +282,7 @@ def _state_dict(path: Path, arch: str, spec: FamilySpec, config: dict, tensors: 
 
     cfg = ModelConfig.from_hf_dict(config, source=str(path))
     expected = _expected_tensors(spec, cfg, config, tensors)
-    known = {g for g, _, _ in expected} | {"rope_freqs.weight"}
+    known = {g for g, _, _ in expected} | {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
     extra = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
     if extra:
         raise UnsupportedModelError(

@@ -51,3 +51,13 @@ def fuse_split(config, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[
             yield f"{prefix}.{fusion.fused}.weight", torch.cat([parts[p] for p in fusion.parts], dim=0)
     if pending:
         raise CheckpointError(f"incomplete fused tensors {sorted(pending)} (a part is missing)")
+
+
+def checkpoint_module(model_type: str | None, name: str) -> str:
+    """The family's checkpoint name of the decoder's module ``name``: the fused module a part belongs to
+    (Phi-3: ``model.layers.0.self_attn.q_proj`` -> ``model.layers.0.self_attn.qkv_proj``), else ``name``."""
+    for fusion in family(model_type).fusions if model_type else ():
+        for part in fusion.parts:
+            if name.endswith("." + part):
+                return name[: -len(part)] + fusion.fused
+    return name

@@ -98,7 +98,8 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
 
         ckpt = read_gguf(path)
         cfg = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
-        sd = prepare_state_dict(ckpt.state_dict, ckpt.config, load_in_4bit, dtype, device, str(path))
+        hf_sd = split_fused(cfg, ckpt.state_dict, str(path))  # the family's fused tensors (Phi-3), split
+        sd = prepare_state_dict(hf_sd, ckpt.config, load_in_4bit, dtype, device, str(path))
         model = build_model(cfg, sd, dtype, device, str(path), model_cls)
         tokenizer = load_gguf_tokenizer(path)
         base_dir = None

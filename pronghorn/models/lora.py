@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..errors import PronghornError
 from .families import FAMILIES
+from .hf_layout import checkpoint_module
 from .linear import Linear
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,6 +32,10 @@ class LoRAConfig:
     bias: str = "none"
     layers_to_transform: list[int] | None = None
     modules_to_save: list[str] = field(default_factory=list)  # among TRAINABLE_MODULES, trained fully
+    # PEFT's per-module rank and alpha: a checkpoint module name (Phi-3: the fused qkv_proj / gate_up_proj) or a
+    # regex matching its end (see module_rank_alpha) -> that module's rank / alpha, over r / lora_alpha
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -49,12 +55,28 @@ class LoRAConfig:
                                  f"{list(ALL_TARGETS)} beside {list(TRAINABLE_MODULES)}")
         if self.r <= 0:
             raise PronghornError(f"LoRA rank r must be positive, got {self.r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+        if not _positive_number(self.lora_alpha):
             raise PronghornError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
         if self.bias != "none":
             raise PronghornError(f"bias={self.bias!r} is not supported; only bias='none' (PEFT's default)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise PronghornError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        for what, pattern, ok in (("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and v > 0),
+                                  ("alpha_pattern", self.alpha_pattern, _positive_number)):
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not ok(value):
+                    raise PronghornError(f"{what} maps module names to positive {what[:-8]}s, got {key!r}: {value!r}")
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise PronghornError(f"{what} key {key!r} is not a valid regular expression ({e})") from None
+
+    def module_rank_alpha(self, name: str) -> tuple[int, float]:
+        """(rank, alpha) of the adapter on the checkpoint module ``name`` (``model.layers.0.self_attn.q_proj``), as
+        PEFT's ``get_pattern_key`` matches: the first key of each pattern that, as a regex, matches the whole name
+        or its end after a dot; else ``r`` / ``lora_alpha``."""
+        return _pattern_value(self.rank_pattern, name, self.r), _pattern_value(self.alpha_pattern, name, self.lora_alpha)
 
     @property
     def scaling(self) -> float:
@@ -62,6 +84,15 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _positive_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and x > 0
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+    return default if key is None else pattern[key]
 
 
 def lora_targets(model: nn.Module, targets: list[str], layers: list[int] | None = None) -> Iterator[tuple[str, Linear]]:
@@ -86,9 +117,11 @@ def attach_lora(model: nn.Module, config: LoRAConfig, seed: int = 3407) -> nn.Mo
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     count = 0
-    for _, module in lora_targets(model, config.target_modules, config.layers_to_transform):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for name, module in lora_targets(model, config.target_modules, config.layers_to_transform):
         dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32  # adapters: >= fp32
-        module.add_lora(config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, gen, dtype)
+        r, alpha = config.module_rank_alpha(checkpoint_module(model_type, name))
+        module.add_lora(r, alpha, config.lora_dropout, config.use_rslora, gen, dtype)
         count += 1
     if count == 0:
         raise PronghornError(f"no module matched target_modules={config.target_modules}")

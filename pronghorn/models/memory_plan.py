@@ -57,6 +57,16 @@ def parse_budget(value) -> int | None:
 
 
 @dataclass(frozen=True)
+class OptimizerFootprint:
+    """What the optimizer adds per trained element: ``state_bytes`` of state (None: AdamW's two moments, counted
+    in fp32, the most torch's take), and whether gradients are applied and freed in the backward pass (train/step_in_backward.py:
+    then only one layer's gradients, and the tables', exist at once)."""
+
+    state_bytes: float | None = None
+    grads_in_backward: bool = False
+
+
+@dataclass(frozen=True)
 class StepSizes:
     """Byte sizes of one training step of a batch shape: the planner's inputs (pure numbers, testable)."""
 
@@ -264,10 +274,10 @@ def tiled_mlp_chunk_bytes(chunk: int, hidden: int, intermediate: int, act_bytes:
 
 
 def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-               head=None, first_step: bool = True) -> StepSizes:
+               head=None, first_step: bool = True, optimizer: OptimizerFootprint = OptimizerFootprint()) -> StepSizes:
     """:class:`StepSizes` of a DecoderModel (``decoder``) on ``batch`` x ``seq_len`` tokens of activation ``dtype``.
     ``head``: the causal LM's output head when its tables may move to the host (None: they stay). ``first_step``:
-    the optimizer state is not allocated yet (its two moments per trainable element are counted to come)."""
+    the optimizer state is not allocated yet (``optimizer``'s state per trainable element is counted to come)."""
     from ..kernels.nf4 import NF4Weight
 
     cfg, tokens, e = decoder.cfg, batch * seq_len, torch.empty((), dtype=dtype).element_size()
@@ -289,8 +299,7 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     if head is not None:
         params.update({id(p): p for p in head.parameters()})
     trainable = [p for p in params.values() if p.requires_grad]
-    to_come = sum(p.numel() * p.element_size() for p in trainable if p.grad is None)
-    to_come += 2 * sum(p.numel() * 4 for p in trainable) if first_step else 0  # AdamW moments (fp32 at least)
+    to_come = _gradient_bytes(decoder, trainable, optimizer) + (_state_bytes(trainable, optimizer) if first_step else 0)
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(_indexed(device))
     else:
@@ -319,5 +328,25 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         loss_extra=3 * tokens * hidden * e,  # the final norm's input and output, the hidden-state gradient
         resident=resident, to_come=to_come,
         untied_table=table_bytes if movable and not tied else 0,
-        tied_table=table_bytes if movable and tied and not parts.final_softcap else 0,  # streamed head: no cap
+        tied_table=table_bytes if movable and tied else 0,
     )
+
+
+def _gradient_bytes(decoder, trainable: list, optimizer: OptimizerFootprint) -> int:
+    """Gradients still to be allocated at the step's peak: every trained parameter's, or with the step in the
+    backward the largest layer's plus those outside the layers (the tables and the final norm, whose gradients
+    are completed last or early in the backward pass)."""
+    def size(ps) -> int:
+        return sum(p.numel() * p.element_size() for p in ps if p.requires_grad and p.grad is None)
+
+    if not optimizer.grads_in_backward:
+        return size(trainable)
+    in_layers = {id(p) for p in decoder.layers.parameters()}
+    largest = max((size(layer.parameters()) for layer in decoder.layers), default=0)
+    return largest + size(p for p in trainable if id(p) not in in_layers)
+
+
+def _state_bytes(trainable: list, optimizer: OptimizerFootprint) -> int:
+    if optimizer.state_bytes is None:
+        return sum(2 * p.numel() * max(p.element_size(), 4) for p in trainable)  # AdamW moments (fp32 at least)
+    return int(sum(p.numel() * optimizer.state_bytes for p in trainable))

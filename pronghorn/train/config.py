@@ -10,11 +10,12 @@ from typing import Any
 
 import yaml
 
-from ..errors import PronghornError, cli_flag
+from ..errors import PronghornError, cli_flag, spell
 from ..models.memory_plan import parse_budget
 from ..models.recompute import checkpoint_mode
 from ..models.lora import ALL_TARGETS
 from ..models.tiled_mlp import tiled_mlp_mode
+from .full_finetune import check_settings as check_full_finetuning
 from .optimizers import optimizer_name
 from .report import check_report_to
 from .grpo_settings import resolve_method_defaults, scale_rewards_mode
@@ -28,7 +29,8 @@ class TrainConfig:
     data: str | None = None
     output_dir: str = "outputs/run"
     overwrite: bool = False
-    data_format: str | None = None  # text | prompt_completion | messages; None = detect
+    data_format: str | None = None  # text | raw_text | prompt_completion | messages | ...; None = detect
+    sample_by: str = "line"  # .txt files: a row (document) per line | paragraph | document (the whole file)
     train_on: str = "all_assistant"  # or last_assistant
     max_length: int = 2048
     # optimisation
@@ -88,6 +90,15 @@ class TrainConfig:
     truncation_mode: str = "keep_start"  # keep_start | keep_end (rows longer than max_length)
     overlong: str = "truncate"  # truncate | split | drop | error
     neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings while training (e.g. 5)
+    # full fine-tuning on one device (train/full_finetune.py, train/step_in_backward.py)
+    full_finetuning: bool = False  # every weight trains (no LoRA): bf16 weights on a GPU
+    optimizer_in_backward: bool = False  # each weight steps in the backward pass: no full set of gradients
+    # held-out evaluation (train/evaluate.py, train/held_out.py): eval_loss and eval_perplexity in metrics.jsonl
+    eval_data: str | None = None  # a held-out dataset, tokenized as the training data
+    eval_split: float | None = None  # or this fraction of the training rows (documents), drawn with seed
+    eval_steps: int | None = None  # evaluate every N optimizer steps (and after the last; None: after the last only)
+    eval_batch_size: int | None = None  # rows per evaluation batch (None: batch_size)
+    eval_on_start: bool = False  # also evaluate before the first step (logged as step 0)
     # GRPO (pronghorn.train.grpo_trainer); names and defaults as TRL's GRPOConfig (beta, loss_type: above).
     # A step generates batch_size * gradient_accumulation_steps completions: num_generations per prompt
     num_generations: int = 8
@@ -115,11 +126,13 @@ class TrainConfig:
         check_report_to(self.report_to)  # a known reporter whose package is installed
         for f in fields(self):  # every word and number against train/settings.py, before anything slow
             check(f.name, getattr(self, f.name))
+        _check_eval_settings(self)
         resolve_method_defaults(self)  # beta and loss_type per method (train/grpo_settings.py)
         try:
             parse_budget(self.max_memory)  # a clear error now, not after the model loads
         except PronghornError as e:
             raise PronghornError(f"{e} (CLI: {cli_flag('max_memory')})") from None
+        check_full_finetuning(self)  # what full fine-tuning and the step in the backward cannot combine with
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -145,6 +158,23 @@ class TrainConfig:
                 raise PronghornError(f"{path}: {e}") from None
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**raw)
+
+
+def _check_eval_settings(cfg: "TrainConfig") -> None:
+    """Held-out evaluation needs one source of held-out rows, and SFT (the loss it reports); raw text trains
+    with the SFT loop."""
+    if cfg.eval_data and cfg.eval_split:
+        raise PronghornError(f"give {spell('eval_data')} or {spell('eval_split')}, not both")
+    wanted = [n for n in ("eval_steps", "eval_batch_size", "eval_on_start") if getattr(cfg, n)]
+    if wanted and not (cfg.eval_data or cfg.eval_split):
+        raise PronghornError(f"{spell(wanted[0])} is set but there is no held-out data; give {spell('eval_data')} "
+                             f"(a dataset file) or {spell('eval_split')} (e.g. 0.05)")
+    if cfg.data_format == "raw_text" and cfg.method != "sft":
+        raise PronghornError(f"data_format='raw_text' (continued pretraining) trains the language-modelling loss; "
+                             f"it does not work with method={cfg.method!r}")
+    if (cfg.eval_data or cfg.eval_split) and cfg.method != "sft":
+        raise PronghornError(f"held-out evaluation (eval_data / eval_split) reports the SFT loss; it does not "
+                             f"work with method={cfg.method!r}")
 
 
 def _data_format(name: str | None) -> str | None:

@@ -5,7 +5,8 @@ for each sequence, so the model's document mask keeps them apart (as SFT packing
 padding token is computed. Only the positions that predict a completion token reach the output head
 (``keep_rows``), through the chunked :func:`~pronghorn.kernels.linear_logprobs.linear_logprobs`: the
 [tokens x vocab] logits never exist. The log-probs are those of ``softmax(logits / temperature)``, TRL's
-(the head is applied to ``hidden / temperature``, the same logits divided). They come back as [B, T]
+(the head is applied to ``hidden / temperature``, the same logits divided; a soft-capped family at a
+temperature other than 1 goes through its capped logits instead, which are divided). They come back as [B, T]
 (T: ``width``, at least the longest completion), 0 after each completion's end.
 """
 
@@ -64,7 +65,8 @@ def pack_completions(prompt_ids: Sequence[list[int]], completion_ids: Sequence[l
 
 
 def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float = 1.0) -> torch.Tensor:
-    """[B, width] fp32 (fp64 for an fp64 model) log-probs of the completion tokens (0 elsewhere), differentiable when grad is enabled."""
+    """[B, width] fp32 (fp64 for an fp64 model) log-probs of the completion tokens (0 elsewhere), differentiable
+    when grad is enabled."""
     if not isinstance(model, DecoderForCausalLM):
         raise PronghornError("GRPO's packed training forward needs a pronghorn model (FastLanguageModel"
                              ".from_pretrained); for a transformers / PEFT model use TRL's GRPOTrainer")
@@ -72,15 +74,17 @@ def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float
                            "targets": packed.targets, "keep_rows": packed.keep_rows, "dest": packed.dest},
                           model.device)
     B, width = packed.mask.shape
-    if model.config.parts.final_softcap:  # soft-capped logits (Gemma 2): through the model's own logits
+    cap = model.config.parts.final_softcap
+    if cap and temperature != 1.0:  # softcap(logits) / T, not softcap(logits / T): through the model's own logits
         logits = model(input_ids=dev["input_ids"], position_ids=dev["position_ids"], return_logits=True).logits[0]
-        picked = logits.index_select(0, dev["keep_rows"]).float() / temperature
+        picked = logits.index_select(0, dev["keep_rows"]).to(torch.float32 if logits.dtype != torch.float64
+                                                              else logits.dtype) / temperature
         tok = picked.log_softmax(-1).gather(-1, dev["targets"][dev["keep_rows"]].unsqueeze(-1)).squeeze(-1)
     else:
         hidden = model.model(dev["input_ids"], None, dev["position_ids"])[0]
         if temperature != 1.0:
             hidden = hidden / temperature
         tok = linear_logprobs(hidden, model.lm_head.weight, dev["targets"], keep_rows=dev["keep_rows"],
-                              policy=model.kernel_policy).index_select(0, dev["keep_rows"])
+                              policy=model.kernel_policy, softcap=cap).index_select(0, dev["keep_rows"])
     out = torch.zeros(B * width, dtype=tok.dtype, device=tok.device)
     return out.index_copy(0, dev["dest"], tok).view(B, width)

@@ -35,7 +35,7 @@ class Method:
 def _sft_records(cfg: TrainConfig) -> list:
     if cfg.data is None:
         raise PronghornError("no training data given (a .json/.jsonl file, or 'demo')")
-    return identity_dataset() if cfg.data == "demo" else load_records(cfg.data)
+    return identity_dataset() if cfg.data == "demo" else load_records(cfg.data, sample_by=cfg.sample_by)
 
 
 def _sft_rows(records: list, tokenizer, cfg: TrainConfig, progress: bool) -> list:

@@ -3,7 +3,9 @@
 Names follow Hugging Face ``TrainingArguments.optim`` / TRL, so recipes carry over: ``adamw_torch``,
 ``adamw_torch_fused`` (the default: one fused kernel per step on a GPU), ``adamw_8bit`` (also
 ``adamw_bnb_8bit``; bitsandbytes, CUDA only) and ``paged_adamw_8bit`` / ``paged_adamw_32bit`` (bitsandbytes'
-paged variants, whose state can spill to host memory). Anything else is refused with the list.
+paged variants, whose state can spill to host memory), and for bfloat16 weights (full fine-tuning)
+``adamw_bf16_sr`` (fp32 moments, the bf16 weight stochastically rounded) and ``adamw_bf16_master`` (an fp32
+master copy) from train/bf16_adamw.py. Anything else is refused with the list.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 
 from ..errors import PronghornError
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+              "adamw_bf16_sr", "adamw_bf16_master")
 _ALIASES = {"adamw": "adamw_torch_fused", "adamw_bnb_8bit": "adamw_8bit", "adamw_torch_8bit": "adamw_8bit"}
+_BF16_ROUNDING = {"adamw_bf16_sr": "stochastic", "adamw_bf16_master": "master"}
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
 
 
@@ -30,8 +34,10 @@ def optimizer_name(name: str) -> str:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas: tuple[float, float],
-                    eps: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``name`` for ``params`` living on ``device``."""
+                    eps: float, weight_decay: float, device: torch.device, seed: int = 0,
+                    first_index: int = 0) -> torch.optim.Optimizer:
+    """The optimizer ``name`` for ``params`` living on ``device``; ``seed``: the stochastic rounding's, and
+    ``first_index`` the index of the first of ``params`` in that rounding's streams (train/bf16_adamw.py)."""
     name = optimizer_name(name)
     params = list(params)
     kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -40,6 +46,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     if name == "adamw_torch_fused":
         fused = device.type in ("cuda", "cpu")  # torch's fused AdamW kernels exist for these
         return torch.optim.AdamW(params, fused=fused, **kw)
+    if name in _BF16_ROUNDING:
+        from .bf16_adamw import BF16AdamW
+
+        return BF16AdamW(params, rounding=_BF16_ROUNDING[name], seed=seed, first_index=first_index, **kw)
     if device.type != "cuda":
         raise PronghornError(f"optim {name!r} runs on a CUDA GPU only (bitsandbytes); on {device.type} use "
                              f"optim='adamw_torch_fused'")

@@ -46,6 +46,13 @@ class TrainProgress:
             if step >= self.total or step - self._last_step >= self.every_steps or now - self._last_t >= self.every_s:
                 self._line(step, loss, lr, now)
 
+    def note(self, message: str) -> None:
+        """A line above the bar (on a terminal) or among the progress lines (an evaluation's result)."""
+        if self._bar:
+            self._bar.console.print(message)
+        elif self._lines:
+            print(message, file=self.stream, flush=True)
+
     def _line(self, step: int, loss: float, lr: float, now: float) -> None:
         elapsed, done = now - self._t0, step - self.start
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0

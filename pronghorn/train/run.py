@@ -16,9 +16,10 @@ from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES
 from ..files import check_output_dir
 from ..models.loader import load_pretrained
-from ..models.lora import LoRAConfig, attach_lora, trainable_parameters
+from ..models.lora import trainable_parameters
 from .config import TrainConfig
 from .distributed import DistEnv, failure_guard, init_distributed, load_placement
+from .full_finetune import make_trainable
 from .methods import get_method
 from .neftune import activate_neftune
 from .trainer import Trainer, TrainResult
@@ -54,8 +55,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     loaded = load_pretrained(cfg.model, dtype, device, load_in_4bit=cfg.load_in_4bit)
     model, tokenizer = loaded.model, loaded.tokenizer
     rows = method.tokenize(records, tokenizer, cfg, cfg.progress and env.is_main)
-    attach_lora(model, LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                  target_modules=cfg.target_modules, use_rslora=cfg.use_rslora), seed=cfg.seed)
+    trains = make_trainable(model, cfg)  # LoRA adapters, or every weight (full_finetuning): train/full_finetune.py
     model.gradient_checkpointing_enable(mode=cfg.gradient_checkpointing,  # auto | on | offload | off
                                         tiled_mlp=cfg.tiled_mlp, tiled_mlp_chunk=cfg.tiled_mlp_chunk,
                                         max_memory=cfg.max_memory or "none")
@@ -66,7 +66,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         skipped = getattr(rows, "skipped", None)
         print(f"pronghorn {cfg.method}: {loaded.base_name} on {model.device} ({model.dtype}), {len(rows)} "
               f"{method.rows_are}" + (f" ({len(skipped)} bad rows skipped)" if skipped else "")
-              + f", LoRA r={cfg.r} on {len(cfg.target_modules)} module kinds: {trainable:,} of {total:,} parameters "
+              + f", {trains}: {trainable:,} of {total:,} parameters "
               f"train" + (f", {env.world_size} ranks ({cfg.distributed})" if env.distributed else ""))
     torch.manual_seed(cfg.seed + env.rank)  # LoRA dropout masks differ per rank; the adapter init does not
     return Prepared(method.trainer(model, tokenizer, rows, cfg, loaded.base_name), env)

@@ -72,11 +72,15 @@ _PROB = dict(low=0, high=1, high_open=True)
 SETTINGS: dict[str, Setting] = {
     # what to train on
     "model": Setting("checkpoint dir, adapter dir, .gguf file, hub id or 'default' (SmolLM2-135M-Instruct)"),
-    "data": Setting("training data: a .jsonl/.json/.parquet/.csv file or dir, or 'demo' for the embedded set"),
+    "data": Setting("training data: a .jsonl/.json/.parquet/.csv/.txt file, a dir or glob of them, or 'demo' for the "
+                    "embedded set"),
     "output_dir": Setting("where the adapter, checkpoints, metrics.jsonl and loss.png go"),
     "overwrite": Setting("replace an existing output_dir's files instead of refusing"),
-    "data_format": Setting("row format: text, prompt_completion, messages, sharegpt, alpaca, oasst, tokenized "
-                           "(None: detected from the first row)"),
+    "data_format": Setting("row format: text, raw_text (continued pretraining: documents cut into max_length "
+                           "blocks, kept apart), prompt_completion, messages, sharegpt, alpaca, oasst, tokenized "
+                           "(None: detected from the first row; raw_text only when named)"),
+    "sample_by": Setting(".txt files: a row (document) per line, paragraph (blank-line separated) or document "
+                         "(the whole file)", ("line", "paragraph", "document")),
     "train_on": Setting("which assistant turns carry the loss", ("all_assistant", "last_assistant")),
     "max_length": Setting("tokens per row at most (see overlong)", **_ONE),
     # optimisation
@@ -120,7 +124,8 @@ SETTINGS: dict[str, Setting] = {
     "gradient_checkpointing": Setting("recompute activations in backward: auto, on, off, offload ('unsloth')"),
     "tiled_mlp": Setting("norm + MLP over chunks of tokens: auto, on, off"),
     "tiled_mlp_chunk": Setting("tokens per chunk of the tiled MLP", **_ONE),
-    "optim": Setting("optimizer: adamw_torch, adamw_torch_fused, adamw_8bit (bitsandbytes, GPU)"),
+    "optim": Setting("optimizer: adamw_torch, adamw_torch_fused, adamw_8bit (bitsandbytes, GPU), adamw_bf16_sr, "
+                     "adamw_bf16_master (bf16 weights: fp32 moments, stochastic rounding or an fp32 master copy)"),
     "packing": Setting("pack rows padding-free into rows of <= max_length tokens"),
     "load_in_4bit": Setting("QLoRA: store the base model's projections in NF4 (4-bit)"),
     # multi-GPU
@@ -145,6 +150,19 @@ SETTINGS: dict[str, Setting] = {
     "overlong": Setting("rows over max_length", ("truncate", "split", "drop", "error")),
     "neftune_noise_alpha": Setting("NEFTune noise on the input embeddings while training, e.g. 5 (0 or None: off)",
                                    **_NONNEG),
+    # full fine-tuning on one device
+    "full_finetuning": Setting("train every weight instead of LoRA adapters (bf16 weights on a GPU; with the default "
+                               "optim, bf16 weights train with adamw_bf16_sr); saves a Hugging Face checkpoint"),
+    "optimizer_in_backward": Setting("step each weight as soon as its gradient is complete and free it: no full set of "
+                                     "gradients (needs gradient_accumulation_steps 1 and max_grad_norm 0)"),
+    # held-out evaluation
+    "eval_data": Setting("held-out data, tokenized as the training data: eval_loss and eval_perplexity go to "
+                         "metrics.jsonl"),
+    "eval_split": Setting("hold out this fraction of the training rows (raw_text: documents), drawn with seed",
+                          low=0, high=1, low_open=True, high_open=True),
+    "eval_steps": Setting("evaluate every N optimizer steps, and after the last (None: after the last only)", **_ONE),
+    "eval_batch_size": Setting("rows per evaluation batch (None: batch_size)", **_ONE),
+    "eval_on_start": Setting("also evaluate before the first step (logged as step 0)"),
     # GRPO
     "num_generations": Setting("GRPO: completions sampled per prompt (batch_size * gradient_accumulation_steps "
                                "completions per step must be a multiple)", low=2, integer=True),

@@ -69,10 +69,16 @@ def save_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     params = _trainable(model)
     names = {id(p): n for n, p in params.items()}
     tensors = {n: p.detach() for n, p in params.items()}  # FSDP: DTensors, each rank writes its pieces
+    seen: set[int] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
             for slot, value in optimizer.state.get(p, {}).items():
-                tensors[f"{names[id(p)]}::{slot}"] = torch.as_tensor(value).detach()
+                value = torch.as_tensor(value).detach()
+                if not hasattr(value, "full_tensor") and value.numel():
+                    if value.data_ptr() in seen:  # shared by several weights (bitsandbytes' quantization maps):
+                        value = value.clone()  # safetensors stores each name's own copy
+                    seen.add(value.data_ptr())
+                tensors[f"{names[id(p)]}::{slot}"] = value
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True),
@@ -123,6 +129,8 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
             targets[key] = p.detach()  # loaded in place into this rank's shard
         elif tuple(meta.size) == tuple(p.shape):
             targets[key] = torch.zeros_like(p.detach(), dtype=meta.properties.dtype)
+        elif len(meta.size):  # state of another shape (bitsandbytes' quantization map, block scales)
+            targets[key] = torch.zeros(meta.size, dtype=meta.properties.dtype, device=p.device)
         else:  # a scalar such as the step count: the same on every rank
             targets[key] = torch.zeros(meta.size, dtype=meta.properties.dtype)
     with torch.no_grad(), warnings.catch_warnings():

@@ -1,6 +1,9 @@
 """The native SFT training loop: AdamW (train/optimizers.py), warmup + decay, exact gradient accumulation,
 clipping, resume; with ``packing`` the examples are packed once into padding-free rows (data/packing.py) and
-the steps draw rows, the model keeping the sequences of a row apart by their restarting ``position_ids``."""
+the steps draw rows, the model keeping the sequences of a row apart by their restarting ``position_ids``.
+``data_format="raw_text"`` examples are documents, cut into ``max_length`` blocks the same way
+(data/raw_text.py). With held-out data (train/held_out.py) the loop logs ``eval_loss`` / ``eval_perplexity``
+every ``eval_steps`` steps and after the last (train/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -16,19 +19,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.collate import batch_to_device, pad_batch
+from ..data.collate import batch_to_device, count_trained_tokens, pad_batch, padding_id
+from ..data.formats import RAW_TEXT
 from ..data.packing import collate_packed, pack_examples
+from ..data.raw_text import chunk_documents
 from ..errors import PronghornError
 from ..export.adapter import MODEL_FILES, save_adapter
 from ..files import check_output_dir
-from ..kernels import IGNORE_INDEX
 from ..models.lora import trained_modules
 from .checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .distributed import DataParallel
+from .full_finetune import optimizer_footprint, resolve_optim
+from .evaluate import evaluate_examples
+from .held_out import held_out_examples
 from .optimizers import build_optimizer
 from .progress import TrainProgress
 from .report import open_reporter
+from .step_in_backward import StepInBackward, check_step_in_backward
 from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from .schedule import lr_multiplier
 
@@ -40,16 +48,13 @@ class TrainResult:
     losses: list[float]
     metrics_file: Path
     loss_plot: Path | None
-
-
-def count_trained_tokens(example: dict) -> int:
-    """Labels that count in the loss after the next-token shift (the first position is never predicted)."""
-    return sum(1 for y in example["labels"][1:] if y != IGNORE_INDEX)
+    eval_metrics: dict | None = None  # the last evaluation's metrics row (step, eval_loss, eval_perplexity, ...)
 
 
 class Trainer:
     def __init__(self, model: nn.Module, tokenizer, train_examples: list[dict], config: TrainConfig,
-                 base_name: str | None = None):
+                 base_name: str | None = None, eval_examples: list[dict] | None = None):
+        """``eval_examples``: tokenized held-out rows (None: from ``eval_data`` / ``eval_split``, if set)."""
         if not train_examples:
             raise PronghornError("the training set is empty")
         self.model, self.tokenizer, self.examples, self.cfg = model, tokenizer, train_examples, config
@@ -60,37 +65,68 @@ class Trainer:
         self.device = device if isinstance(device, torch.device) else next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first")
-        self.optimizer = build_optimizer(self._param_groups(), config.optim, config.learning_rate,
-                                         (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
-                                         config.weight_decay, self.device)
-        if config.packing:  # padding-free: whole sequences in rows of max_length tokens, each with its positions
-            self.examples = pack_examples(train_examples, config.max_length)
+            raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first (or "
+                                 "load it with full_finetuning=True)")
+        self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
+        self.optimizer = self._build_optimizer()
+        if eval_examples is None:
+            train_examples, eval_examples = held_out_examples(config, tokenizer, train_examples)
+        self.packed = config.packing or config.data_format == RAW_TEXT
+        self.examples = self._rows(train_examples)
+        self.eval_examples = self._rows(eval_examples) if eval_examples else None
         per_step = config.batch_size * config.gradient_accumulation_steps * self.dist.world_size
         self.steps_per_epoch = math.ceil(len(self.examples) / per_step)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.warmup = config.warmup_steps or int(config.warmup_ratio * self.total_steps)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else pad
+        self.pad_id = padding_id(tokenizer)
         compute = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
                        torch.float32)
-        self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
         self.autocast_dtype = compute if self.device.type == "cuda" and compute != torch.float32 else None
+
+    def _build_optimizer(self):
+        """``optim`` over the trained parameters; with ``optimizer_in_backward`` one per parameter, stepped in the
+        backward pass (train/step_in_backward.py); full fine-tuning of bf16 weights: train/full_finetune.py."""
+        cfg = self.cfg
+        name = resolve_optim(cfg.optim, self.params, self.dist.world_size) if self.full_finetuning else cfg.optim
+        if name != cfg.optim and self.dist.is_main:
+            print(f"pronghorn: full fine-tuning of bfloat16 weights: optim {name} (fp32 moments, stochastic "
+                  f"rounding) for the default {cfg.optim}; optim='adamw_torch' keeps torch's AdamW", flush=True)
+
+        def build(groups, first_index: int = 0):
+            return build_optimizer(groups, name, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
+                                   cfg.adam_epsilon, cfg.weight_decay, self.device, seed=cfg.seed,
+                                   first_index=first_index)
+
+        decoder = getattr(self.model, "model", None)
+        if hasattr(decoder, "optimizer_footprint"):  # the memory plan counts what this optimizer holds
+            decoder.optimizer_footprint = optimizer_footprint(name, cfg.optimizer_in_backward)
+        if not cfg.optimizer_in_backward:
+            return build(self._param_groups())
+        check_step_in_backward(cfg.gradient_accumulation_steps, cfg.max_grad_norm, self.dist.world_size)
+        return StepInBackward(self._param_groups(), build)
+
+    def _rows(self, examples: list[dict]) -> list[dict]:
+        """What the steps draw: raw-text documents cut into blocks, packed rows (padding-free: whole sequences in
+        rows of max_length tokens, each with its positions), or the examples as they are."""
+        if self.cfg.data_format == RAW_TEXT:
+            return chunk_documents(examples, self.cfg.max_length)
+        return pack_examples(examples, self.cfg.max_length) if self.cfg.packing else examples
 
     def _param_groups(self) -> list[dict]:
         """The adapters at ``learning_rate``; embed_tokens / lm_head trained fully (``target_modules`` named them,
         or add_new_tokens) at ``embedding_learning_rate`` (Unsloth's name; None: ``learning_rate``). Each group's
         ``peak_lr`` is what the schedule scales."""
         cfg = self.cfg
-        tables = {id(p) for _, p in trained_modules(self.model)}
+        full_tables = ["embed_tokens", "lm_head"] if self.full_finetuning and cfg.embedding_learning_rate else None
+        tables = {id(p) for _, p in trained_modules(self.model, full_tables)}
         groups = [{"params": [p for p in self.params if id(p) not in tables], "peak_lr": cfg.learning_rate}]
         embed = [p for p in self.params if id(p) in tables]
         if embed:
             lr = cfg.embedding_learning_rate or cfg.learning_rate
             groups.append({"params": embed, "peak_lr": lr})
             if self.dist.is_main:
-                print(f"pronghorn: embed_tokens / lm_head train fully at learning rate {lr:g} (adapters: "
-                      f"{cfg.learning_rate:g})", flush=True)
+                print(f"pronghorn: embed_tokens / lm_head train fully at learning rate {lr:g} ("
+                      f"{'other weights' if self.full_finetuning else 'adapters'}: {cfg.learning_rate:g})", flush=True)
         elif cfg.embedding_learning_rate is not None:
             raise PronghornError("embedding_learning_rate is set but embed_tokens / lm_head do not train; add them "
                                  "to target_modules (CLI: --target-modules ... embed_tokens lm_head)")
@@ -119,7 +155,7 @@ class Trainer:
         total, tokens = None, 0  # summed on the device: one host sync per step, not per micro-batch
         for i in range(0, len(examples), self.cfg.batch_size):
             chunk = examples[i:i + self.cfg.batch_size]
-            batch = collate_packed(chunk, self.pad_id) if self.cfg.packing else pad_batch(chunk, self.pad_id)
+            batch = collate_packed(chunk, self.pad_id) if self.packed else pad_batch(chunk, self.pad_id)
             batch = batch_to_device(batch, self.device)
             tokens += sum(len(e["input_ids"]) for e in chunk)
             with self._autocast(), self.dist.grad_sync(i + self.cfg.batch_size >= len(examples)):
@@ -135,10 +171,28 @@ class Trainer:
     def train_step(self, examples: list[dict]) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad norm before clipping, tokens)."""
         loss, tokens = self.accumulate_gradients(examples)
+        if isinstance(self.optimizer, StepInBackward):  # every weight stepped in the backward pass
+            return loss, self.optimizer.grad_norm(), tokens
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, float(norm), tokens
+
+    def evaluate_held_out(self) -> dict:
+        """Loss and perplexity on the held-out rows (every rank runs the same batches: an FSDP forward takes
+        all ranks)."""
+        with self._autocast():
+            result = evaluate_examples(self.model, self.eval_examples, self.cfg.eval_batch_size or self.cfg.batch_size,
+                                       self.pad_id, forward=self.dist.forward, device=self.device)
+        return result.metrics()
+
+    def _log_evaluation(self, step: int, log, report, bar) -> dict:
+        row = {"step": step, **self.evaluate_held_out()}
+        log.log(row)
+        if report is not None:
+            report.log(row)
+        bar.note(f"step {step}: eval_loss {row['eval_loss']:.4f}  eval_perplexity {row['eval_perplexity']:.3f}")
+        return row
 
     def _set_lr(self, step: int) -> float:
         scale = lr_multiplier(step, self.total_steps, self.warmup, self.cfg.lr_scheduler)
@@ -199,8 +253,11 @@ class Trainer:
         losses = [r["loss"] for r in log.rows if "loss" in r]
         report = open_reporter(cfg.report_to if self.dist.is_main else "none", self.out, dataclasses.asdict(cfg))
         self.model.train()
+        evaluation = None
         with TrainProgress(self.total_steps, start, enabled=cfg.progress and self.dist.is_main) as bar, \
                 contextlib.closing(report or _Nothing()):
+            if self.eval_examples and cfg.eval_on_start and start == 0:
+                evaluation = self._log_evaluation(0, log, report, bar)
             for step in range(start, self.total_steps):
                 lr = self._set_lr(step)
                 t0 = time.perf_counter()
@@ -215,6 +272,9 @@ class Trainer:
                     if report is not None:
                         report.log(row)
                 bar.update(step + 1, loss, lr)
+                done = step + 1 == self.total_steps
+                if self.eval_examples and (done or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
+                    evaluation = self._log_evaluation(step + 1, log, report, bar)
                 if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < self.total_steps:
                     self._save_checkpoint(step + 1)
         self.model.eval()
@@ -224,7 +284,7 @@ class Trainer:
             save_adapter(self.model, self.out, self.base_name, overwrite=True)
             self.tokenizer.save_pretrained(str(self.out))
         plot = log.plot_loss(self.out / "loss.png")
-        return TrainResult(self.out, self.total_steps, losses, log.path, plot)
+        return TrainResult(self.out, self.total_steps, losses, log.path, plot, evaluation)
 
 
 class _Nothing:

@@ -92,11 +92,25 @@ EXPECTED = {
         "<|im_start|>system\n" + QWEN_SYS + "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         "Hello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
     ),
-    "phi-3": (
-        "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n4<|end|>\n",
+    "phi-3": (  # a conversation without a generation prompt ends with eos_token, as Phi-3.5's own template
+        "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n4<|end|>\n</s>",
         "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n"
-        "<|assistant|>\n4<|end|>\n",
+        "<|assistant|>\n4<|end|>\n</s>",
         "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n",
+    ),
+    "phi-4-mini": (
+        "<|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>4<|end|></s>",
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>4<|end|></s>",
+        "<|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>",
+    ),
+    "phi-4": (
+        "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>"
+        "<|im_start|>user<|im_sep|>2+2?<|im_end|><|im_start|>assistant<|im_sep|>4<|im_end|>",
+        "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>2+2?<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>4<|im_end|>",
+        "<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>"
+        "<|im_start|>user<|im_sep|>2+2?<|im_end|><|im_start|>assistant<|im_sep|>",
     ),
     "gemma": (
         "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
@@ -226,7 +240,7 @@ def test_get_chat_template_error_when_token_cannot_be_added():
         get_chat_template(NoAdd(), "phi-3")
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama-3.1", "mistral", "zephyr", "phi-3", "gemma"])
+@pytest.mark.parametrize("name", ["chatml", "llama-3.1", "mistral", "zephyr", "phi-3", "phi-4-mini", "phi-4", "gemma"])
 def test_kto_masks_train_replies_and_end_of_turn(name, smollm2_tokenizer, data_dir):
     rows = json.loads((data_dir / "llamafactory-demo" / "kto_en_demo.json").read_text())[:60]
     tok = copy.deepcopy(smollm2_tokenizer)
@@ -252,3 +266,44 @@ def test_kto_masks_train_replies_and_end_of_turn(name, smollm2_tokenizer, data_d
         got = [tok.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
         want = [REPLY_PREFIX.get(name, "") + m["content"] + eot for m in row["messages"] if m["role"] == "assistant"]
         assert got == want, f"row {i}"
+
+
+@pytest.mark.parametrize("name", ["llama-3", "gemma", "phi-3"])
+def test_a_base_without_the_markers_gets_them_as_new_tokens(tiny_smollm2_dir, name):
+    """Issue 17 item 2: asking for a template whose turn markers the base's tokenizer lacks (SmolLM2 has ChatML's,
+    not Llama 3's, Gemma's or Phi's) with ``model=`` adds them as special tokens: each encodes to one new id,
+    the embedding grows to the tokenizer (new rows the mean of the others) and the tables train."""
+    import torch
+    import transformers
+
+    from pronghorn import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.float32)
+    template = CHAT_TEMPLATES[name]
+    before, mean = len(tok), model.get_input_embeddings().weight.detach().mean(0)
+    assert not any(m in tok.get_vocab() for m in template.special_tokens)
+    get_chat_template(tok, name, model=model)
+    assert len(tok) == before + len(template.special_tokens)
+    table = model.get_input_embeddings().weight
+    assert table.shape[0] == len(tok) and model.config.vocab_size == len(tok)
+    ids = tok(render_chat(SYS + TWO_TURNS, tok.chat_template), add_special_tokens=False).input_ids
+    for marker in template.special_tokens:
+        (new_id,) = tok.encode(marker, add_special_tokens=False)
+        assert new_id >= before and new_id in ids
+        torch.testing.assert_close(table[new_id].detach(), mean)
+    assert tok.eos_token == template.eos_token and model.needs_embedding_training
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert table.requires_grad or model.get_input_embeddings().weight.requires_grad
+    assert isinstance(tok, transformers.PreTrainedTokenizerBase)
+
+
+def test_markers_already_there_add_nothing(tiny_smollm2_dir):
+    import torch
+
+    from pronghorn import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_smollm2_dir), dtype=torch.float32)
+    rows = model.get_input_embeddings().weight.shape[0]
+    get_chat_template(tok, "chatml", model=model)
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert not getattr(model, "needs_embedding_training", False)

@@ -1,5 +1,5 @@
 """GGUF export of the Gemma and Phi-3 families in llama.cpp's architectures: (1 + w) norms, sandwich-norm names,
-soft-cap and sliding-window keys, Phi-3's fused tensors and LongRoPE factors; pronghorn reads the Gemma files back.
+soft-cap and sliding-window keys, Phi-3's fused tensors and LongRoPE factors; pronghorn reads the files back.
 transformers' GGUF loader on Gemma 2 / 3 and Phi-3 files: tests/export/test_gguf_writer.py."""
 
 import numpy as np
@@ -10,6 +10,7 @@ from gguf import GGUFReader
 from helpers import make_pair, randomize_lora_b
 from pronghorn.export.gguf_writer import save_gguf
 from pronghorn.export.merged import merged_state_dict
+from pronghorn.models.hf_layout import fuse_split
 from pronghorn.models.gguf_loading import gguf_field
 from pronghorn.models.lora import LoRAConfig, attach_lora
 
@@ -88,3 +89,32 @@ def test_phi3_fused_tensors_and_longrope_metadata(tmp_path, tiny_tokenizer):
     save_gguf(partial, tmp_path / "p", tiny_tokenizer, "f32")
     r = GGUFReader(tmp_path / "p" / "model.F32.gguf")
     assert (gguf_field(r, "phi3.rope.dimension_count"), gguf_field(r, "phi3.attention.sliding_window")) == (6, 5)
+
+
+@pytest.mark.parametrize("name", ["phi3_gguf", "phi3_longrope", "phi3_partial_sliding"])
+def test_phi3_gguf_loads_back_through_from_pretrained(name, tmp_path, tiny_tokenizer):
+    """attn_qkv / ffn_up read as the fused qkv_proj / gate_up_proj and split; LongRoPE from its factor tensors and
+    original context, partial rotary from the rope dimension count, the sliding window. F32: the merged weights
+    bitwise, and the adapter model's logits within 1e-5 of the largest (merged vs unmerged adapter; 40 tokens:
+    past the original context and the window); F16: the merged weights rounded to fp16 (matrices; norms and
+    factor tables stay F32), bitwise."""
+    from pronghorn.api import FastLanguageModel
+    from pronghorn.models.gguf_loading import read_gguf
+
+    _, model = _with_adapter(name)
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, ["f32", "f16"])
+    loaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "g" / "model.F32.gguf"), dtype=torch.float32,
+                                                  device="cpu")
+    cfg, want = loaded.config, model.config
+    rope = {k: v for k, v in want.rope.items() if k != "partial_rotary_factor"}  # transformers' copy; see parts
+    assert (cfg.rope, cfg.parts, cfg.layer_types, cfg.sliding_window) == (rope, want.parts, want.layer_types,
+                                                                         want.sliding_window)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref = loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    fused = dict(fuse_split(cfg, merged_state_dict(model, torch.float32).items()))
+    full, half = (read_gguf(tmp_path / "g" / f"model.{t}.gguf").state_dict for t in ("F32", "F16"))
+    assert full.keys() == half.keys() == fused.keys()
+    for key, w in fused.items():
+        assert torch.equal(full[key], w) and torch.equal(half[key], w.half().float() if w.dim() == 2 else w), key

@@ -4,7 +4,7 @@ fp32, tolerances: values atol 2e-5 (log-probs of magnitude ~10, fp32 log-sum-exp
 order), gradients atol 1e-6 + rtol 1e-4 (the same fp32 products, summed in another order). Both row paths
 are tested: torch ops, and the fused head's Triton CE row kernel (through the interpreter on the CPU).
 Odd vocab sizes, ignored rows (including the first), several chunks, arbitrary upstream gradients, frozen and
-trainable heads.
+trainable heads, soft-capped logits (Gemma 2).
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from kernel_cases import logprob_inputs as _inputs, run_logprobs as _run
 
 @pytest.mark.parametrize("triton_rows", [False, True])
 @pytest.mark.parametrize("train_weight", [False, True])
-@pytest.mark.parametrize("V,H,chunk", [(97, 16, None), (251, 24, 4)])
-def test_values_and_grads_match_reference_fp32(V, H, chunk, train_weight, triton_rows):
+@pytest.mark.parametrize("V,H,chunk,softcap", [(97, 16, None, None), (251, 24, 4, None), (97, 16, 5, 2.0)])
+def test_values_and_grads_match_reference_fp32(V, H, chunk, softcap, train_weight, triton_rows):
+    """``softcap``: Gemma 2's final logit cap c * tanh(x / c), at a size (2 against logits of about +-6) that
+    changes every row's distribution; the reference caps its full fp32 logits."""
     if triton_rows:
         pytest.importorskip("triton")
     x = _inputs(V, H)
-    ref = _run(linear_logprobs_reference, *x, train_weight)
-    got = _run(linear_logprobs, *x, train_weight, chunk_size=chunk, triton_rows=triton_rows)
+    ref = _run(linear_logprobs_reference, *x, train_weight, softcap=softcap)
+    got = _run(linear_logprobs, *x, train_weight, chunk_size=chunk, triton_rows=triton_rows, softcap=softcap)
     assert torch.allclose(got[0], ref[0], atol=2e-5, rtol=0)
     assert (got[0][x[2] == IGNORE_INDEX] == 0).all()
     assert torch.allclose(got[1], ref[1], atol=1e-6, rtol=1e-4)
@@ -76,3 +78,16 @@ def test_keep_rows_from_the_caller_give_the_same_values_and_grads():
         linear_logprobs(h, w, y, keep_rows=rows[1:].cpu())
     with pytest.raises(RuntimeError, match="keep_rows"):
         linear_logprobs(h, w, y, keep_rows=torch.arange(rows.numel()))
+
+
+def test_softcap_changes_the_result_and_float64_oracle():
+    """The cap is applied (the capped and uncapped log-probs differ by far more than the tolerance), and the
+    capped values and d hidden agree with a float64 oracle of the same function."""
+    hidden, weight, labels, upstream = _inputs(131, 8, seed=5)
+    plain = _run(linear_logprobs, hidden, weight, labels, upstream, False, chunk_size=3)
+    got = _run(linear_logprobs, hidden, weight, labels, upstream, False, chunk_size=3, softcap=1.5)
+    assert (got[0] - plain[0]).abs().max() > 0.1
+    oracle = _run(linear_logprobs_reference, hidden.double(), weight.double(), labels, upstream.double(), False,
+                  softcap=1.5)
+    assert torch.allclose(got[0].double(), oracle[0], atol=2e-5, rtol=0)
+    assert torch.allclose(got[1].double(), oracle[1], atol=1e-6, rtol=1e-4)

@@ -19,11 +19,13 @@ def _host(weight):
     return weight.cpu().pin_memory() if weight.is_cuda else weight
 
 
-@pytest.mark.parametrize("V,H,chunk,tile", [(97, 16, 8192, 2048), (251, 24, 16, 5), (64, 8, 64, 1)])
-def test_values_and_grads_match_reference_fp32(V, H, chunk, tile):
+@pytest.mark.parametrize("V,H,chunk,tile,softcap", [(97, 16, 8192, 2048, None), (251, 24, 16, 5, None),
+                                                    (64, 8, 64, 1, None), (251, 24, 16, 5, 2.0)])
+def test_values_and_grads_match_reference_fp32(V, H, chunk, tile, softcap):
+    """``softcap``: Gemma 2's final logit cap, as in the chunked head's test."""
     hidden, weight, labels, upstream = _inputs(V, H)
-    ref = _run(linear_logprobs_reference, hidden, weight, labels, upstream, False)
-    got = _run(lambda h, w, y: streamed_logprobs(h, _host(w), y, vocab_chunk=chunk, row_tile=tile),
+    ref = _run(linear_logprobs_reference, hidden, weight, labels, upstream, False, softcap=softcap)
+    got = _run(lambda h, w, y: streamed_logprobs(h, _host(w), y, vocab_chunk=chunk, row_tile=tile, softcap=softcap),
                hidden, weight, labels, upstream, False)
     assert torch.allclose(got[0], ref[0], atol=2e-5, rtol=0)
     assert (got[0][labels == IGNORE_INDEX] == 0).all() and (got[1][labels == IGNORE_INDEX] == 0).all()

@@ -181,13 +181,13 @@ def test_llama3_rope_freqs_recovered(tmp_path):
 
 def test_unsupported_architecture_names_file_and_arch(tmp_path):
     path = tmp_path / "phi.gguf"
-    w = gguf.GGUFWriter(str(path), "phi3")
+    w = gguf.GGUFWriter(str(path), "phi2")
     w.add_block_count(1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match=r"phi\.gguf.*'phi3'"):
+    with pytest.raises(UnsupportedModelError, match=r"phi\.gguf.*'phi2'"):
         read_gguf(path)
 
 

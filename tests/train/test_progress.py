@@ -27,3 +27,14 @@ def test_every_few_seconds_too_and_nothing_when_disabled():
     with TrainProgress(5, enabled=False, stream=quiet) as bar:
         bar.update(5, 1.0, 0.0)
     assert quiet.getvalue() == ""
+
+
+def test_notes_go_among_the_lines_and_nowhere_when_disabled():
+    out, quiet = io.StringIO(), io.StringIO()
+    with TrainProgress(4, enabled=True, stream=out, every_steps=4, every_s=1e9) as bar:
+        bar.note("step 0: eval_loss 2.0000  eval_perplexity 7.389")
+        bar.update(4, 1.0, 0.0)
+    with TrainProgress(4, enabled=False, stream=quiet) as bar:
+        bar.note("hidden")
+    assert out.getvalue().splitlines()[0] == "step 0: eval_loss 2.0000  eval_perplexity 7.389"
+    assert quiet.getvalue() == ""

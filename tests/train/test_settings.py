@@ -26,18 +26,20 @@ CLI = [  # a train flag and a bad value, or a whole command line
     ("--save-total-limit", "0"), ("--tiled-mlp-chunk", "0"), ("--distributed-timeout-s", "0"), ("--beta", "-1"),
     ("--label-smoothing", "0.5"), ("--simpo-gamma", "-1"), ("--max-prompt-length", "0"),
     ("--desirable-weight", "0"), ("--undesirable-weight", "-1"), ("--neftune-noise-alpha", "-5"),
+    ("--eval-split", "1"), ("--eval-steps", "0"), ("--eval-batch-size", "0"), ("--eval-steps", "5"),
     ("--lr-scheduler", "step"), ("--method", "ppo"), ("--loss-type", "focal"), ("--dtype", "fp8"),
     ("--train-on", "everything"), ("--overlong", "cut"), ("--truncation-mode", "middle"),
     ("--distributed", "zero3"), ("--data-format", "tsv"), ("--report-to", "mlflow"), ("--optim", "sgd"),
-    ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"),
+    ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"), ("--sample-by", "page"),
     ("--num-generations", "1"), ("--max-completion-length", "0"), ("--temperature", "0"), ("--top-p", "0"),
     ("--min-p", "1.5"), ("--epsilon", "-0.1"), ("--epsilon-high", "-1"), ("--num-iterations", "0"),
     ("--reward-weights", "nan"), ("--scale-rewards", "sometimes"),
 ]
 EXPORT = ["--max-shard-size=lots", "--max-shard-size=0"]
 YAML = ["learning_rate: -1", "adam_beta2: 1.0", "lr_scheduler: step"]
-API = [dict(learning_rate=-1.0), dict(batch_size=2.5), dict(lora_dropout=-0.1), dict(method="grpo", loss_type="sigmoid"),
-       dict(method="dpo", beta=0.0)]
+API = [dict(learning_rate=-1.0), dict(batch_size=2.5), dict(lora_dropout=-0.1),
+       dict(optimizer_in_backward=True), dict(full_finetuning=True, load_in_4bit=True),
+       dict(method="grpo", loss_type="sigmoid"), dict(method="dpo", beta=0.0)]
 PEFT = [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0)]
 
 

@@ -50,6 +50,6 @@ def gguf_read(field, config: dict) -> dict:
     return out
 
 
-SPEC = FamilySpec("gemma2", "Gemma2ForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma2",
+SPEC = FamilySpec("gemma2", "Gemma2ForCausalLM", read_config, chat_template="gemma2", gguf_arch="gemma2",
                   gguf_reads=True, gguf_layers=SANDWICH_GGUF_LAYERS, gguf_config=GGUF_CONFIG,
                   gguf_metadata=gguf_metadata, gguf_read=gguf_read)

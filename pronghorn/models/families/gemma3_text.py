@@ -54,7 +54,7 @@ def gguf_read(field, config: dict) -> dict:
     return out
 
 
-SPEC = FamilySpec("gemma3_text", "Gemma3ForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma3",
+SPEC = FamilySpec("gemma3_text", "Gemma3ForCausalLM", read_config, chat_template="gemma3", gguf_arch="gemma3",
                   gguf_reads=True, gguf_config=GGUF_CONFIG, gguf_read=gguf_read,
                   gguf_layers={**SANDWICH_GGUF_LAYERS, "self_attn.q_norm": "attn_q_norm",
                                "self_attn.k_norm": "attn_k_norm"},

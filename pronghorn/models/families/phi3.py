@@ -2,12 +2,13 @@
 projections fused (``self_attn.qkv_proj``: q, k, v rows) and the MLP's (``mlp.gate_up_proj``: gate, up rows),
 split on load and fused again on export (models/hf_layout.py); LongRoPE ("su") scaling with short and long
 factors; partial rotary (Phi-4-mini's 0.75); an optional sliding window on every layer. GGUF: llama.cpp's
-``phi3`` (the fused tensors as ``attn_qkv`` / ``ffn_up``, the LongRoPE factors as tensors), written only."""
+``phi3`` (the fused tensors as ``attn_qkv`` / ``ffn_up``, the LongRoPE factors as tensors), written and read."""
 
 from __future__ import annotations
 
 import math
 
+from ...errors import CheckpointError
 from .spec import FamilySpec, Fusion, LayerParts, activation, uniform_layers
 
 
@@ -54,6 +55,21 @@ def gguf_metadata(writer, cfg) -> None:
         writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
 
 
+def gguf_read(field, config: dict) -> dict:
+    """config.json fields from llama.cpp's phi3 keys: the sliding window (0: none), partial rotary (a rope
+    dimension count below head_dim) and LongRoPE's original context (the factor tables: gguf_loading)."""
+    out = {"sliding_window": field("attention.sliding_window") or None}
+    rotated = field("rope.dimension_count")
+    if rotated and rotated != config["head_dim"]:
+        out["partial_rotary_factor"] = rotated / config["head_dim"]
+        if int(config["head_dim"] * out["partial_rotary_factor"]) != rotated:  # rotary_dim() must read it back
+            raise CheckpointError(f"phi3 GGUF: rope.dimension_count {rotated} is no fraction of head_dim "
+                                  f"{config['head_dim']} that config.json can state")
+    if field("rope.scaling.original_context_length"):
+        out["original_max_position_embeddings"] = field("rope.scaling.original_context_length")
+    return out
+
+
 GGUF_LAYERS = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
@@ -61,5 +77,6 @@ SPEC = FamilySpec(
     "phi3", "Phi3ForCausalLM", read_config, chat_template="phi-3",
     fusions=(Fusion("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _qkv_rows),
              Fusion("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), _gate_up_rows)),
-    gguf_arch="phi3", gguf_layers=GGUF_LAYERS, gguf_rope_types=("default", "longrope"), gguf_metadata=gguf_metadata,
+    gguf_arch="phi3", gguf_reads=True, gguf_layers=GGUF_LAYERS, gguf_rope_types=("default", "longrope"),
+    gguf_metadata=gguf_metadata, gguf_read=gguf_read,
 )

@@ -62,7 +62,7 @@ class FamilySpec:
     model_type: str
     hf_architecture: str  # config.json "architectures" entry
     read_config: Callable[[dict, str, int], dict]  # (config.json dict, source, n_layers) -> ModelConfig fields
-    chat_template: str | None = None  # name in data/chat_templates.py
+    chat_template: str | None = None  # its built-in chat template (data/chat_templates.py; Unsloth's names)
     fusions: tuple[Fusion, ...] = ()
     gguf_arch: str | None = None  # llama.cpp architecture written on export (None: no GGUF export)
     gguf_reads: bool = False  # GGUF files of ``gguf_arch`` load as this family

@@ -4,10 +4,12 @@ tests/models/test_decoder_vs_hf.py; LoRA gradients: test_lora_vs_peft.py."""
 
 import dataclasses
 
+import pytest
 import torch
 
 from family_cases import RTOL, check_generation_with_cache, check_long_unpadded, check_packed_rows, rel
-from helpers import make_pair
+from helpers import make_pair, randomize_lora_b
+from pronghorn.models.lora import LoRAConfig, attach_lora, set_lora_enabled
 from pronghorn.train.preference_trainer import completion_logps
 
 
@@ -51,13 +53,39 @@ def test_soft_capping_is_exercised():
     assert rel(uncapped_scores, ours(input_ids=ids).logits) > 100 * RTOL
 
 
-def test_preference_log_probs_use_the_capped_logits():
-    hf, ours = make_pair("gemma2")
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text_softcap"])
+def test_preference_log_probs_use_the_capped_chunked_head(name, monkeypatch):
+    """DPO/KTO/ORPO's completion log-probs of a soft-capped family come from the chunked head (the model's
+    logits are never built) and equal transformers' capped logits' log_softmax (fp32: 1e-5 relative); their
+    LoRA gradients equal those through our own full capped logits (FP32 bounds of test_training_paths.py)."""
+    hf, ours = make_pair(name)
+    attach_lora(ours, LoRAConfig(r=4, lora_alpha=8), seed=2)
+    randomize_lora_b(ours)
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(8))
     labels = ids.clone()
     labels[:, :4] = -100
+    keep = labels[:, 1:] != -100
     with torch.no_grad():
-        got, count = completion_logps(ours, {"input_ids": ids, "labels": labels})
-        logp = hf(input_ids=ids).logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-    want = (logp * (labels[:, 1:] != -100)).sum(-1)
-    assert count.tolist() == [7, 7] and torch.allclose(got, want, rtol=1e-5)
+        want_logits = ours(input_ids=ids).logits  # capped, as transformers' are (checked on the base below)
+    full = want_logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    ours.zero_grad()
+    logp = ours(input_ids=ids).logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    (logp * keep).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("completion_logps built the logits")
+
+    monkeypatch.setattr(ours.lm_head, "forward", no_logits)  # the logits path calls the head; the chunked one not
+    ours.zero_grad()
+    got, count = completion_logps(ours, {"input_ids": ids, "labels": labels})
+    got.sum().backward()
+    assert count.tolist() == [7, 7] and torch.allclose(got, (full * keep).sum(-1), rtol=1e-5)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(dict(ours.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-6, msg=n)
+
+    set_lora_enabled(ours, False)
+    with torch.no_grad():
+        base, _ = completion_logps(ours, {"input_ids": ids, "labels": labels})
+        hf_logp = hf(input_ids=ids).logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(base, (hf_logp * keep).sum(-1), rtol=1e-5)
