@@ -58,3 +58,29 @@ def write_results(path: str | Path, meta: dict, rows: list[dict]) -> None:
     with atomic_file(Path(path), "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(json.dumps(meta))
+
+
+def step_timer(device: str, times: list[float]):
+    """A transformers ``TrainerCallback`` that appends each optimizer step's wall time to ``times`` (the device
+    synchronized at both ends) and resets the CUDA peak when training begins."""
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            sync()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            times.append(time.perf_counter() - self.t)
+
+    return StepTimer()

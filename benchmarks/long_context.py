@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     import torch
 
     from pronghorn.files import atomic_file
-    from pronghorn.models import memory_plan, pinned_host, recompute
+    from pronghorn.models import memory_plan, pinned_host
     from train_e2e import WORKLOADS, _pronghorn_qlora_model
 
     ap = argparse.ArgumentParser()
@@ -125,6 +125,8 @@ def main(argv=None) -> None:
 def _host_need(model, tokens: int, act_bytes: int) -> int:
     """Pinned host bytes the offloaded layer inputs of one step take (for ``--gc auto``: the auto plan's
     offloaded layers, planned with the GPU's free memory now)."""
+    from pronghorn.models import recompute
+
     inner, mode = model.model, recompute.checkpoint_mode(model.model.gradient_checkpointing)
     if mode == "offload":
         layers = len(inner.layers)

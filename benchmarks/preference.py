@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import run_meta, write_results
+from common import run_meta, step_timer, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -149,7 +149,7 @@ def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.d
     import datasets
     import trl
     from peft import LoraConfig
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer()
     with torch.device(device):
@@ -158,21 +158,6 @@ def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.d
     ds = datasets.Dataset.from_list([{"prompt": _text(r["prompt_ids"]), "chosen": " " + _text(r["chosen_ids"]),
                                       "rejected": " " + _text(r["rejected_ids"])} for r in rows] * steps)
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            _sync(device)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_step_begin(self, *a, **k):
-            _sync(device)
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            _sync(device)
-            times.append(time.perf_counter() - self.t)
-
     P, C = len(rows[0]["prompt_ids"]), len(rows[0]["chosen_ids"])
     with tempfile.TemporaryDirectory() as out:
         args = trl.DPOConfig(
@@ -183,7 +168,7 @@ def run_trl(cfg: dict, rows: list[dict], steps: int, device: str, dtype: torch.d
             save_strategy="no", disable_tqdm=True, use_liger_kernel=liger, dataloader_num_workers=0, seed=0)
         peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                 peft_config=peft_config, callbacks=[Timer()])
+                                 peft_config=peft_config, callbacks=[step_timer(device, times)])
         first = trainer.train_dataset[0]
         assert len(first["prompt_ids"]) == P and len(first["chosen_ids"]) == C, "TRL tokenized other lengths"
         trainer.train()

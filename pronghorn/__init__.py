@@ -5,11 +5,12 @@ from .causal_lm import PronghornForCausalLM
 from .errors import CheckpointError, DataError, OutputExistsError, PronghornError, UnsupportedModelError
 from .models.vocab import add_new_tokens
 from .train.config import TrainConfig
+from .train.grpo_trainer import GRPOTrainer
 from .train.evaluate import evaluate_perplexity
 from .train.run import train
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "DataError", "FastLanguageModel", "OutputExistsError", "PronghornError",
+__all__ = ["CheckpointError", "DataError", "FastLanguageModel", "GRPOTrainer", "OutputExistsError", "PronghornError",
            "PronghornForCausalLM", "PronghornTrainer", "PronghornTrainingArguments", "TrainConfig",
            "UnsupportedModelError", "add_new_tokens", "evaluate_perplexity", "train"]
 

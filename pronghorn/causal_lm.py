@@ -17,6 +17,10 @@ from .models.hf_outputs import backbone_output
 from .models.lora import set_lora_enabled, trainable_parameters
 
 
+_GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "eos_token_id", "pad_token_id", "stop_strings")
+
+
 class GenerationSettings(dict):
     """generation_config.json as a dict whose keys also read and write as attributes (a missing key reads as
     None), the part of transformers' GenerationConfig that trainers use (``generation_config.pad_token_id = 0``)."""
@@ -84,9 +88,16 @@ class PronghornForCausalLM(DecoderForCausalLM):
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """transformers-style generation (max_new_tokens, do_sample, temperature, top_p, top_k, min_p,
-        repetition_penalty, streamer, stop_strings + tokenizer); returns prompt + new token ids. On CUDA the
+        repetition_penalty, streamer, stop_strings + tokenizer; or these in a ``generation_config``, keyword
+        arguments winning); returns prompt + new token ids. On CUDA the
         decode step is replayed as a CUDA graph over a static KV cache (``decode_mode``: see infer.generate)."""
         gen = getattr(self, "generation_config", None) or {}
+        settings = kwargs.pop("generation_config", None)
+        if settings is not None:  # transformers' GenerationConfig (TRL's GRPOTrainer passes one): its sampling
+            for key in _GENERATION_KEYS:  # settings, where the call does not name them itself
+                value = getattr(settings, key, None)
+                if value is not None and kwargs.get(key) is None:
+                    kwargs[key] = value
         if kwargs.get("eos_token_id") is None:
             kwargs["eos_token_id"] = gen.get("eos_token_id", self.config.eos_token_id)
         if kwargs.get("pad_token_id") is None:

@@ -29,10 +29,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "gradient_checkpointing":  # a bare flag means "on"; also auto | off | offload | unsloth
             p.add_argument(flag, nargs="?", const="on", default=None, help=text, metavar="{auto,on,off,offload}")
-        elif f.name == "target_modules":
-            p.add_argument(flag, nargs="+", default=None, help=text, metavar="NAME")
         else:
             args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+            if typing.get_origin(args[0]) is list:  # target_modules, reward_funcs, reward_weights, stop_strings
+                item = typing.get_args(args[0])[0]
+                p.add_argument(flag, nargs="+", type=item if item in (int, float) else str, default=None, help=text,
+                               metavar="VALUE" if item in (int, float) else "NAME")
+                continue
             p.add_argument(flag, type=args[0] if args[0] in (int, float) else str, default=None, help=text,
                            metavar=metavar)
 

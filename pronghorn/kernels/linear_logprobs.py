@@ -1,7 +1,7 @@
 """Per-token log-probabilities of given labels from hidden states and the output head, without [N x V] logits.
 
 ``hidden`` [N, H], ``weight`` [V, H] (the lm_head), ``labels`` [N] already aligned (the caller shifts).
-Returns fp32 ``log_softmax(softcap(hidden @ weight^T))[i, labels[i]]`` for every row, 0 where the label is
+Returns fp32 (fp64 for fp64 inputs) ``log_softmax(softcap(hidden @ weight^T))[i, labels[i]]`` for every row, 0 where the label is
 ``ignore_index``; ``softcap(x) = c * tanh(x / c)`` for a family with soft-capped final logits (Gemma 2; Gemma 3
 when its config sets one), the identity without. This is what preference losses (DPO, ORPO, KTO, SimPO) need: summed or averaged
 log-probs of a completion, for the policy (with gradients) and the reference (without).
@@ -51,6 +51,15 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels
     return torch.where(keep, picked, picked.new_zeros(()))
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: fp32, or fp64 for fp64 inputs (the precision tests check the algebra in)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_acc_dtype(t))
+
+
 def kept_rows(labels: torch.Tensor, ignore_index: int, keep_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the rows whose label is not ``ignore_index``. Without ``keep_rows`` they are found with
     ``nonzero``: one host sync, as the matmul shapes need their count. ``keep_rows``: the same indices computed
@@ -68,7 +77,7 @@ def kept_rows(labels: torch.Tensor, ignore_index: int, keep_rows: torch.Tensor |
 def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool, softcap: float | None) -> torch.Tensor:
     """Per row: ``-logp`` (= lse - x[label], fp32, x the capped logits); with ``write_grad`` the rows become
     (softmax - onehot) times the cap's derivative: d(-logp) / d logits."""
-    x = logits.float()
+    x = _acc(logits)
     if softcap:
         t = torch.tanh(x / softcap)
         x = softcap * t
@@ -100,7 +109,7 @@ def _dweight_add(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tenso
         if acc is None:
             return torch.mm(dlogits.t(), h, out_dtype=torch.float32)
         return torch.addmm(acc, dlogits.t(), h, out_dtype=torch.float32, out=acc)
-    part = (dlogits.t() @ h).float()
+    part = _acc(dlogits.t() @ h)
     return part if acc is None else acc.add_(part)
 
 
@@ -115,7 +124,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         y = labels.index_select(0, idx)
         if n:
             torch._assert_async(((y >= 0) & (y < V)).all(), "linear_logprobs: a label is outside [0, vocab)")
-        out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        out = torch.zeros(N, dtype=_acc_dtype(hidden), device=hidden.device)
         rows = chunk_rows(n, V, hidden.element_size(), chunk_size)
         grads_now = need_dh and not need_dw  # frozen head: d hidden in the forward
         dh_c = torch.empty(n, H, dtype=hidden.dtype, device=hidden.device) if grads_now else None
@@ -145,12 +154,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         N, H = ctx.shape
         if ctx.mode == "none":
             return (None,) * 10
-        g = grad_out.float()
+        g = _acc(grad_out)
         if ctx.mode == "scale":
             dh_c, idx = ctx.saved_tensors
             scale = -g.index_select(0, idx).unsqueeze(-1)
             dh = torch.zeros(N, H, dtype=dh_c.dtype, device=dh_c.device)
-            dh.index_copy_(0, idx, (dh_c.float() * scale).to(dh_c.dtype))
+            dh.index_copy_(0, idx, (_acc(dh_c) * scale).to(dh_c.dtype))
             return (dh,) + (None,) * 9
         hidden, weight, y, idx = ctx.saved_tensors
         need_dh = ctx.needs_input_grad[0]
@@ -166,10 +175,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
             _rows(logits, y[s:e], True, ctx.triton_rows, ctx.softcap)  # logits <- -d logp / d logits
             scale = -g.index_select(0, idx[s:e]).unsqueeze(-1)  # d loss / d logits = scale * (softmax - onehot)
             if need_dh:
-                dh.index_copy_(0, idx[s:e], ((logits @ weight).float() * scale).to(hidden.dtype))
-            dw = _dweight_add(dw, logits, (h_c.float() * scale).to(h_c.dtype))
+                dh.index_copy_(0, idx[s:e], (_acc(logits @ weight) * scale).to(hidden.dtype))
+            dw = _dweight_add(dw, logits, (_acc(h_c) * scale).to(h_c.dtype))
         if dw is None:
-            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device)
         return (dh, dw.to(ctx.weight_dtype)) + (None,) * 8
 
 

@@ -18,6 +18,7 @@ from ..models.tiled_mlp import tiled_mlp_mode
 from .full_finetune import check_settings as check_full_finetuning
 from .optimizers import optimizer_name
 from .report import check_report_to
+from .grpo_settings import resolve_method_defaults, scale_rewards_mode
 from .settings import check
 
 
@@ -75,9 +76,9 @@ class TrainConfig:
     distributed: str = "auto"  # auto (LoRA: ddp, full fine-tuning: fsdp) | ddp | fsdp
     distributed_timeout_s: float = 1800.0  # a collective waiting longer (a dead or stuck rank) ends every rank
     # preference training (pronghorn.train.preference_trainer); names as TRL's DPOConfig / KTOConfig / ORPOConfig
-    method: str = "sft"  # sft | dpo | orpo | kto
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust | simpo (reference-free)
+    method: str = "sft"  # sft | dpo | orpo | kto | grpo
+    beta: float | None = None  # None: 0.1 (dpo, orpo, kto) or 0.0 (grpo: no reference forward), as TRL
+    loss_type: str | None = None  # dpo: sigmoid (default) | ipo | hinge | robust | simpo; grpo: dapo (default) | grpo | dr_grpo
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     max_prompt_length: int | None = None  # longer prompts keep their end
@@ -98,10 +99,26 @@ class TrainConfig:
     eval_steps: int | None = None  # evaluate every N optimizer steps (and after the last; None: after the last only)
     eval_batch_size: int | None = None  # rows per evaluation batch (None: batch_size)
     eval_on_start: bool = False  # also evaluate before the first step (logged as step 0)
+    # GRPO (pronghorn.train.grpo_trainer); names and defaults as TRL's GRPOConfig (beta, loss_type: above).
+    # A step generates batch_size * gradient_accumulation_steps completions: num_generations per prompt
+    num_generations: int = 8
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon
+    scale_rewards: str | bool = "group"  # group (true) | batch | none (false)
+    num_iterations: int = 1
+    reward_funcs: list[str] = field(default_factory=list)  # built-in names or "module:function" (Python: callables)
+    reward_weights: list[float] | None = None  # None: 1.0 each
+    stop_strings: list[str] | None = None
+    use_bias_correction_kl: bool = True  # the KL term times the probability ratio (TRL's default)
 
     def __post_init__(self):
         for name, normalise in (("gradient_checkpointing", checkpoint_mode), ("tiled_mlp", tiled_mlp_mode),
-                                ("optim", optimizer_name), ("data_format", _data_format)):
+                                ("optim", optimizer_name), ("data_format", _data_format),
+                                ("scale_rewards", scale_rewards_mode)):
             try:
                 setattr(self, name, normalise(getattr(self, name)))
             except PronghornError as e:
@@ -110,6 +127,7 @@ class TrainConfig:
         for f in fields(self):  # every word and number against train/settings.py, before anything slow
             check(f.name, getattr(self, f.name))
         _check_eval_settings(self)
+        resolve_method_defaults(self)  # beta and loss_type per method (train/grpo_settings.py)
         try:
             parse_budget(self.max_memory)  # a clear error now, not after the model loads
         except PronghornError as e:
@@ -187,6 +205,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         raise PronghornError(f"{where}: expected {' or '.join(o.__name__ for o in options)}, got {value!r}")
     target = options[0]
     if typing.get_origin(target) is list:
+        item = typing.get_args(target)[0]
+        if item in (int, float):  # reward_weights: numbers, one or a list
+            return [_coerce(v, item, where) for v in (value if isinstance(value, list) else [value])]
         if isinstance(value, str):
             return list(ALL_TARGETS) if value == "all-linear" else [value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):

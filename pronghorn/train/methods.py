@@ -13,8 +13,11 @@ from typing import Any, Callable
 from ..data import load_records, tokenize_dataset
 from ..data.demo import identity_dataset
 from ..data.preference import load_preference_records, tokenize_kto, tokenize_preference
+from ..data.prompts import prompt_rows
 from ..errors import PronghornError
 from .config import TrainConfig
+from .grpo_rewards import resolve_rewards
+from .grpo_trainer import GRPOTrainer
 from .preference_trainer import PreferenceTrainer
 from .trainer import Trainer
 
@@ -57,11 +60,24 @@ def _kto_rows(records: list, tokenizer, cfg: TrainConfig, progress: bool) -> lis
     return tokenize_kto(records, tokenizer, cfg.max_length, cfg.max_prompt_length, skip_bad_rows=cfg.skip_bad_rows)
 
 
+def _prompt_records(cfg: TrainConfig) -> list:
+    if cfg.data is None or cfg.data == "demo":
+        raise PronghornError("method='grpo' needs a prompt dataset file ({'prompt': str or messages, ...} rows, or "
+                             "gsm8k's question / answer rows)")
+    resolve_rewards(cfg.reward_funcs, cfg.reward_weights)  # a bad reward name fails before the model loads
+    return load_records(cfg.data)
+
+
+def _prompt_rows(records: list, tokenizer, cfg: TrainConfig, progress: bool) -> list:
+    return prompt_rows(records, tokenizer, cfg.max_prompt_length)
+
+
 METHODS: dict[str, Method] = {
     "sft": Method("sft", _sft_records, _sft_rows, Trainer, "examples", neftune=True),
     "dpo": Method("dpo", _preference_records, _pair_rows, PreferenceTrainer, "pairs"),
     "orpo": Method("orpo", _preference_records, _pair_rows, PreferenceTrainer, "pairs"),
     "kto": Method("kto", _preference_records, _kto_rows, PreferenceTrainer, "rows"),
+    "grpo": Method("grpo", _prompt_records, _prompt_rows, GRPOTrainer, "prompts"),
 }
 
 

@@ -28,6 +28,8 @@ class Setting:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         what = "an integer" if self.integer else "a number"
+        if self.low == -math.inf and self.high is None:
+            return f"a finite {what[3:] if self.integer else what[2:]}"
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             return f"{what} in {left}{_num(self.low)}, {_num(self.high)}{right}"
@@ -52,8 +54,13 @@ def _num(x: float) -> str:
 
 
 def check(name: str, value) -> None:
-    """Raise a :class:`PronghornError` naming the setting, both spellings and the allowed values."""
+    """Raise a :class:`PronghornError` naming the setting, both spellings and the allowed values (each item
+    of a list of numbers)."""
     rule = SETTINGS[name]
+    if isinstance(value, list) and rule.low is not None:
+        for item in value:
+            check(name, item)
+        return
     if (rule.choices or rule.low is not None or rule.high is not None) and value is not None and not rule.allows(value):
         raise PronghornError(f"{spell(name)} must be {rule.describe()}, got {value!r}")
 
@@ -126,9 +133,11 @@ SETTINGS: dict[str, Setting] = {
                            ("auto", "ddp", "fsdp")),
     "distributed_timeout_s": Setting("seconds a collective may wait before every rank stops", **_POS),
     # preference training
-    "method": Setting("training objective", ("sft", "dpo", "orpo", "kto")),
-    "beta": Setting("DPO / ORPO / KTO beta", **_POS),
-    "loss_type": Setting("DPO loss", ("sigmoid", "ipo", "hinge", "robust", "simpo")),
+    "method": Setting("training objective", ("sft", "dpo", "orpo", "kto", "grpo")),
+    "beta": Setting("DPO / ORPO / KTO beta (> 0; None: 0.1); GRPO: KL coefficient (None: 0, no reference forward)",
+                    **_NONNEG),
+    "loss_type": Setting("DPO loss (None: sigmoid); GRPO aggregation (None: dapo)",
+                         ("sigmoid", "ipo", "hinge", "robust", "simpo", "dapo", "grpo", "dr_grpo")),
     "label_smoothing": Setting("DPO label smoothing (robust / conservative DPO)", low=0, high=0.5, high_open=True),
     "simpo_gamma": Setting("SimPO target reward margin", **_NONNEG),
     "max_prompt_length": Setting("prompt tokens kept at most (longer prompts keep their end)", **_ONE),
@@ -154,4 +163,23 @@ SETTINGS: dict[str, Setting] = {
     "eval_steps": Setting("evaluate every N optimizer steps, and after the last (None: after the last only)", **_ONE),
     "eval_batch_size": Setting("rows per evaluation batch (None: batch_size)", **_ONE),
     "eval_on_start": Setting("also evaluate before the first step (logged as step 0)"),
+    # GRPO
+    "num_generations": Setting("GRPO: completions sampled per prompt (batch_size * gradient_accumulation_steps "
+                               "completions per step must be a multiple)", low=2, integer=True),
+    "max_completion_length": Setting("GRPO: new tokens per completion at most", **_ONE),
+    "temperature": Setting("GRPO: sampling temperature (the log-probs are of the logits divided by it, as TRL)",
+                           **_POS),
+    "top_p": Setting("GRPO: nucleus sampling (1: off)", low=0, high=1, low_open=True),
+    "min_p": Setting("GRPO: min-p sampling (0: off)", low=0, high=1),
+    "epsilon": Setting("GRPO: lower clipping range of the probability ratio", **_NONNEG),
+    "epsilon_high": Setting("GRPO: upper clipping range (None: epsilon; DAPO: 0.28)", **_NONNEG),
+    "scale_rewards": Setting("GRPO: divide advantages by the reward std of the group, of the batch, or not",
+                             ("group", "batch", "none")),
+    "num_iterations": Setting("GRPO: optimizer steps per generated batch (old log-probs kept)", **_ONE),
+    "reward_funcs": Setting("GRPO: reward functions: built-in names (gsm8k_format, gsm8k_correct) or "
+                            "module:function import paths (Python: callables)"),
+    "reward_weights": Setting("GRPO: weight of each reward function (None: 1 each)", low=-math.inf),
+    "stop_strings": Setting("GRPO: a completion ends after any of these strings"),
+    "use_bias_correction_kl": Setting("GRPO: multiply the KL term by the probability ratio (unbiased reverse-KL "
+                                      "gradient, TRL's default)"),
 }

@@ -23,7 +23,7 @@ CLI = [  # a train flag and a bad value, or a whole command line
     ("--warmup-steps", "-5"), ("--warmup-ratio", "1.5"), ("--weight-decay", "-0.01"), ("--max-grad-norm", "-1"),
     ("--adam-beta1", "1"), ("--adam-beta2", "-0.1"), ("--adam-epsilon", "-1e-8"), ("--seed", "-1"),
     ("--r", "0"), ("--lora-alpha", "0"), ("--lora-dropout", "1"), ("--logging-steps", "0"), ("--save-steps", "0"),
-    ("--save-total-limit", "0"), ("--tiled-mlp-chunk", "0"), ("--distributed-timeout-s", "0"), ("--beta", "0"),
+    ("--save-total-limit", "0"), ("--tiled-mlp-chunk", "0"), ("--distributed-timeout-s", "0"), ("--beta", "-1"),
     ("--label-smoothing", "0.5"), ("--simpo-gamma", "-1"), ("--max-prompt-length", "0"),
     ("--desirable-weight", "0"), ("--undesirable-weight", "-1"), ("--neftune-noise-alpha", "-5"),
     ("--eval-split", "1"), ("--eval-steps", "0"), ("--eval-batch-size", "0"), ("--eval-steps", "5"),
@@ -31,11 +31,15 @@ CLI = [  # a train flag and a bad value, or a whole command line
     ("--train-on", "everything"), ("--overlong", "cut"), ("--truncation-mode", "middle"),
     ("--distributed", "zero3"), ("--data-format", "tsv"), ("--report-to", "mlflow"), ("--optim", "sgd"),
     ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"), ("--sample-by", "page"),
+    ("--num-generations", "1"), ("--max-completion-length", "0"), ("--temperature", "0"), ("--top-p", "0"),
+    ("--min-p", "1.5"), ("--epsilon", "-0.1"), ("--epsilon-high", "-1"), ("--num-iterations", "0"),
+    ("--reward-weights", "nan"), ("--scale-rewards", "sometimes"),
 ]
 EXPORT = ["--max-shard-size=lots", "--max-shard-size=0"]
 YAML = ["learning_rate: -1", "adam_beta2: 1.0", "lr_scheduler: step"]
 API = [dict(learning_rate=-1.0), dict(batch_size=2.5), dict(lora_dropout=-0.1),
-       dict(optimizer_in_backward=True), dict(full_finetuning=True, load_in_4bit=True)]
+       dict(optimizer_in_backward=True), dict(full_finetuning=True, load_in_4bit=True),
+       dict(method="grpo", loss_type="sigmoid"), dict(method="dpo", beta=0.0)]
 PEFT = [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0)]
 
 

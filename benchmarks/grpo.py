@@ -1,0 +1,256 @@
+"""GRPO step time split into generation and training, and peak memory: pronghorn's GRPOTrainer vs TRL's
+GRPOTrainer + PEFT (use_vllm=False) vs Unsloth's patched GRPOTrainer without ``fast_inference`` (issue 18).
+
+Same call for every system: random-init weights with the Llama-3.2-1B config (``--workload``), bf16, LoRA r=16
+alpha=16 dropout 0 on q,k,v,o,gate,up,down, gradient checkpointing on, AdamW lr 1e-6, 8 prompts x 8 completions
+per step (64 completions: per-device batch 8 x 8 accumulation steps), each prompt 64 random words, completions
+sampled at temperature 1 up to 256 new tokens (random weights make EOS about as likely as any token, so the
+mean completion length is reported beside the times), loss "dapo", beta 0, one reward (completion length in
+words). Step time: the median of steps 2..N; generation: the time inside the decoder
+call(s) of that step; training: the rest (scoring, log-probs, forward/backward, optimizer). Peak:
+``torch.cuda.max_memory_allocated`` over the steps (weights included).
+
+Each system runs in its own process (Unsloth patches TRL when imported): ``--child SYSTEM`` prints one JSON
+line; the parent prints the table and writes the JSON.
+
+    python benchmarks/grpo.py --json grpo.json                 # GPU: llama-3.2-1b, every system installed
+    python benchmarks/grpo.py --systems pronghorn,trl+peft     # a subset
+    python benchmarks/grpo.py --dry-run                        # CPU: a tiny model, 2 x 4 completions of 16 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+_REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO))  # this tree's pronghorn, whatever is installed
+from common import run_meta, step_timer, write_results  # noqa: E402
+from train_e2e import TARGETS, WORKLOADS  # noqa: E402
+
+# benchmarks/kernels.py would shadow the `kernels` package that transformers and bitsandbytes import when installed
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+SYSTEMS = ("pronghorn", "trl+peft", "unsloth")
+N_WORDS = 1000  # tokenizer words w0..w999 -> ids 3..1002; ids 0/1/2 are pad/bos/eos
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1031, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=512)
+
+
+def shape(a) -> dict:
+    """The workload: model config, prompts, completions per prompt, prompt and completion tokens, steps."""
+    if a.dry_run:
+        return dict(cfg=TINY, prompts=2, generations=4, prompt_len=16, new_tokens=16, steps=3)
+    return dict(cfg=WORKLOADS[a.workload][0], prompts=a.prompts, generations=a.generations, prompt_len=64,
+                new_tokens=a.new_tokens, steps=a.steps)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(N_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _prompts(n: int, length: int) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(f"w{i}" for i in torch.randint(0, N_WORDS, (length,), generator=g).tolist()) for _ in range(n)]
+
+
+def word_count(prompts, completions, **_):
+    return [float(len(c.split())) for c in completions]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _llama_config(cfg: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**cfg, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
+    from pronghorn.models.builder import init_random_model
+    from pronghorn.models.config import ModelConfig
+    from pronghorn.models.lora import LoRAConfig, attach_lora
+    from pronghorn.train.config import TrainConfig
+    from pronghorn.train.grpo_trainer import GRPOTrainer
+
+    config = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
+                                       "eos_token_id": 2, **w["cfg"]})
+    model = init_random_model(config, dtype, device)
+    attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
+    model.gradient_checkpointing_enable(mode="on")
+    tok = _tokenizer()
+    rows = [{"prompt": p} for p in _prompts(w["prompts"], w["prompt_len"])]
+    G = w["generations"]
+    cfg = TrainConfig(method="grpo", output_dir=out, num_generations=G, batch_size=G, gradient_accumulation_steps=
+                      w["prompts"], max_completion_length=w["new_tokens"], learning_rate=1e-6, progress=False,
+                      reward_funcs=[word_count], gradient_checkpointing="on", max_steps=w["steps"])
+    trainer = GRPOTrainer(model, tok, rows, cfg, base_name="random")
+    model.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps, gens, lengths = [], [], []
+    for step in range(w["steps"]):
+        _sync(device)
+        t = time.perf_counter()
+        batch = trainer.step_examples(step)
+        trainer.train_step(batch)
+        _sync(device)
+        steps.append(time.perf_counter() - t)
+        gens.append(batch.rollout.seconds)
+        lengths.append(batch.metrics["completions/mean_length"])
+    return dict(steps=steps, gens=gens, lengths=lengths)
+
+
+def _trl_config(w: dict, device: str, dtype: torch.dtype, out: str):
+    import trl
+
+    return trl.GRPOConfig(output_dir=out, per_device_train_batch_size=w["generations"],
+                          gradient_accumulation_steps=w["prompts"], num_generations=w["generations"],
+                          max_completion_length=w["new_tokens"], max_steps=w["steps"], learning_rate=1e-6,
+                          gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                          bf16=dtype == torch.bfloat16, use_cpu=device == "cpu", report_to="none", logging_steps=1,
+                          save_strategy="no", disable_tqdm=True, seed=0, beta=0.0, loss_type="dapo", use_vllm=False)
+
+
+def _run_trl_trainer(model, tok, w: dict, device: str, args, peft_config=None) -> dict:
+    import datasets
+    import trl
+
+    steps: list[float] = []
+    gens: list[float] = []
+
+    class Timed(trl.GRPOTrainer):  # the decoder's share of the step, measured around TRL's own generation call
+        def _generate_single_turn(self, *a, **k):
+            _sync(device)
+            t = time.perf_counter()
+            result = super()._generate_single_turn(*a, **k)
+            _sync(device)
+            gens.append(time.perf_counter() - t)
+            return result
+
+    rows = [{"prompt": p} for p in _prompts(w["prompts"], w["prompt_len"])] * w["steps"]
+    trainer = Timed(model=model, reward_funcs=[word_count], args=args, processing_class=tok,
+                    train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config, callbacks=[step_timer(device, steps)])
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return dict(steps=steps, gens=gens, lengths=lengths)
+
+
+def run_trl(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
+    from peft import LoraConfig
+    from transformers import LlamaForCausalLM
+
+    with torch.device(device):
+        model = LlamaForCausalLM(_llama_config(w["cfg"])).to(dtype)
+    peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return _run_trl_trainer(model, _tokenizer(), w, device, _trl_config(w, device, dtype, out), peft_config)
+
+
+def run_unsloth(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
+    import unsloth  # noqa: F401  (first: it patches TRL's GRPOTrainer)
+    from transformers import LlamaForCausalLM
+    from unsloth import FastLanguageModel
+
+    path = Path(out) / "random-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(_llama_config(w["cfg"])).to(dtype).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    model, tok = FastLanguageModel.from_pretrained(str(path), max_seq_length=w["prompt_len"] + w["new_tokens"] + 8,
+                                                   dtype=dtype, load_in_4bit=False, fast_inference=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    return _run_trl_trainer(model, tok, w, device, _trl_config(w, device, dtype, out))
+
+
+def child(system: str, a) -> None:
+    w = shape(a)
+    device = "cuda" if torch.cuda.is_available() and not a.dry_run else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        r = {"pronghorn": run_pronghorn, "trl+peft": run_trl, "unsloth": run_unsloth}[system](w, device, dtype, out)
+    tail = slice(1, None) if len(r["steps"]) > 1 else slice(None)
+    step, gen = statistics.median(r["steps"][tail]), statistics.median(r["gens"][tail])
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    completions = w["prompts"] * w["generations"]
+    print(json.dumps(dict(system=system, workload="tiny" if a.dry_run else a.workload, device=device,
+                          completions=completions, new_tokens=w["new_tokens"], step_s=round(step, 3),
+                          generation_s=round(gen, 3), training_s=round(step - gen, 3),
+                          steps_per_s=round(1 / step, 4), mean_length=round(statistics.mean(r["lengths"]), 1),
+                          peak_gib=peak)))
+
+
+def available(system: str, dry_run: bool) -> str | None:
+    """None when the system can run here, else why not."""
+    need = {"trl+peft": ["trl", "peft", "datasets"], "unsloth": ["unsloth", "trl", "datasets"]}
+    missing = [m for m in need.get(system, []) if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)}"
+    if system == "unsloth" and (dry_run or not torch.cuda.is_available()):
+        return "Unsloth needs a CUDA GPU"
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="llama-3.2-1b", choices=sorted(WORKLOADS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json", default="grpo.json")
+    ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU, 3 steps (the pipeline only)")
+    ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, a)
+    rows = []
+    for system in a.systems.split(","):
+        why = available(system, a.dry_run)
+        if why:
+            print(f"skip {system}: {why}", flush=True)
+            continue
+        argv = [sys.executable, __file__, "--child", system, "--workload", a.workload, "--prompts", str(a.prompts),
+                "--generations", str(a.generations), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps)]
+        proc = subprocess.run(argv + (["--dry-run"] if a.dry_run else []), capture_output=True, text=True)
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+        if proc.returncode or line is None:
+            print(f"{system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            rows.append(dict(system=system, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
+            continue
+        rows.append(json.loads(line))
+        print(line, flush=True)
+    base = next((r for r in rows if r["system"] == "trl+peft" and "step_s" in r), None)
+    print(f"\n{'system':<10} {'s/step':>8} {'generation s':>13} {'training s':>11} {'peak GiB':>9} "
+          f"{'mean length':>12} {'steps/s vs trl+peft':>20}")
+    for r in rows:
+        if "step_s" not in r:
+            print(f"{r['system']:<10} error: {r['error']}")
+            continue
+        speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
+        print(f"{r['system']:<10} {r['step_s']:>8} {r['generation_s']:>13} {r['training_s']:>11} "
+              f"{str(r['peak_gib']):>9} {r['mean_length']:>12} {speed:>20}")
+    write_results(a.json, run_meta(dry_run=a.dry_run), rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Per-token log-probs of completions from one padding-free forward: the training forward of GRPO.
+
+B prompt + completion sequences are concatenated into one row of S tokens whose ``position_ids`` restart at 0
+for each sequence, so the model's document mask keeps them apart (as SFT packing does, data/packing.py): no
+padding token is computed. Only the positions that predict a completion token reach the output head
+(``keep_rows``), through the chunked :func:`~pronghorn.kernels.linear_logprobs.linear_logprobs`: the
+[tokens x vocab] logits never exist. The log-probs are those of ``softmax(logits / temperature)``, TRL's
+(the head is applied to ``hidden / temperature``, the same logits divided; a soft-capped family at a
+temperature other than 1 goes through its capped logits instead, which are divided). They come back as [B, T]
+(T: ``width``, at least the longest completion), 0 after each completion's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..data.collate import batch_to_device
+from ..errors import PronghornError
+from ..kernels import IGNORE_INDEX
+from ..kernels.linear_logprobs import linear_logprobs
+from ..models.decoder import DecoderForCausalLM
+
+
+@dataclass
+class PackedCompletions:
+    """Host tensors of B packed sequences: ``input_ids`` / ``position_ids`` [1, S], ``targets`` [S] (the next
+    token where it is a completion token, else IGNORE_INDEX), ``keep_rows`` [n] (those positions, in order),
+    ``dest`` [n] (where each lands in the flattened [B, width] output) and the mask [B, width]."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    keep_rows: torch.Tensor
+    dest: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def pack_completions(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], width: int
+                     ) -> PackedCompletions:
+    ids, pos, targets, keep, dest = [], [], [], [], []
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        if len(c) > width:
+            raise PronghornError(f"completion {b} has {len(c)} tokens, more than the width {width}")
+        start = len(ids)
+        seq = list(p) + list(c)
+        ids += seq
+        pos += range(len(seq))
+        targets += [IGNORE_INDEX] * (len(p) - 1) + list(c) + [IGNORE_INDEX]
+        keep += range(start + len(p) - 1, start + len(p) - 1 + len(c))
+        dest += range(b * width, b * width + len(c))
+    mask = torch.zeros(len(completion_ids), width)
+    for b, c in enumerate(completion_ids):
+        mask[b, :len(c)] = 1
+    long = dict(dtype=torch.long)
+    return PackedCompletions(torch.tensor([ids], **long), torch.tensor([pos], **long), torch.tensor(targets, **long),
+                             torch.tensor(keep, **long), torch.tensor(dest, **long), mask)
+
+
+def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float = 1.0) -> torch.Tensor:
+    """[B, width] fp32 (fp64 for an fp64 model) log-probs of the completion tokens (0 elsewhere), differentiable
+    when grad is enabled."""
+    if not isinstance(model, DecoderForCausalLM):
+        raise PronghornError("GRPO's packed training forward needs a pronghorn model (FastLanguageModel"
+                             ".from_pretrained); for a transformers / PEFT model use TRL's GRPOTrainer")
+    dev = batch_to_device({"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+                           "targets": packed.targets, "keep_rows": packed.keep_rows, "dest": packed.dest},
+                          model.device)
+    B, width = packed.mask.shape
+    cap = model.config.parts.final_softcap
+    if cap and temperature != 1.0:  # softcap(logits) / T, not softcap(logits / T): through the model's own logits
+        logits = model(input_ids=dev["input_ids"], position_ids=dev["position_ids"], return_logits=True).logits[0]
+        picked = logits.index_select(0, dev["keep_rows"]).to(torch.float32 if logits.dtype != torch.float64
+                                                              else logits.dtype) / temperature
+        tok = picked.log_softmax(-1).gather(-1, dev["targets"][dev["keep_rows"]].unsqueeze(-1)).squeeze(-1)
+    else:
+        hidden = model.model(dev["input_ids"], None, dev["position_ids"])[0]
+        if temperature != 1.0:
+            hidden = hidden / temperature
+        tok = linear_logprobs(hidden, model.lm_head.weight, dev["targets"], keep_rows=dev["keep_rows"],
+                              policy=model.kernel_policy, softcap=cap).index_select(0, dev["keep_rows"])
+    out = torch.zeros(B * width, dtype=tok.dtype, device=tok.device)
+    return out.index_copy(0, dev["dest"], tok).view(B, width)

@@ -1,0 +1,116 @@
+"""GRPO's generation phase: G sampled completions per prompt from pronghorn's own decoder, in one batch.
+
+The P prompts' ids are repeated G times each (a group is G consecutive rows), left-padded into one batch and
+continued by :func:`pronghorn.infer.generate.generate` (sampled with ``temperature`` / ``top_p`` / ``min_p``,
+a KV cache; on CUDA the static cache with the decode step replayed as a CUDA graph, LoRA adapters live and
+unmerged), from a private generator seeded per generation batch (a resumed run draws the same way).
+
+A completion ends with its first EOS token (kept, as TRL's completion mask does), or with the token that
+completes a stop string (kept), or after ``max_completion_length`` tokens (then it is ``truncated``); what the
+decoder wrote after the end (padding of a finished row) is cut off. Completions are decoded without special
+tokens; for a conversational prompt a completion is ``[{"role": "assistant", "content": text}]``, as TRL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..infer.generate import generate
+
+
+@dataclass
+class Rollout:
+    """One generation batch: per completion (P * G of them, grouped), its prompt's and its own token ids."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list  # decoded: str, or [{"role": "assistant", "content": str}]
+    truncated: list[bool]
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the model's generation / config EOS ids and the tokenizer's."""
+    found: list[int] = []
+    gen = getattr(model, "generation_config", None) or {}
+    for source in (gen.get("eos_token_id") if isinstance(gen, dict) else getattr(gen, "eos_token_id", None),
+                   getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for e in ([] if source is None else [source] if isinstance(source, int) else list(source)):
+            if e not in found:
+                found.append(int(e))
+    return found
+
+
+def _stop_index(ids: list[int], stops: Sequence[str], tokenizer: Any) -> int | None:
+    """The first index k such that ``ids[:k + 1]`` decodes to text containing a stop string (binary search:
+    a longer prefix's text contains a shorter one's)."""
+    def hit(k: int) -> bool:
+        text = tokenizer.decode(ids[:k + 1], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    if not ids or not hit(len(ids) - 1):
+        return None
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+    return lo
+
+
+def completion_end(ids: list[int], eos: Sequence[int], stops: Sequence[str], tokenizer: Any) -> tuple[int, bool]:
+    """(the completion's length, whether it ended without EOS / stop string) for ``ids`` as the decoder wrote them."""
+    end = next((i + 1 for i, t in enumerate(ids) if t in eos), None)
+    if stops:
+        k = _stop_index(ids if end is None else ids[:end - 1], stops, tokenizer)
+        if k is not None:
+            end = k + 1
+    return (len(ids), True) if end is None else (end, False)
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [len(rows), longest], padding on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], num_generations: int, *,
+            max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
+            stop_strings: Sequence[str] | None = None, seed: int | None = None, conversational: bool = False
+            ) -> Rollout:
+    """``num_generations`` completions of each prompt (module docstring)."""
+    rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    ids, mask = left_pad(rows, pad)
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_completion_length, do_sample=True,
+                   temperature=temperature, top_p=top_p, min_p=min_p, eos_token_id=eos, pad_token_id=pad,
+                   stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer, seed=seed)
+    new = out[:, ids.shape[1]:].tolist()  # one host copy, after the decoder is done
+    seconds = time.perf_counter() - t0
+    completion_ids, truncated = [], []
+    for r in new:
+        end, cut = completion_end(r, eos, stop_strings or (), tokenizer)
+        completion_ids.append(r[:end])
+        truncated.append(cut)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    return Rollout(rows, completion_ids, completions, truncated, seconds)
