@@ -37,9 +37,6 @@ sys.path.insert(0, str(_REPO))  # this tree's pronghorn, whatever is installed
 from common import run_meta, step_timer, write_results  # noqa: E402
 from train_e2e import TARGETS, WORKLOADS  # noqa: E402
 
-# benchmarks/kernels.py would shadow the `kernels` package that transformers and bitsandbytes import when installed
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 SYSTEMS = ("pronghorn", "trl+peft", "unsloth")
 N_WORDS = 1000  # tokenizer words w0..w999 -> ids 3..1002; ids 0/1/2 are pad/bos/eos
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

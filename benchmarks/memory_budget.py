@@ -52,9 +52,6 @@ from common import median_ms, run_meta, write_results  # noqa: E402
 from train_e2e import TARGETS  # noqa: E402
 from train_e2e import WORKLOADS as E2E  # noqa: E402
 
-# benchmarks/kernels.py would shadow the `kernels` package that transformers and bitsandbytes import when installed
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 _GIB = 2**30
 PEER_SCRIPTS = next((p for p in (_REPO / "shared/bench", _REPO.parent / "shared/bench", Path("/work/shared/bench"),
                                _REPO / ".benchwheels/bench")  # the GPU machine: carried with the peers' wheels

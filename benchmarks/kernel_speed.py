@@ -1,11 +1,11 @@
 """Per-op time and peak memory: pronghorn's Triton kernel vs the PyTorch reference, torch.compile of the
 reference, and Liger-Kernel (when importable), at the Llama-3.1-8B and Llama-3.2-1B shapes.
 
-    python benchmarks/kernels.py --tokens 4096,16384 --json kernels.json
-    python benchmarks/kernels.py --ops lora_linear,lora_qkv,lora_mlp --json lora.json   # the LoRA ops only
-    python benchmarks/kernels.py --graphs     # + each case replayed as a CUDA graph (launch cost removed)
-    python benchmarks/kernels.py --smoke      # tiny shapes, CPU allowed: checks the script runs
-    python benchmarks/kernels.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
+    python benchmarks/kernel_speed.py --tokens 4096,16384 --json kernels.json
+    python benchmarks/kernel_speed.py --ops lora_linear,lora_qkv,lora_mlp --json lora.json   # the LoRA ops only
+    python benchmarks/kernel_speed.py --graphs     # + each case replayed as a CUDA graph (launch cost removed)
+    python benchmarks/kernel_speed.py --smoke      # tiny shapes, CPU allowed: checks the script runs
+    python benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
         --json softcap.json                   # Gemma 2's soft-capped attention, beside FlexAttention
 
 The LoRA ops (r=16, fp32 adapters on a bf16 base under bf16 autocast, as the trainer runs them) also time
