@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU work that is waiting, one stage per device call (each under the 600 s a call may run), in the order the
+# open issues ask for it. Run from the repo root on the device machine with carry [".benchwheels"]
+# (rebuild that git-ignored folder with `bash benchmarks/pack_peers.sh` on a fresh checkout):
+#
+#   bash benchmarks/gpu_session.sh tests        # GPU tests of the CPU-built work (issues 15-18), ~6-8 min
+#   bash benchmarks/gpu_session.sh budget-1b    # issue 15: the speed-memory curve, 1B LoRA, peers in the same call
+#   bash benchmarks/gpu_session.sh budget-8b    # issue 15: 8B LoRA
+#   bash benchmarks/gpu_session.sh budget-qlora # issue 15: 8B QLoRA
+#   bash benchmarks/gpu_session.sh scenarios    # issue 15: the consumer-card caps beside Unsloth
+#   bash benchmarks/gpu_session.sh full-ft      # issue 17: full fine-tuning beside HF Trainer and Unsloth
+#   bash benchmarks/gpu_session.sh grpo         # issue 18: GRPO beside TRL + PEFT and Unsloth
+#   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
+#
+# Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
+set -uo pipefail
+stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | full-ft | grpo | softcap}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+      'transformers', transformers.__version__)"
+
+peers() {  # the peers' wheels (Unsloth, Liger, bitsandbytes, TRL, ...) on PYTHONPATH
+  mkdir -p /tmp/peers && tar xzf .benchwheels/peers.tar.gz -C /tmp/peers && export PYTHONPATH=/tmp/peers
+}
+
+case "$stage" in
+  tests)
+    python3 -m pytest -q -x -s -p no:cacheprovider \
+      tests/kernels/test_policy.py tests/models/test_memory_plan.py tests/models/test_recompute.py \
+      tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
+      tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
+      tests/train/test_full_finetuning_gpu.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+  budget-1b|budget-8b|budget-qlora)
+    peers
+    w=${stage#budget-}; w=${w/1b/1b-lora}; w=${w/8b/8b-lora}; w=${w/qlora/8b-qlora}
+    python3 benchmarks/memory_budget.py --workloads "$w" --peer-scripts .benchwheels/bench \
+      --json "$OUT/mb-$w.json" 2>&1 | tee "$OUT/mb-$w.log" | tail -40 ;;
+  scenarios)
+    peers
+    python3 benchmarks/memory_budget.py --workloads "" --scenarios all --peer-scripts .benchwheels/bench \
+      --json "$OUT/scenarios.json" 2>&1 | tee "$OUT/scenarios.log" | tail -40 ;;
+  full-ft)
+    peers
+    python3 benchmarks/full_finetune.py --peer-scripts .benchwheels/bench --json "$OUT/full_ft.json" 2>&1 \
+      | tee "$OUT/full_ft.log" | tail -40 ;;
+  grpo)
+    peers
+    python3 benchmarks/grpo.py --json "$OUT/grpo.json" 2>&1 | tee "$OUT/grpo.log" | tail -40 ;;
+  softcap)
+    python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
+      --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40 ;;
+  *)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac
