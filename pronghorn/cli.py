@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 
 from .errors import LostPeersError, PronghornError
@@ -30,7 +31,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         elif f.name == "gradient_checkpointing":  # a bare flag means "on"; also auto | off | offload | unsloth
             p.add_argument(flag, nargs="?", const="on", default=None, help=text, metavar="{auto,on,off,offload}")
         else:
-            args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+            optional = typing.get_origin(kind) in (typing.Union, types.UnionType)  # X | None -> X
+            args = [a for a in typing.get_args(kind) if a is not type(None)] if optional else [kind]
             if typing.get_origin(args[0]) is list:  # target_modules, reward_funcs, reward_weights, stop_strings
                 item = typing.get_args(args[0])[0]
                 p.add_argument(flag, nargs="+", type=item if item in (int, float) else str, default=None, help=text,
