@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from dataclasses import replace as replace_fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..models.tiled_mlp import tiled_mlp_mode
 from .full_finetune import check_settings as check_full_finetuning
 from .optimizers import optimizer_name
 from .report import check_report_to
-from .grpo_settings import resolve_method_defaults, scale_rewards_mode
+from .grpo_settings import method_defaults, resolve_method_defaults, scale_rewards_mode
 from .settings import check
 
 
@@ -133,6 +134,15 @@ class TrainConfig:
         except PronghornError as e:
             raise PronghornError(f"{e} (CLI: {cli_flag('max_memory')})") from None
         check_full_finetuning(self)  # what full fine-tuning and the step in the backward cannot combine with
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with ``overrides``. A new ``method`` also gets its own ``beta`` / ``loss_type`` defaults (TRL's
+        per trainer) where this config holds the old method's defaults and no override names them."""
+        if overrides.get("method", self.method) != self.method:
+            for name, value in method_defaults(self.method).items():
+                if name not in overrides and getattr(self, name) == value:
+                    overrides[name] = None
+        return replace_fields(self, **overrides)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":

@@ -15,13 +15,17 @@ GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
+def method_defaults(method: str) -> dict:
+    """``beta`` and ``loss_type`` as TRL's config for ``method`` sets them."""
+    return {"beta": 0.0, "loss_type": "dapo"} if method == "grpo" else {"beta": 0.1, "loss_type": "sigmoid"}
+
+
 def resolve_method_defaults(cfg) -> None:
     """Fill ``beta`` / ``loss_type`` from the method when unset and refuse a value that belongs to another method (naming the setting and its flag)."""
     grpo = cfg.method == "grpo"
-    if cfg.beta is None:
-        cfg.beta = 0.0 if grpo else 0.1
-    if cfg.loss_type is None:
-        cfg.loss_type = "dapo" if grpo else "sigmoid"
+    for name, value in method_defaults(cfg.method).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
     if not grpo and cfg.method != "sft" and not cfg.beta > 0:
         raise PronghornError(f"{spell('beta')} must be > 0 for method {cfg.method!r}, got {cfg.beta!r}")
     allowed = GRPO_LOSS_TYPES if grpo else DPO_LOSS_TYPES

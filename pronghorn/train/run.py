@@ -7,7 +7,6 @@ set gradient checkpointing and the memory budget, NEFTune where it applies, and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +78,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     ``data="demo"`` uses the embedded persona dataset. Writes the PEFT adapter, tokenizer, metrics.jsonl
     and loss.png into ``output_dir``. Under torchrun / accelerate launch every method trains data-parallel.
     """
-    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    cfg = config.replace(**overrides) if config is not None else TrainConfig(**overrides)
     run = prepare(cfg)
     with failure_guard(run.env, cfg.output_dir):
         return run.trainer.train()

@@ -119,3 +119,15 @@ def test_defaults_are_allowed_and_bounds_are_exact():
     assert beta.allows(0) and beta.allows(0.999999) and not beta.allows(1) and not beta.allows(float("inf"))
     assert not SETTINGS["batch_size"].allows(True) and not SETTINGS["batch_size"].allows(2.0)
     assert TrainConfig(warmup_ratio=1.0, label_smoothing=0.0, neftune_noise_alpha=0.0).warmup_ratio == 1.0
+
+
+def test_replace_with_another_method_takes_that_methods_defaults():
+    """TRL's defaults differ per trainer (DPO beta 0.1 / sigmoid, GRPO beta 0 / dapo): a config replaced with
+    another method gets the new method's, unless the user set them or names them in the replacement."""
+    sft = TrainConfig()
+    assert (sft.beta, sft.loss_type) == (0.1, "sigmoid")
+    grpo = sft.replace(method="grpo")
+    assert (grpo.beta, grpo.loss_type) == (0.0, "dapo")
+    assert grpo.replace(method="dpo").beta == 0.1
+    assert TrainConfig(beta=0.3).replace(method="grpo").beta == 0.3
+    assert sft.replace(method="grpo", beta=0.05).beta == 0.05
