@@ -211,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        from .train.distributed import env_from_os, exit_now
+
+        if env_from_os().distributed:  # a rank of a torchrun job: skip the interpreter's teardown, whose
+            exit_now(code)  # destruction of the process group's threads can abort (-6) a run that succeeded
+        return code
     except PronghornError as e:
         print(f"pronghorn: error: {e}", file=sys.stderr)
         if isinstance(e, LostPeersError):
