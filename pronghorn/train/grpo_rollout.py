@@ -90,9 +90,10 @@ def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], num_generations: int, *,
             max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
-            stop_strings: Sequence[str] | None = None, seed: int | None = None, conversational: bool = False
-            ) -> Rollout:
-    """``num_generations`` completions of each prompt (module docstring)."""
+            stop_strings: Sequence[str] | None = None, seed: int | None = None, conversational: bool = False,
+            max_rows: int | None = None) -> Rollout:
+    """``num_generations`` completions of each prompt (module docstring); at most ``max_rows`` rows decoded at
+    once (the memory budget: train/grpo_memory.py), round ``i`` seeded with ``seed + i``."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -101,10 +102,15 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_completion_length, do_sample=True,
-                   temperature=temperature, top_p=top_p, min_p=min_p, eos_token_id=eos, pad_token_id=pad,
-                   stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer, seed=seed)
-    new = out[:, ids.shape[1]:].tolist()  # one host copy, after the decoder is done
+    step = max_rows or len(rows)
+    new = []
+    for i, start in enumerate(range(0, len(rows), step)):
+        out = generate(model, ids[start:start + step].to(device), mask[start:start + step].to(device),
+                       max_new_tokens=max_completion_length, do_sample=True, temperature=temperature, top_p=top_p,
+                       min_p=min_p, eos_token_id=eos, pad_token_id=pad,
+                       stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer,
+                       seed=None if seed is None else seed + i)
+        new += out[:, ids.shape[1]:].tolist()  # one host copy per round, after the decoder is done
     seconds = time.perf_counter() - t0
     completion_ids, truncated = [], []
     for r in new:

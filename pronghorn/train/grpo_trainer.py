@@ -44,6 +44,7 @@ from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import grpo_loss
 from .grpo_rewards import resolve_rewards, score
+from .grpo_memory import rows_at_once
 from .grpo_rollout import Rollout, rollout
 from .preference_trainer import adapters_disabled
 from .rewards import reward_name
@@ -108,10 +109,13 @@ class GRPOTrainer(Trainer):
     # --- generation phase ---
     def generate_batch(self, prompts: list[dict], seed: int | None = None) -> GenerationBatch:
         cfg, G = self.cfg, self.cfg.num_generations
-        ro = rollout(self.model, self.tokenizer, [p["prompt_ids"] for p in prompts], G,
+        prompt_ids = [p["prompt_ids"] for p in prompts]
+        tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
+        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids) * G, tokens)  # the shared budget
+        ro = rollout(self.model, self.tokenizer, prompt_ids, G,
                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                      min_p=cfg.min_p, stop_strings=cfg.stop_strings, seed=seed,
-                     conversational=isinstance(prompts[0]["prompt"], list))
+                     conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
         release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
         rows = [p for p in prompts for _ in range(G)]
         return self.score_batch(rows, ro)

@@ -1,0 +1,58 @@
+"""GRPO's generation under the memory budget: how many completions to decode at once.
+
+Generation and training share one budget (``max_memory``, the process's memory fraction, the GPU's free memory:
+:func:`~pronghorn.models.memory_plan.device_budget`). Training plans its step with the training step's plan;
+the decoder's KV cache is released before it (``static_decode.release``). Decoding holds, besides what is
+resident (weights, adapters, optimizer state), per row: the KV cache of every layer for the prompt plus the new
+tokens, and one step's fp32 logits and sampling temporaries. The rollout decodes at most :func:`generation_rows`
+rows at a time; more rows than that are decoded in several rounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import PronghornError
+from ..models.memory_plan import GIB, HEADROOM, device_budget, parse_budget
+
+SAMPLING_COPIES = 4  # fp32 [rows, vocab] tensors alive in one sampling step (logits, processed, probs, sorted)
+
+
+def bytes_per_row(model: nn.Module, tokens: int) -> int:
+    """Decode memory of one row of ``tokens`` (prompt + new): its KV cache in every layer and a step's logits."""
+    c = model.config
+    cache_dtype = getattr(model, "dtype", torch.float32)  # the KV cache is kept in the model's compute dtype
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * torch.finfo(cache_dtype).bits // 8
+    return kv + SAMPLING_COPIES * c.vocab_size * 4
+
+
+def generation_rows(rows: int, per_row: int, budget: int | None, resident: int, source: str = "max_memory") -> int:
+    """How many of ``rows`` to decode at once so that ``resident + n * per_row`` fits ``budget`` with the memory
+    plan's headroom (all of them without a budget). None fits: a PronghornError naming the smallest budget."""
+    if budget is None:
+        return rows
+    usable = budget * (1 - HEADROOM) - resident
+    fits = int(usable // per_row) if usable > 0 else 0
+    if fits < 1:
+        need = (resident + per_row) / (1 - HEADROOM)
+        raise PronghornError(f"GRPO generation does not fit {source} ({budget / GIB:.2f} GiB): one completion's KV "
+                             f"cache and logits take {per_row / GIB:.3f} GiB beside {resident / GIB:.2f} GiB resident; "
+                             f"the smallest budget that fits is {math.ceil(need / GIB * 100) / 100:.2f} GiB (or lower "
+                             "max_completion_length)")
+    return min(rows, fits)
+
+
+def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int) -> int:
+    """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
+    resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers)."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    limit = parse_budget(max_memory) if max_memory else None
+    budget, source = device_budget(device, limit) if device.type == "cuda" or limit is not None else (None, "")
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+    else:
+        resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return generation_rows(rows, bytes_per_row(model, tokens), budget, resident, source or "max_memory")
