@@ -48,12 +48,24 @@ def build_attention_mask(
     a query only sees keys of its own sequence. Detecting a restart costs one host sync (``.any()``); the
     mask is only built for packed batches, so the ``is_causal`` fast path stays for ordinary ones.
     """
+    padded, docs = _padding_and_documents(attention_mask, q_len, kv_len, device, position_ids)
+    return _dense_mask(attention_mask, padded, docs, q_len, kv_len, window, device)
+
+
+def _padding_and_documents(attention_mask, q_len: int, kv_len: int, device: torch.device, position_ids):
+    """(whether ``attention_mask`` pads any token, the per-token sequence ids of packed rows or None): a host
+    sync for each question asked."""
     padded = attention_mask is not None and not bool(attention_mask.all())
     docs = None
     if position_ids is not None and not padded and q_len == kv_len and q_len > 1:
         docs = sequence_ids(position_ids.to(device))
         if not bool(docs[:, -1].any()):  # host sync: any restart in any row?
             docs = None
+    return padded, docs
+
+
+def _dense_mask(attention_mask, padded: bool, docs, q_len: int, kv_len: int, window: int | None,
+                device: torch.device) -> torch.Tensor | None:
     if docs is None and not padded and window is None and (q_len == kv_len or q_len == 1):
         return None
     past = kv_len - q_len
@@ -90,10 +102,9 @@ def attention_visibility(
     """:func:`build_attention_mask` for soft-capped layers: the same keys as a :class:`KeyVisibility`, or the
     dense mask for packed rows (a document mask, which it cannot express). One difference, in outputs nothing
     uses: a padding query that sees no key gets zeros here, where the dense mask lets it see every key."""
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if position_ids is not None and not padded and q_len == kv_len and q_len > 1:
-        if bool(sequence_ids(position_ids.to(device))[:, -1].any()):  # host sync: a restart, so packed rows
-            return build_attention_mask(attention_mask, q_len, kv_len, window, device, position_ids)
+    padded, docs = _padding_and_documents(attention_mask, q_len, kv_len, device, position_ids)
+    if docs is not None:  # packed rows: a document mask, dense
+        return _dense_mask(attention_mask, padded, docs, q_len, kv_len, window, device)
     return KeyVisibility(window, attention_mask.to(device) if padded else None)
 
 
