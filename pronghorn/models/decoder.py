@@ -353,13 +353,7 @@ class DecoderForCausalLM(nn.Module):
         log-prob of each next-token label (0 where ignored), from the chunked log-prob head (no logits). The
         preference trainers call it this way, so a DDP / FSDP wrapper sees one forward. ``keep_rows``: the flat
         indices of the labels not ignored, when the caller computed them on the host (no host sync)."""
-        plan = None
-        if self.training and torch.is_grad_enabled():
-            shape = (input_ids if inputs_embeds is None else inputs_embeds).shape
-            plan = self.model.plan_step(shape[0], shape[1], _activation_dtype(self.model), self.device, self.lm_head)
-            table = self.model.embed_tokens.weight
-            if plan.table_on_host and table.device.type == "cuda":
-                offload_embedding(self, tied=plan.table_on_host == "tied")
+        plan = self.training_plan(*(input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None
         if labels is not None:
@@ -386,6 +380,17 @@ class DecoderForCausalLM(nn.Module):
             if cap:
                 logits = torch.tanh(logits / cap) * cap
         return causal_lm_output(loss, logits, past_key_values)
+
+    def training_plan(self, batch: int, seq: int) -> MemoryPlan | None:
+        """The memory plan of a training forward of ``batch`` x ``seq`` tokens (None outside training), the input
+        table moved to the host first when the plan says so. ``forward`` calls it; so does a trainer that runs
+        the backbone itself (GRPO's packed forward) and passes the plan on."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        plan = self.model.plan_step(batch, seq, _activation_dtype(self.model), self.device, self.lm_head)
+        if plan.table_on_host and self.model.embed_tokens.weight.device.type == "cuda":
+            offload_embedding(self, tied=plan.table_on_host == "tied")
+        return plan
 
     def _token_logps(self, hidden: torch.Tensor, shifted: torch.Tensor, chunk_rows: int | None,
                      keep_rows: torch.Tensor | None) -> torch.Tensor:

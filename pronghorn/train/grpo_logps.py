@@ -81,7 +81,8 @@ def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float
                                                               else logits.dtype) / temperature
         tok = picked.log_softmax(-1).gather(-1, dev["targets"][dev["keep_rows"]].unsqueeze(-1)).squeeze(-1)
     else:
-        hidden = model.model(dev["input_ids"], None, dev["position_ids"])[0]
+        plan = model.training_plan(*dev["input_ids"].shape)  # recompute / offload under the memory budget
+        hidden = model.model(dev["input_ids"], None, dev["position_ids"], None, None, plan)[0]
         if temperature != 1.0:
             hidden = hidden / temperature
         tok = linear_logprobs(hidden, model.lm_head.weight, dev["targets"], keep_rows=dev["keep_rows"],
