@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_session.sh grpo         # issue 18: GRPO beside TRL + PEFT and Unsloth
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #
-# Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
+# JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
+# into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
 stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | full-ft | grpo | softcap}
 OUT=${OUT:-/tmp/out}
@@ -27,7 +28,7 @@ peers() {  # the peers' wheels (Unsloth, Liger, bitsandbytes, TRL, ...) on PYTHO
 
 case "$stage" in
   tests)
-    python3 -m pytest -q -x -s -p no:cacheprovider \
+    python3 -m pytest -q -p no:cacheprovider -n ${JOBS:-6} \
       tests/kernels/test_policy.py tests/models/test_memory_plan.py tests/models/test_recompute.py \
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
@@ -36,10 +37,10 @@ case "$stage" in
     peers
     w=${stage#budget-}; w=${w/1b/1b-lora}; w=${w/8b/8b-lora}; w=${w/qlora/8b-qlora}
     python3 benchmarks/memory_budget.py --workloads "$w" --peer-scripts .benchwheels/bench \
-      --json "$OUT/mb-$w.json" 2>&1 | tee "$OUT/mb-$w.log" | tail -40 ;;
+      --json "$OUT/mb-$w.json" --time-limit ${TIME_LIMIT:-560} 2>&1 | tee "$OUT/mb-$w.log" | tail -40 ;;
   scenarios)
     peers
-    python3 benchmarks/memory_budget.py --workloads "" --scenarios all --peer-scripts .benchwheels/bench \
+    python3 benchmarks/memory_budget.py --workloads "" --scenarios all --time-limit ${TIME_LIMIT:-560} --peer-scripts .benchwheels/bench \
       --json "$OUT/scenarios.json" 2>&1 | tee "$OUT/scenarios.log" | tail -40 ;;
   full-ft)
     peers
