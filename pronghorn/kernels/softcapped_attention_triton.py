@@ -87,10 +87,11 @@ def _visible(qi, kj, kp, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.conste
 
 @triton.jit
 def _key_padding(KP, b, stride_kpb, cols, Tk, PADDED: tl.constexpr):
-    """Row ``b`` of the key padding mask at ``cols`` (0 where padding or out of range), or a dummy."""
+    """Row ``b`` of the key padding mask at ``cols`` (0 where padding or out of range), or a dummy; int32 either
+    way (the compiler wants one return type: the mask's own dtype may be bool, uint8 or int64)."""
     if PADDED:
-        return tl.load(KP + b.to(tl.int64) * stride_kpb + cols, mask=cols < Tk, other=0)
-    return cols
+        return tl.load(KP + b.to(tl.int64) * stride_kpb + cols, mask=cols < Tk, other=0).to(tl.int32)
+    return cols.to(tl.int32)
 
 
 @triton.jit

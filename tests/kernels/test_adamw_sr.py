@@ -25,6 +25,7 @@ def test_triton_kernel_equals_reference(shape):
     from pronghorn.kernels.adamw_sr_triton import adamw_sr_step_triton
 
     ref, got = _state(shape), _state(shape)
+    got = [t.cuda() for t in got] if torch.cuda.is_available() else got  # compiled there, interpreted here
     ref[0].view(-1)[0] = float("nan")  # a NaN weight stays NaN in both
     got[0].view(-1)[0] = float("nan")
     adamw_sr_step_reference(*ref, 12345, CONSTANTS)
@@ -33,7 +34,7 @@ def test_triton_kernel_equals_reference(shape):
     ref[0].view(-1)[0] = got[0].view(-1)[0] = 0.0
     for name, a, b in zip(("weight", "grad", "exp_avg", "exp_avg_sq"), ref, got):
         assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
-                           b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32)), name
+                           b.cpu().view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32)), name
 
 
 def test_reference_math_is_adamw():
