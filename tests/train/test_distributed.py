@@ -337,4 +337,6 @@ def test_cli_train_under_a_launcher(tmp_path, smollm2_dir, launcher):
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
+    from pronghorn.train.distributed import exit_now
+
+    exit_now(_worker(sys.argv[1], Path(sys.argv[2])))  # as the CLI ends: teardown can abort (-6)

@@ -121,4 +121,6 @@ def test_cli_preference_training_under_torchrun_equals_one_process(tmp_path, tin
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(Path(sys.argv[1])))
+    from pronghorn.train.distributed import exit_now
+
+    exit_now(_worker(Path(sys.argv[1])))  # as the CLI ends: teardown can abort (-6)
