@@ -86,3 +86,21 @@ def test_training_loss_takes_the_fused_head(monkeypatch):
     model = model.to("cuda", torch.bfloat16).train()
     ids = torch.randint(0, 97, (2, 17), device="cuda")
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_a_step_under_max_memory_expands_the_allocators_segments():
+    """The first step planned under a user's cap turns on expandable segments (models/allocator.py), unless the
+    environment already chose: the segments reserved after it are expandable."""
+    from pronghorn.models import allocator
+
+    if allocator.user_allocator_choice() is not None or allocator._state["done"]:
+        pytest.skip("the allocator's segments were chosen before this test")
+    _, model = make_pair("llama3_gqa_rope_scaling")
+    model = model.to("cuda", torch.bfloat16)
+    attach_lora(model, LoRAConfig(r=4, lora_alpha=8))
+    model.set_memory_budget("8GiB")
+    model.train()
+    ids = torch.randint(3, 90, (2, 64), device="cuda")
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert allocator._state["done"]
+    assert any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())

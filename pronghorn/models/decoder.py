@@ -17,6 +17,7 @@ from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
+from .allocator import expand_segments_under_budget
 from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
 from .hf_outputs import causal_lm_output
@@ -165,6 +166,7 @@ class DecoderModel(nn.Module):
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
+            expand_segments_under_budget(device, source)
             sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
                                optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), mode=mode, tiled_mlp=tiled,

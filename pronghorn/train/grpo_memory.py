@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError
+from ..models.allocator import expand_segments_under_budget
 from ..models.memory_plan import GIB, HEADROOM, device_budget, parse_budget
 
 SAMPLING_COPIES = 4  # fp32 [rows, vocab] tensors alive in one sampling step (logits, processed, probs, sorted)
@@ -51,6 +52,7 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
     device = getattr(model, "device", None) or next(model.parameters()).device
     limit = parse_budget(max_memory) if max_memory else None
     budget, source = device_budget(device, limit) if device.type == "cuda" or limit is not None else (None, "")
+    expand_segments_under_budget(device, source)
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(device)
     else:

@@ -1,0 +1,59 @@
+"""Expandable segments under a memory budget (models/allocator.py): turned on once, for a cap the user set on a
+CUDA device, and never against the user's own allocator settings. The allocator call itself needs CUDA; here it
+is recorded (tests/test_gpu.py runs the real one)."""
+
+import pytest
+import torch
+
+from pronghorn.models import allocator
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    got = []
+    monkeypatch.setattr(allocator, "_state", {"done": False})
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", got.append, raising=False)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    return got
+
+
+@pytest.mark.parametrize("source", ["max_memory=16.00GiB", "set_per_process_memory_fraction(0.1)"])
+def test_a_cap_on_cuda_turns_them_on_once(calls, source, capsys):
+    assert allocator.expand_segments_under_budget(torch.device("cuda"), source)
+    assert not allocator.expand_segments_under_budget(torch.device("cuda"), source)
+    assert calls == ["expandable_segments:True"]
+    assert "expandable segments on under the memory budget" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device, source", [("cpu", "max_memory=1.00GiB"), ("cuda", "the GPU's free memory"),
+                                            ("cuda", "")])
+def test_no_cap_or_no_cuda_leaves_the_allocator(calls, device, source):
+    assert not allocator.expand_segments_under_budget(torch.device(device), source)
+    assert calls == []
+
+
+@pytest.mark.parametrize("env, value", [("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),
+                                        ("PYTORCH_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:True"),
+                                        ("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")])
+def test_the_users_setting_wins(calls, monkeypatch, env, value):
+    monkeypatch.setenv(env, value)
+    assert allocator.user_allocator_choice() == f"{env}={value}"
+    assert not allocator.expand_segments_under_budget(torch.device("cuda"), "max_memory=8.00GiB")
+    assert calls == []
+
+
+def test_other_settings_of_the_user_do_not_count_as_a_choice(calls, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    assert allocator.user_allocator_choice() is None
+    assert allocator.expand_segments_under_budget(torch.device("cuda"), "max_memory=8.00GiB")
+    assert calls == ["expandable_segments:True"]
+
+
+def test_an_allocator_without_the_setting_is_reported(calls, monkeypatch, capsys):
+    def refuse(_):
+        raise RuntimeError("unknown setting")
+
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", refuse)
+    assert not allocator.expand_segments_under_budget(torch.device("cuda"), "max_memory=8.00GiB")
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in capsys.readouterr().out
