@@ -259,7 +259,7 @@ def _run_point(pt: dict, a, env: dict, rows: list[dict]) -> dict:
     spec = dict(pt, steps=a.steps, tmp=tempfile.mkdtemp(prefix="fullft-"))
     if pt["system"] == "unsloth":
         spec["dir"] = _checkpoint_dir(pt["model"], Path(env["BENCH_MODELS"]), a.peer_scripts)
-    rc, out, err = _run([sys.executable, __file__, "--child", json.dumps(spec)], a.timeout, env,
+    rc, out, err = _run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], a.timeout, env,
                         cwd=env["BENCH_MODELS"])  # Unsloth writes its compile cache to cwd
     found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
     if found:

@@ -10,12 +10,13 @@
 #   bash benchmarks/gpu_session.sh scenarios    # issue 15: the consumer-card caps beside Unsloth
 #   bash benchmarks/gpu_session.sh full-ft      # issue 17: full fine-tuning beside HF Trainer and Unsloth
 #   bash benchmarks/gpu_session.sh grpo         # issue 18: GRPO beside TRL + PEFT and Unsloth
+#   bash benchmarks/gpu_session.sh profile      # issue 15: what limits the lean plans (tiled MLP, offload mixes)
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #
 # JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
-stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | full-ft | grpo | softcap}
+stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | profile | full-ft | grpo | softcap}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -36,19 +37,25 @@ case "$stage" in
   budget-1b|budget-8b|budget-qlora)
     peers
     w=${stage#budget-}; w=${w/1b/1b-lora}; w=${w/8b/8b-lora}; w=${w/qlora/8b-qlora}
-    python3 benchmarks/memory_budget.py --workloads "$w" --peer-scripts .benchwheels/bench \
+    python3 benchmarks/memory_budget.py --workloads "$w" --peer-scripts $PWD/.benchwheels/bench \
       --json "$OUT/mb-$w.json" --time-limit ${TIME_LIMIT:-560} 2>&1 | tee "$OUT/mb-$w.log" | tail -40 ;;
   scenarios)
     peers
-    python3 benchmarks/memory_budget.py --workloads "" --scenarios all --time-limit ${TIME_LIMIT:-560} --peer-scripts .benchwheels/bench \
+    python3 benchmarks/memory_budget.py --workloads "" --scenarios all --time-limit ${TIME_LIMIT:-560} --peer-scripts $PWD/.benchwheels/bench \
       --json "$OUT/scenarios.json" 2>&1 | tee "$OUT/scenarios.log" | tail -40 ;;
   full-ft)
     peers
-    python3 benchmarks/full_finetune.py --peer-scripts .benchwheels/bench --json "$OUT/full_ft.json" 2>&1 \
+    python3 benchmarks/full_finetune.py --peer-scripts $PWD/.benchwheels/bench --json "$OUT/full_ft.json" 2>&1 \
       | tee "$OUT/full_ft.log" | tail -40 ;;
   grpo)
     peers
     python3 benchmarks/grpo.py --json "$OUT/grpo.json" 2>&1 | tee "$OUT/grpo.log" | tail -40 ;;
+  profile)
+    for spec in "llama-3.1-8b 16" "llama-3.1-8b 16.68" "llama-3.2-1b 3.66"; do
+      set -- $spec
+      python3 benchmarks/train_e2e.py --workloads "$1" --systems pronghorn --gc auto --max-memory "$2" --profile \
+        --json "$OUT/profile-$1-$2.json" 2>&1 | tee -a "$OUT/profile.log" | grep -A3 "^per step"
+    done ;;
   softcap)
     python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
       --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40 ;;

@@ -432,6 +432,7 @@ def main(argv=None) -> None:
     if bad:
         raise SystemExit(f"unknown {bad}: systems {SYSTEMS}, workloads {list(WORKLOADS)}, scenarios {list(SCENARIOS)}")
     peers = set(a.systems.split(",")) - {"pronghorn"}
+    a.peer_scripts = a.peer_scripts.resolve()  # the peers run in the models' folder
     if peers and not (a.peer_scripts / "hf_baseline.py").is_file():
         raise SystemExit(f"--peer-scripts {a.peer_scripts}: no hf_baseline.py / unsloth_bench.py there")
     a.json = a.json or "memory_budget.json"

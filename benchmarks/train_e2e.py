@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from common import run_meta, write_results
 
 _REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO))  # this tree's pronghorn, whatever is installed
 GSM8K = next((p for p in (_REPO / "shared", _REPO.parent / "shared", Path("/work/shared"))
               if (p / "data/gsm8k/train.jsonl").is_file()), _REPO / "shared") / "data/gsm8k/train.jsonl"
 _LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -130,7 +132,7 @@ def gsm8k_batches(batch: int, seq: int, steps: int, smoke: bool) -> list[tuple[d
 
 
 def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, device: str,
-            profile: bool = False, offload_embedding: bool = False) -> dict:
+            profile: bool = False, offload_embedding: bool = False, max_memory: float | None = None) -> dict:
     from pronghorn.train.optimizers import build_optimizer
 
     cfg, batch, seq, data = WORKLOADS[workload]
@@ -143,6 +145,8 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
         from pronghorn.models.host_embedding import offload_embedding as to_host
 
         host_table = to_host(model)
+    if max_memory is not None and system.startswith("pronghorn"):  # the memory plan's budget, as get_peft_model's
+        model.set_memory_budget(int(max_memory * 2**30))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, optim, 1e-4, (0.9, 0.999), 1e-8, 0.0, torch.device(device))
@@ -182,6 +186,9 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
                batch=batch, seq=seq, step_s=round(times[mid], 4), tok_s=round(tokens[mid] / times[mid]),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                loss=round(float(loss), 4))
+    plan = getattr(getattr(model, "model", None), "memory_plan", None)
+    if plan is not None:
+        out.update(max_memory_gib=max_memory, plan=plan.summary())
     if profile:  # after the timed steps, so the profiler's overhead does not touch tok/s or the peak
         from step_profile import limit, profile_steps
 
@@ -209,6 +216,8 @@ def main(argv=None) -> None:
     ap.add_argument("--replay", default="auto", choices=("auto", "split", "whole"), help="pronghorn: a replayed "
                     "layer's backward one residual block at a time, whole, or as the memory plan picks (recompute.py)")
     ap.add_argument("--optim", default="adamw_torch_fused", help="adamw_torch_fused | adamw_torch | adamw_8bit")
+    ap.add_argument("--max-memory", type=float, default=None, help="GiB: pronghorn's memory budget (the plan "
+                                                                   "that fits it, e.g. to profile a lean plan)")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per row: device time per kernel "
                                                            "category, idle gaps, host syncs (benchmarks/step_profile)")
     ap.add_argument("--smoke", action="store_true", help="tiny workloads, 3 steps, every --gc mode; runs on a CPU")
@@ -233,7 +242,8 @@ def main(argv=None) -> None:
     for w in a.workloads.split(","):
         for s in a.systems.split(","):
             for mode in modes if s.startswith("pronghorn") else ["on"]:
-                rows.append(measure(s, w, a.steps, mode, a.optim, device, a.profile, a.offload_embedding))
+                rows.append(measure(s, w, a.steps, mode, a.optim, device, a.profile, a.offload_embedding,
+                                    a.max_memory))
                 print(json.dumps(rows[-1]), flush=True)
     base = {r["workload"]: r for r in rows if r["system"] == "hf+peft"}
     print(f"\n{'workload':<20} {'system':<10} {'gc':<8} {'tok/s':>8} {'peak GiB':>9} {'vs hf+peft':>10}")

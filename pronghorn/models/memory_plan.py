@@ -183,21 +183,27 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
              for split in (replays if any(m != "keep" for m in layers) else [False])
              for reuse in ((True, False) if s.dense_layer else (True,))
              for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables]
-    return sorted(plans, key=relative_cost)
+    return sorted(plans, key=lambda plan: relative_cost(plan, s.tokens))
 
 
-def relative_cost(plan: MemoryPlan) -> float:
+def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     """The step time of ``plan`` relative to keeping everything, in layer-steps (rough, for ordering only): a
     replayed layer redoes its forward less down_proj's matmul; offloading adds an overlapped copy; a split
     replay adds an attention-block forward; NF4 weights dequantized twice; a tiled kept layer its MLP forward;
-    smaller loss chunks, and a tied table streamed from the host, a slower head."""
+    smaller loss chunks, and a tied table streamed from the host, a slower head.
+
+    Calibrated on an H200 (2026-12-05, docs/benchmarks.md "Session 9"): a recomputed layer cost 0.37-0.42 of a
+    kept layer's step (8B LoRA, 8B QLoRA), an offloaded one 0.30-0.44 (1B, 8B QLoRA, 8B LoRA); the tiled MLP at
+    1,024-token chunks of a 4,096-token batch added about 1.5 per layer (8B LoRA, 30 layers offloaded).
+    ``tokens``: the batch's (0: unknown, counted as 8,192)."""
     cost = 0.0
     for m in plan.layers:
         replayed = m != "keep"
-        cost += {"keep": 0.0, "recompute": 0.28, "offload": 0.30}[m]
+        cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m]
         cost += 0.07 * (replayed and plan.split_replay) + 0.04 * (replayed and not plan.reuse_dequantized)
-        if plan.mlp_chunk:  # smaller chunks: more, smaller matmuls
-            cost += (0.02 if replayed else 0.15) + 0.002 * 8192 / plan.mlp_chunk
+        if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
+            chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)
+            cost += (0.2 if replayed else 0.35) + 0.33 * chunks
     cost += {LOSS_CHUNK_BYTES[0]: 0.0, LOSS_CHUNK_BYTES[1]: 0.01, LOSS_CHUNK_BYTES[2]: 0.05}[plan.loss_chunk_bytes]
     cost += {None: 0.0, "untied": 0.001, "tied": 3.0}[plan.table_on_host]
     return cost

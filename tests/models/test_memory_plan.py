@@ -91,7 +91,7 @@ def test_every_budget_from_the_leanest_plan_up_fits_and_more_memory_is_never_slo
         for budget in [int(leanest * 1.05 + i * GIB / 4) for i in range(60)]:
             plan = make_plan(s, budget, "test")
             assert _fits(plan, budget)
-            costs.append(relative_cost(plan))
+            costs.append(relative_cost(plan, s.tokens))
         assert costs == sorted(costs, reverse=True)
 
 
