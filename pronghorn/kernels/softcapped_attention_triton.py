@@ -22,8 +22,9 @@ every run, as every other kernel here), with the GQA sum over a group's query he
 
 Visibility: queries are the last Tq of Tk positions (query i sits at key position p_i = i + Tk - Tq). Key j is
 visible to query i when ``causal`` gives j <= p_i, a ``window`` w gives p_i - w < j (Gemma 2's sliding layers,
-as ``models.attention.build_attention_mask``), and ``key_padding[b, j]`` is nonzero (HF's [B, Tk] attention
-mask: left or right padding, or any pattern). Key blocks a query block cannot see (causal, window) are skipped.
+as ``models.attention.build_attention_mask``), ``key_padding[b, j]`` is nonzero (HF's [B, Tk] attention
+mask: left or right padding, or any pattern), and, for packed (padding-free) rows, ``seq_ids[b, j]`` equals the
+query's ``seq_ids[b, i]`` (the sequence index of each token, models.attention.sequence_ids; Tq == Tk). Key blocks a query block cannot see (causal, window) are skipped.
 A query that sees no key gets a zero output and zero gradients (its lse is stored as +inf).
 
 Numerics: fp16/bf16/fp32 inputs, fp32 scores, softmax statistics and accumulators; fp32 inputs take IEEE fp32
@@ -70,10 +71,11 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
-def _visible(qi, kj, kp, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr):
+def _visible(qi, kj, kp, qs, ks, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr,
+             DOCS: tl.constexpr):
     """True where key ``kj`` is visible to query ``qi`` (both in range); ``qi`` and ``kj`` (and ``kp``, the key
-    padding at ``kj``) are broadcast against each other: [M, 1] x [1, N], or [1, M] x [N, 1] for a transposed
-    tile."""
+    padding at ``kj``; ``qs`` / ``ks``, the sequence ids of packed rows at ``qi`` / ``kj``) are broadcast against
+    each other: [M, 1] x [1, N], or [1, M] x [N, 1] for a transposed tile."""
     ok = (qi < Tq) & (kj < Tk)
     pos = qi + (Tk - Tq)
     if CAUSAL:
@@ -82,6 +84,8 @@ def _visible(qi, kj, kp, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.conste
         ok = ok & (kj > pos - window)
     if PADDED:
         ok = ok & (kp != 0)
+    if DOCS:
+        ok = ok & (qs == ks)
     return ok
 
 
@@ -92,6 +96,14 @@ def _key_padding(KP, b, stride_kpb, cols, Tk, PADDED: tl.constexpr):
     if PADDED:
         return tl.load(KP + b.to(tl.int64) * stride_kpb + cols, mask=cols < Tk, other=0).to(tl.int32)
     return cols.to(tl.int32)
+
+
+@triton.jit
+def _seq_ids(SID, b, stride_sb, idx, n, DOCS: tl.constexpr):
+    """The sequence ids of packed rows ``b`` at ``idx`` (-1 out of range), or a dummy; int32 either way."""
+    if DOCS:
+        return tl.load(SID + b.to(tl.int64) * stride_sb + idx, mask=idx < n, other=-1).to(tl.int32)
+    return idx.to(tl.int32)
 
 
 @triton.jit
@@ -159,15 +171,16 @@ def _query_program(n_heads, group, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KP,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stride_kpb,
+    Q, K, V, O, LSE, KP, SID,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stride_kpb, stride_sb,
     n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, DOCS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, bh, b, h, hk, rows = _query_program(n_heads, group, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     q = _load_tile(Q, b, h, sqb, sqh, sqt, rows, Tq, dims, D)
+    qs = _seq_ids(SID, b, stride_sb, rows, Tq, DOCS)
     lo, hi = _key_range(pid_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -178,7 +191,9 @@ def _fwd_kernel(
         k = _load_tile(K, b, hk, skb, skh, skt, cols, Tk, dims, D)
         z, _ = _capped_scores(q, tl.trans(k), qk_scale, softcap, inv_cap, FP32)
         kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
-        ok = _visible(rows[:, None], cols[None, :], kp[None, :], Tq, Tk, window, CAUSAL, WINDOW, PADDED)
+        ks = _seq_ids(SID, b, stride_sb, cols, Tk, DOCS)
+        ok = _visible(rows[:, None], cols[None, :], kp[None, :], qs[:, None], ks[None, :], Tq, Tk, window, CAUSAL,
+                      WINDOW, PADDED, DOCS)
         z = tl.where(ok, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf - 0) = 0
@@ -212,10 +227,10 @@ def _delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KP,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KP, SID,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, stride_kpb,
-    n_kv_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, FP32: tl.constexpr,
+    stride_sb, n_kv_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, DOCS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one (batch, KV head), summed over the group's query heads; works on the
@@ -229,6 +244,7 @@ def _bwd_dkdv_kernel(
     k = _load_tile(K, b, hk, skb, skh, skt, cols, Tk, dims, D)
     v = _load_tile(V, b, hk, svb, svh, svt, cols, Tk, dims, D)
     kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
+    ks = _seq_ids(SID, b, stride_sb, cols, Tk, DOCS)
     lo, hi = _query_range(pid_n, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -243,7 +259,9 @@ def _bwd_dkdv_kernel(
             lse = tl.load(LSE + stats + rows, mask=rows < Tq, other=float("inf"))
             delta = tl.load(DELTA + stats + rows, mask=rows < Tq, other=0.0)
             zt, tt = _capped_scores(k, tl.trans(q), qk_scale, softcap, inv_cap, FP32)  # [keys, queries]
-            ok = _visible(rows[None, :], cols[:, None], kp[:, None], Tq, Tk, window, CAUSAL, WINDOW, PADDED)
+            qs = _seq_ids(SID, b, stride_sb, rows, Tq, DOCS)
+            ok = _visible(rows[None, :], cols[:, None], kp[:, None], qs[None, :], ks[:, None], Tq, Tk, window,
+                          CAUSAL, WINDOW, PADDED, DOCS)
             pt = tl.where(ok, tl.exp(zt - lse[None, :]), 0.0)
             dv += _dot(pt.to(do.dtype), do, FP32)
             dpt = _dot(v, tl.trans(do), FP32)
@@ -256,10 +274,10 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KP,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt, stride_kpb,
+    Q, K, V, DO, LSE, DELTA, DQ, KP, SID,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt, stride_kpb, stride_sb,
     n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, DOCS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one (batch, query head), over the key blocks it sees."""
@@ -269,6 +287,7 @@ def _bwd_dq_kernel(
     do = _load_tile(DO, b, h, sdb, sdh, sdt, rows, Tq, dims, D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=0.0)
+    qs = _seq_ids(SID, b, stride_sb, rows, Tq, DOCS)
     lo, hi = _key_range(pid_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -278,7 +297,9 @@ def _bwd_dq_kernel(
         v = _load_tile(V, b, hk, svb, svh, svt, cols, Tk, dims, D)
         z, t = _capped_scores(q, tl.trans(k), qk_scale, softcap, inv_cap, FP32)
         kp = _key_padding(KP, b, stride_kpb, cols, Tk, PADDED)
-        ok = _visible(rows[:, None], cols[None, :], kp[None, :], Tq, Tk, window, CAUSAL, WINDOW, PADDED)
+        ks = _seq_ids(SID, b, stride_sb, cols, Tk, DOCS)
+        ok = _visible(rows[:, None], cols[None, :], kp[None, :], qs[:, None], ks[None, :], Tq, Tk, window, CAUSAL,
+                      WINDOW, PADDED, DOCS)
         p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), FP32)
         ds = p * (dp - delta[:, None]) * (1.0 - t * t)
@@ -311,9 +332,9 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _flags(causal, window, key_padding, q: torch.Tensor) -> dict:
+def _flags(causal, window, key_padding, seq_ids, q: torch.Tensor) -> dict:
     return dict(CAUSAL=bool(causal), WINDOW=window is not None, PADDED=key_padding is not None,
-                FP32=q.dtype == torch.float32 or not q.is_cuda)
+                DOCS=seq_ids is not None, FP32=q.dtype == torch.float32 or not q.is_cuda)
 
 
 def _padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -325,7 +346,15 @@ def _padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[
     return kp, kp.stride(0)
 
 
-def softcapped_attention_forward(q, k, v, causal, softcap, scale, window, key_padding):
+def _seq_ids_arg(seq_ids: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the [B, T] sequence ids of packed rows as a kernel argument, their batch stride), or a dummy."""
+    if seq_ids is None:
+        return like, 0
+    sid = _unit_last(seq_ids)
+    return sid, sid.stride(0)
+
+
+def softcapped_attention_forward(q, k, v, causal, softcap, scale, window, key_padding, seq_ids=None):
     """(out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32). ``out`` is laid out [B, Tq, Hq, D] in memory, so the
     model's ``out.transpose(1, 2).reshape(B, Tq, Hq * D)`` is free."""
     b, hq, tq, d = q.shape
@@ -333,24 +362,26 @@ def softcapped_attention_forward(q, k, v, causal, softcap, scale, window, key_pa
     out = torch.empty(b, tq, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     kp, stride_kpb = _padding_arg(key_padding, q)
+    sid, stride_sb = _seq_ids_arg(seq_ids, q)
     bm, bn, warps, stages = _blocks(d, q.dtype, "fwd", q.device)
     _fwd_kernel[(triton.cdiv(tq, bm), b * hq)](
-        q, k, v, out, lse, kp, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_kpb,
+        q, k, v, out, lse, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_kpb, stride_sb,
         hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap,
-        **_flags(causal, window, key_padding, q),
+        **_flags(causal, window, key_padding, seq_ids, q),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def softcapped_attention_backward(do, q, k, v, out, lse, causal, softcap, scale, window, key_padding):
+def softcapped_attention_backward(do, q, k, v, out, lse, causal, softcap, scale, window, key_padding, seq_ids=None):
     """(dq, dk, dv) from the upstream gradient and what the forward saved."""
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
     do = _unit_last(do)
     block_d = max(16, triton.next_power_of_2(d))
-    flags = _flags(causal, window, key_padding, q)
+    flags = _flags(causal, window, key_padding, seq_ids, q)
     kp, stride_kpb = _padding_arg(key_padding, q)
+    sid, stride_sb = _seq_ids_arg(seq_ids, q)
     delta = torch.empty_like(lse)
     rows = max(16, 8192 // block_d)  # two [rows, BLOCK_D] fp32 tiles per program
     _delta_kernel[(triton.cdiv(tq, rows), b * hq)](
@@ -359,27 +390,28 @@ def softcapped_attention_backward(do, q, k, v, out, lse, causal, softcap, scale,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bm, bn, warps, stages = _blocks(d, q.dtype, "bwd", q.device)
     _bwd_dkdv_kernel[(triton.cdiv(tk, bn), b * hk)](
-        q, k, v, do, lse, delta, dk, dv, kp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), stride_kpb, hk, hq // hk, tq, tk, d, window or 0, scale, softcap,
+        q, k, v, do, lse, delta, dk, dv, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), stride_kpb, stride_sb, hk, hq // hk, tq, tk, d, window or 0, scale, softcap,
         1.0 / softcap, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     bm, bn = bn, bm  # the dQ program holds a query block and walks key blocks
     _bwd_dq_kernel[(triton.cdiv(tq, bm), b * hq)](
-        q, k, v, do, lse, delta, dq, kp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), stride_kpb, hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap,
+        q, k, v, do, lse, delta, dq, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), stride_kpb, stride_sb, hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap,
         **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
 
 class SoftcappedAttentionFunction(torch.autograd.Function):
-    """``apply(q, k, v, causal, softcap, scale, window, key_padding)`` -> out; gradients for q, k and v."""
+    """``apply(q, k, v, causal, softcap, scale, window, key_padding, seq_ids)`` -> out; gradients for q, k and v."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, softcap: float, scale: float, window: int | None,
-                key_padding: torch.Tensor | None):
+                key_padding: torch.Tensor | None, seq_ids: torch.Tensor | None = None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        args = (bool(causal), float(softcap), float(scale), None if window is None else int(window), key_padding)
+        args = (bool(causal), float(softcap), float(scale), None if window is None else int(window), key_padding,
+                seq_ids)
         out, lse = softcapped_attention_forward(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = args
@@ -390,4 +422,4 @@ class SoftcappedAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = softcapped_attention_backward(do, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None

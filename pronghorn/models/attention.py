@@ -84,11 +84,18 @@ def _dense_mask(attention_mask, padded: bool, docs, q_len: int, kv_len: int, win
 
 class KeyVisibility(NamedTuple):
     """Which keys a query sees, as the soft-capped attention kernel takes it (no dense [B, 1, q, kv] mask):
-    causal over the last ``q_len`` of ``kv_len`` positions, a sliding ``window`` or None, and ``key_padding``
-    [B, kv_len] (1 = real token) or None. See :func:`attention_visibility`."""
+    causal over the last ``q_len`` of ``kv_len`` positions, a sliding ``window`` or None, ``key_padding``
+    [B, kv_len] (1 = real token) or None, and ``seq_ids`` [B, T] (packed rows: the sequence of each token,
+    :func:`sequence_ids`) or None. See :func:`attention_visibility`."""
 
     window: int | None
     key_padding: torch.Tensor | None
+    seq_ids: torch.Tensor | None = None
+
+    def dense(self, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+        """The same keys as :func:`build_attention_mask`'s dense mask (for a layer without the cap)."""
+        kp = self.key_padding
+        return _dense_mask(kp, kp is not None, self.seq_ids, q_len, kv_len, self.window, device)
 
 
 def attention_visibility(
@@ -99,13 +106,11 @@ def attention_visibility(
     device: torch.device,
     position_ids: torch.Tensor | None = None,
 ) -> KeyVisibility | torch.Tensor | None:
-    """:func:`build_attention_mask` for soft-capped layers: the same keys as a :class:`KeyVisibility`, or the
-    dense mask for packed rows (a document mask, which it cannot express). One difference, in outputs nothing
-    uses: a padding query that sees no key gets zeros here, where the dense mask lets it see every key."""
+    """:func:`build_attention_mask` for soft-capped layers: the same keys as a :class:`KeyVisibility` (packed
+    rows as their sequence ids). One difference, in outputs nothing uses: a padding query that sees no key gets
+    zeros here, where the dense mask lets it see every key."""
     padded, docs = _padding_and_documents(attention_mask, q_len, kv_len, device, position_ids)
-    if docs is not None:  # packed rows: a document mask, dense
-        return _dense_mask(attention_mask, padded, docs, q_len, kv_len, window, device)
-    return KeyVisibility(window, attention_mask.to(device) if padded else None)
+    return KeyVisibility(window, attention_mask.to(device) if padded else None, docs)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
@@ -175,11 +180,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         mask = masks[self.window]
         if isinstance(mask, KeyVisibility) and not self.softcap:  # a cap switched off on a soft-capped model
-            mask = build_attention_mask(mask.key_padding, t, k.shape[2], mask.window, q.device)
+            mask = mask.dense(t, k.shape[2], q.device)
         causal = mask is None and t > 1 and t == k.shape[2]
         if isinstance(mask, KeyVisibility):  # the soft-capped kernel's form of the mask (attention_visibility)
             out = softcapped_attention(q, k, v, None, True, self.softcap, self.scale, self.kernel_policy, *mask)
-        elif self.softcap:  # a dense mask: packed rows, or the static cache's decode masks
+        elif self.softcap:  # a dense mask: the static cache's decode masks
             out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale, self.kernel_policy)
         else:
             out = sdpa(q, k, v, mask, causal, self.scale)

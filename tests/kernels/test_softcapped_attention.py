@@ -39,6 +39,22 @@ def test_matches_direct_formula(tq, tk, heads):
     assert torch.allclose(got_additive, got, atol=1e-6)
 
 
+def test_packed_rows_see_their_own_sequence():
+    """``seq_ids`` (packed rows) give the reference the document mask: causal within each sequence, with a window."""
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0] * 9])
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
+    pos = torch.arange(9)
+    for window in (None, 2):
+        allowed = (pos[None, :] <= pos[:, None]) & (ids[:, :, None] == ids[:, None, :])
+        if window is not None:
+            allowed = allowed & (pos[:, None] - pos[None, :] < window)
+        got = softcapped_attention(q, k, v, None, True, 3.0, 0.5, window=window, seq_ids=ids)
+        assert torch.allclose(got.double(), _direct(q, k, v, allowed[:, None], 3.0, 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match=r"seq_ids .* have shape \(2, 8\), expected"):
+        softcapped_attention(q, k, v, None, True, 3.0, seq_ids=ids[:, :8])
+
+
 # --- the Triton kernel (softcapped_attention_triton) against the reference --------------------------------------
 #
 # Forced on the CPU (the module's ``use_triton`` patched), the kernel runs in Triton's interpreter with 16 x 16
@@ -95,6 +111,15 @@ def test_tanh_within_a_few_ulps():
     assert torch.equal(exact.sign(), y.sign()) and ulps.max().item() <= 4
 
 
+def _packed_ids(t: int) -> torch.Tensor:
+    """Sequence ids of two packed rows of ``t`` tokens: row 0 holds three sequences (13, 20 and the rest), row 1
+    one (no restart)."""
+    ids = torch.zeros(2, t, dtype=torch.long)
+    ids[0, 13:] = 1
+    ids[0, 33:] = 2
+    return ids.to(DEVICE)
+
+
 def _case(tq, tk, d, dtype, seed, heads=(4, 2), padding=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, heads[0], tq, d, generator=g) * 2
@@ -132,6 +157,8 @@ CASES = {
     "bidirectional_padding": (12, 12, False, None, 3, 16, 50.0),
     "decode": (1, 19, False, 6, 2, 16, 5.0),
     "head_dim_24": (21, 21, True, None, 0, 24, 5.0),
+    "packed": (40, 40, True, None, 0, 16, 50.0),  # sequence ids: _packed_ids
+    "packed_window": (40, 40, True, 7, 0, 16, 5.0),
 }
 
 
@@ -139,7 +166,7 @@ def _both(case, dtype, seed=0):
     tq, tk, causal, window, padding, d, cap = CASES[case]
     (q, k, v, do), kp = _case(tq, tk, d, dtype, seed, padding=padding)
     scale = 0.3 if d == 16 else d ** -0.5
-    kw = dict(window=window, key_padding=kp)
+    kw = dict(window=window, key_padding=kp, seq_ids=_packed_ids(tq) if case.startswith("packed") else None)
     got = _run(lambda *t: softcapped_attention(*t, None, causal, cap, scale, **kw), q, k, v, do)
     ref = lambda *t: softcapped_attention_reference(*t, None, causal, cap, scale, **kw)  # noqa: E731
     return got, ref, (q, k, v, do)
@@ -155,7 +182,7 @@ def test_kernel_matches_reference_fp32(kernel, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["causal", "window_padding_past", "head_dim_24"])
+@pytest.mark.parametrize("case", ["causal", "window_padding_past", "head_dim_24", "packed_window"])
 def test_kernel_16bit_against_exact(kernel, case, dtype):
     got, ref, inputs = _both(case, dtype, seed=1)
     exact = _run(ref, *(t.double() for t in inputs))
@@ -215,11 +242,12 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_gemma2_model_with_the_kernel_equals_the_reference(kernel, monkeypatch, padded):
-    """A tiny Gemma 2 (sliding window 5 on layer 0, global layer 1; 19 tokens, left- and right-padded rows) with
-    the kernel in both layers: the loss and every LoRA gradient of the run with the reference attention (fp32,
-    1e-5; every other op the same in both runs). A reference kernel policy keeps the kernel out."""
+@pytest.mark.parametrize("rows", ["padded", "full", "packed"])
+def test_gemma2_model_with_the_kernel_equals_the_reference(kernel, monkeypatch, rows):
+    """A tiny Gemma 2 (sliding window 5 on layer 0, global layer 1; 19 tokens: left- and right-padded rows, full
+    rows, or padding-free packed rows of 3 + 9 + 7 and 19 tokens) with the kernel in both layers: the loss and
+    every LoRA gradient of the run with the reference attention (fp32, 1e-5; every other op the same in both
+    runs). A reference kernel policy keeps the kernel out."""
     from helpers import make_pair, randomize_lora_b
     from pronghorn.models.lora import LoRAConfig, attach_lora
 
@@ -229,12 +257,16 @@ def test_gemma2_model_with_the_kernel_equals_the_reference(kernel, monkeypatch, 
     model.to(DEVICE).train()
     ids = torch.randint(3, 97, (2, 19), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    if padded:
+    if rows == "padded":
         mask[0, :5] = 0  # left padding
         mask[1, 15:] = 0  # right padding
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, 5] = -100  # predicted from a padding position, whose output is unspecified
-    batch = {key: t.to(DEVICE) for key, t in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if rows == "packed":
+        positions = torch.cat([torch.arange(3), torch.arange(9), torch.arange(7)])
+        batch = dict(input_ids=ids, labels=ids, position_ids=torch.stack([positions, torch.arange(19)]))
+    batch = {key: t.to(DEVICE) for key, t in batch.items()}
 
     calls = []
     original = sa_triton.SoftcappedAttentionFunction
@@ -242,12 +274,12 @@ def test_gemma2_model_with_the_kernel_equals_the_reference(kernel, monkeypatch, 
     class Counting:
         @staticmethod
         def apply(*args):
-            calls.append(args[-1] is not None)  # key padding given
+            calls.append((args[7] is not None, args[8] is not None))  # key padding, sequence ids given
             return original.apply(*args)
 
     monkeypatch.setattr(sa_triton, "SoftcappedAttentionFunction", Counting)
     loss, grads = _loss_and_grads(model, batch)
-    assert calls == [padded, padded]  # both layers took the kernel
+    assert calls == [(rows == "padded", rows == "packed")] * 2  # both layers took the kernel
     monkeypatch.setattr(sa_module, "use_triton", lambda *t: False)
     ref_loss, ref_grads = _loss_and_grads(model, batch)
     assert len(calls) == 2
