@@ -12,11 +12,14 @@
 #   bash benchmarks/gpu_session.sh grpo         # issue 18: GRPO beside TRL + PEFT and Unsloth
 #   bash benchmarks/gpu_session.sh profile      # issue 15: what limits the lean plans (tiled MLP, offload mixes)
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
+#   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
+#   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
+#   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
 #
 # JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
-stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | profile | full-ft | grpo | softcap}
+stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | profile | full-ft | grpo | softcap | families-*}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -43,6 +46,13 @@ case "$stage" in
     peers
     python3 benchmarks/memory_budget.py --workloads "" --scenarios all --time-limit ${TIME_LIMIT:-560} --peer-scripts $PWD/.benchwheels/bench \
       --json "$OUT/scenarios.json" 2>&1 | tee "$OUT/scenarios.log" | tail -40 ;;
+  families|families-gemma2|families-phi3|families-gemma3)
+    peers
+    w=${stage#families}; w=${w#-}; w=${w:-families}
+    w=${w/gemma2/gemma2-9b-qlora}; w=${w/phi3/phi3.5-mini-lora}; w=${w/gemma3/gemma3-4b-lora}
+    python3 benchmarks/memory_budget.py --workloads "$w" --budgets unsloth,none --systems pronghorn,unsloth,hf+peft \
+      --peer-scripts $PWD/.benchwheels/bench --json "$OUT/mb-$w.json" --time-limit ${TIME_LIMIT:-560} 2>&1 \
+      | tee "$OUT/mb-$w.log" | tail -40 ;;
   full-ft)
     peers
     python3 benchmarks/full_finetune.py --peer-scripts $PWD/.benchwheels/bench --json "$OUT/full_ft.json" 2>&1 \

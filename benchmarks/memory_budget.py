@@ -25,6 +25,18 @@ workload a call (a point: ~15-25 s for pronghorn 1B, ~30-45 s for 8B, ~1-1.5 min
     python benchmarks/memory_budget.py --scenarios all --workloads "" --json $OUT/sc.json
     python benchmarks/memory_budget.py --budgets full --systems pronghorn            # 4..48 GiB + leanest, unsloth
     python benchmarks/memory_budget.py --dry-run      # the whole pipeline on a tiny model on the CPU, no peers
+
+The family rows (issue 16 item 7; acceptance per row: no cap >= 1.3x Unsloth, at Unsloth's peak >= 1.0x, which the
+summary marks): ``gemma2-9b-qlora`` (Gemma-2-9B config, QLoRA, 2 x 2048), ``phi3.5-mini-lora`` (Phi-3.5-mini, LoRA,
+4 x 2048), ``gemma3-4b-lora`` (Gemma-3-4B's text model, LoRA, 2 x 2048: the issue names no batch), ``families`` for
+all three. Their configs and checkpoint dirs (random init, word-level tokenizer of the config's vocabulary) come
+from family_configs.py; the peers run our scripts in peers/ on that dir (``unsloth_any.py``, ``hf_any.py``; Phi-3's
+adapters on the fused ``qkv_proj`` / ``gate_up_proj`` there, on the split q,k,v / gate,up in pronghorn; no Liger).
+One family a call (checkpoint 8-19 GB written first, then ~6 points; estimate 6-9 min):
+
+    python benchmarks/memory_budget.py --workloads gemma2-9b-qlora --budgets unsloth,none \
+        --systems pronghorn,unsloth,hf+peft --peer-scripts .benchwheels/bench     # gpu_session.sh families-gemma2
+    python benchmarks/memory_budget.py --dry-run --workloads tiny-families       # tiny versions, CPU, pronghorn
 """
 
 from __future__ import annotations
@@ -36,7 +48,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +60,7 @@ import torch
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))  # this tree's pronghorn, whatever is installed (the children get it on PYTHONPATH)
 from common import median_ms, run_meta, write_results  # noqa: E402
+from family_configs import FAMILY_CONFIGS  # noqa: E402
 from train_e2e import TARGETS  # noqa: E402
 from train_e2e import WORKLOADS as E2E  # noqa: E402
 
@@ -56,13 +68,23 @@ _GIB = 2**30
 PEER_SCRIPTS = next((p for p in (_REPO / "shared/bench", _REPO.parent / "shared/bench", Path("/work/shared/bench"),
                                _REPO / ".benchwheels/bench")  # the GPU machine: carried with the peers' wheels
                      if (p / "hf_baseline.py").is_file()), _REPO.parent / "shared/bench")
-CONFIGS = {"llama-3.2-1b": E2E["llama-3.2-1b"][0], "llama-3.1-8b": E2E["llama-3.1-8b"][0], "tiny": E2E["tiny"][0]}
+CONFIGS = {"llama-3.2-1b": E2E["llama-3.2-1b"][0], "llama-3.1-8b": E2E["llama-3.1-8b"][0], "tiny": E2E["tiny"][0],
+           **FAMILY_CONFIGS}  # the families' entries name their model_type
 WORKLOADS = {  # name: (model, batch, seq, QLoRA)
     "1b-lora": ("llama-3.2-1b", 4, 2048, False),
     "8b-lora": ("llama-3.1-8b", 2, 2048, False),
     "8b-qlora": ("llama-3.1-8b", 2, 2048, True),
     "tiny": ("tiny", 2, 128, False),  # --dry-run
+    # issue 16 item 7: one row per family (Gemma 3: the issue names no batch; 2 x 2048 as Gemma 2)
+    "gemma2-9b-qlora": ("gemma-2-9b", 2, 2048, True),
+    "phi3.5-mini-lora": ("phi-3.5-mini", 4, 2048, False),
+    "gemma3-4b-lora": ("gemma-3-4b", 2, 2048, False),
+    "tiny-gemma2": ("tiny-gemma2", 2, 128, True),  # --dry-run --workloads tiny-families
+    "tiny-phi3": ("tiny-phi3", 2, 128, False),
+    "tiny-gemma3": ("tiny-gemma3", 2, 128, False),
 }
+GROUPS = {"families": "gemma2-9b-qlora,phi3.5-mini-lora,gemma3-4b-lora",
+          "tiny-families": "tiny-gemma2,tiny-phi3,tiny-gemma3"}
 SCENARIOS = {  # consumer cards: name: (model, batch, seq, QLoRA, cap GiB)
     "8b-qlora-1x8192@16": ("llama-3.1-8b", 1, 8192, True, 16),
     "8b-lora-2x4096@24": ("llama-3.1-8b", 2, 4096, False, 24),
@@ -174,24 +196,18 @@ def _child(spec: dict) -> None:
 
 def _checkpoint_dir(model: str, root: Path, peers: Path) -> str:
     """A random-init HF checkpoint dir of ``model`` (config + bf16 safetensors + tokenizer), written once: by the
-    peers' own script where there is one (so every system loads the same files), else here."""
+    peers' own script for their Llama configs (so every system loads the same files), else by family_configs.py in
+    its own process."""
     d = root / model
     if (d / "config.json").is_file():
         return str(d)
-    if model != "tiny" and (peers / "unsloth_bench.py").is_file():
-        subprocess.run([sys.executable, str(peers / "unsloth_bench.py"), "--model", model, "--make", "1"],
-                       check=True, env={**os.environ, "BENCH_MODELS": str(root)})
-        return str(d)
-    from pronghorn.models.default_model import default_model_dir
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        m = LlamaForCausalLM(LlamaConfig(**CONFIGS[model])).to(torch.bfloat16)
-    m.save_pretrained(str(d), safe_serialization=True)
-    for f in default_model_dir().glob("tokenizer*"):  # SmolLM2's tokenizer: any tokenizer will do for random ids
-        shutil.copy(f, d / f.name)
+    if model in FAMILY_CONFIGS or model == "tiny" or not (peers / "unsloth_bench.py").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = [str(Path(__file__).with_name("family_configs.py")), str(d),
+               json.dumps({"model_type": "llama", **CONFIGS[model]})]
+    else:
+        cmd = [str(peers / "unsloth_bench.py"), "--model", model, "--make", "1"]
+    subprocess.run([sys.executable, *cmd], check=True, env={**os.environ, "BENCH_MODELS": str(root)})
     return str(d)
 
 
@@ -213,8 +229,15 @@ _CAP = ("import runpy, sys, torch; torch.cuda.set_per_process_memory_fraction(fl
 
 
 def _peer_point(pt: dict, a, env: dict, timeout: float) -> dict:
-    script = a.peer_scripts / ("unsloth_bench.py" if pt["system"] == "unsloth" else "hf_baseline.py")
-    args = [str(script), "--model", pt["model"], "--bs", str(pt["batch"]), "--seq", str(pt["seq"]),
+    """A peer's own script on the point: ../shared/bench's for the Llama configs, peers/*_any.py for the families."""
+    unsloth = pt["system"] == "unsloth"
+    if pt["model"] in FAMILY_CONFIGS:
+        script = Path(__file__).resolve().parent / "peers" / ("unsloth_any.py" if unsloth else "hf_any.py")
+        which = ["--dir", pt["dir"]]
+    else:
+        script = a.peer_scripts / ("unsloth_bench.py" if unsloth else "hf_baseline.py")
+        which = ["--model", pt["model"]]
+    args = [str(script), *which, "--bs", str(pt["batch"]), "--seq", str(pt["seq"]),
             "--steps", str(a.steps), "--q4", str(int(pt["q4"]))] + (["--liger", "1"] if "liger" in pt["system"] else [])
     cmd = [sys.executable] + args
     if pt["budget_gib"] is not None:
@@ -272,7 +295,8 @@ def _points(a) -> list[dict]:
             phases[2] += [pt("pronghorn", w, "none", ac, gc="offload") for ac in acs]
             phases[2] += [pt("pronghorn", w, "leanest", ac) for ac in acs]
         phases[3] += [pt(s, w, "none") for s in ("hf+peft", "hf+peft+liger") if s in systems and not
-                      (q4 and "liger" in s)]  # Liger has no QLoRA path (the peers' table has none)
+                      ((q4 or WORKLOADS[w][0] in FAMILY_CONFIGS) and "liger" in s)]  # Liger: no QLoRA (the
+        # peers' table has none), no family rows
         nums = sorted((b for b in budgets if b not in ("none", "unsloth", "leanest")), key=float, reverse=True)
         phases[4] += [pt("pronghorn", w, b, ac) for b in nums for ac in acs if pron]
     for s in [s for s in a.scenarios.split(",") if s]:
@@ -347,6 +371,10 @@ def summary(rows: list[dict]) -> list[str]:
                              + (f"{best['tok_s'] / u['tok_s']:.2f}x Unsloth ({best['budget']}, {best['peak_gib']} GiB)"
                                 if best else "no point") + (f"; no cap {free['tok_s'] / u['tok_s']:.2f}x"
                                                             if free else ""))
+                if WORKLOADS.get(w, ("",))[0] in FAMILY_CONFIGS:  # issue 16 item 7's bar, per family row
+                    passed = (free and free["tok_s"] >= 1.3 * u["tok_s"], best and best["tok_s"] >= u["tok_s"])
+                    lines[-1] += (f" [issue 16: no cap >= 1.3x {'yes' if passed[0] else 'NO'}, at Unsloth's "
+                                  f"memory >= 1.0x {'yes' if passed[1] else 'NO'}]")
         for r in [r for r in mine if r["autocast"] is False]:
             on = _find(mine, autocast=True, budget=r["budget"], gc=r["gc"])
             if on:
@@ -398,7 +426,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default="1b-lora,8b-lora,8b-qlora", help=f"of {list(WORKLOADS)[:3]}")
+    ap.add_argument("--workloads", default=None, help=f"of {list(WORKLOADS)} or {list(GROUPS)} (default: the "
+                    "three Llama ones; --dry-run: tiny, or the tiny ones named)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--budgets", default=QUICK, help=f"GiB, none, unsloth, leanest; 'full' = {FULL}")
     ap.add_argument("--autocast", default="both", choices=("on", "off", "both"), help="pronghorn rows")
@@ -411,14 +440,17 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-scripts", type=Path, default=PEER_SCRIPTS)
     ap.add_argument("--models-dir", type=Path, default=Path(os.environ.get("BENCH_MODELS", "/tmp/models")))
     ap.add_argument("--json", default=None, help="results (default memory_budget.json); the PNG beside it")
-    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, no peers, made-up budgets")
+    ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, no peers, made-up budgets")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         return _child(json.loads(a.child))
     cuda = torch.cuda.is_available()
+    a.workloads = "1b-lora,8b-lora,8b-qlora" if a.workloads is None else a.workloads
+    a.workloads = ",".join(GROUPS.get(w, w) for w in a.workloads.split(","))
     if a.dry_run:
-        a.workloads, a.systems, a.scenarios, a.steps = "tiny", "pronghorn", "", 4
+        tiny = all(w.startswith("tiny") for w in a.workloads.split(","))  # else the Llama one
+        a.workloads, a.systems, a.scenarios, a.steps = a.workloads if tiny else "tiny", "pronghorn", "", 4
         a.budgets = "leanest,unsloth,0.01,4,none"  # 0.01: does not fit; 4: above the uncapped peak (skipped)
         a.models_dir = Path(tempfile.gettempdir()) / "pronghorn-memory-budget-models"
         a.json = a.json or str(Path(tempfile.mkdtemp()) / "memory_budget_dry.json")
