@@ -45,4 +45,4 @@ test-lowest: $(LOWEST_STAMP)
 .PHONY: test-llamacpp
 test-llamacpp: $(STAMP)
 	$(PY) -m pip install -q llama-cpp-python
-	$(PY) -m pytest -q tests/export/test_llamacpp.py
+	$(PY) -m pytest -q tests/export/test_llamacpp.py tests/export/test_llamacpp_families.py
