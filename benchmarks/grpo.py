@@ -111,7 +111,7 @@ def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
         trainer.train_step(batch)
         _sync(device)
         steps.append(time.perf_counter() - t)
-        gens.append(batch.rollout.seconds)
+        gens.append(sum(b.rollout.seconds for b in batch.generated))  # one generation batch per step here
         lengths.append(batch.metrics["completions/mean_length"])
     return dict(steps=steps, gens=gens, lengths=lengths)
 

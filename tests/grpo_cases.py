@@ -38,11 +38,13 @@ def fixed_batch(seed: int = 0) -> tuple[list[dict], Rollout]:
     return rows, ro
 
 
-def grpo_trainer(tmp_path, dtype=torch.float32, **settings) -> GRPOTrainer:
+def grpo_trainer(tmp_path, dtype=torch.float32, prompts: list[dict] | None = None, **settings) -> GRPOTrainer:
+    """A GRPOTrainer of the tiny model on ``prompts`` (default: the fixed batch's two)."""
     model = tiny_lora_model(dtype=dtype).train()
     randomize_lora_b(model, seed=3, scale=0.2)
     cfg = dict(method="grpo", output_dir=str(tmp_path), progress=False, num_generations=G, batch_size=2,
                gradient_accumulation_steps=3, max_completion_length=9, reward_funcs=[token_sum_reward],
                learning_rate=1e-2, lr_scheduler="constant", gradient_checkpointing="off")
-    rows, _ = fixed_batch()
-    return GRPOTrainer(model, make_tiny_tokenizer(), rows[::G], TrainConfig(**{**cfg, **settings}), base_name="tiny")
+    if prompts is None:
+        prompts = fixed_batch()[0][::G]
+    return GRPOTrainer(model, make_tiny_tokenizer(), prompts, TrainConfig(**{**cfg, **settings}), base_name="tiny")

@@ -81,11 +81,12 @@ def _tanh(x):
 
 @triton.jit
 def _ce_rows_kernel(
-    logits_ptr, labels_ptr, loss_ptr, stride_row, ignore_index, softcap,
+    logits_ptr, labels_ptr, loss_ptr, entropy_ptr, stride_row, ignore_index, softcap,
     V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    REVERSE: tl.constexpr = True,
+    REVERSE: tl.constexpr = True, WITH_ENTROPY: tl.constexpr = False,
 ):
-    """One program per row: loss_ptr[row] = lse - x[label]; if WRITE_GRAD the row becomes dloss/dlogits."""
+    """One program per row: loss_ptr[row] = lse - x[label]; if WRITE_GRAD the row becomes dloss/dlogits; if
+    WITH_ENTROPY entropy_ptr[row] = lse - sum_v softmax_v x_v, the entropy of the row's distribution (x capped)."""
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -94,17 +95,23 @@ def _ce_rows_kernel(
     cols0 = tl.arange(0, BLOCK_V)
 
     # Pass 1: running max m and running sum d of exp(x - m) over vocab blocks, in fp32.
+    # With WITH_ENTROPY also the running sum s of exp(x - m) * x, rescaled as d is.
     m = tl.full((), float("-inf"), tl.float32)
     d = tl.full((), 0.0, tl.float32)
+    s = tl.full((), 0.0, tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
-        x = tl.where(mask, x, float("-inf"))
+            z = softcap * _tanh(z / softcap)
+        x = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)  # 0 past the row's end, where z is 0
+        d = d * rescale + tl.sum(e, axis=0)
+        if WITH_ENTROPY:
+            s = s * rescale + tl.sum(e * z, axis=0)
         m = m_new
     lse = m + tl.log(d)
 
@@ -112,6 +119,8 @@ def _ce_rows_kernel(
     if HAS_SOFTCAP:
         x_label = softcap * _tanh(x_label / softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_label, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, lse - s / d, 0.0))
 
     if WRITE_GRAD:
         # Pass 2: softmax - onehot (times the softcap's derivative), in place; zeros for an ignored row.
@@ -152,8 +161,10 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def ce_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, ignore_index: int,
-             softcap: float | None, write_grad: bool, block_v: int | None = None) -> None:
-    """Run the CE kernel over the rows of a contiguous-row ``logits`` [M, V] (in place when write_grad)."""
+             softcap: float | None, write_grad: bool, block_v: int | None = None,
+             entropy: torch.Tensor | None = None) -> None:
+    """Run the CE kernel over the rows of a contiguous-row ``logits`` [M, V] (in place when write_grad); with
+    ``entropy`` (fp32 [M]) each row's entropy is written there too, from the first pass (before any overwrite)."""
     rows, V = logits.shape
     if rows == 0:
         return
@@ -161,8 +172,9 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, igno
         block_v = min(_BLOCK_V, triton.next_power_of_2(V))
     warps = _NUM_WARPS if block_v >= 8192 else 8 if block_v >= 2048 else 4
     _ce_rows_kernel[(rows,)](
-        logits, labels, loss, logits.stride(0), ignore_index, float(softcap or 1.0),
-        V=V, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps,
+        logits, labels, loss, loss if entropy is None else entropy, logits.stride(0), ignore_index,
+        float(softcap or 1.0), V=V, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        WITH_ENTROPY=entropy is not None, num_warps=warps,
     )
 
 

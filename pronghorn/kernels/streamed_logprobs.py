@@ -12,8 +12,9 @@ by the cap's derivative ``1 - tanh^2`` as well.
 The head is frozen (LoRA/QLoRA), so, as in :mod:`.linear_logprobs`, the gradient with respect to ``hidden``
 is produced in the forward: d logp_i / d h_i = c'_label W[label_i] - (softmax_i * c') @ W (c' the cap's
 derivative, 1 without a cap); backward scales its rows.
-Logits are computed in the input dtype and the reductions in fp32, like the chunked head. Reference:
-``linear_logprobs_reference``. Ignored rows (``ignore_index``) give 0 and no gradient.
+Logits are computed in the input dtype and the reductions in fp32, like the chunked head. With ``entropy`` each
+row also keeps the running ``sum_v exp(z_v - max) z_v``, so its entropy ``lse - sum softmax * z`` comes from the
+same pass. Reference: ``linear_logprobs_reference``. Ignored rows (``ignore_index``) give 0 and no gradient.
 """
 
 from __future__ import annotations
@@ -30,46 +31,56 @@ ROW_TILE = 2048
 def streamed_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       ignore_index: int = IGNORE_INDEX, vocab_chunk: int = VOCAB_CHUNK,
                       row_tile: int = ROW_TILE, keep_rows: torch.Tensor | None = None,
-                      softcap: float | None = None) -> torch.Tensor:
+                      softcap: float | None = None, entropy: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 [N] log-probs of ``labels`` under ``hidden`` [N, H] @ ``weight`` [V, H]^T; ``weight`` may be on the
     host (pinned: the copies overlap) while ``hidden`` is on a GPU. ``weight`` must not need a gradient.
     ``keep_rows``: the indices of the rows not ignored, when the caller knows them (no host sync). ``softcap``:
-    the logits are capped as ``c * tanh(x / c)`` before the softmax (None: not)."""
+    the logits are capped as ``c * tanh(x / c)`` before the softmax (None: not). ``entropy``: return (log-probs,
+    each row's entropy: 0 at ignored rows, no gradient)."""
     if weight.requires_grad:
         raise ValueError("streamed_logprobs takes a frozen head; its weight requires grad")
-    return _StreamedLogprobs.apply(hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows, softcap)
+    out, ent = _StreamedLogprobs.apply(hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows,
+                                       softcap, entropy)
+    return (out, ent) if entropy else out
 
 
 class _StreamedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows, softcap):
+    def forward(ctx, hidden, weight, labels, ignore_index, vocab_chunk, row_tile, keep_rows, softcap, want_entropy):
         rows = kept_rows(labels, ignore_index, keep_rows)
         h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
         want_grad = ctx.needs_input_grad[0]
-        picked, lse, grad = _scan(h, weight, y, vocab_chunk, row_tile, want_grad, softcap)
+        picked, lse, grad, mean_z = _scan(h, weight, y, vocab_chunk, row_tile, want_grad, softcap, want_entropy)
         out = torch.zeros(labels.shape, dtype=picked.dtype, device=hidden.device)
         out.index_copy_(0, rows, picked - lse)
+        ent = torch.zeros(labels.shape if want_entropy else (0,), dtype=picked.dtype, device=hidden.device)
+        if want_entropy:
+            ent.index_copy_(0, rows, lse - mean_z)
+        ctx.mark_non_differentiable(ent)
         if want_grad:
             ctx.save_for_backward(rows, grad)
             ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
-        return out
+        return out, ent
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dentropy):
         rows, grad = ctx.saved_tensors
         dh = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=grad.device)
         dh.index_copy_(0, rows, (grad * dout.index_select(0, rows).to(grad.dtype).unsqueeze(-1)).to(dh.dtype))
-        return (dh,) + (None,) * 7
+        return (dh,) + (None,) * 8
 
 
 def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: int, row_tile: int,
-          want_grad: bool, softcap: float | None):
-    """One pass over the vocabulary: (label logit, log-sum-exp, d logp / d h or None) per row of ``h``."""
+          want_grad: bool, softcap: float | None, want_entropy: bool = False):
+    """One pass over the vocabulary: (label logit, log-sum-exp, d logp / d h or None, the softmax-weighted mean
+    logit or None) per row of ``h``."""
     acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     n = h.shape[0]
     peak = torch.full((n,), float("-inf"), dtype=acc_dtype, device=h.device)
     total = torch.zeros(n, dtype=acc_dtype, device=h.device)
     picked = torch.zeros(n, dtype=acc_dtype, device=h.device)
+    weighted_z = torch.zeros(n, dtype=acc_dtype, device=h.device) if want_entropy else None
     expect = torch.zeros(n, h.shape[1], dtype=acc_dtype, device=h.device) if want_grad else None
     label_rows = torch.zeros(n, h.shape[1], dtype=acc_dtype, device=h.device) if want_grad else None
     for start, w in _slices(weight, h.device, h.dtype, vocab_chunk):
@@ -84,6 +95,8 @@ def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: i
             rescale = torch.exp(peak[sl] - new_peak)
             p = torch.exp(z - new_peak.unsqueeze(-1))
             total[sl] = total[sl] * rescale + p.sum(-1)
+            if want_entropy:
+                weighted_z[sl] = weighted_z[sl] * rescale + (p * z).sum(-1)
             here = (y[sl] >= start) & (y[sl] < stop)
             local = torch.where(here, y[sl] - start, 0)
             picked[sl] += torch.where(here, z.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
@@ -100,7 +113,7 @@ def _scan(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab_chunk: i
     grad = None
     if want_grad:
         grad = label_rows.sub_(expect.div_(total.unsqueeze(-1)))
-    return picked, lse, grad
+    return picked, lse, grad, weighted_z / total if want_entropy else None
 
 
 def _slices(weight: torch.Tensor, device: torch.device, dtype: torch.dtype, chunk: int):

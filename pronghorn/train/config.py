@@ -19,7 +19,7 @@ from ..models.tiled_mlp import tiled_mlp_mode
 from .full_finetune import check_settings as check_full_finetuning
 from .optimizers import optimizer_name
 from .report import check_report_to
-from .grpo_settings import method_defaults, resolve_method_defaults, scale_rewards_mode
+from .grpo_settings import check_generation_batch, method_defaults, resolve_method_defaults, scale_rewards_mode
 from .settings import check
 
 
@@ -101,16 +101,21 @@ class TrainConfig:
     eval_batch_size: int | None = None  # rows per evaluation batch (None: batch_size)
     eval_on_start: bool = False  # also evaluate before the first step (logged as step 0)
     # GRPO (pronghorn.train.grpo_trainer); names and defaults as TRL's GRPOConfig (beta, loss_type: above).
-    # A step generates batch_size * gradient_accumulation_steps completions: num_generations per prompt
+    # A step trains on batch_size * gradient_accumulation_steps completions: num_generations per prompt; one
+    # generation batch holds batch_size * steps_per_generation of them
     num_generations: int = 8
     max_completion_length: int = 256
+    steps_per_generation: int | None = None  # None: gradient_accumulation_steps (or from generation_batch_size)
+    generation_batch_size: int | None = None  # None: batch_size * steps_per_generation
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     min_p: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon
     scale_rewards: str | bool = "group"  # group (true) | batch | none (false)
     num_iterations: int = 1
+    mask_truncated_completions: bool = False  # completions cut at max_completion_length carry no loss
     reward_funcs: list[str] = field(default_factory=list)  # built-in names or "module:function" (Python: callables)
     reward_weights: list[float] | None = None  # None: 1.0 each
     stop_strings: list[str] | None = None
@@ -129,6 +134,7 @@ class TrainConfig:
             check(f.name, getattr(self, f.name))
         _check_eval_settings(self)
         resolve_method_defaults(self)  # beta and loss_type per method (train/grpo_settings.py)
+        check_generation_batch(self)  # GRPO: steps_per_generation / generation_batch_size against the batch
         try:
             parse_budget(self.max_memory)  # a clear error now, not after the model loads
         except PronghornError as e:

@@ -7,7 +7,11 @@ padding token is computed. Only the positions that predict a completion token re
 [tokens x vocab] logits never exist. The log-probs are those of ``softmax(logits / temperature)``, TRL's
 (the head is applied to ``hidden / temperature``, the same logits divided; a soft-capped family at a
 temperature other than 1 goes through its capped logits instead, which are divided). They come back as [B, T]
-(T: ``width``, at least the longest completion), 0 after each completion's end.
+(T: ``width``, at least the longest completion), 0 after each completion's end. The training forward also asks
+for each token's entropy of that distribution (TRL's ``entropy`` metric), from the same logits chunks.
+
+A completion left out of the loss (``mask_truncated_completions``) is not packed at all: its mask row and its
+log-probs are 0, and a micro-batch with nothing left runs no forward.
 """
 
 from __future__ import annotations
@@ -43,12 +47,16 @@ class PackedCompletions:
         return self.input_ids.shape[1]
 
 
-def pack_completions(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], width: int
-                     ) -> PackedCompletions:
+def pack_completions(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], width: int,
+                     trained: Sequence[bool] | None = None) -> PackedCompletions:
+    """B prompt + completion sequences in one row; ``trained[b]`` False leaves sequence b out (mask row 0)."""
     ids, pos, targets, keep, dest = [], [], [], [], []
+    mask = torch.zeros(len(completion_ids), width)
     for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
         if len(c) > width:
             raise PronghornError(f"completion {b} has {len(c)} tokens, more than the width {width}")
+        if trained is not None and not trained[b]:
+            continue
         start = len(ids)
         seq = list(p) + list(c)
         ids += seq
@@ -56,36 +64,48 @@ def pack_completions(prompt_ids: Sequence[list[int]], completion_ids: Sequence[l
         targets += [IGNORE_INDEX] * (len(p) - 1) + list(c) + [IGNORE_INDEX]
         keep += range(start + len(p) - 1, start + len(p) - 1 + len(c))
         dest += range(b * width, b * width + len(c))
-    mask = torch.zeros(len(completion_ids), width)
-    for b, c in enumerate(completion_ids):
         mask[b, :len(c)] = 1
     long = dict(dtype=torch.long)
     return PackedCompletions(torch.tensor([ids], **long), torch.tensor([pos], **long), torch.tensor(targets, **long),
                              torch.tensor(keep, **long), torch.tensor(dest, **long), mask)
 
 
-def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float = 1.0) -> torch.Tensor:
+def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float = 1.0, entropy: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """[B, width] fp32 (fp64 for an fp64 model) log-probs of the completion tokens (0 elsewhere), differentiable
-    when grad is enabled."""
+    when grad is enabled; with ``entropy`` also the [B, width] entropy of each token's distribution (no grad)."""
     if not isinstance(model, DecoderForCausalLM):
         raise PronghornError("GRPO's packed training forward needs a pronghorn model (FastLanguageModel"
                              ".from_pretrained); for a transformers / PEFT model use TRL's GRPOTrainer")
+    B, width = packed.mask.shape
+    if not packed.tokens:  # every completion left out: nothing to run
+        zeros = torch.zeros(B, width, dtype=torch.float64 if model.dtype == torch.float64 else torch.float32,
+                            device=model.device)
+        return (zeros, zeros.clone()) if entropy else zeros
     dev = batch_to_device({"input_ids": packed.input_ids, "position_ids": packed.position_ids,
                            "targets": packed.targets, "keep_rows": packed.keep_rows, "dest": packed.dest},
                           model.device)
-    B, width = packed.mask.shape
     cap = model.config.parts.final_softcap
     if cap and temperature != 1.0:  # softcap(logits) / T, not softcap(logits / T): through the model's own logits
         logits = model(input_ids=dev["input_ids"], position_ids=dev["position_ids"], return_logits=True).logits[0]
         picked = logits.index_select(0, dev["keep_rows"]).to(torch.float32 if logits.dtype != torch.float64
                                                               else logits.dtype) / temperature
-        tok = picked.log_softmax(-1).gather(-1, dev["targets"][dev["keep_rows"]].unsqueeze(-1)).squeeze(-1)
+        logp = picked.log_softmax(-1)
+        tok = logp.gather(-1, dev["targets"][dev["keep_rows"]].unsqueeze(-1)).squeeze(-1)
+        ent = -(logp.detach().exp() * logp.detach()).sum(-1) if entropy else None
     else:
         plan = model.training_plan(*dev["input_ids"].shape)  # recompute / offload under the memory budget
         hidden = model.model(dev["input_ids"], None, dev["position_ids"], None, None, plan)[0]
         if temperature != 1.0:
             hidden = hidden / temperature
-        tok = linear_logprobs(hidden, model.lm_head.weight, dev["targets"], keep_rows=dev["keep_rows"],
-                              policy=model.kernel_policy, softcap=cap).index_select(0, dev["keep_rows"])
-    out = torch.zeros(B * width, dtype=tok.dtype, device=tok.device)
-    return out.index_copy(0, dev["dest"], tok).view(B, width)
+        out = linear_logprobs(hidden, model.lm_head.weight, dev["targets"], keep_rows=dev["keep_rows"],
+                              policy=model.kernel_policy, softcap=cap, entropy=entropy)
+        tok, ent = out if entropy else (out, None)
+        tok = tok.index_select(0, dev["keep_rows"])
+        ent = None if ent is None else ent.index_select(0, dev["keep_rows"])
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # [n] kept positions -> [B, width], 0 elsewhere
+        out = torch.zeros(B * width, dtype=tok.dtype, device=tok.device)
+        return out.index_copy(0, dev["dest"], values.to(tok.dtype)).view(B, width)
+
+    return (spread(tok), spread(ent)) if entropy else spread(tok)

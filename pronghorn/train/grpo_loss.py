@@ -19,7 +19,10 @@ and the loss of a step of B completions holding N completion tokens::
 
 A micro-batch adds its share: its sums divided by the step's B or N, so the accumulated gradient is the one of
 the whole step in one batch (TRL divides micro-batch means by the accumulation steps, the same value when the
-micro-batches hold equally many completions, as they do in both trainers).
+micro-batches hold equally many completions, as they do in both trainers). For ``dapo`` TRL's N is the loss tokens
+of the whole generation batch times ``gradient_accumulation_steps / steps_per_generation`` (the trainer passes it as
+``num_tokens``), which is the step's own count when a generation batch is one step. The mask m is 0 on the tokens
+of a completion left out of the loss (``mask_truncated_completions``).
 
 Metrics (token sums; the trainer divides by N): ``kl``, and the clipped fractions ``clip_ratio/low_mean``
 (r < 1 - epsilon where A < 0), ``clip_ratio/high_mean`` (r > 1 + epsilon_high where A > 0) and
@@ -74,7 +77,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
               num_sequences: int | None = None, num_tokens: int | torch.Tensor | None = None,
               use_bias_correction_kl: bool = True) -> GRPOLoss:
     """The loss of [B, T] completion log-probs (``mask`` 1 on completion tokens) as a share of a step of
-    ``num_sequences`` completions and ``num_tokens`` completion tokens (default: this batch alone)."""
+    ``num_sequences`` completions and ``num_tokens`` completion tokens (default: this batch alone; a count given
+    must be > 0)."""
     if loss_type not in GRPO_LOSS_TYPES:
         raise PronghornError(f"loss_type {loss_type!r} is not a GRPO loss; expected one of {', '.join(GRPO_LOSS_TYPES)}")
     mask = mask.to(logps.dtype)
@@ -82,12 +86,12 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     losses, ratio, kl = per_token_loss(logps, old_logps, ref_logps, advantages, beta, epsilon, high,
                                        use_bias_correction_kl)
     sequences = logps.shape[0] if num_sequences is None else num_sequences
-    tokens = mask.sum() if num_tokens is None else num_tokens
+    tokens = mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens  # a given count is used as it is
     masked = losses * mask
     if loss_type == "grpo":
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
     elif loss_type == "dapo":
-        loss = masked.sum() / (tokens.clamp(min=1.0) if isinstance(tokens, torch.Tensor) else max(1, tokens))
+        loss = masked.sum() / tokens
     else:
         if max_completion_length is None:
             raise PronghornError("loss_type 'dr_grpo' needs max_completion_length (its constant normaliser)")

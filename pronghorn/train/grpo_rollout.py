@@ -1,9 +1,10 @@
 """GRPO's generation phase: G sampled completions per prompt from pronghorn's own decoder, in one batch.
 
 The P prompts' ids are repeated G times each (a group is G consecutive rows), left-padded into one batch and
-continued by :func:`pronghorn.infer.generate.generate` (sampled with ``temperature`` / ``top_p`` / ``min_p``,
-a KV cache; on CUDA the static cache with the decode step replayed as a CUDA graph, LoRA adapters live and
-unmerged), from a private generator seeded per generation batch (a resumed run draws the same way).
+continued by :func:`pronghorn.infer.generate.generate` (sampled with ``temperature`` / ``top_k`` / ``top_p`` /
+``min_p`` in transformers' order, a KV cache; on CUDA the static cache with the decode step replayed as a CUDA
+graph, LoRA adapters live and unmerged), from a private generator seeded per generation batch (a resumed run
+draws the same way).
 
 A completion ends with its first EOS token (kept, as TRL's completion mask does), or with the token that
 completes a stop string (kept), or after ``max_completion_length`` tokens (then it is ``truncated``); what the
@@ -36,6 +37,11 @@ class Rollout:
     @property
     def tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    def take(self, order: Sequence[int]) -> "Rollout":
+        """The completions in ``order`` (a permutation, or any selection of indices)."""
+        return Rollout(*([v[i] for i in order] for v in (self.prompt_ids, self.completion_ids, self.completions,
+                                                          self.truncated)), self.seconds)
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -89,9 +95,9 @@ def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], num_generations: int, *,
-            max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, min_p: float = 0.0,
-            stop_strings: Sequence[str] | None = None, seed: int | None = None, conversational: bool = False,
-            max_rows: int | None = None) -> Rollout:
+            max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+            min_p: float = 0.0, stop_strings: Sequence[str] | None = None, seed: int | None = None,
+            conversational: bool = False, max_rows: int | None = None) -> Rollout:
     """``num_generations`` completions of each prompt (module docstring); at most ``max_rows`` rows decoded at
     once (the memory budget: train/grpo_memory.py), round ``i`` seeded with ``seed + i``."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
@@ -107,7 +113,7 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
     for i, start in enumerate(range(0, len(rows), step)):
         out = generate(model, ids[start:start + step].to(device), mask[start:start + step].to(device),
                        max_new_tokens=max_completion_length, do_sample=True, temperature=temperature, top_p=top_p,
-                       min_p=min_p, eos_token_id=eos, pad_token_id=pad,
+                       top_k=top_k, min_p=min_p, eos_token_id=eos, pad_token_id=pad,
                        stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer,
                        seed=None if seed is None else seed + i)
         new += out[:, ids.shape[1]:].tolist()  # one host copy per round, after the decoder is done

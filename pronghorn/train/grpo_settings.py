@@ -1,5 +1,5 @@
-"""What GRPO adds to the settings: its loss aggregations, reward scalings, and the per-method defaults of the
-settings GRPO shares with preference training (TRL's names: ``beta``, ``loss_type``).
+"""What GRPO adds to the settings: its loss aggregations, reward scalings, the generation batch's size, and the
+per-method defaults of the settings GRPO shares with preference training (TRL's names: ``beta``, ``loss_type``).
 
 TRL's defaults differ per trainer: ``DPOConfig`` / ``KTOConfig`` / ``ORPOConfig`` have ``beta=0.1`` and DPO
 ``loss_type="sigmoid"``; ``GRPOConfig`` has ``beta=0.0`` (no reference model, no reference forward) and
@@ -43,3 +43,32 @@ def scale_rewards_mode(value: str | bool) -> str:
     if value not in SCALE_REWARDS:
         raise PronghornError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (or true / false), got {value!r}")
     return value
+
+
+def generation_shape(cfg) -> tuple[int, int]:
+    """(steps_per_generation, generation_batch_size) as TRL's ``GRPOConfig`` resolves them in one process: neither
+    set: ``gradient_accumulation_steps`` micro-batches of ``batch_size``; one set: the other from it; both: refused.
+    A generation batch must hold whole groups (a multiple of ``num_generations``)."""
+    spg, size, bs = cfg.steps_per_generation, cfg.generation_batch_size, cfg.batch_size
+    if spg is not None and size is not None:
+        raise PronghornError(f"give {spell('steps_per_generation')} or {spell('generation_batch_size')}, not both")
+    if size is not None:
+        if size % bs:
+            raise PronghornError(f"{spell('generation_batch_size')} = {size} is not a multiple of batch_size {bs} "
+                                 "(a generation batch is split into micro-batches of batch_size completions)")
+        spg = size // bs
+    spg = cfg.gradient_accumulation_steps if spg is None else spg
+    size = bs * spg
+    if size % cfg.num_generations:
+        source = ("generation_batch_size" if cfg.generation_batch_size is not None else
+                  f"batch_size {bs} x steps_per_generation {spg}" if cfg.steps_per_generation is not None else
+                  f"batch_size {bs} x gradient_accumulation_steps {spg}, steps_per_generation's default")
+        raise PronghornError(f"GRPO's generation batch of {size} completions ({source}) is not a multiple of "
+                             f"num_generations={cfg.num_generations}")
+    return spg, size
+
+
+def check_generation_batch(cfg) -> None:
+    """:func:`generation_shape`'s errors when the config is built (GRPO only)."""
+    if cfg.method == "grpo":
+        generation_shape(cfg)

@@ -1,29 +1,40 @@
-"""GRPO on the native loop: generate, score, then ``num_iterations`` optimizer steps on what was generated.
+"""GRPO on the native loop: generate, score, then optimizer steps on what was generated, on TRL's schedule.
 
 :class:`GRPOTrainer` is the SFT :class:`~pronghorn.train.trainer.Trainer` (optimizer, schedule, checkpoints,
-resume, metrics.jsonl, loss.png, progress) with its own step data and gradients. A step trains on
-``batch_size * gradient_accumulation_steps`` completions: ``num_generations`` (G) for each of P prompts, as
-TRL's ``GRPOTrainer`` with its default ``steps_per_generation`` (= gradient_accumulation_steps). Per
-generation batch (every ``num_iterations`` steps):
+resume, metrics.jsonl, loss.png, progress) with its own step data and gradients. An optimizer step runs
+``gradient_accumulation_steps`` micro-batches of ``batch_size`` completions. As in TRL's ``GRPOTrainer``, a
+**generation batch** holds ``batch_size * steps_per_generation`` completions (``generation_batch_size``; by default
+``steps_per_generation = gradient_accumulation_steps``: one generation batch per step), ``num_generations`` (G)
+for each of its prompts. Counting micro-batches from the start of training, micro-batch s trains on micro-batch
+``s % steps_per_generation`` of generation batch ``s // (steps_per_generation * num_iterations)``: a generation
+batch is used for ``steps_per_generation / gradient_accumulation_steps`` steps, ``num_iterations`` times over.
+Per generation batch:
 
 1. **Generate** (:mod:`.grpo_rollout`): G sampled completions per prompt from the model itself, live LoRA
    adapters, CUDA-graph decoding on a GPU; then the decoder's static KV cache and graph are released, so the
    training step's memory plan has the memory back.
 2. **Score** (:mod:`.grpo_rewards`): every reward function on the whole batch; weighted sum; group-relative
-   advantages (:mod:`.grpo_advantages`).
-3. **Old log-probs** (only when ``num_iterations > 1``, as TRL: with one step per batch the ratio's value is 1)
-   and **reference log-probs** (only when ``beta > 0``: the same model with its adapters switched off), each
-   without gradient, in the training forward's micro-batches.
+   advantages (:mod:`.grpo_advantages`). Then the batch is shuffled (seeded: a function of the seed and the
+   batch's index, as the prompts are) and cut into micro-batches, as TRL does.
+3. **Old log-probs** (only when a step may train on the batch after an optimizer step has changed the model,
+   TRL's rule ``gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0``; otherwise the ratio's
+   value is 1 and ``logp.detach()`` stands in) and **reference log-probs** (only when ``beta > 0``: the same model
+   with its adapters switched off), each without gradient, in the training forward's micro-batches.
 
-Each step then runs the micro-batches of ``batch_size`` completions, each one padding-free forward of its
-prompt + completion sequences through the chunked log-prob head (:mod:`.grpo_logps`), and the loss of
-:mod:`.grpo_loss` as that micro-batch's share of the step (exact accumulation).
+Each micro-batch is one padding-free forward of its prompt + completion sequences through the chunked log-prob
+head (:mod:`.grpo_logps`), and the loss of :mod:`.grpo_loss` as that micro-batch's share of the step (exact
+accumulation): over ``batch_size * gradient_accumulation_steps`` completions, and for ``dapo`` over the loss tokens
+of its generation batch times ``gradient_accumulation_steps / steps_per_generation`` (TRL's normaliser: the
+step's expected share of them). With ``mask_truncated_completions`` a completion cut at ``max_completion_length``
+carries no loss and is left out of the forward (its reward still counts in its group's advantages, as in TRL).
 
 Logged per step (TRL's names where TRL has them): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and
 ``/std``, ``frac_reward_zero_std``, ``completions/mean_length`` / ``min_length`` / ``max_length`` /
-``clipped_ratio``, ``kl`` (beta > 0), ``clip_ratio/low_mean`` / ``high_mean`` / ``region_mean``, and
-``generation_tokens_per_s`` / ``train_tokens_per_s`` (new tokens per second of generation; packed tokens per
-second of the training forward and backward), ``generation_s`` / ``train_s``.
+``clipped_ratio`` (of the generation batch the step trains on; the mean over two when a step spans two),
+``entropy`` (the policy's mean token entropy over the step's loss tokens), ``kl`` (beta > 0),
+``clip_ratio/low_mean`` / ``high_mean`` / ``region_mean``, and ``generation_tokens_per_s`` / ``train_tokens_per_s``
+(new tokens per second of generation; packed tokens per second of the training forward and backward),
+``generation_s`` / ``train_s``.
 """
 
 from __future__ import annotations
@@ -42,10 +53,11 @@ from ..infer.static_decode import release
 from .config import TrainConfig
 from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
-from .grpo_loss import grpo_loss
+from .grpo_loss import CLIP_METRICS, grpo_loss
 from .grpo_rewards import resolve_rewards, score
 from .grpo_memory import rows_at_once
 from .grpo_rollout import Rollout, rollout
+from .grpo_settings import generation_shape
 from .preference_trainer import adapters_disabled
 from .rewards import reward_name
 from .trainer import Trainer
@@ -53,7 +65,8 @@ from .trainer import Trainer
 
 @dataclass
 class GenerationBatch:
-    """What the steps of one generation batch train on (device tensors: [N] / [N, width])."""
+    """What the steps of one generation batch train on, in training order: micro-batch k holds completions
+    ``k * batch_size`` to ``(k + 1) * batch_size`` (device tensors: [N] / [N, width])."""
 
     rows: list[dict]  # the dataset row of each completion
     rollout: Rollout
@@ -62,9 +75,25 @@ class GenerationBatch:
     old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None
     metrics: dict
+    loss_tokens: int  # completion tokens that carry the loss (not those of masked truncated completions)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's micro-batches, in order: (generation batch, micro-batch index) each."""
+
+    parts: list[tuple[GenerationBatch, int]]
+    generated: list[GenerationBatch]  # the generation batches made for this step (none when it reuses one)
+
+    @property
+    def metrics(self) -> dict:
+        """The generation metrics of the batch the step trains on (the mean over two when it spans two, as TRL
+        logs the mean of what was generated since its last log)."""
+        batches = list({id(b): b for b, _ in self.parts}.values())
+        return {k: round(sum(b.metrics[k] for b in batches) / len(batches), 6) for k in batches[0].metrics}
 
 
 class GRPOTrainer(Trainer):
@@ -79,19 +108,23 @@ class GRPOTrainer(Trainer):
         super().__init__(model, tokenizer, rows, dataclasses.replace(config, packing=False), base_name)
         if self.dist.world_size > 1:
             raise PronghornError("GRPO runs in a single process for now (no torchrun)")
-        completions = config.batch_size * config.gradient_accumulation_steps
-        if completions % config.num_generations:
-            raise PronghornError(f"batch_size * gradient_accumulation_steps = {completions} completions per step is "
-                                 f"not a multiple of num_generations={config.num_generations}")
-        self.prompts_per_batch = completions // config.num_generations
-        self.batches_per_epoch = math.ceil(len(rows) / self.prompts_per_batch)
-        self.steps_per_epoch = self.batches_per_epoch * config.num_iterations
+        self.steps_per_generation, generation_size = generation_shape(config)
+        self.prompts_per_batch = generation_size // config.num_generations
+        self.batches_per_epoch = len(rows) // self.prompts_per_batch  # an incomplete last batch is dropped (TRL)
+        if not self.batches_per_epoch:
+            raise PronghornError(f"a GRPO generation batch of {generation_size} completions needs "
+                                 f"{self.prompts_per_batch} prompts (num_generations={config.num_generations} each); "
+                                 f"the data has {len(rows)}")
+        self.micro_per_batch = self.steps_per_generation * config.num_iterations  # TRL's generate_every
+        ga = config.gradient_accumulation_steps
+        self.keeps_old_logps = ga % self.micro_per_batch != 0  # a step may follow an update on the same batch
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch * self.micro_per_batch / ga))
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.warmup = config.warmup_steps or int(config.warmup_ratio * self.total_steps)
-        self._generated: tuple[int, GenerationBatch] | None = None
+        self._generated: dict[int, GenerationBatch] = {}
         self._step_metrics: dict = {}
 
-    # --- data: one generation batch per num_iterations steps, a function of (seed, step) only ---
+    # --- data: generation batch i every steps_per_generation * num_iterations micro-batches, from (seed, i) ---
     def batch_prompts(self, index: int) -> list[dict]:
         """The prompts of generation batch ``index`` (the epoch's shuffle, as the SFT loop's order)."""
         epoch, i = divmod(index, self.batches_per_epoch)
@@ -99,12 +132,19 @@ class GRPOTrainer(Trainer):
         picked = order[i * self.prompts_per_batch:(i + 1) * self.prompts_per_batch].tolist()
         return [self.examples[j] for j in picked]
 
-    def step_examples(self, step: int) -> GenerationBatch:
-        index = step // self.cfg.num_iterations
-        if self._generated is None or self._generated[0] != index:
-            self._generated = None  # free the previous batch before generating the next
-            self._generated = (index, self.generate_batch(self.batch_prompts(index), seed=self.cfg.seed + index))
-        return self._generated[1]
+    def step_examples(self, step: int) -> StepBatch:
+        """The micro-batches of optimizer step ``step`` (module docstring), generating the batches it needs."""
+        ga = self.cfg.gradient_accumulation_steps
+        micro_steps = range(step * ga, (step + 1) * ga)
+        needed = sorted({s // self.micro_per_batch for s in micro_steps})
+        self._generated = {i: b for i, b in self._generated.items() if i in needed}  # free the rest first
+        generated = []
+        for i in needed:
+            if i not in self._generated:
+                self._generated[i] = self.generate_batch(self.batch_prompts(i), seed=self.cfg.seed + i)
+                generated.append(self._generated[i])
+        return StepBatch([(self._generated[s // self.micro_per_batch], s % self.steps_per_generation)
+                          for s in micro_steps], generated)
 
     # --- generation phase ---
     def generate_batch(self, prompts: list[dict], seed: int | None = None) -> GenerationBatch:
@@ -114,30 +154,36 @@ class GRPOTrainer(Trainer):
         at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids) * G, tokens)  # the shared budget
         ro = rollout(self.model, self.tokenizer, prompt_ids, G,
                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                     min_p=cfg.min_p, stop_strings=cfg.stop_strings, seed=seed,
+                     top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings, seed=seed,
                      conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
         release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
         rows = [p for p in prompts for _ in range(G)]
-        return self.score_batch(rows, ro)
+        return self.score_batch(rows, ro, shuffle_seed=seed)
 
-    def score_batch(self, rows: list[dict], ro: Rollout) -> GenerationBatch:
+    def score_batch(self, rows: list[dict], ro: Rollout, shuffle_seed: int | None = None) -> GenerationBatch:
         """Rewards, advantages, old and reference log-probs of generated completions (also the entry point for
-        completions made elsewhere, e.g. a fixed batch in a test)."""
+        completions made elsewhere, e.g. a fixed batch in a test). ``shuffle_seed``: shuffle the completions
+        before they are cut into micro-batches (None: keep their order)."""
         cfg = self.cfg
         per_func = score(self.reward_fns, rows, ro.completions, ro.completion_ids)
         rewards = combine_rewards(per_func, self.reward_weights)
         advantages, std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+        metrics = self._batch_metrics(per_func, rewards, std, ro)
+        if shuffle_seed is not None:  # after the groups' advantages: micro-batches (and steps) mix the groups
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+            rows, ro, advantages = [rows[i] for i in order], ro.take(order), advantages[order]
+        trained = [not cut for cut in ro.truncated] if cfg.mask_truncated_completions else [True] * len(rows)
         width = max(len(c) for c in ro.completion_ids)
         bs = cfg.batch_size
-        micro = [pack_completions(ro.prompt_ids[i:i + bs], ro.completion_ids[i:i + bs], width)
+        micro = [pack_completions(ro.prompt_ids[i:i + bs], ro.completion_ids[i:i + bs], width, trained[i:i + bs])
                  for i in range(0, len(rows), bs)]
-        old = self.no_grad_logps(micro) if cfg.num_iterations > 1 else None
+        old = self.no_grad_logps(micro) if self.keeps_old_logps else None
         ref = None
         if cfg.beta != 0.0:
             with adapters_disabled(self.model):
                 ref = self.no_grad_logps(micro)
-        metrics = self._batch_metrics(per_func, rewards, std, ro)
-        return GenerationBatch(rows, ro, micro, advantages.to(self.device), old, ref, metrics)
+        loss_tokens = sum(len(c) for c, t in zip(ro.completion_ids, trained) if t)
+        return GenerationBatch(rows, ro, micro, advantages.to(self.device), old, ref, metrics, loss_tokens)
 
     @torch.no_grad()
     def no_grad_logps(self, micro: list[PackedCompletions]) -> torch.Tensor:
@@ -160,35 +206,43 @@ class GRPOTrainer(Trainer):
         return {k: round(float(v), 6) for k, v in out.items()}
 
     # --- training phase ---
-    def accumulate_gradients(self, batch: GenerationBatch) -> tuple[float, int]:
+    def accumulate_gradients(self, batch: StepBatch | GenerationBatch) -> tuple[float, int]:
+        """Forward and backward of a step's micro-batches (a whole :class:`GenerationBatch`: all of its
+        micro-batches in one step); returns (the step's loss, packed tokens)."""
         cfg = self.cfg
-        n_tokens = batch.rollout.tokens
-        total, tokens, sums = None, 0, {}
+        parts = batch.parts if isinstance(batch, StepBatch) else [(batch, k) for k in range(len(batch.micro))]
+        sequences = cfg.batch_size * cfg.gradient_accumulation_steps
+        share = cfg.gradient_accumulation_steps / self.steps_per_generation  # of a generation batch, per step
+        total, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        names = ("tokens", "entropy", *CLIP_METRICS) + (("kl",) if cfg.beta != 0.0 else ())
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in names}  # 0 if nothing trains
         self._sync()
         t0 = time.perf_counter()  # the host reads below wait for the device
-        start = 0
-        for packed in batch.micro:
-            part = slice(start, start + packed.mask.shape[0])
-            start = part.stop
+        for gen, k in parts:
+            packed = gen.micro[k]
+            if not packed.tokens:  # every completion of the micro-batch is masked: no loss, no gradient
+                continue
+            part = slice(k * cfg.batch_size, k * cfg.batch_size + packed.mask.shape[0])
             with self._autocast():
-                logps = packed_logps(self.model, packed, cfg.temperature)
-            out = grpo_loss(logps, _rows(batch.old_logps, part), _rows(batch.ref_logps, part),
-                            batch.advantages[part], packed.mask.to(logps.device), loss_type=cfg.loss_type,
-                            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                            max_completion_length=cfg.max_completion_length, num_sequences=len(batch),
-                            num_tokens=n_tokens, use_bias_correction_kl=cfg.use_bias_correction_kl)
+                logps, entropy = packed_logps(self.model, packed, cfg.temperature, entropy=True)
+            mask = packed.mask.to(logps.device)
+            out = grpo_loss(logps, _rows(gen.old_logps, part), _rows(gen.ref_logps, part), gen.advantages[part],
+                            mask, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
+                            epsilon_high=cfg.epsilon_high, max_completion_length=cfg.max_completion_length,
+                            num_sequences=sequences, num_tokens=max(1, gen.loss_tokens) * share,
+                            use_bias_correction_kl=cfg.use_bias_correction_kl)
             out.loss.backward()
             tokens += packed.tokens
-            total = out.loss.detach() if total is None else total + out.loss.detach()
-            for k, v in out.sums.items():
-                sums[k] = v if k not in sums else sums[k] + v
+            total = total + out.loss.detach()
+            for key, v in {**out.sums, "entropy": (entropy * mask).sum()}.items():
+                sums[key] = sums[key] + v
         keys = sorted(sums)
-        values = torch.stack([total.double()] + [sums[k].double() for k in keys]).tolist()  # one host sync
+        values = torch.stack([total] + [sums[k].double() for k in keys]).tolist()  # one host sync
         seconds = time.perf_counter() - t0
         loss, host = values[0], dict(zip(keys, values[1:]))
         count = max(1.0, host.pop("tokens"))
         step = {k: round(v / count, 6) for k, v in host.items()}
-        self._step_metrics = {**batch.metrics, **step, "train_tokens_per_s": round(tokens / seconds, 1),
+        self._step_metrics = {**batch.metrics, **step, "train_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                               "train_s": round(seconds, 4)}
         return float(loss), tokens
 

@@ -164,18 +164,27 @@ SETTINGS: dict[str, Setting] = {
     "eval_batch_size": Setting("rows per evaluation batch (None: batch_size)", **_ONE),
     "eval_on_start": Setting("also evaluate before the first step (logged as step 0)"),
     # GRPO
-    "num_generations": Setting("GRPO: completions sampled per prompt (batch_size * gradient_accumulation_steps "
-                               "completions per step must be a multiple)", low=2, integer=True),
+    "num_generations": Setting("GRPO: completions sampled per prompt (a generation batch must hold a multiple)",
+                               low=2, integer=True),
     "max_completion_length": Setting("GRPO: new tokens per completion at most", **_ONE),
+    "steps_per_generation": Setting("GRPO: micro-batches of batch_size completions per generation batch; a batch is "
+                                    "generated every steps_per_generation * num_iterations micro-batches (None: "
+                                    "gradient_accumulation_steps, or generation_batch_size / batch_size)", **_ONE),
+    "generation_batch_size": Setting("GRPO: completions per generation batch, a multiple of batch_size and of "
+                                     "num_generations (None: batch_size * steps_per_generation); give this or "
+                                     "steps_per_generation", **_ONE),
     "temperature": Setting("GRPO: sampling temperature (the log-probs are of the logits divided by it, as TRL)",
                            **_POS),
     "top_p": Setting("GRPO: nucleus sampling (1: off)", low=0, high=1, low_open=True),
+    "top_k": Setting("GRPO: top-k sampling, only the k most likely tokens are drawn (0: off)", **_COUNT),
     "min_p": Setting("GRPO: min-p sampling (0: off)", low=0, high=1),
     "epsilon": Setting("GRPO: lower clipping range of the probability ratio", **_NONNEG),
     "epsilon_high": Setting("GRPO: upper clipping range (None: epsilon; DAPO: 0.28)", **_NONNEG),
     "scale_rewards": Setting("GRPO: divide advantages by the reward std of the group, of the batch, or not",
                              ("group", "batch", "none")),
-    "num_iterations": Setting("GRPO: optimizer steps per generated batch (old log-probs kept)", **_ONE),
+    "num_iterations": Setting("GRPO: passes over each generation batch (TRL's mu; old log-probs kept)", **_ONE),
+    "mask_truncated_completions": Setting("GRPO: completions cut at max_completion_length (no EOS or stop string) "
+                                          "carry no loss; their rewards still count in the advantages"),
     "reward_funcs": Setting("GRPO: reward functions: built-in names (gsm8k_format, gsm8k_correct) or "
                             "module:function import paths (Python: callables)"),
     "reward_weights": Setting("GRPO: weight of each reward function (None: 1 each)", low=-math.inf),

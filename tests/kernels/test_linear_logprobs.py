@@ -91,3 +91,36 @@ def test_softcap_changes_the_result_and_float64_oracle():
                   softcap=1.5)
     assert torch.allclose(got[0].double(), oracle[0], atol=2e-5, rtol=0)
     assert torch.allclose(got[1].double(), oracle[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("triton_rows", [False, True])
+@pytest.mark.parametrize("V,H,chunk,softcap", [(97, 16, None, None), (251, 24, 4, None), (97, 16, 5, 2.0)])
+def test_entropy_matches_full_logits(V, H, chunk, softcap, triton_rows):
+    """``entropy=True``: each kept row's entropy of the (capped) distribution, from the chunks the log-probs use,
+    equals ``-sum p log p`` of the full logits (fp32: 1e-5, lse and the mean logit of magnitude ~10); 0 at ignored
+    rows; the log-probs and their gradient are those of ``entropy=False`` exactly, and the entropy has no grad."""
+    if triton_rows:
+        pytest.importorskip("triton")
+    hidden, weight, labels, upstream = _inputs(V, H)
+    want_logp, want = linear_logprobs_reference(hidden, weight, labels, softcap=softcap, entropy=True)
+    plain = _run(linear_logprobs, hidden, weight, labels, upstream, False, chunk_size=chunk, triton_rows=triton_rows,
+                 softcap=softcap)
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_logprobs(h, weight, labels, chunk_size=chunk, triton_rows=triton_rows, softcap=softcap,
+                                entropy=True)
+    assert not ent.requires_grad and ent.dtype == torch.float32
+    torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
+    assert (ent[labels == IGNORE_INDEX] == 0).all() and (ent[labels != IGNORE_INDEX] > 0).all()
+    (logp * upstream).sum().backward()
+    assert torch.equal(logp.detach(), plain[0]) and torch.equal(h.grad, plain[1])
+
+
+def test_entropy_float64_without_grad():
+    hidden, weight, labels, _ = _inputs(131, 8, seed=3)
+    hidden, weight = hidden.double(), weight.double()
+    with torch.no_grad():
+        logp, ent = linear_logprobs(hidden, weight, labels, chunk_size=3, entropy=True)
+    want_logp, want = linear_logprobs_reference(hidden, weight, labels, entropy=True)
+    assert ent.dtype == torch.float64
+    torch.testing.assert_close(ent, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(logp, want_logp, atol=1e-12, rtol=0)

@@ -66,3 +66,18 @@ def test_host_weight_on_gpu_equals_device_weight_bitwise():
     host = _run(lambda h, w, y: streamed_logprobs(h, _host(w), y, vocab_chunk=512), hidden, weight, labels,
                 upstream, False)
     assert torch.equal(dev[0], host[0]) and torch.equal(dev[1], host[1])
+
+
+@pytest.mark.parametrize("chunk,tile,softcap", [(16, 5, None), (7, 64, 2.0)])
+def test_entropy_matches_full_logits(chunk, tile, softcap):
+    """``entropy=True``: the running softmax-weighted logit sum gives each row's entropy over several vocabulary
+    slices (fp32: 1e-5), 0 at ignored rows, no gradient; the log-probs are those of ``entropy=False``."""
+    hidden, weight, labels, _ = _inputs(251, 24)
+    _, want = linear_logprobs_reference(hidden, weight, labels, softcap=softcap, entropy=True)
+    logp, ent = streamed_logprobs(hidden.requires_grad_(), _host(weight), labels, vocab_chunk=chunk, row_tile=tile,
+                                  softcap=softcap, entropy=True)
+    assert not ent.requires_grad and logp.requires_grad
+    torch.testing.assert_close(ent, want, atol=1e-5, rtol=0)
+    assert (ent[labels == IGNORE_INDEX] == 0).all()
+    plain = streamed_logprobs(hidden, _host(weight), labels, vocab_chunk=chunk, row_tile=tile, softcap=softcap)
+    assert torch.equal(logp, plain)

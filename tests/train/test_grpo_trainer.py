@@ -1,5 +1,6 @@
 """The GRPO loop end to end: the mean reward rises on the default model (the issue's CPU acceptance), metrics /
-checkpoints / resume on a tiny model, and the rollout's completion ends (EOS, stop strings, truncation)."""
+checkpoints / resume on a tiny model, TRL's generation schedule (steps_per_generation, num_iterations), the
+rollout's completion ends (EOS, stop strings, truncation) and its top-k sampling."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import pytest
 import torch
 
-from grpo_cases import grpo_trainer
+from grpo_cases import grpo_trainer, token_sum_reward
 from helpers import make_tiny_tokenizer
 from pronghorn import FastLanguageModel
 from pronghorn.errors import PronghornError
+from pronghorn.infer.generate import generate
+from pronghorn.train import grpo_trainer as grpo_trainer_module
 from pronghorn.train.config import TrainConfig
-from pronghorn.train.grpo_rollout import completion_end, rollout
+from pronghorn.train.grpo_rollout import completion_end, eos_ids, rollout
 from pronghorn.train.grpo_trainer import GRPOTrainer
 
 
@@ -69,6 +72,8 @@ def test_train_logs_trl_metrics_checkpoints_and_resumes(tmp_path):
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(PronghornError, match="multiple of num_generations"):
         grpo_trainer(tmp_path, num_generations=4)  # 2 x 3 = 6 completions per step
+    with pytest.raises(PronghornError, match="needs 4 prompts .* the data has 2"):
+        grpo_trainer(tmp_path, steps_per_generation=6)  # 2 x 6 = 12 completions: 4 prompts of 3
     with pytest.raises(PronghornError, match="reward_funcs"):
         grpo_trainer(tmp_path, reward_funcs=[])
     with pytest.raises(PronghornError, match="unknown reward 'nope'"):
@@ -82,6 +87,87 @@ def test_bad_settings_are_named(tmp_path):
     t = grpo_trainer(tmp_path, reward_funcs=[wrong_length])
     with pytest.raises(PronghornError, match="'wrong_length' returned 1 rewards for 6 completions"):
         t.generate_batch(t.batch_prompts(0), seed=0)
+
+
+@pytest.mark.parametrize("ga,spg,iterations", [(3, 3, 1), (3, 3, 2), (3, 6, 1), (3, 6, 2), (2, 1, 1), (2, 3, 1),
+                                              (4, 2, 2)])
+def test_generation_schedule_is_trls(tmp_path, monkeypatch, ga, spg, iterations):
+    """Micro-batch s, counted from the start, trains on micro-batch ``s % steps_per_generation`` of generation batch
+    ``s // (steps_per_generation * num_iterations)`` (TRL's ``_prepare_inputs``); each generation batch is generated
+    once, by the first step that needs it, from ``batch_size * steps_per_generation / num_generations`` prompts;
+    old log-probs are kept exactly when TRL keeps them (``gradient_accumulation_steps % (steps_per_generation *
+    num_iterations) != 0``)."""
+    prompts = [{"prompt": f"p{i}", "prompt_ids": [3 + i, 4, 5]} for i in range(8)]
+    t = grpo_trainer(tmp_path, prompts=prompts, num_generations=2, batch_size=2, gradient_accumulation_steps=ga,
+                     steps_per_generation=spg, num_iterations=iterations)
+    made = []
+
+    def fake_generate(batch_prompts, seed):
+        assert len(batch_prompts) == spg  # 2 * spg completions, 2 per prompt
+        made.append(seed - t.cfg.seed)
+        return made[-1]  # stands for generation batch number made[-1]
+
+    monkeypatch.setattr(t, "generate_batch", fake_generate)
+    every = spg * iterations
+    assert t.keeps_old_logps == (ga % every != 0)
+    for step in range(6):
+        batch = t.step_examples(step)
+        assert [(b, k) for b, k in batch.parts] == [(s // every, s % spg) for s in range(step * ga, (step + 1) * ga)]
+    assert made == list(range(made[-1] + 1))  # in order, each once
+
+
+def test_steps_per_generation_generates_once_per_two_steps(tmp_path, monkeypatch):
+    """``steps_per_generation`` = 2 x ``gradient_accumulation_steps``: 4 optimizer steps generate twice (the reward
+    function runs once per generation batch), and both steps of a generation batch log its rewards; ``top_k``
+    reaches the rollout; with ``mask_truncated_completions`` only completions that ended train, and TRL's
+    ``entropy`` is logged (0 for a step with nothing to train, as TRL's masked mean)."""
+    calls, top_k = [], []
+
+    def counted(prompts, completions, completion_ids, **_):
+        calls.append(len(completions))
+        return token_sum_reward(prompts, completions, completion_ids)
+
+    def spy(*args, **kwargs):
+        top_k.append(kwargs["top_k"])
+        return rollout(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_trainer_module, "rollout", spy)
+    t = grpo_trainer(tmp_path, batch_size=1, gradient_accumulation_steps=3, steps_per_generation=6, max_steps=4,
+                     reward_funcs=[counted], top_k=40, mask_truncated_completions=True, max_completion_length=6,
+                     stop_strings=["e"])  # some completions end, some are truncated
+    assert t.keeps_old_logps and t.steps_per_epoch == 2
+    rows = _rows(t.train().metrics_file)
+    assert calls == [6, 6] and top_k == [40, 40]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["reward"] == rows[1]["reward"] and rows[2]["reward"] == rows[3]["reward"]
+    trained = [r for r in rows if r["tokens"]]  # a step whose completions are all truncated trains nothing
+    assert trained and all(r["entropy"] > 0 for r in trained)
+    assert all(r["loss"] == 0 and r["entropy"] == 0 for r in rows if not r["tokens"])
+
+
+@torch.no_grad()
+def test_top_k_one_is_greedy_and_top_k_draws_only_the_k_most_likely(tmp_path):
+    """``top_k=1``: every completion is the greedy continuation of its prompt; ``top_k=3``: every drawn token is one
+    of the 3 most likely under the model at its position (all three ranks drawn), where without top-k less likely
+    ones are drawn too. fp64, so the ranks of the packed decode and of a plain forward agree."""
+    t = grpo_trainer(tmp_path, dtype=torch.float64)
+    model, tok = t.model, t.tokenizer
+    prompts = [r["prompt_ids"] for r in t.batch_prompts(0)]
+    eos = eos_ids(model, tok)
+    one = rollout(model, tok, prompts, 3, max_completion_length=6, top_k=1, seed=5)
+    for p, c in zip(one.prompt_ids, one.completion_ids):
+        greedy = generate(model, torch.tensor([p]), max_new_tokens=6, eos_token_id=eos)[0, len(p):].tolist()
+        assert c == greedy[:completion_end(greedy, eos, (), tok)[0]]
+
+    def ranks(ro):
+        out = []
+        for p, c in zip(ro.prompt_ids, ro.completion_ids):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            out += (logits > logits.gather(-1, torch.tensor(c)[:, None])).sum(-1).tolist()
+        return out
+
+    assert set(ranks(rollout(model, tok, prompts, 8, max_completion_length=6, top_k=3, seed=5))) == {0, 1, 2}
+    assert max(ranks(rollout(model, tok, prompts, 8, max_completion_length=6, seed=5))) >= 3
 
 
 def test_completion_ends_at_eos_or_stop_string_and_is_cut_there():
@@ -112,7 +198,8 @@ def test_rollout_groups_and_stops(tmp_path):
 
 def test_cli_recipe_trains_grpo_on_gsm8k_rows(smollm2_dir, tmp_path, capsys):
     """``pronghorn train --config recipes/grpo-gsm8k.yaml`` (method grpo, the gsm8k rewards) on the default model,
-    2 steps, a few real gsm8k rows (../shared/data), small generations."""
+    2 steps, a few real gsm8k rows (../shared/data), small generations; TRL's generation flags: one generation
+    batch for both steps (``--steps-per-generation 2``), ``--top-k``, ``--mask-truncated-completions``."""
     from pathlib import Path
 
     from pronghorn.cli import main
@@ -126,10 +213,12 @@ def test_cli_recipe_trains_grpo_on_gsm8k_rows(smollm2_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", "--config", str(recipe), "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
                  "--num-generations", "2", "--batch-size", "2", "--gradient-accumulation-steps", "1",
-                 "--max-completion-length", "8", "--no-progress"]) == 0
+                 "--max-completion-length", "8", "--steps-per-generation", "2", "--top-k", "50",
+                 "--mask-truncated-completions", "--no-progress"]) == 0
     rows = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    assert {"rewards/gsm8k_format/mean", "rewards/gsm8k_correct/mean", "reward"} <= set(rows[0])
+    assert {"rewards/gsm8k_format/mean", "rewards/gsm8k_correct/mean", "reward", "entropy"} <= set(rows[0])
+    assert rows[0]["reward"] == rows[1]["reward"]  # one generation batch of 2 prompts x 2, a step on each half
     assert (out / "adapter_model.safetensors").is_file()
     assert "pronghorn grpo:" in capsys.readouterr().out
 

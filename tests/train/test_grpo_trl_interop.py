@@ -1,7 +1,9 @@
 """pronghorn's model under TRL's GRPOTrainer (use_vllm=False), unpatched: TRL generates with our ``generate`` (its
 GenerationConfig honoured), scores with its fused LM head over our hidden states, and trains. On a fixed batch of
 completions TRL's loss (its ``compute_loss`` on inputs in its format) and the LoRA gradients equal our trainer's,
-for each loss type, with and without the KL term, with one pass and with old log-probs from before a step."""
+for each loss type, with and without the KL term, with one pass and with old log-probs from before a step, with a
+generation batch split over two steps (``steps_per_generation=2``: the second step's half) and with truncated
+completions masked (``mask_truncated_completions``: TRL's rule, last token not EOS / pad, zeroes their mask)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pronghorn import FastLanguageModel  # noqa: E402
 from pronghorn.train.config import TrainConfig  # noqa: E402
 from pronghorn.train.grpo_advantages import group_advantages  # noqa: E402
 from pronghorn.train.grpo_rollout import Rollout, left_pad  # noqa: E402
-from pronghorn.train.grpo_trainer import GRPOTrainer  # noqa: E402
+from pronghorn.train.grpo_trainer import GRPOTrainer, StepBatch  # noqa: E402
 
 G = 4
 # fp64 weights: our side is then exact (tests/train/test_grpo_loss.py), and what is left is TRL's fused log-prob
@@ -75,10 +77,13 @@ def _fixed_rollout(tok):
         completions.append(ids[:-1] + [tok.eos_token_id] if i % 3 == 0 else ids)
     texts = tok.batch_decode(completions, skip_special_tokens=True)
     rows = [{"prompt": text} for text in ("Say something:", "Count to three, please:") for _ in range(G)]
-    return rows, Rollout([p for p in prompts for _ in range(G)], completions, texts, [False] * 2 * G, 1.0)
+    truncated = [c[-1] != tok.eos_token_id for c in completions]  # as if each had reached max_completion_length
+    return rows, Rollout([p for p in prompts for _ in range(G)], completions, texts, truncated, 1.0)
 
 
-def _trl_inputs(batch, tok, device):
+def _trl_inputs(trainer, batch, tok, device, part=slice(None), mask_truncated=False):
+    """TRL's inputs for completions ``part`` of our generation batch: what its ``_generate_and_score_completions``
+    hands to ``compute_loss`` (``num_items_in_batch``: the loss tokens of the whole generation batch)."""
     ro = batch.rollout
     prompt_ids, prompt_mask = left_pad(ro.prompt_ids, tok.pad_token_id)
     width = max(len(c) for c in ro.completion_ids)
@@ -87,13 +92,19 @@ def _trl_inputs(batch, tok, device):
     for b, c in enumerate(ro.completion_ids):
         completion_ids[b, :len(c)] = torch.tensor(c)
         completion_mask[b, :len(c)] = 1
+    if mask_truncated:  # TRL's rule, on its own eos ids
+        ends = [*trainer.eos_token_ids, tok.pad_token_id]
+        is_truncated = torch.tensor([c[-1] not in ends for c in ro.completion_ids])
+        assert is_truncated.tolist() == ro.truncated and is_truncated.any() and not is_truncated.all()
+        completion_mask = completion_mask * (~is_truncated).unsqueeze(1).int()
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-              "completion_mask": completion_mask, "advantages": batch.advantages,
-              "num_items_in_batch": completion_mask.sum()}
+              "completion_mask": completion_mask, "advantages": batch.advantages}
     if batch.old_logps is not None:
         inputs["old_per_token_logps"] = batch.old_logps
     if batch.ref_logps is not None:
         inputs["ref_per_token_logps"] = batch.ref_logps
+    inputs = {k: v[part] for k, v in inputs.items()}
+    inputs["num_items_in_batch"] = completion_mask.sum()
     return {k: v.to(device) for k, v in inputs.items()}
 
 
@@ -103,32 +114,43 @@ def _grads(model):
     return grads
 
 
-@pytest.mark.parametrize("loss_type,beta,iterations", [("dapo", 0.0, 1), ("grpo", 0.04, 1), ("dr_grpo", 0.04, 2),
-                                                       ("dapo", 0.04, 2), ("grpo", 0.0, 2)])
-def test_trl_loss_and_grads_equal_ours_on_a_fixed_batch(tiny_smollm2_dir, tmp_path, loss_type, beta, iterations):
+@pytest.mark.parametrize("loss_type,beta,iterations,steps_per_generation,mask_truncated", [
+    ("dapo", 0.0, 1, None, False), ("grpo", 0.04, 1, None, False), ("dr_grpo", 0.04, 2, None, False),
+    ("dapo", 0.04, 2, None, False), ("grpo", 0.0, 2, None, False), ("dapo", 0.04, 1, 2, False),
+    ("grpo", 0.04, 1, 2, True), ("dapo", 0.0, 2, None, True), ("dr_grpo", 0.0, 1, 2, True)])
+def test_trl_loss_and_grads_equal_ours_on_a_fixed_batch(tiny_smollm2_dir, tmp_path, loss_type, beta, iterations,
+                                                         steps_per_generation, mask_truncated):
     model, tok = _model(tiny_smollm2_dir)
     settings = dict(loss_type=loss_type, beta=beta, num_iterations=iterations, epsilon=0.05, epsilon_high=0.08,
-                    temperature=0.8, max_completion_length=6)
-    ours = GRPOTrainer(model, tok, [{"prompt": "x"}], TrainConfig(
-        method="grpo", output_dir=str(tmp_path / "ours"), progress=False, num_generations=G, batch_size=2,
-        gradient_accumulation_steps=4, reward_funcs=[length_reward], gradient_checkpointing="off", **settings))
+                    temperature=0.8, max_completion_length=6, mask_truncated_completions=mask_truncated,
+                    steps_per_generation=steps_per_generation)
+    # one generation batch of 2 prompts x G: in one step (2 x 4 micro-batches), or (steps_per_generation=2) over
+    # two steps of one micro-batch of G, TRL's per_device_train_batch_size=G
+    split = steps_per_generation is not None
+    shape = dict(batch_size=G, gradient_accumulation_steps=1) if split else dict(batch_size=2,
+                                                                                 gradient_accumulation_steps=4)
+    ours = GRPOTrainer(model, tok, [{"prompt": "x"}, {"prompt": "y"}], TrainConfig(
+        method="grpo", output_dir=str(tmp_path / "ours"), progress=False, num_generations=G,
+        reward_funcs=[length_reward], gradient_checkpointing="off", **shape, **settings))
     rows, ro = _fixed_rollout(tok)
     batch = ours.score_batch(rows, ro)  # our advantages, old and reference log-probs: inputs to both losses
-    if iterations > 1:  # a later pass over the batch: the policy moved since the old log-probs
+    if iterations > 1 or split:  # a later pass over the batch, or its second step: the policy moved since then
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).to(p.dtype) * 0.05)
-    loss, _ = ours.accumulate_gradients(batch)
+    loss, _ = ours.accumulate_gradients(StepBatch([(batch, 1)], []) if split else batch)
     want = _grads(model)
 
     trainer = _trl(model, tok, tmp_path, **{**settings, "beta": 0.0})
     # TRL 1.16 builds a second model from the config's path as the reference when beta > 0 and the policy is not a
     # peft.PeftModel (it has no ref_model argument); the reference log-probs are an input of the loss here, ours
     trainer.beta = beta
-    trainer.current_gradient_accumulation_steps = 1  # set by its training loop; the whole batch in one call here
+    trainer.current_gradient_accumulation_steps = 1  # set by its training loop; one call per step here
+    assert trainer.args.steps_per_generation == (2 if split else 1)
     model.train()
-    trl_loss = trainer.compute_loss(model, _trl_inputs(batch, tok, model.device))
+    part = slice(G, 2 * G) if split else slice(None)  # the second step's micro-batch: the batch's second half
+    trl_loss = trainer.compute_loss(model, _trl_inputs(trainer, batch, tok, model.device, part, mask_truncated))
     trl_loss.backward()
     got = _grads(model)
     assert abs(float(trl_loss.detach()) - loss) <= 2e-6 * max(1.0, abs(loss)), (float(trl_loss.detach()), loss)

@@ -32,14 +32,18 @@ CLI = [  # a train flag and a bad value, or a whole command line
     ("--distributed", "zero3"), ("--data-format", "tsv"), ("--report-to", "mlflow"), ("--optim", "sgd"),
     ("--gradient-checkpointing", "sometimes"), ("--tiled-mlp", "maybe"), ("--sample-by", "page"),
     ("--num-generations", "1"), ("--max-completion-length", "0"), ("--temperature", "0"), ("--top-p", "0"),
-    ("--min-p", "1.5"), ("--epsilon", "-0.1"), ("--epsilon-high", "-1"), ("--num-iterations", "0"),
+    ("--top-k", "-1"), ("--min-p", "1.5"), ("--epsilon", "-0.1"), ("--epsilon-high", "-1"),
+    ("--num-iterations", "0"), ("--steps-per-generation", "0"), ("--generation-batch-size", "0"),
     ("--reward-weights", "nan"), ("--scale-rewards", "sometimes"),
 ]
 EXPORT = ["--max-shard-size=lots", "--max-shard-size=0"]
 YAML = ["learning_rate: -1", "adam_beta2: 1.0", "lr_scheduler: step"]
 API = [dict(learning_rate=-1.0), dict(batch_size=2.5), dict(lora_dropout=-0.1),
        dict(optimizer_in_backward=True), dict(full_finetuning=True, load_in_4bit=True),
-       dict(method="grpo", loss_type="sigmoid"), dict(method="dpo", beta=0.0)]
+       dict(method="grpo", loss_type="sigmoid"), dict(method="dpo", beta=0.0),
+       dict(steps_per_generation=2, generation_batch_size=8, method="grpo"),
+       dict(generation_batch_size=5, method="grpo"), dict(generation_batch_size=12, method="grpo"),
+       dict(steps_per_generation=3, method="grpo")]
 PEFT = [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0)]
 
 
