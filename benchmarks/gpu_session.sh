@@ -36,6 +36,7 @@ case "$stage" in
       tests/kernels/test_policy.py tests/models/test_memory_plan.py tests/models/test_recompute.py \
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
+      tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
       tests/train/test_full_finetuning_gpu.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers
