@@ -53,6 +53,28 @@ def wait(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]
     return results
 
 
+def run_workers(script: str, out: Path, timeout: float = 600, world: int = 2) -> Path:
+    """Spawn ``script out`` as every rank's worker and wait (fails with a rank's log tail when one did not exit
+    0); returns ``out``, where the workers saved their results (:func:`save_rank_results`)."""
+    for rc, log in wait(spawn(script, [str(out)], world), timeout=timeout):
+        assert rc == 0, log[-3000:]
+    return out
+
+
+def save_rank_results(out: Path, runs: dict) -> int:
+    """A rank's worker: join the job, then save each ``runs[name]()`` as ``out/<name>-rank<r>.pt``."""
+    from pronghorn.train.distributed import init_distributed
+
+    env = init_distributed(120.0)
+    for name, run in runs.items():
+        torch.save(run(), Path(out) / f"{name}-rank{env.rank}.pt")
+    return 0
+
+
+def rank_results(out: Path, name: str, world: int = 2) -> list:
+    return [torch.load(Path(out) / f"{name}-rank{r}.pt") for r in range(world)]
+
+
 def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
     """fp32 summation order differs between the runs: tolerance relative to the tensor's largest entry."""
     return bool((a - b).abs().max() <= rel * max(b.abs().max(), 1e-30))

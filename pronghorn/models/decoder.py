@@ -343,6 +343,8 @@ class DecoderForCausalLM(nn.Module):
         return_logits: bool | None = None,
         return_token_logps: bool = False,
         keep_rows: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
         **unused,
     ) -> CausalLMOutputWithPast:
         """With ``labels`` the loss is the mean next-token cross-entropy over non-ignored labels (or the sum
@@ -354,7 +356,10 @@ class DecoderForCausalLM(nn.Module):
         ``return_token_logps=True`` (with ``labels``): instead of the loss, ``token_logps`` [batch, seq], the fp32
         log-prob of each next-token label (0 where ignored), from the chunked log-prob head (no logits). The
         preference trainers call it this way, so a DDP / FSDP wrapper sees one forward. ``keep_rows``: the flat
-        indices of the labels not ignored, when the caller computed them on the host (no host sync)."""
+        indices of the labels not ignored, when the caller computed them on the host (no host sync).
+        ``temperature``: the log-probs of ``softmax(logits / temperature)`` (GRPO's; not for a soft-capped family,
+        whose cap comes first); ``return_entropy``: also ``token_entropy`` [batch, seq], each distribution's
+        entropy (no gradient, 0 where ignored)."""
         plan = self.training_plan(*(input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None
@@ -365,7 +370,15 @@ class DecoderForCausalLM(nn.Module):
             rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None
             if return_token_logps:
                 out = causal_lm_output(None, None, past_key_values)
-                out["token_logps"] = self._token_logps(hidden, shifted, rows, keep_rows)
+                if temperature != 1.0:
+                    if self.config.parts.final_softcap:
+                        raise PronghornError("a temperature with soft-capped logits: divide the capped logits "
+                                             "(return_logits=True) instead")
+                    hidden = hidden / temperature
+                tok = self._token_logps(hidden, shifted, rows, keep_rows, return_entropy)
+                if return_entropy:
+                    tok, out["token_entropy"] = tok
+                out["token_logps"] = tok
                 return out
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
                                         num_items_in_batch, softcap=self.config.parts.final_softcap, chunk_size=rows,
@@ -395,9 +408,9 @@ class DecoderForCausalLM(nn.Module):
         return plan
 
     def _token_logps(self, hidden: torch.Tensor, shifted: torch.Tensor, chunk_rows: int | None,
-                     keep_rows: torch.Tensor | None) -> torch.Tensor:
+                     keep_rows: torch.Tensor | None, entropy: bool = False):
         # soft-capped final logits (Gemma 2 / 3) are capped inside the chunked head
-        tok = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
+        out = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
                               chunk_size=chunk_rows, keep_rows=keep_rows, policy=self.kernel_policy,
-                              softcap=self.config.parts.final_softcap)
-        return tok.view(shifted.shape)
+                              softcap=self.config.parts.final_softcap, entropy=entropy)
+        return tuple(t.view(shifted.shape) for t in out) if entropy else out.view(shifted.shape)

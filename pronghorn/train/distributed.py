@@ -151,6 +151,16 @@ def all_reduce_sum(values: Sequence[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def all_gather_rows(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's [n, ...] tensor (the same shape on each) concatenated in rank order; ``t`` in one process."""
+    if not env.distributed:
+        return t
+    local = t.to(_comm_device(env)).contiguous()
+    parts = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
+
+
 def shard_examples(examples: Sequence[Any], rank: int, world_size: int, batch_size: int,
                    filler: Any = FILLER) -> list:
     """This rank's contiguous share of one global step's ``examples`` (or packed rows).

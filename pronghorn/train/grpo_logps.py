@@ -4,7 +4,8 @@ B prompt + completion sequences are concatenated into one row of S tokens whose 
 for each sequence, so the model's document mask keeps them apart (as SFT packing does, data/packing.py): no
 padding token is computed. Only the positions that predict a completion token reach the output head
 (``keep_rows``), through the chunked :func:`~pronghorn.kernels.linear_logprobs.linear_logprobs`: the
-[tokens x vocab] logits never exist. The log-probs are those of ``softmax(logits / temperature)``, TRL's
+[tokens x vocab] logits never exist. It is one call of the model's forward (``return_token_logps``), so a DDP /
+FSDP wrapper sees it. The log-probs are those of ``softmax(logits / temperature)``, TRL's
 (the head is applied to ``hidden / temperature``, the same logits divided; a soft-capped family at a
 temperature other than 1 goes through its capped logits instead, which are divided). They come back as [B, T]
 (T: ``width``, at least the longest completion), 0 after each completion's end. The training forward also asks
@@ -25,7 +26,6 @@ from torch import nn
 from ..data.collate import batch_to_device
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX
-from ..kernels.linear_logprobs import linear_logprobs
 from ..models.decoder import DecoderForCausalLM
 
 
@@ -70,13 +70,16 @@ def pack_completions(prompt_ids: Sequence[list[int]], completion_ids: Sequence[l
                              torch.tensor(keep, **long), torch.tensor(dest, **long), mask)
 
 
-def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float = 1.0, entropy: bool = False
-                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float = 1.0, entropy: bool = False,
+                 forward: nn.Module | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """[B, width] fp32 (fp64 for an fp64 model) log-probs of the completion tokens (0 elsewhere), differentiable
-    when grad is enabled; with ``entropy`` also the [B, width] entropy of each token's distribution (no grad)."""
+    when grad is enabled; with ``entropy`` also the [B, width] entropy of each token's distribution (no grad).
+    ``forward``: what to call for the forward, the model's DDP / FSDP wrapper when data-parallel (it must see
+    the forward); default ``model``."""
     if not isinstance(model, DecoderForCausalLM):
         raise PronghornError("GRPO's packed training forward needs a pronghorn model (FastLanguageModel"
                              ".from_pretrained); for a transformers / PEFT model use TRL's GRPOTrainer")
+    forward = model if forward is None else forward
     B, width = packed.mask.shape
     if not packed.tokens:  # every completion left out: nothing to run
         zeros = torch.zeros(B, width, dtype=torch.float64 if model.dtype == torch.float64 else torch.float32,
@@ -85,24 +88,20 @@ def packed_logps(model: nn.Module, packed: PackedCompletions, temperature: float
     dev = batch_to_device({"input_ids": packed.input_ids, "position_ids": packed.position_ids,
                            "targets": packed.targets, "keep_rows": packed.keep_rows, "dest": packed.dest},
                           model.device)
-    cap = model.config.parts.final_softcap
-    if cap and temperature != 1.0:  # softcap(logits) / T, not softcap(logits / T): through the model's own logits
-        logits = model(input_ids=dev["input_ids"], position_ids=dev["position_ids"], return_logits=True).logits[0]
+    if model.config.parts.final_softcap and temperature != 1.0:  # softcap(logits) / T: through the capped logits
+        logits = forward(input_ids=dev["input_ids"], position_ids=dev["position_ids"], return_logits=True).logits[0]
         picked = logits.index_select(0, dev["keep_rows"]).to(torch.float32 if logits.dtype != torch.float64
                                                               else logits.dtype) / temperature
         logp = picked.log_softmax(-1)
         tok = logp.gather(-1, dev["targets"][dev["keep_rows"]].unsqueeze(-1)).squeeze(-1)
         ent = -(logp.detach().exp() * logp.detach()).sum(-1) if entropy else None
-    else:
-        plan = model.training_plan(*dev["input_ids"].shape)  # recompute / offload under the memory budget
-        hidden = model.model(dev["input_ids"], None, dev["position_ids"], None, None, plan)[0]
-        if temperature != 1.0:
-            hidden = hidden / temperature
-        out = linear_logprobs(hidden, model.lm_head.weight, dev["targets"], keep_rows=dev["keep_rows"],
-                              policy=model.kernel_policy, softcap=cap, entropy=entropy)
-        tok, ent = out if entropy else (out, None)
-        tok = tok.index_select(0, dev["keep_rows"])
-        ent = None if ent is None else ent.index_select(0, dev["keep_rows"])
+    else:  # the chunked head; targets are already shifted (position i's own next token)
+        targets = dev["targets"][None]
+        out = forward(input_ids=dev["input_ids"], position_ids=dev["position_ids"], labels=targets,
+                      shift_labels=targets, return_token_logps=True, keep_rows=dev["keep_rows"],
+                      temperature=temperature, return_entropy=entropy)
+        tok = out["token_logps"][0].index_select(0, dev["keep_rows"])
+        ent = out["token_entropy"][0].index_select(0, dev["keep_rows"]) if entropy else None
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # [n] kept positions -> [B, width], 0 elsewhere
         out = torch.zeros(B * width, dtype=tok.dtype, device=tok.device)

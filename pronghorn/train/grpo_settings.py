@@ -9,6 +9,7 @@ TRL's defaults differ per trainer: ``DPOConfig`` / ``KTOConfig`` / ``ORPOConfig`
 from __future__ import annotations
 
 from ..errors import PronghornError, spell
+from .distributed import env_from_os
 from .preference_losses import DPO_LOSS_TYPES
 
 GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
@@ -45,30 +46,33 @@ def scale_rewards_mode(value: str | bool) -> str:
     return value
 
 
-def generation_shape(cfg) -> tuple[int, int]:
-    """(steps_per_generation, generation_batch_size) as TRL's ``GRPOConfig`` resolves them in one process: neither
-    set: ``gradient_accumulation_steps`` micro-batches of ``batch_size``; one set: the other from it; both: refused.
-    A generation batch must hold whole groups (a multiple of ``num_generations``)."""
+def generation_shape(cfg, world_size: int = 1) -> tuple[int, int]:
+    """(steps_per_generation, generation_batch_size) as TRL's ``GRPOConfig`` resolves them: the generation batch is
+    global, ``batch_size * world_size * steps_per_generation`` completions (each rank generates its share). Neither
+    set: ``steps_per_generation = gradient_accumulation_steps``; one set: the other from it; both: refused. A
+    generation batch must hold whole groups (a multiple of ``num_generations``)."""
     spg, size, bs = cfg.steps_per_generation, cfg.generation_batch_size, cfg.batch_size
     if spg is not None and size is not None:
         raise PronghornError(f"give {spell('steps_per_generation')} or {spell('generation_batch_size')}, not both")
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
     if size is not None:
-        if size % bs:
-            raise PronghornError(f"{spell('generation_batch_size')} = {size} is not a multiple of batch_size {bs} "
-                                 "(a generation batch is split into micro-batches of batch_size completions)")
-        spg = size // bs
+        if size % (bs * world_size):
+            raise PronghornError(f"{spell('generation_batch_size')} = {size} is not a multiple of batch_size {bs}"
+                                 f"{ranks} (a generation batch is split into micro-batches of batch_size completions"
+                                 f"{' on each rank' if ranks else ''})")
+        spg = size // (bs * world_size)
     spg = cfg.gradient_accumulation_steps if spg is None else spg
-    size = bs * spg
+    size = bs * world_size * spg
     if size % cfg.num_generations:
         source = ("generation_batch_size" if cfg.generation_batch_size is not None else
-                  f"batch_size {bs} x steps_per_generation {spg}" if cfg.steps_per_generation is not None else
-                  f"batch_size {bs} x gradient_accumulation_steps {spg}, steps_per_generation's default")
+                  f"batch_size {bs}{ranks} x steps_per_generation {spg}" if cfg.steps_per_generation is not None else
+                  f"batch_size {bs}{ranks} x gradient_accumulation_steps {spg}, steps_per_generation's default")
         raise PronghornError(f"GRPO's generation batch of {size} completions ({source}) is not a multiple of "
                              f"num_generations={cfg.num_generations}")
     return spg, size
 
 
 def check_generation_batch(cfg) -> None:
-    """:func:`generation_shape`'s errors when the config is built (GRPO only)."""
+    """:func:`generation_shape`'s errors when the config is built (GRPO only; the launcher's world size)."""
     if cfg.method == "grpo":
-        generation_shape(cfg)
+        generation_shape(cfg, env_from_os().world_size)

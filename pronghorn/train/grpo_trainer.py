@@ -28,6 +28,12 @@ of its generation batch times ``gradient_accumulation_steps / steps_per_generati
 step's expected share of them). With ``mask_truncated_completions`` a completion cut at ``max_completion_length``
 carries no loss and is left out of the forward (its reward still counts in its group's advantages, as in TRL).
 
+**Data-parallel** (torchrun, DDP over LoRA adapters), TRL's semantics: the generation batch is global (``batch_size
+x ranks x steps_per_generation``); each rank takes its contiguous share of the batch's completions (a group may span
+two ranks), samples it with its own model (seeded per rank), scores it, and the rewards of every rank are gathered
+for the advantages and the metrics; the training forward goes through the DDP wrapper, ``dapo`` divides by the loss
+tokens of all ranks, and the step's metrics are summed over ranks (docs/multi_gpu.md).
+
 Logged per step (TRL's names where TRL has them): ``reward``, ``reward_std``, ``rewards/<name>/mean`` and
 ``/std``, ``frac_reward_zero_std``, ``completions/mean_length`` / ``min_length`` / ``max_length`` /
 ``clipped_ratio`` (of the generation batch the step trains on; the mean over two when a step spans two),
@@ -51,6 +57,7 @@ from ..data.prompts import prompt_rows
 from ..errors import PronghornError
 from ..infer.static_decode import release
 from .config import TrainConfig
+from .distributed import all_gather_rows, all_reduce_sum
 from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import CLIP_METRICS, grpo_loss
@@ -61,6 +68,8 @@ from .grpo_settings import generation_shape
 from .preference_trainer import adapters_disabled
 from .rewards import reward_name
 from .trainer import Trainer
+
+RANK_SEED_STRIDE = 1_000_003  # rank r samples generation batch i from seed + i + r * stride: its own draws
 
 
 @dataclass
@@ -75,7 +84,7 @@ class GenerationBatch:
     old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None
     metrics: dict
-    loss_tokens: int  # completion tokens that carry the loss (not those of masked truncated completions)
+    loss_tokens: int  # completion tokens that carry the loss over all ranks (not those of masked truncated ones)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -106,9 +115,10 @@ class GRPOTrainer(Trainer):
         if rows and "prompt_ids" not in rows[0]:
             rows = prompt_rows(rows, tokenizer, config.max_prompt_length)
         super().__init__(model, tokenizer, rows, dataclasses.replace(config, packing=False), base_name)
-        if self.dist.world_size > 1:
-            raise PronghornError("GRPO runs in a single process for now (no torchrun)")
-        self.steps_per_generation, generation_size = generation_shape(config)
+        if self.dist.strategy == "fsdp":  # generation would need every rank in every decode step
+            raise PronghornError("data-parallel GRPO trains LoRA / QLoRA adapters (DDP); full fine-tuning under FSDP "
+                                 "is not supported for GRPO: attach adapters (get_peft_model) or run one process")
+        self.steps_per_generation, generation_size = generation_shape(config, self.dist.world_size)
         self.prompts_per_batch = generation_size // config.num_generations
         self.batches_per_epoch = len(rows) // self.prompts_per_batch  # an incomplete last batch is dropped (TRL)
         if not self.batches_per_epoch:
@@ -147,28 +157,47 @@ class GRPOTrainer(Trainer):
                           for s in micro_steps], generated)
 
     # --- generation phase ---
+    def local_rows(self, rows: list) -> list:
+        """This rank's contiguous share of a generation batch's completions (all of them in one process), as
+        accelerate splits TRL's sampler: a group may span two ranks (its rewards are gathered)."""
+        n, rank = len(rows) // self.dist.world_size, self.dist.env.rank
+        return rows[rank * n:(rank + 1) * n]
+
     def generate_batch(self, prompts: list[dict], seed: int | None = None) -> GenerationBatch:
-        cfg, G = self.cfg, self.cfg.num_generations
-        prompt_ids = [p["prompt_ids"] for p in prompts]
+        """Generate and score the completions of ``prompts`` (the whole generation batch's, the same on every
+        rank): each rank samples its share with its own model, seeded by (``seed``, rank), no collective."""
+        cfg = self.cfg
+        rows = self.local_rows([p for p in prompts for _ in range(cfg.num_generations)])
+        prompt_ids = [p["prompt_ids"] for p in rows]
         tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
-        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids) * G, tokens)  # the shared budget
-        ro = rollout(self.model, self.tokenizer, prompt_ids, G,
+        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens)  # the shared budget
+        ro = rollout(self.model, self.tokenizer, prompt_ids, 1,
                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                     top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings, seed=seed,
+                     top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings,
+                     seed=None if seed is None else seed + RANK_SEED_STRIDE * self.dist.env.rank,
                      conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
         release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
-        rows = [p for p in prompts for _ in range(G)]
         return self.score_batch(rows, ro, shuffle_seed=seed)
 
     def score_batch(self, rows: list[dict], ro: Rollout, shuffle_seed: int | None = None) -> GenerationBatch:
         """Rewards, advantages, old and reference log-probs of generated completions (also the entry point for
         completions made elsewhere, e.g. a fixed batch in a test). ``shuffle_seed``: shuffle the completions
-        before they are cut into micro-batches (None: keep their order)."""
+        before they are cut into micro-batches (None: keep their order). Data-parallel: ``rows`` / ``ro`` are this
+        rank's share; each rank scores its own, the rewards of every rank are gathered (TRL's order: rank 0's
+        first) for the groups' advantages and the metrics, and each rank keeps its share's advantages."""
         cfg = self.cfg
-        per_func = score(self.reward_fns, rows, ro.completions, ro.completion_ids)
+        local = score(self.reward_fns, rows, ro.completions, ro.completion_ids)
+        n = len(rows)
+        own = torch.tensor([[len(c), cut] for c, cut in zip(ro.completion_ids, ro.truncated)], dtype=torch.float32)
+        every = all_gather_rows(torch.cat([local, own], 1), self.dist.env)  # [N, F + 2], one collective
+        per_func, lengths, truncated = every[:, :-2], every[:, -2], every[:, -1]
         rewards = combine_rewards(per_func, self.reward_weights)
         advantages, std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
-        metrics = self._batch_metrics(per_func, rewards, std, ro)
+        timing = all_reduce_sum([ro.tokens, ro.seconds], self.dist.env)  # new tokens and seconds, over ranks
+        seconds = timing[1] / self.dist.world_size  # the ranks decode at once: their mean time
+        metrics = self._batch_metrics(per_func, rewards, std, lengths, truncated, timing[0], seconds)
+        rank = self.dist.env.rank
+        advantages = advantages[rank * n:(rank + 1) * n]
         if shuffle_seed is not None:  # after the groups' advantages: micro-batches (and steps) mix the groups
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
             rows, ro, advantages = [rows[i] for i in order], ro.take(order), advantages[order]
@@ -182,7 +211,8 @@ class GRPOTrainer(Trainer):
         if cfg.beta != 0.0:
             with adapters_disabled(self.model):
                 ref = self.no_grad_logps(micro)
-        loss_tokens = sum(len(c) for c, t in zip(ro.completion_ids, trained) if t)
+        loss_tokens = int(all_reduce_sum([sum(len(c) for c, t in zip(ro.completion_ids, trained) if t)],
+                                         self.dist.env)[0])  # of the whole generation batch (TRL's num_items)
         return GenerationBatch(rows, ro, micro, advantages.to(self.device), old, ref, metrics, loss_tokens)
 
     @torch.no_grad()
@@ -190,8 +220,9 @@ class GRPOTrainer(Trainer):
         with self._autocast():
             return torch.cat([packed_logps(self.model, p, self.cfg.temperature) for p in micro])
 
-    def _batch_metrics(self, per_func: torch.Tensor, rewards: torch.Tensor, std: torch.Tensor, ro: Rollout) -> dict:
-        lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float32)
+    def _batch_metrics(self, per_func: torch.Tensor, rewards: torch.Tensor, std: torch.Tensor, lengths: torch.Tensor,
+                       truncated: torch.Tensor, tokens: float, seconds: float) -> dict:
+        """The generation batch's metrics, from every rank's completions (``lengths`` / ``truncated`` [N])."""
         out = {}
         for j, fn in enumerate(self.reward_fns):
             out[f"rewards/{reward_name(fn)}/mean"] = torch.nanmean(per_func[:, j])
@@ -200,9 +231,9 @@ class GRPOTrainer(Trainer):
                     "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
                     "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                     "completions/max_length": lengths.max(),
-                    "completions/clipped_ratio": torch.tensor(ro.truncated, dtype=torch.float32).mean(),
-                    "generation_tokens_per_s": torch.tensor(ro.tokens / max(ro.seconds, 1e-9)),
-                    "generation_s": torch.tensor(ro.seconds)})
+                    "completions/clipped_ratio": truncated.mean(),
+                    "generation_tokens_per_s": torch.tensor(tokens / max(seconds, 1e-9)),
+                    "generation_s": torch.tensor(seconds)})
         return {k: round(float(v), 6) for k, v in out.items()}
 
     # --- training phase ---
@@ -213,25 +244,31 @@ class GRPOTrainer(Trainer):
         parts = batch.parts if isinstance(batch, StepBatch) else [(batch, k) for k in range(len(batch.micro))]
         sequences = cfg.batch_size * cfg.gradient_accumulation_steps
         share = cfg.gradient_accumulation_steps / self.steps_per_generation  # of a generation batch, per step
+        # dapo: the generation batch's loss tokens over all ranks, per step, per rank (DDP averages over ranks)
+        dapo_tokens = lambda gen: max(1, gen.loss_tokens) * share / self.dist.world_size  # noqa: E731
         total, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         names = ("tokens", "entropy", *CLIP_METRICS) + (("kl",) if cfg.beta != 0.0 else ())
         sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in names}  # 0 if nothing trains
         self._sync()
         t0 = time.perf_counter()  # the host reads below wait for the device
-        for gen, k in parts:
+        for j, (gen, k) in enumerate(parts):
             packed = gen.micro[k]
-            if not packed.tokens:  # every completion of the micro-batch is masked: no loss, no gradient
-                continue
             part = slice(k * cfg.batch_size, k * cfg.batch_size + packed.mask.shape[0])
-            with self._autocast():
-                logps, entropy = packed_logps(self.model, packed, cfg.temperature, entropy=True)
-            mask = packed.mask.to(logps.device)
-            out = grpo_loss(logps, _rows(gen.old_logps, part), _rows(gen.ref_logps, part), gen.advantages[part],
-                            mask, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
-                            epsilon_high=cfg.epsilon_high, max_completion_length=cfg.max_completion_length,
-                            num_sequences=sequences, num_tokens=max(1, gen.loss_tokens) * share,
-                            use_bias_correction_kl=cfg.use_bias_correction_kl)
-            out.loss.backward()
+            with self.dist.grad_sync(j == len(parts) - 1):  # DDP reduces the gradients once, after the last
+                if not packed.tokens:  # every completion of the micro-batch is masked: no loss, no gradient
+                    if self.dist.env.distributed:  # every rank joins every reduction: a zero-loss stand-in
+                        self._stand_in(gen, part)
+                    continue
+                with self._autocast():
+                    logps, entropy = packed_logps(self.model, packed, cfg.temperature, entropy=True,
+                                                  forward=self.dist.module)
+                mask = packed.mask.to(logps.device)
+                out = grpo_loss(logps, _rows(gen.old_logps, part), _rows(gen.ref_logps, part), gen.advantages[part],
+                                mask, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
+                                epsilon_high=cfg.epsilon_high, max_completion_length=cfg.max_completion_length,
+                                num_sequences=sequences, num_tokens=dapo_tokens(gen),
+                                use_bias_correction_kl=cfg.use_bias_correction_kl)
+                out.loss.backward()
             tokens += packed.tokens
             total = total + out.loss.detach()
             for key, v in {**out.sums, "entropy": (entropy * mask).sum()}.items():
@@ -239,12 +276,23 @@ class GRPOTrainer(Trainer):
         keys = sorted(sums)
         values = torch.stack([total] + [sums[k].double() for k in keys]).tolist()  # one host sync
         seconds = time.perf_counter() - t0
-        loss, host = values[0], dict(zip(keys, values[1:]))
+        values = all_reduce_sum(values + [tokens], self.dist.env)  # every rank's: the step's over all of them
+        loss, host, tokens = values[0] / self.dist.world_size, dict(zip(keys, values[1:-1])), int(values[-1])
         count = max(1.0, host.pop("tokens"))
         step = {k: round(v / count, 6) for k, v in host.items()}
         self._step_metrics = {**batch.metrics, **step, "train_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                               "train_s": round(seconds, 4)}
         return float(loss), tokens
+
+    def _stand_in(self, gen: GenerationBatch, part: slice) -> None:
+        """Forward and backward of micro-batch ``part``'s completions with a zero loss (nothing of it trains: its
+        completions are masked), so that this rank takes part in the gradient reduction as the others do."""
+        ro = gen.rollout
+        width = max(len(c) for c in ro.completion_ids[part])
+        packed = pack_completions(ro.prompt_ids[part], ro.completion_ids[part], width)
+        with self._autocast():
+            logps = packed_logps(self.model, packed, self.cfg.temperature, forward=self.dist.module)
+        (logps.sum() * 0.0).backward()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -16,10 +16,9 @@ if __name__ == "__main__":  # worker: make tests/ importable like pytest does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
-import torch
 
 from helpers import preference_lora_model, random_kto_rows, random_pairs
-from rank_launcher import ROOT, close, free_port, spawn, wait, worker_env
+from rank_launcher import ROOT, close, free_port, rank_results, run_workers, save_rank_results, worker_env
 from pronghorn.train.config import TrainConfig
 from pronghorn.train.preference_trainer import PreferenceTrainer
 
@@ -52,27 +51,18 @@ def _run(method: str, out: Path, batch_size: int) -> dict:
 
 
 def _worker(out: Path) -> int:
-    from pronghorn.train.distributed import init_distributed
-
-    env = init_distributed(120.0)
-    for method in RUNS:
-        torch.save(_run(method, out / method, batch_size=2), out / f"{method}-rank{env.rank}.pt")
-    return 0
+    return save_rank_results(out, {m: lambda m=m: _run(m, out / m, batch_size=2) for m in RUNS})
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("preference-ranks")
-    results = wait(spawn(__file__, [str(out)]), timeout=600)
-    for rc, log in results:
-        assert rc == 0, log[-3000:]
-    return out
+    return run_workers(__file__, tmp_path_factory.mktemp("preference-ranks"))
 
 
 @pytest.mark.parametrize("method", list(RUNS))
 def test_two_ranks_equal_one_rank_with_twice_the_batch(two_ranks, tmp_path, method):
     ref = _run(method, tmp_path, batch_size=4)
-    ranks = [torch.load(two_ranks / f"{method}-rank{r}.pt") for r in range(2)]
+    ranks = rank_results(two_ranks, method)
     for res in ranks:
         assert res["tokens"] == ref["tokens"]
         assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5)
