@@ -104,3 +104,34 @@ def test_a_step_under_max_memory_expands_the_allocators_segments():
     model(input_ids=ids, labels=ids).loss.backward()
     assert allocator._state["done"]
     assert any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+
+
+def test_replays_on_cuda_take_the_forward_adapter_operands(monkeypatch):
+    """On CUDA the autograd engine runs the backward in its own thread: the replayed layers still find the
+    operands their forward made (kernels/adapter_operands.py), and the gradients are the kept layers', bitwise."""
+    from helpers import randomize_lora_b, tiny_lora_model
+    from pronghorn.kernels import adapter_operands
+    from pronghorn.models.memory_plan import MemoryPlan
+
+    model = tiny_lora_model().cuda().train()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    randomize_lora_b(model, seed=2, scale=0.1)
+    made = [0]
+    original = adapter_operands.scaled_b
+    monkeypatch.setattr(adapter_operands, "scaled_b", lambda *a: made.__setitem__(0, made[0] + 1) or original(*a))
+    ids = torch.randint(3, 97, (2, 40), device="cuda")
+    runs = []
+    for plan in (None, MemoryPlan(("recompute", "offload"), split_replay=True)):
+        model.model.forced_plan = plan
+        made[0] = 0
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((made[0], loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (kept_makes, ref_loss, ref_grads), (replay_makes, loss, grads) = runs
+    assert replay_makes == kept_makes == 7 * len(model.model.layers)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())

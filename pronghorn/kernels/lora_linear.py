@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .adapter_operands import adapter_operands
 from .lora_math import (LoRAProjection, adapter_dtype, adapter_input_grad, add_delta, base_input_grad, cast, dense,
-                        mm_scaled, no_autocast, scaled_b)
+                        mm_scaled, no_autocast)
 from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
@@ -110,7 +111,7 @@ class LoRALinearFunction(torch.autograd.Function):
             xb = cast(x2, cdt)
             y = xb.new_empty(x2.shape[0], lora_B.shape[0]) if output_unused else \
                 F.linear(xb, dense(weight, cdt), cast(bias, cdt))
-            a, bs = lora_A.to(adt), scaled_b(lora_B, scaling, adt)
+            a, bs = adapter_operands(lora_A, lora_B, scaling, adt)
             if dropout:
                 # the reference's dropout call on a tensor of the same shape and dtype: same random stream
                 noise = F.dropout(torch.ones(x2.shape, dtype=lora_A.dtype, device=x.device), dropout, True)

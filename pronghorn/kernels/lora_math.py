@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .adapter_operands import stacked_operands
 from .policy import DEFAULT_POLICY, KernelPolicy
 
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # autocast never casts fp64
@@ -58,13 +59,6 @@ def adapter_dtype(lora_A: torch.Tensor, cdt: torch.dtype | None) -> torch.dtype:
     return cdt if cdt is not None and lora_A.dtype in _AUTOCAST_ELIGIBLE else lora_A.dtype
 
 
-def scaled_b(lora_B: torch.Tensor, scaling: float, adt: torch.dtype) -> torch.Tensor:
-    """``s * B`` in the adapter's compute dtype: with it ``x A^T (sB)^T`` is the delta and ``dY (sB)`` the rank-r
-    factor of both ``dA`` and the adapter's share of ``dX``."""
-    b = lora_B.to(adt)
-    return b * scaling if scaling != 1.0 else b
-
-
 def mm_scaled(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``scaling * (a @ b)`` as one matmul (beta=0: the uninitialised input is ignored)."""
     if scaling == 1.0:
@@ -104,8 +98,7 @@ def shared_input_forward(x2: torch.Tensor, projs, cdt, adt):
     """The outputs [N, out_i] of several LoRA projections of one input ``x2`` [N, in]; the adapters' A are
     stacked, so ``x A^T`` for all of them is one matmul. Returns (outputs, xa [N, sum r], A stack, [s_i B_i])."""
     xb = cast(x2, cdt)
-    a = (torch.cat([p.lora_A for p in projs]) if len(projs) > 1 else projs[0].lora_A).to(adt)  # cast once
-    bss = [scaled_b(p.lora_B, p.scaling, adt) for p in projs]
+    a, bss = stacked_operands(projs, adt)
     xa = x2.to(adt) @ a.t()
     outs, start = [], 0
     for p, bs in zip(projs, bss):

@@ -87,6 +87,8 @@ class StepSizes:
     to_come: int  # gradients and optimizer state of the trainable parameters not allocated yet
     untied_table: int  # input table bytes that can move to the host (0: tied or already there)
     tied_table: int  # a tied table (also the head) that can move to the host with a streamed head (0: none)
+    operands: int = 0  # one layer's adapters in their compute dtype, held from a replayed layer's forward to its
+    # backward (kernels/adapter_operands.py)
 
     def loss(self, chunk_bytes: int, streamed: bool) -> int:
         """The loss's peak: one chunk of logits (rows split evenly, as the fused loss does) plus ``loss_extra``;
@@ -139,6 +141,7 @@ def estimate_peak(s: StepSizes, plan: MemoryPlan) -> int:
     tiled = plan.mlp_chunk is not None and s.tiled_token > 0 and plan.mlp_chunk < s.tokens
     keep_layer = s.attn_block + (s.tiled_block if tiled else s.mlp_block)
     kept = sum(keep_layer if m == "keep" else s.layer_input if m == "recompute" else 0 for m in plan.layers)
+    kept += s.operands * sum(m != "keep" for m in plan.layers)
     if "offload" in plan.layers:
         kept += 2 * s.layer_input  # the one being stored and the one prefetched
     mlp = s.tiled_block if tiled else s.mlp_block
@@ -292,13 +295,22 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     layer = decoder.layers[0]
 
-    def lora_bytes(scope) -> int:
+    def adapters(scope) -> tuple[list, int]:
+        """The adapted projections of ``scope`` and the byte size of their compute dtype."""
         adapted = [m for m in scope.modules() if getattr(m, "has_lora", False)]
         if not adapted:
-            return 0
+            return [], 0
         probe = torch.empty(0, dtype=dtype, device=device)
         cdt = adapted[0].kernel_policy.compute_dtype(probe, adapted[0].weight) or adapted[0].lora_A.dtype
-        return sum(m.lora_A.shape[0] for m in adapted) * torch.empty((), dtype=cdt).element_size()
+        return adapted, torch.empty((), dtype=cdt).element_size()
+
+    def lora_bytes(scope) -> int:  # per token: the saved x A^T
+        adapted, size = adapters(scope)
+        return sum(m.lora_A.shape[0] for m in adapted) * size
+
+    def operand_bytes(scope) -> int:  # A and s B in the compute dtype
+        adapted, size = adapters(scope)
+        return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapted) * size
 
     nf4 = [m.weight for m in layer.modules() if isinstance(getattr(m, "weight", None), NF4Weight)]
     dense = [w.shape[0] * w.shape[1] * e for w in nf4]
@@ -336,6 +348,7 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         resident=resident, to_come=to_come,
         untied_table=table_bytes if movable and not tied else 0,
         tied_table=table_bytes if movable and tied else 0,
+        operands=operand_bytes(layer),
     )
 
 

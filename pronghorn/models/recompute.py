@@ -11,7 +11,8 @@ Modes a user picks (``use_gradient_checkpointing`` / ``TrainConfig.gradient_chec
 How a step runs is the :class:`~pronghorn.models.memory_plan.MemoryPlan` handed to :func:`run_layers`: the
 per-layer modes, and for a replayed layer whether its two residual blocks are replayed apart
 (:func:`_split_replay`: the attention block's and the MLP block's saved tensors never coexist) and whether an NF4
-layer keeps the weights its replay dequantized for its backward.
+layer keeps the weights its replay dequantized for its backward. A replayed layer's adapters are cast to their
+compute dtype once, in its forward; the replays take those operands (kernels/adapter_operands.py).
 
 Every mode computes the same function: a replay runs with the RNG and autocast state of the original forward.
 A replayed layer's output values are never read (only what its ops save for the backward is), so the replay is
@@ -25,6 +26,7 @@ import contextlib
 import torch
 
 from ..errors import PronghornError
+from ..kernels.adapter_operands import operands_kept
 from ..kernels.nf4 import dequantized_once
 from .memory_plan import MemoryPlan
 from .pinned_host import pinned_empty
@@ -149,7 +151,9 @@ class _ReplayedLayer(torch.autograd.Function):
         ctx.rng = rng_state(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         slot.store(x)
-        return layer(x, *args)
+        ctx.operands = {}  # the adapters' operands of this forward, taken again by the replays
+        with operands_kept(ctx.operands):
+            return layer(x, *args)
 
     @staticmethod
     def backward(ctx, grad):
@@ -157,10 +161,12 @@ class _ReplayedLayer(torch.autograd.Function):
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
         device = x.device
         weights = [m.weight for m in ctx.layer.modules() if ctx.plan.reuse_dequantized and hasattr(m, "weight")]
-        with dequantized_once(weights):  # an NF4 layer: the replay's dequantized weights serve its backward too
+        with dequantized_once(weights), operands_kept(ctx.operands):  # an NF4 layer: the replay's dequantized
+            # weights serve its backward too; the adapters' operands are the forward's
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
                 split = ctx.plan.split_replay and hasattr(ctx.layer, "mlp_block")
                 grads = (_split_replay if split else _whole_replay)(ctx, x, params, grad)
+        ctx.operands = None
         gx = grads.pop(0) if x.requires_grad else None
         return (None, None, None, None, gx, *grads)
 

@@ -7,7 +7,8 @@ the forward keeps only the block's input, and the backward recomputes and back-p
 accumulating the gradients of the trainable parameters (LoRA A/B) across chunks. Only one chunk's
 intermediates ever exist. The cost is one more forward of the block per step (small at long context, where
 attention dominates); when the whole layer is replayed for its backward (checkpointing), that replay skips the
-tiled block, whose forward keeps nothing, and each chunk's replay skips down_proj's matmul (output unused). NF4 bases are dequantized inside each chunk, as they are untiled.
+tiled block, whose forward keeps nothing, and each chunk's replay skips down_proj's matmul (output unused). NF4 bases are dequantized inside each chunk, as they are untiled. The adapters are cast to their compute dtype once
+for all chunks and their replays (kernels/adapter_operands.py).
 
 Exact: the same ops on row slices (a GPU matmul of fewer rows may round differently; the adapters' gradients
 are sums over chunks). Recomputation replays the forward's RNG (LoRA dropout draws its masks chunk by chunk, so
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PronghornError
+from ..kernels.adapter_operands import open_store, operands_kept
 from .recompute import parse_mode, rng_state, set_rng_state
 
 MODES = ("off", "on", "auto")
@@ -81,10 +83,12 @@ class _SequenceTiled(torch.autograd.Function):
         ctx.rng = rng_state(x2.device)
         ctx.autocast = (torch.is_autocast_enabled(x2.device.type), torch.get_autocast_dtype(x2.device.type))
         ctx.save_for_backward(x2)
-        if output_unused:  # a layer replayed for its backward: nothing here is kept
-            probe = fn(x2[:1], True)  # the output's width and dtype
-            return probe.new_empty((x2.shape[0], probe.shape[-1]))
-        return _in_chunks(fn, x2, chunk)
+        ctx.operands = open_store()  # the adapters' operands, made once for all chunks and their replays
+        with operands_kept(ctx.operands):
+            if output_unused:  # a layer replayed for its backward: nothing here is kept
+                probe = fn(x2[:1], True)  # the output's width and dtype
+                return probe.new_empty((x2.shape[0], probe.shape[-1]))
+            return _in_chunks(fn, x2, chunk)
 
     @staticmethod
     def backward(ctx, dy):
@@ -100,7 +104,8 @@ class _SequenceTiled(torch.autograd.Function):
         device = x2.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             set_rng_state(device, ctx.rng)  # the chunks replay in the forward's order: same dropout masks
-            with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]):
+            with torch.enable_grad(), torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]), \
+                    operands_kept(ctx.operands):
                 for start in range(0, x2.shape[0], ctx.chunk):
                     xc = x2[start:start + ctx.chunk].detach().requires_grad_(need_x)
                     yc = ctx.fn(xc, True)
@@ -113,6 +118,7 @@ class _SequenceTiled(torch.autograd.Function):
                     for i, g in enumerate(grads):  # out of place: a gradient may alias dy (parameter-sized)
                         if g is not None:
                             sums[i] = g if sums[i] is None else sums[i] + g
+        ctx.operands = None
         out = [None] * len(ctx.params)
         for i, g in zip(wanted, sums):
             out[i] = g

@@ -153,6 +153,10 @@ def test_optimizer_state_to_come_and_resident_bytes():
     assert step_sizes(model.model, 1, 8, torch.float32, torch.device("cpu"), first_step=False).to_come == 4 * trainable
     assert s.resident == sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
     assert s.untied_table == 0 and s.tied_table == 0  # on the CPU the table has nowhere to move
+    layer = model.model.layers[0]  # a replayed layer holds its adapters' operands (fp32: no autocast here)
+    assert s.operands == 4 * sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)
+    plain = estimate_peak(_sizes(), MemoryPlan(("recompute",) * 30 + ("keep",) * 2))
+    assert estimate_peak(_sizes(operands=MIB), MemoryPlan(("recompute",) * 30 + ("keep",) * 2)) == plain + 30 * MIB
 
 
 def _batch():

@@ -209,3 +209,40 @@ def test_sandwich_norm_layers_replay_exactly(monkeypatch, name):
                 torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6, msg=k)
             else:
                 assert torch.equal(grads[k], g), (plan, k)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_replays_take_the_adapter_operands_of_the_forward(monkeypatch, split):
+    """A bf16 base with fp32 adapters on the fused LoRA path (forced, as on a GPU) under autocast: each replayed
+    layer casts and scales its adapters once, in its forward; its replays (two of the attention block in a split
+    replay) take those operands (kernels/adapter_operands.py). Loss and gradients are bitwise the kept layers'."""
+    import importlib
+
+    from pronghorn.kernels import adapter_operands
+
+    for name in ("lora_linear", "lora_qkv"):
+        monkeypatch.setattr(importlib.import_module(f"pronghorn.kernels.{name}"), "use_triton", lambda *t: True)
+    model = tiny_lora_model(dtype=torch.bfloat16).train()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters on the bf16 base, as get_peft_model makes them
+    randomize_lora_b(model, seed=2, scale=0.1)
+    made = [0]
+    original = adapter_operands.scaled_b
+    monkeypatch.setattr(adapter_operands, "scaled_b", lambda *a: made.__setitem__(0, made[0] + 1) or original(*a))
+    batch = _batch()
+    with torch.autocast("cpu", torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(model, batch)
+        kept_makes, made[0] = made[0], 0
+        model.model.forced_plan = MemoryPlan(("recompute", "offload"), split_replay=split)
+        loss, grads = _loss_and_grads(model, batch)
+        replay_makes, made[0] = made[0], 0
+        model.model.forced_plan = MemoryPlan(("keep", "recompute"), split_replay=split, mlp_chunk=7)
+        tiled_loss, tiled_grads = _loss_and_grads(model, batch)  # 24 tokens: 4 chunks
+    assert kept_makes == 7 * len(model.model.layers)  # one s * B per projection in the forward
+    assert replay_makes == kept_makes  # and none more in the replays
+    assert made[0] == kept_makes  # nor in the tiled MLP's chunks and their replays
+    assert torch.equal(loss, ref_loss)
+    for k, g in ref_grads.items():
+        assert g.dtype == torch.float32 and torch.equal(grads[k], g), k
+    assert torch.equal(tiled_loss, ref_loss)  # (its gradients are sums over chunks: tests/models/test_tiled_mlp.py)
