@@ -135,3 +135,26 @@ def test_replays_on_cuda_take_the_forward_adapter_operands(monkeypatch):
     assert replay_makes == kept_makes == 7 * len(model.model.layers)
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
+
+
+def test_offloaded_split_layers_on_cuda_park_the_mlp_input_exactly():
+    """Offload with split replay on CUDA: each layer's input and its MLP block's input go to pinned host memory on
+    the side stream and come back by the prefetch chain (MLP input first, then the layer input, then the layer
+    below's MLP input); loss and gradients are the kept layers', bitwise."""
+    from helpers import randomize_lora_b, tiny_lora_model
+    from pronghorn.models.memory_plan import MemoryPlan
+
+    model = tiny_lora_model().cuda().train()
+    randomize_lora_b(model, seed=4, scale=0.1)
+    ids = torch.randint(3, 97, (2, 40), device="cuda")
+    runs = []
+    for plan in (None, MemoryPlan(("offload",) * len(model.model.layers), split_replay=True)):
+        model.model.forced_plan = plan
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_loss, ref_grads), (loss, grads) = runs
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())

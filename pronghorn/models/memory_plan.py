@@ -8,7 +8,8 @@ estimated peak fits, trying in order of speed:
 1. per layer: keep every activation, else recompute the fewest layers, else offload the inputs of the earliest
    layers to pinned host memory (models/recompute.py);
 2. for a replayed layer: the whole layer at once, else its two residual blocks apart (split replay, a smaller
-   peak for one more attention-block forward); an NF4 layer's dequantized weights kept from its replay for its
+   peak for one more attention-block forward, or for an offloaded layer the MLP block's input parked on the host
+   beside the layer's); an NF4 layer's dequantized weights kept from its replay for its
    backward, else dequantized again;
 3. the untied input table in pinned host memory (nearly free: a lookup reads ``tokens x hidden`` values over PCIe);
 4. the MLP over chunks of tokens (models/tiled_mlp.py), smaller logits chunks in the loss, and last a tied table
@@ -192,7 +193,7 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
 def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     """The step time of ``plan`` relative to keeping everything, in layer-steps (rough, for ordering only): a
     replayed layer redoes its forward less down_proj's matmul; offloading adds an overlapped copy; a split
-    replay adds an attention-block forward; NF4 weights dequantized twice; a tiled kept layer its MLP forward;
+    replay adds an attention-block forward (an offloaded layer's, a copy of the MLP block's input); NF4 weights dequantized twice; a tiled kept layer its MLP forward;
     smaller loss chunks, and a tied table streamed from the host, a slower head.
 
     Calibrated on an H200 (2026-12-05, docs/benchmarks.md "Session 9"): a recomputed layer cost 0.37-0.42 of a
@@ -203,7 +204,10 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     for m in plan.layers:
         replayed = m != "keep"
         cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m]
-        cost += 0.07 * (replayed and plan.split_replay) + 0.04 * (replayed and not plan.reuse_dequantized)
+        # a split replay: a recomputed layer's attention block once more; an offloaded one parks the MLP block's
+        # input on the host instead (one more overlapped copy each way)
+        split = {"keep": 0.0, "recompute": 0.07, "offload": 0.01}[m] if plan.split_replay else 0.0
+        cost += split + 0.04 * (replayed and not plan.reuse_dequantized)
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
             chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)
             cost += (0.2 if replayed else 0.35) + 0.33 * chunks

@@ -5,7 +5,8 @@ Modes a user picks (``use_gradient_checkpointing`` / ``TrainConfig.gradient_chec
 - ``"off"``: every layer keeps its activations (fastest, most memory).
 - ``"on"``: every layer keeps only its input and is replayed in the backward pass.
 - ``"offload"``: like ``"on"``, but the input itself goes to pinned host memory on a side CUDA stream and is
-  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact).
+  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact). With
+  a split replay the MLP block's input is parked there too, so the replay skips an attention-block forward.
 - ``"auto"`` (the default): the memory plan (models/memory_plan.py) picks per layer from the budget.
 
 How a step runs is the :class:`~pronghorn.models.memory_plan.MemoryPlan` handed to :func:`run_layers`: the
@@ -65,15 +66,18 @@ def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None) ->
         for layer in layers:
             x = layer(x, *args)
         return x
-    previous = None  # the host slot of the last offloaded layer: its backward runs right after ours
+    previous = None  # the host slot fetched last in the backward of the last offloaded layer: ours come next
     for layer, mode in zip(layers, plan.layers):
         params = [p for p in layer.parameters() if p.requires_grad]
         if mode == "keep" or (not params and not x.requires_grad):
             x = layer(x, *args)
             continue
         slot = _HostSlot(previous) if mode == "offload" else _DeviceSlot()
-        previous = slot if mode == "offload" else previous
-        x = _ReplayedLayer.apply(layer, args, slot, plan, x, *params)
+        mid_slot = None
+        if mode == "offload" and plan.split_replay and hasattr(layer, "mlp_block"):
+            mid_slot = _HostSlot(slot)  # fetched first in the backward: it prefetches the layer input
+        previous = (mid_slot or slot) if mode == "offload" else previous
+        x = _ReplayedLayer.apply(layer, args, slot, mid_slot, plan, x, *params)
     return x
 
 
@@ -146,18 +150,25 @@ class _ReplayedLayer(torch.autograd.Function):
     when ``x`` needs none."""
 
     @staticmethod
-    def forward(ctx, layer, args, slot, plan: MemoryPlan, x, *params):
-        ctx.layer, ctx.args, ctx.slot, ctx.plan = layer, args, slot, plan
+    def forward(ctx, layer, args, slot, mid_slot, plan: MemoryPlan, x, *params):
+        ctx.layer, ctx.args, ctx.slot, ctx.mid_slot, ctx.plan = layer, args, slot, mid_slot, plan
         ctx.rng = rng_state(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         slot.store(x)
         ctx.operands = {}  # the adapters' operands of this forward, taken again by the replays
         with operands_kept(ctx.operands):
-            return layer(x, *args)
+            if mid_slot is None:
+                return layer(x, *args)
+            cos, sin, masks, cache, mlp_chunk = args  # DecoderLayer.forward, one block at a time
+            mid = layer.attention_block(x, cos, sin, masks, cache)
+            ctx.rng_mid = rng_state(x.device)  # where the MLP block's random stream starts
+            mid_slot.store(mid)
+            return layer.mlp_block(mid, mlp_chunk)
 
     @staticmethod
     def backward(ctx, grad):
-        x = ctx.slot.fetch().detach().requires_grad_(ctx.needs_input_grad[4])
+        mid = None if ctx.mid_slot is None else ctx.mid_slot.fetch()  # fetched first: it prefetches the input
+        x = ctx.slot.fetch().detach().requires_grad_(ctx.needs_input_grad[5])
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
         device = x.device
         weights = [m.weight for m in ctx.layer.modules() if ctx.plan.reuse_dequantized and hasattr(m, "weight")]
@@ -165,10 +176,10 @@ class _ReplayedLayer(torch.autograd.Function):
             # weights serve its backward too; the adapters' operands are the forward's
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
                 split = ctx.plan.split_replay and hasattr(ctx.layer, "mlp_block")
-                grads = (_split_replay if split else _whole_replay)(ctx, x, params, grad)
+                grads = (_split_replay if split else _whole_replay)(ctx, x, params, grad, mid)
         ctx.operands = None
         gx = grads.pop(0) if x.requires_grad else None
-        return (None, None, None, None, gx, *grads)
+        return (None, None, None, None, None, gx, *grads)
 
 
 def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: bool = True):
@@ -183,24 +194,29 @@ def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: 
     return stack
 
 
-def _whole_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor) -> list:
+def _whole_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor, mid=None) -> list:
     """Gradients of ([x], *params) from one replay of the whole layer."""
     with _replaying(ctx, x.device):
         out = ctx.layer(x, *ctx.args, output_unused=True)
     return list(torch.autograd.grad(out, ([x] if x.requires_grad else []) + params, grad, allow_unused=True))
 
 
-def _split_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor) -> list:
+def _split_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor, mid: torch.Tensor | None = None) -> list:
     """Gradients of ([x], *params) with a decoder layer replayed one residual block at a time: the attention
     block's output is recomputed without a graph, the MLP block is replayed and back-propagated, then the
     attention block is. So the two blocks' saved tensors never coexist: the layer's backward peak is the larger
-    block's, not their sum, for one more attention-block forward (about a fifth of a Llama layer's FLOPs). The
-    values are the whole replay's: the same ops on the same inputs and RNG stream (the attention block starts
-    from the forward's RNG state both times, the MLP block continues where the first one left it)."""
+    block's, not their sum, for one more attention-block forward (about a fifth of a Llama layer's FLOPs). An
+    offloaded layer parks that output (``mid``, the MLP block's input) on the host beside its input instead, and
+    skips the extra forward. The values are the whole replay's: the same ops on the same inputs and RNG stream
+    (the attention block starts from the forward's RNG state both times, the MLP block continues where the first
+    one left it, or from the state the forward saw there)."""
     layer, (cos, sin, masks, cache, mlp_chunk) = ctx.layer, ctx.args
-    with _replaying(ctx, x.device, graph=False):
-        mid = layer.attention_block(x, cos, sin, masks, cache)
-    mid.requires_grad_()
+    if mid is None:
+        with _replaying(ctx, x.device, graph=False):
+            mid = layer.attention_block(x, cos, sin, masks, cache)
+    else:
+        set_rng_state(x.device, ctx.rng_mid)
+    mid = mid.detach().requires_grad_()
     with _replaying(ctx, x.device, from_forward_rng=False):
         out = layer.mlp_block(mid, mlp_chunk, output_unused=True)
     d_mid, *mlp_grads = torch.autograd.grad(out, [mid] + params, grad, allow_unused=True)

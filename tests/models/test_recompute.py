@@ -178,8 +178,13 @@ def test_offloaded_nf4_layer_dequantizes_once_for_replay_and_backward(monkeypatc
     model.model.forced_plan = MemoryPlan(("offload",) * layers, split_replay=True, reuse_dequantized=False)
     calls[0] = 0  # a plan without room for the dense weights: dequantized again
     _loss_and_grads(model, batch)
-    # per layer: forward 7; replay (split): attention block without a graph 4, MLP block 2 (down skipped), its
-    # backward 3, attention block again 3 (o skipped), its backward 4 (layer 0's q, k, v need no input gradient)
+    # per layer: forward 7; replay (split, the MLP block's input parked beside the layer's): MLP block 2 (down
+    # skipped), its backward 3, attention block 3 (o skipped), its backward 4 (layer 0's q, k, v need no input
+    # gradient)
+    assert calls[0] == layers * (7 + 2 + 3 + 3 + 4) - 3
+    model.model.forced_plan = MemoryPlan(("recompute",) * layers, split_replay=True, reuse_dequantized=False)
+    calls[0] = 0  # recomputed, not offloaded: the attention block is replayed without a graph first (4)
+    _loss_and_grads(model, batch)
     assert calls[0] == layers * (7 + 4 + 2 + 3 + 3 + 4) - 3
 
 
@@ -246,3 +251,26 @@ def test_replays_take_the_adapter_operands_of_the_forward(monkeypatch, split):
     for k, g in ref_grads.items():
         assert g.dtype == torch.float32 and torch.equal(grads[k], g), k
     assert torch.equal(tiled_loss, ref_loss)  # (its gradients are sums over chunks: tests/models/test_tiled_mlp.py)
+
+
+def test_an_offloaded_split_layer_parks_its_mlp_input_instead_of_replaying_attention(monkeypatch):
+    """Split replay of an offloaded layer: the MLP block's input is parked on the host beside the layer's input,
+    so the attention block runs twice a step (forward, replay with its backward), not three times; a recomputed
+    layer still replays it without a graph first. Gradients bitwise the kept layers', dropout included."""
+    from pronghorn.models.decoder import DecoderLayer
+
+    model = _lora_model()
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    calls = [0]
+    original = DecoderLayer.attention_block
+    monkeypatch.setattr(DecoderLayer, "attention_block",
+                        lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or original(*a, **k))
+    # attention-block runs in a step of the two layers: 2 per offloaded layer, 3 per recomputed one
+    for modes, runs in ((("offload", "offload"), 4), (("recompute", "recompute"), 6), (("offload", "recompute"), 5)):
+        model.model.forced_plan = MemoryPlan(modes, split_replay=True)
+        calls[0] = 0
+        loss, grads = _loss_and_grads(model, batch)
+        assert calls[0] == runs, modes
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
