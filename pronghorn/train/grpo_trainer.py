@@ -188,14 +188,17 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         local = score(self.reward_fns, rows, ro.completions, ro.completion_ids)
         n = len(rows)
-        own = torch.tensor([[len(c), cut] for c, cut in zip(ro.completion_ids, ro.truncated)], dtype=torch.float32)
-        every = all_gather_rows(torch.cat([local, own], 1), self.dist.env)  # [N, F + 2], one collective
-        per_func, lengths, truncated = every[:, :-2], every[:, -2], every[:, -1]
+        # per completion its length and truncation; the rank's new tokens and decoding seconds on its first row
+        own = torch.tensor([[len(c), cut, 0.0, 0.0] for c, cut in zip(ro.completion_ids, ro.truncated)],
+                           dtype=torch.float64)
+        own[0, 2:] = torch.tensor([ro.tokens, ro.seconds], dtype=torch.float64)
+        every = all_gather_rows(torch.cat([local.double(), own], 1), self.dist.env)  # [N, F + 4], one collective
+        per_func, lengths, truncated = every[:, :-4].to(local.dtype), every[:, -4], every[:, -3]
         rewards = combine_rewards(per_func, self.reward_weights)
         advantages, std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
-        timing = all_reduce_sum([ro.tokens, ro.seconds], self.dist.env)  # new tokens and seconds, over ranks
-        seconds = timing[1] / self.dist.world_size  # the ranks decode at once: their mean time
-        metrics = self._batch_metrics(per_func, rewards, std, lengths, truncated, timing[0], seconds)
+        seconds = float(every[:, -1].sum()) / self.dist.world_size  # the ranks decode at once: their mean time
+        metrics = self._batch_metrics(per_func, rewards, std, lengths.float(), truncated.float(),
+                                      float(every[:, -2].sum()), seconds)
         rank = self.dist.env.rank
         advantages = advantages[rank * n:(rank + 1) * n]
         if shuffle_seed is not None:  # after the groups' advantages: micro-batches (and steps) mix the groups
@@ -211,8 +214,8 @@ class GRPOTrainer(Trainer):
         if cfg.beta != 0.0:
             with adapters_disabled(self.model):
                 ref = self.no_grad_logps(micro)
-        loss_tokens = int(all_reduce_sum([sum(len(c) for c, t in zip(ro.completion_ids, trained) if t)],
-                                         self.dist.env)[0])  # of the whole generation batch (TRL's num_items)
+        # the loss tokens of the whole generation batch (TRL's num_items), from the gathered lengths
+        loss_tokens = int(lengths[truncated == 0].sum() if cfg.mask_truncated_completions else lengths.sum())
         return GenerationBatch(rows, ro, micro, advantages.to(self.device), old, ref, metrics, loss_tokens)
 
     @torch.no_grad()
