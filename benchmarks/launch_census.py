@@ -8,7 +8,7 @@ and metadata are not kernels; host syncs are counted apart). The per-layer numbe
 3-layer and a 1-layer model, halved, so the embedding, the final norm and the loss drop out.
 
     TRITON_INTERPRET=1 python benchmarks/launch_census.py [--modes off,on:whole,on:split] [--no-autocast]
-        [--json out.json]
+        [--host-time] [--json out.json]
 
 Prints, per mode (off: nothing recomputed; on: every layer replayed, split as the plan picks), the kernels of a
 layer's forward and backward, by op, and writes them as JSON.
@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -142,20 +143,50 @@ def per_layer(mode: str, replay: str, autocast: bool = True) -> dict:
     return result
 
 
+def host_ms_per_layer(mode: str, replay: str, steps: int = 40) -> float:
+    """Host milliseconds per layer of a step at tiny shapes with the Triton launches stubbed out (a proxy for the
+    host side of a launch-bound step; this CPU's, one thread, median of ``steps``)."""
+    from triton.runtime import interpreter
+
+    torch.set_num_threads(1)
+    original = interpreter.GridExecutor.__call__
+    interpreter.GridExecutor.__call__ = lambda self, *a, **k: None
+    try:
+        medians = {}
+        for layers in (1, 5):
+            model = _model(layers, mode, replay)
+            ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+            times = []
+            with fast_dispatch(), torch.autocast("cpu", torch.bfloat16):
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    times.append(time.perf_counter() - start)
+            medians[layers] = sorted(times)[len(times) // 2]
+    finally:
+        interpreter.GridExecutor.__call__ = original
+    return (medians[5] - medians[1]) / 4 * 1e3
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="off,on:whole,on:split")
     parser.add_argument("--no-autocast", action="store_true", help="a plain loop: the bf16 base without autocast")
+    parser.add_argument("--host-time", action="store_true", help="also the host ms per layer (tiny shapes, launches "
+                        "stubbed: a CPU proxy for a launch-bound step)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     table = {}
     for spec in args.modes.split(","):
         mode, _, replay = spec.partition(":")
         table[spec] = per_layer(mode, replay or "auto", not args.no_autocast)
+        if args.host_time:
+            table[spec]["host_ms_per_layer"] = round(host_ms_per_layer(mode, replay or "auto"), 3)
     for spec, phases in table.items():
+        host = f"; host {phases['host_ms_per_layer']} ms" if "host_ms_per_layer" in phases else ""
         print(f"\n== {spec}: per layer, forward {phases['forward']['total']:g} + backward "
               f"{phases['backward']['total']:g} kernels; syncs {phases['forward']['syncs']} / "
-              f"{phases['backward']['syncs']}")
+              f"{phases['backward']['syncs']}{host}")
         for phase in ("forward", "backward"):
             items = ", ".join(f"{k} {v:g}" for k, v in phases[phase]["kernels"].items())
             print(f"  {phase}: {items}")
