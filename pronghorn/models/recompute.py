@@ -167,18 +167,21 @@ class _ReplayedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        mid = None if ctx.mid_slot is None else ctx.mid_slot.fetch()  # fetched first: it prefetches the input
-        x = ctx.slot.fetch().detach().requires_grad_(ctx.needs_input_grad[5])
+        need_x = ctx.needs_input_grad[5]
+        # a parked MLP input is fetched first (that starts the prefetch of the layer input); the layer input is
+        # fetched when the replay first needs it (a split replay from a parked input: after the MLP block)
+        mid = None if ctx.mid_slot is None else ctx.mid_slot.fetch()
+        layer_input = lambda: ctx.slot.fetch().detach().requires_grad_(need_x)  # noqa: E731
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
-        device = x.device
+        device = grad.device
         weights = [m.weight for m in ctx.layer.modules() if ctx.plan.reuse_dequantized and hasattr(m, "weight")]
         with dequantized_once(weights), operands_kept(ctx.operands):  # an NF4 layer: the replay's dequantized
             # weights serve its backward too; the adapters' operands are the forward's
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
                 split = ctx.plan.split_replay and hasattr(ctx.layer, "mlp_block")
-                grads = (_split_replay if split else _whole_replay)(ctx, x, params, grad, mid)
+                grads = (_split_replay if split else _whole_replay)(ctx, layer_input, params, grad, mid)
         ctx.operands = None
-        gx = grads.pop(0) if x.requires_grad else None
+        gx = grads.pop(0) if need_x else None
         return (None, None, None, None, None, gx, *grads)
 
 
@@ -194,14 +197,15 @@ def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: 
     return stack
 
 
-def _whole_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor, mid=None) -> list:
-    """Gradients of ([x], *params) from one replay of the whole layer."""
+def _whole_replay(ctx, layer_input, params: list, grad: torch.Tensor, mid=None) -> list:
+    """Gradients of ([x], *params) from one replay of the whole layer (``layer_input()`` gives x)."""
+    x = layer_input()
     with _replaying(ctx, x.device):
         out = ctx.layer(x, *ctx.args, output_unused=True)
     return list(torch.autograd.grad(out, ([x] if x.requires_grad else []) + params, grad, allow_unused=True))
 
 
-def _split_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor, mid: torch.Tensor | None = None) -> list:
+def _split_replay(ctx, layer_input, params: list, grad: torch.Tensor, mid: torch.Tensor | None = None) -> list:
     """Gradients of ([x], *params) with a decoder layer replayed one residual block at a time: the attention
     block's output is recomputed without a graph, the MLP block is replayed and back-propagated, then the
     attention block is. So the two blocks' saved tensors never coexist: the layer's backward peak is the larger
@@ -211,16 +215,20 @@ def _split_replay(ctx, x: torch.Tensor, params: list, grad: torch.Tensor, mid: t
     (the attention block starts from the forward's RNG state both times, the MLP block continues where the first
     one left it, or from the state the forward saw there)."""
     layer, (cos, sin, masks, cache, mlp_chunk) = ctx.layer, ctx.args
-    if mid is None:
-        with _replaying(ctx, x.device, graph=False):
+    device, parked = grad.device, mid is not None
+    if not parked:
+        x = layer_input()
+        with _replaying(ctx, device, graph=False):
             mid = layer.attention_block(x, cos, sin, masks, cache)
     else:
-        set_rng_state(x.device, ctx.rng_mid)
+        set_rng_state(device, ctx.rng_mid)
     mid = mid.detach().requires_grad_()
-    with _replaying(ctx, x.device, from_forward_rng=False):
+    with _replaying(ctx, device, from_forward_rng=False):
         out = layer.mlp_block(mid, mlp_chunk, output_unused=True)
     d_mid, *mlp_grads = torch.autograd.grad(out, [mid] + params, grad, allow_unused=True)
     del out, mid
+    if parked:  # the layer input was prefetched while the MLP block ran
+        x = layer_input()
     with _replaying(ctx, x.device):
         out = layer.attention_block(x, cos, sin, masks, cache, output_unused=True)
     attn_grads = list(torch.autograd.grad(out, ([x] if x.requires_grad else []) + params, d_mid, allow_unused=True))
