@@ -111,6 +111,7 @@ class MemoryPlan:
     mlp_chunk: int | None = None  # tokens per chunk of the tiled MLP; None: untiled
     loss_chunk_bytes: int = LOSS_CHUNK_BYTES[0]  # logits buffer of the fused loss
     table_on_host: str | None = None  # None | "untied" | "tied": the input table in pinned host memory
+    park_offloaded: bool = False  # an offloaded layer parks its MLP block's input beside its own, replays split
     estimate_bytes: int = 0  # the estimated peak of the step
     budget_bytes: int | None = None
     budget_source: str = ""
@@ -121,11 +122,20 @@ class MemoryPlan:
     def replays(self) -> bool:
         return any(m != "keep" for m in self.layers)
 
+    def splits(self, mode: str) -> bool:
+        """Whether a layer of ``mode`` (recompute | offload) is replayed one residual block at a time: all with
+        ``split_replay``; an offloaded one also from its parked MLP input (``park_offloaded``), which costs no
+        extra forward (models/recompute.py)."""
+        return self.split_replay or (mode == "offload" and self.park_offloaded)
+
     def summary(self) -> str:
         counts = ", ".join(f"{self.layers.count(m)} {m}" for m in ("keep", "recompute", "offload") if m in self.layers)
         parts = [f"{len(self.layers)} layers: {counts}"]
-        if self.replays:
+        parked = "offload" in self.layers and self.park_offloaded and not self.split_replay
+        if "recompute" in self.layers or ("offload" in self.layers and not parked):
             parts.append("split replay" if self.split_replay else "whole-layer replay")
+        if parked:
+            parts.append("offloaded layers split, MLP input parked")
         if self.mlp_chunk:
             parts.append(f"tiled MLP ({self.mlp_chunk} tokens)")
         if self.loss_chunk_bytes != LOSS_CHUNK_BYTES[0]:
@@ -146,7 +156,8 @@ def estimate_peak(s: StepSizes, plan: MemoryPlan) -> int:
     if "offload" in plan.layers:
         kept += 2 * s.layer_input  # the one being stored and the one prefetched
     mlp = s.tiled_block if tiled else s.mlp_block
-    layer_peak = max(s.attn_block, mlp) if plan.split_replay and plan.replays else keep_layer
+    layer_peak = max((max(s.attn_block, mlp) if plan.splits(m) else keep_layer for m in set(plan.layers) - {"keep"}),
+                     default=keep_layer)
     backward = (layer_peak if plan.replays else 0) + s.backward_extra + (s.tiled_token * plan.mlp_chunk if tiled else 0)
     if plan.replays and plan.reuse_dequantized:
         backward += s.dense_layer
@@ -182,9 +193,12 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
         tilings = [None]
     replays = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
     tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table else [])
-    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table)
+    # an offloaded layer replayed split parks its MLP input (no extra forward); without split_replay it may too
+    parks = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
+    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park)
              for layers in layer_sets
-             for split in (replays if any(m != "keep" for m in layers) else [False])
+             for split in (replays if "recompute" in layers else [False])
+             for park in (parks if "offload" in layers and not split else [split])
              for reuse in ((True, False) if s.dense_layer else (True,))
              for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables]
     return sorted(plans, key=lambda plan: relative_cost(plan, s.tokens))
@@ -206,7 +220,7 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
         cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m]
         # a split replay: a recomputed layer's attention block once more; an offloaded one parks the MLP block's
         # input on the host instead (one more overlapped copy each way)
-        split = {"keep": 0.0, "recompute": 0.07, "offload": 0.01}[m] if plan.split_replay else 0.0
+        split = {"keep": 0.0, "recompute": 0.07, "offload": 0.01}[m] if replayed and plan.splits(m) else 0.0
         cost += split + 0.04 * (replayed and not plan.reuse_dequantized)
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
             chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)

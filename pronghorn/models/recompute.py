@@ -5,8 +5,10 @@ Modes a user picks (``use_gradient_checkpointing`` / ``TrainConfig.gradient_chec
 - ``"off"``: every layer keeps its activations (fastest, most memory).
 - ``"on"``: every layer keeps only its input and is replayed in the backward pass.
 - ``"offload"``: like ``"on"``, but the input itself goes to pinned host memory on a side CUDA stream and is
-  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact). With
-  a split replay the MLP block's input is parked there too, so the replay skips an attention-block forward.
+  prefetched back while the next layer's backward runs (on a CPU it is plain recomputation, still exact). The
+  MLP block's input is parked there too (unless the plan says ``park_offloaded=False``), so the layer is replayed
+  one residual block at a time at no extra forward: less work than a whole-layer replay (o_proj's matmul is
+  skipped as well as down_proj's) and the smaller peak of a split replay.
 - ``"auto"`` (the default): the memory plan (models/memory_plan.py) picks per layer from the budget.
 
 How a step runs is the :class:`~pronghorn.models.memory_plan.MemoryPlan` handed to :func:`run_layers`: the
@@ -74,7 +76,7 @@ def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None) ->
             continue
         slot = _HostSlot(previous) if mode == "offload" else _DeviceSlot()
         mid_slot = None
-        if mode == "offload" and plan.split_replay and hasattr(layer, "mlp_block"):
+        if mode == "offload" and plan.splits(mode) and hasattr(layer, "mlp_block"):
             mid_slot = _HostSlot(slot)  # fetched first in the backward: it prefetches the layer input
         previous = (mid_slot or slot) if mode == "offload" else previous
         x = _ReplayedLayer.apply(layer, args, slot, mid_slot, plan, x, *params)
@@ -178,7 +180,7 @@ class _ReplayedLayer(torch.autograd.Function):
         with dequantized_once(weights), operands_kept(ctx.operands):  # an NF4 layer: the replay's dequantized
             # weights serve its backward too; the adapters' operands are the forward's
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-                split = ctx.plan.split_replay and hasattr(ctx.layer, "mlp_block")
+                split = (ctx.plan.split_replay or mid is not None) and hasattr(ctx.layer, "mlp_block")
                 grads = (_split_replay if split else _whole_replay)(ctx, layer_input, params, grad, mid)
         ctx.operands = None
         gx = grads.pop(0) if need_x else None

@@ -1,6 +1,8 @@
 """The memory plan (models/memory_plan.py): budgets, the planner on made-up sizes, the estimate against what
 autograd keeps, and the plan a model makes at its first training step under a simulated device size."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,12 +76,34 @@ def test_tight_budgets_offload_and_split_and_tile():
     s = _sizes()
     leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
     plan = make_plan(s, int(leanest / (1 - HEADROOM)) + 1, "test")
-    assert plan.layers == ("offload",) * 32 and plan.split_replay and plan.estimate_bytes == leanest
+    assert plan.layers == ("offload",) * 32 and plan.splits("offload") and plan.estimate_bytes == leanest
+    # an offloaded layer replayed from its parked MLP input: a split replay's peak (the replay is the peak here)
+    offloaded = MemoryPlan(("offload",) * 32, loss_chunk_bytes=16 * MIB, park_offloaded=True)
+    assert estimate_peak(s, offloaded) == estimate_peak(s, replace(offloaded, split_replay=True))
+    assert estimate_peak(s, offloaded) < estimate_peak(s, replace(offloaded, park_offloaded=False))
+    assert "MLP input parked" in offloaded.summary() and "whole" not in offloaded.summary()
     # a long sequence: the MLP block is the replay's peak, and tiling it is what fits
     s = _sizes(mlp_block=3 * GIB, tiled_token=GIB // 4 // 4096)
     leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
     plan = make_plan(s, int(leanest / (1 - HEADROOM)) + 1, "test")
     assert plan.mlp_chunk and plan.estimate_bytes == leanest
+
+
+def test_offloaded_layers_park_their_mlp_input_when_the_peak_needs_it():
+    """Parking costs an offloaded layer a copy (no extra forward), so the planner takes it over a whole-layer
+    replay only when the smaller peak is needed, and over split_replay (which also costs recomputed layers an
+    attention-block forward) whenever it is enough."""
+    s = _sizes()
+    leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
+    plans = [make_plan(s, int(leanest * 1.05 + i * GIB / 16), "test") for i in range(40)]
+    assert any(p.park_offloaded and not p.split_replay for p in plans)
+    assert any(p.layers.count("offload") and not p.park_offloaded for p in plans)
+    for p in plans:
+        if "offload" in p.layers and "recompute" not in p.layers:
+            assert not p.split_replay  # parking gives the same peak for less work
+        if p.park_offloaded and not p.split_replay:  # and the same plan without parking would not fit
+            unparked = replace(p, park_offloaded=False)
+            assert estimate_peak(s, unparked) > p.budget_bytes * (1 - HEADROOM)
 
 
 def test_every_budget_from_the_leanest_plan_up_fits_and_more_memory_is_never_slower():

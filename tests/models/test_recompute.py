@@ -131,7 +131,7 @@ def test_split_replay_equals_the_whole_layer_replay(monkeypatch, dropout):
     for split in ("split", "whole"):
         model.gradient_checkpointing_enable(mode="offload", replay=split)
         loss, grads = _loss_and_grads(model, batch)
-        assert model.memory_plan.split_replay == (split == "split")
+        assert model.memory_plan.splits("offload") == (split == "split")  # split: from a parked MLP input
         assert torch.equal(loss, ref_loss)
         assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
 
@@ -266,9 +266,13 @@ def test_an_offloaded_split_layer_parks_its_mlp_input_instead_of_replaying_atten
     original = DecoderLayer.attention_block
     monkeypatch.setattr(DecoderLayer, "attention_block",
                         lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or original(*a, **k))
-    # attention-block runs in a step of the two layers: 2 per offloaded layer, 3 per recomputed one
-    for modes, runs in ((("offload", "offload"), 4), (("recompute", "recompute"), 6), (("offload", "recompute"), 5)):
-        model.model.forced_plan = MemoryPlan(modes, split_replay=True)
+    # attention-block runs in a step of the two layers: 2 per offloaded layer, 3 per recomputed one split; an
+    # offloaded layer parks its MLP input by default (split_replay or not), a whole-layer replay runs it twice too
+    for modes, split, park, runs in ((("offload", "offload"), True, True, 4), (("recompute", "recompute"), True, True, 6),
+                                     (("offload", "recompute"), True, True, 5), (("offload", "offload"), False, True, 4),
+                                     (("offload", "recompute"), False, True, 4),
+                                     (("offload", "offload"), False, False, 4)):
+        model.model.forced_plan = MemoryPlan(modes, split_replay=split, park_offloaded=park)
         calls[0] = 0
         loss, grads = _loss_and_grads(model, batch)
         assert calls[0] == runs, modes
