@@ -34,6 +34,16 @@ def user_allocator_choice() -> str | None:
     return None
 
 
+def apply_setting(setting: str) -> None:
+    """Change the process's allocator settings (``"key:value"``, the syntax of PYTORCH_ALLOC_CONF). torch 2.11
+    deprecates ``torch.cuda.memory._set_allocator_settings`` (a FutureWarning) for the accelerator-wide call;
+    the older releases we support have only the former."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(setting)
+
+
 def expand_segments_under_budget(device: torch.device, budget_source: str) -> bool:
     """Turn on expandable segments for this process when ``budget_source`` is a cap set by the user (max_memory
     or the process's memory fraction) on a CUDA device and the user chose nothing about them; once per process.
@@ -44,7 +54,7 @@ def expand_segments_under_budget(device: torch.device, budget_source: str) -> bo
     if user_allocator_choice() is not None:
         return False
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        apply_setting("expandable_segments:True")
     except (AttributeError, RuntimeError) as e:  # an allocator without the setting: the headroom must do
         print(f"pronghorn: could not turn on the CUDA allocator's expandable segments ({e}); a capped step may "
               "run out of memory to fragmentation: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", flush=True)
