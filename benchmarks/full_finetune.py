@@ -13,7 +13,8 @@ learning rate 1e-5, no gradient clipping; tok/s = batch x seq / median step of s
 Systems, each point its own process with a timeout:
 
 - ``pronghorn``: the native trainer's step (``Trainer.train_step``: memory plan "auto", the fused loss) with the
-  optimizer each row names: ``adamw_bf16_sr`` (the default for bf16 weights), ``adamw_8bit``; ``+inbwd``:
+  optimizer each row names: ``adamw_bf16_sr`` (the default for bf16 weights), ``adamw_bf16_sr_bf16_moments``,
+  ``adamw_8bit``; ``+inbwd``:
   ``optimizer_in_backward`` (no full set of gradients); ``@hf0.6``: ``max_memory`` set to 0.6 x hf-trainer's peak
   on the workload in the same run (the issue's memory target; the plan recomputes what it must);
 - ``hf-trainer``: ``transformers.Trainer`` on ``LlamaForCausalLM`` (SDPA), ``bf16=True``, gradient checkpointing
@@ -50,8 +51,8 @@ _GIB = 2**30
 LR = 1e-5
 # pronghorn's rows: optim, "+inbwd": optimizer_in_backward, "@hf0.6": max_memory = 0.6 x hf-trainer's peak on the
 # workload in this run (the issue's target), so the memory plan recomputes what it must to fit
-_FULL = ["adamw_bf16_sr", "adamw_bf16_sr+inbwd", "adamw_8bit+inbwd", "adamw_bf16_sr+inbwd@hf0.6",
-         "adamw_8bit+inbwd@hf0.6"]
+_FULL = ["adamw_bf16_sr", "adamw_bf16_sr+inbwd", "adamw_8bit+inbwd", "adamw_bf16_sr_bf16_moments+inbwd",
+         "adamw_bf16_sr+inbwd@hf0.6", "adamw_bf16_sr_bf16_moments+inbwd@hf0.6", "adamw_8bit+inbwd@hf0.6"]
 WORKLOADS = {  # name: (model, batch, seq, kind, the peers' optimizer, pronghorn's rows)
     "1b-full": ("llama-3.2-1b", 4, 2048, "full", "adamw_torch_fused", _FULL),
     "8b-full-8bit": ("llama-3.1-8b", 1, 2048, "full", "adamw_8bit", ["adamw_8bit+inbwd", "adamw_8bit"]),

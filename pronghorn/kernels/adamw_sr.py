@@ -1,4 +1,4 @@
-"""One AdamW step on a bfloat16 weight with fp32 moments, the result stochastically rounded to bf16.
+"""One AdamW step on a bfloat16 weight with fp32 or bf16 moments, the result stochastically rounded to bf16.
 
 The PyTorch reference (:func:`adamw_sr_step_reference`, the CPU path and the test oracle) and the Triton kernel
 (adamw_sr_triton.py, one pass over the weight, gradient and moments on CUDA) compute the same bits: the same fp32
@@ -8,6 +8,12 @@ hash of the element's index and a ``key`` rather than a generator's stream, so t
 Stochastic rounding: the fp32 value's bit pattern plus a uniform 16-bit integer, truncated to its top 16 bits
 (bfloat16), rounds up with probability equal to the distance from the value below in units of the bf16 spacing,
 so the rounding is unbiased. A NaN stays NaN.
+
+bf16 moments (``optim="adamw_bf16_sr_bf16_moments"``, 4 bytes of state per weight instead of 8) are rounded the
+same way, each with its own noise stream (:func:`moment_keys`). Rounded to nearest, as torch's AdamW does with bf16
+state, the second moment cannot decay: ``beta2 * v`` with beta2 = 0.999 is within half a bf16 spacing of ``v``,
+so it rounds back to ``v``, and a moment that once saw a large gradient stays large. Stochastic rounding decays it
+in expectation, as fp32 does.
 """
 
 from __future__ import annotations
@@ -47,14 +53,25 @@ def adamw_sr_constants(lr: float, beta1: float, beta2: float, eps: float, weight
     return 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias2 ** 0.5, eps, -lr / bias1
 
 
+def moment_keys(key: int) -> tuple[int, int]:
+    """The noise keys of the first and second moment when they are stored in bf16 (31 bits each, apart from
+    ``key``, the weight's)."""
+    return (key * 3 + 1) % 2_147_483_647, (key * 5 + 2) % 2_147_483_647
+
+
 def adamw_sr_step_reference(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                             exp_avg_sq: torch.Tensor, key: int, constants: tuple[float, ...]) -> None:
-    """In place: AdamW on bf16 ``weight`` (fp32 ``exp_avg`` / ``exp_avg_sq``), the weight stochastically rounded."""
+    """In place: AdamW on bf16 ``weight``, the weight stochastically rounded. The moments ``exp_avg`` /
+    ``exp_avg_sq`` are fp32, or bf16 (both): then they are read as fp32 and stochastically rounded back."""
     decay, w1, beta2, w2, bias2_sqrt, eps, neg_step = constants
     w, g = weight.float() * decay, grad.float()
-    m = exp_avg + (g - exp_avg) * w1
-    v = exp_avg_sq * beta2 + (g * g) * w2
+    m0, v0 = exp_avg.float(), exp_avg_sq.float()
+    m = m0 + (g - m0) * w1
+    v = v0 * beta2 + (g * g) * w2
     w = w + (m / (v.sqrt() / bias2_sqrt + eps)) * neg_step
+    if exp_avg.dtype == torch.bfloat16:
+        key_m, key_v = moment_keys(key)
+        m, v = stochastic_round_bf16(m, key_m), stochastic_round_bf16(v, key_v)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     weight.copy_(stochastic_round_bf16(w, key))
@@ -66,6 +83,8 @@ def adamw_sr_step(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     from .triton_support import use_triton
 
     tensors = (weight, grad, exp_avg, exp_avg_sq)
+    if exp_avg.dtype != exp_avg_sq.dtype or exp_avg.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"AdamW moments must be both fp32 or both bf16, got {exp_avg.dtype} and {exp_avg_sq.dtype}")
     if use_triton(*tensors) and all(t.is_contiguous() for t in tensors):
         from .adamw_sr_triton import adamw_sr_step_triton
 

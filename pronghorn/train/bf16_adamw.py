@@ -7,6 +7,10 @@ An update smaller than half a bf16 spacing (2**-8 of the weight: 4e-3 of a weigh
 - ``rounding="stochastic"`` (``optim="adamw_bf16_sr"``): the fp32 result is rounded up or down to a neighbouring
   bf16 value with probabilities that make the rounding unbiased (its mean is the fp32 value), so small updates
   survive on average. Memory: the bf16 weight + two fp32 moments, 10 bytes per trained weight.
+- ``rounding="stochastic", moments="bf16"`` (``optim="adamw_bf16_sr_bf16_moments"``): the moments are kept in
+  bf16 too and stochastically rounded as the weight is (the step's math stays fp32), 6 bytes per trained weight:
+  the memory of torch's AdamW on bf16 weights (Unsloth's full fine-tuning), without its round-to-nearest, under
+  which small updates are lost and the second moment cannot decay (kernels/adamw_sr.py).
 - ``rounding="master"`` (``optim="adamw_bf16_master"``): an fp32 master copy of each weight takes the updates;
   the bf16 weight is its nearest rounding. Exact AdamW on the master, 14 bytes per trained weight.
 
@@ -25,17 +29,24 @@ from ..errors import PronghornError
 from ..kernels.adamw_sr import adamw_sr_constants, adamw_sr_step
 
 ROUNDINGS = ("stochastic", "master")
+MOMENTS = ("fp32", "bf16")
 
 
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected moments; torch.optim.AdamW's math) with fp32 state for
     weights of any dtype; a bf16 weight is written back with ``rounding`` (module doc). Weights of other dtypes
-    are updated in fp32 and cast back (exact for fp32 weights)."""
+    are updated in fp32 and cast back (exact for fp32 weights). ``moments="bf16"``: a bf16 weight's moments are
+    bf16, stochastically rounded (with ``rounding="stochastic"`` only); other weights keep fp32 moments."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rounding: str = "stochastic", seed: int = 0, first_index: int = 0):
+                 weight_decay: float = 0.0, rounding: str = "stochastic", seed: int = 0, first_index: int = 0,
+                 moments: str = "fp32"):
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if moments not in MOMENTS or (moments == "bf16" and rounding != "stochastic"):
+            raise ValueError(f"moments must be one of {MOMENTS} ('bf16' with stochastic rounding only), "
+                             f"got {moments!r} with rounding {rounding!r}")
+        self.moments = moments
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding, self.seed, self.first_index = rounding, int(seed), int(first_index)
         if any(hasattr(p, "full_tensor") for g in self.param_groups for p in g["params"]):
@@ -62,7 +73,8 @@ class BF16AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self._moment_dtype(p),
+                                                        memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                     if self._keeps_master(p):
                         state["master"] = p.detach().float()
@@ -78,6 +90,10 @@ class BF16AdamW(torch.optim.Optimizer):
                               beta2, eps, wd)
                 p.copy_(weight)  # round to nearest (or exact for fp32)
         return loss
+
+    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        bf16 = self.moments == "bf16" and p.dtype == torch.bfloat16 and self.rounding == "stochastic"
+        return torch.bfloat16 if bf16 else torch.float32
 
     def _keeps_master(self, p: torch.Tensor) -> bool:
         return self.rounding == "master" and p.dtype != torch.float32

@@ -27,7 +27,8 @@ from .step_in_backward import check_step_in_backward
 
 DEFAULT_OPTIM = "adamw_torch_fused"
 # bytes of optimizer state per trained element
-_STATE_BYTES = {"adamw_bf16_sr": 8, "adamw_bf16_master": 12, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+_STATE_BYTES = {"adamw_bf16_sr": 8, "adamw_bf16_sr_bf16_moments": 4, "adamw_bf16_master": 12, "adamw_8bit": 2,
+                "paged_adamw_8bit": 2}
 
 
 def check_settings(cfg) -> None:

@@ -4,8 +4,9 @@ Names follow Hugging Face ``TrainingArguments.optim`` / TRL, so recipes carry ov
 ``adamw_torch_fused`` (the default: one fused kernel per step on a GPU), ``adamw_8bit`` (also
 ``adamw_bnb_8bit``; bitsandbytes, CUDA only) and ``paged_adamw_8bit`` / ``paged_adamw_32bit`` (bitsandbytes'
 paged variants, whose state can spill to host memory), and for bfloat16 weights (full fine-tuning)
-``adamw_bf16_sr`` (fp32 moments, the bf16 weight stochastically rounded) and ``adamw_bf16_master`` (an fp32
-master copy) from train/bf16_adamw.py. Anything else is refused with the list.
+``adamw_bf16_sr`` (fp32 moments, the bf16 weight stochastically rounded), ``adamw_bf16_sr_bf16_moments`` (the
+moments bf16 and stochastically rounded too: 6 bytes per weight, as torch's AdamW on bf16) and
+``adamw_bf16_master`` (an fp32 master copy) from train/bf16_adamw.py. Anything else is refused with the list.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from ..errors import PronghornError
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
-              "adamw_bf16_sr", "adamw_bf16_master")
+              "adamw_bf16_sr", "adamw_bf16_sr_bf16_moments", "adamw_bf16_master")
 _ALIASES = {"adamw": "adamw_torch_fused", "adamw_bnb_8bit": "adamw_8bit", "adamw_torch_8bit": "adamw_8bit"}
-_BF16_ROUNDING = {"adamw_bf16_sr": "stochastic", "adamw_bf16_master": "master"}
+_BF16_ROUNDING = {"adamw_bf16_sr": ("stochastic", "fp32"), "adamw_bf16_sr_bf16_moments": ("stochastic", "bf16"),
+                  "adamw_bf16_master": ("master", "fp32")}
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
 
 
@@ -49,7 +51,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     if name in _BF16_ROUNDING:
         from .bf16_adamw import BF16AdamW
 
-        return BF16AdamW(params, rounding=_BF16_ROUNDING[name], seed=seed, first_index=first_index, **kw)
+        rounding, moments = _BF16_ROUNDING[name]
+        return BF16AdamW(params, rounding=rounding, moments=moments, seed=seed, first_index=first_index, **kw)
     if device.type != "cuda":
         raise PronghornError(f"optim {name!r} runs on a CUDA GPU only (bitsandbytes); on {device.type} use "
                              f"optim='adamw_torch_fused'")

@@ -125,7 +125,8 @@ SETTINGS: dict[str, Setting] = {
     "tiled_mlp": Setting("norm + MLP over chunks of tokens: auto, on, off"),
     "tiled_mlp_chunk": Setting("tokens per chunk of the tiled MLP", **_ONE),
     "optim": Setting("optimizer: adamw_torch, adamw_torch_fused, adamw_8bit (bitsandbytes, GPU), adamw_bf16_sr, "
-                     "adamw_bf16_master (bf16 weights: fp32 moments, stochastic rounding or an fp32 master copy)"),
+                     "adamw_bf16_master (bf16 weights: fp32 moments, stochastic rounding or an fp32 master copy), "
+                     "adamw_bf16_sr_bf16_moments (bf16 moments, stochastically rounded too: half the state)"),
     "packing": Setting("pack rows padding-free into rows of <= max_length tokens"),
     "load_in_4bit": Setting("QLoRA: store the base model's projections in NF4 (4-bit)"),
     # multi-GPU

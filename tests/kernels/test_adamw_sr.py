@@ -11,20 +11,21 @@ from pronghorn.kernels.adamw_sr import (adamw_sr_constants, adamw_sr_step_refere
 CONSTANTS = adamw_sr_constants(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.1, step=3)
 
 
-def _state(shape, seed=0):
+def _state(shape, seed=0, moments=torch.float32):
     g = torch.Generator().manual_seed(seed)
     weight = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
     grad = torch.randn(shape, generator=g).to(torch.bfloat16)
-    exp_avg = torch.randn(shape, generator=g) * 0.1
-    exp_avg_sq = torch.rand(shape, generator=g) * 0.01
+    exp_avg = (torch.randn(shape, generator=g) * 0.1).to(moments)
+    exp_avg_sq = (torch.rand(shape, generator=g) * 0.01).to(moments)
     return [weight, grad, exp_avg, exp_avg_sq]
 
 
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7,), (33, 65), (3, 1024 + 5)])
-def test_triton_kernel_equals_reference(shape):
+def test_triton_kernel_equals_reference(shape, moments):
     from pronghorn.kernels.adamw_sr_triton import adamw_sr_step_triton
 
-    ref, got = _state(shape), _state(shape)
+    ref, got = _state(shape, moments=moments), _state(shape, moments=moments)
     got = [t.cuda() for t in got] if torch.cuda.is_available() else got  # compiled there, interpreted here
     ref[0].view(-1)[0] = float("nan")  # a NaN weight stays NaN in both
     got[0].view(-1)[0] = float("nan")
@@ -74,3 +75,28 @@ def test_rounding_key_changes_the_draws_not_the_values():
     a, b = stochastic_round_bf16(x, 1), stochastic_round_bf16(x, 2)
     assert not torch.equal(a, b)
     assert ((a.float() - b.float()).abs() <= (x.abs() * 2.0 ** -7) + 1e-30).all()  # at most one spacing apart
+
+
+def test_bf16_moments_are_the_fp32_moments_stochastically_rounded():
+    """With bf16 moments the step's math is the fp32 step's on the same (bf16-valued) inputs: the weight equals
+    the fp32-moment step's bit for bit, and each moment is one of the two bf16 neighbours of its fp32 value, drawn
+    from its own stream (the two moments and the weight do not share draws)."""
+    from pronghorn.kernels.adamw_sr import moment_keys
+
+    lean = _state((64, 48), moments=torch.bfloat16)
+    wide = [t.clone() for t in lean[:2]] + [t.float() for t in lean[2:]]
+    adamw_sr_step_reference(*lean, 11, CONSTANTS)
+    adamw_sr_step_reference(*wide, 11, CONSTANTS)
+    assert lean[2].dtype == lean[3].dtype == torch.bfloat16
+    assert torch.equal(lean[0].view(torch.int16), wide[0].view(torch.int16))
+    for got, exact, key in zip(lean[2:], wide[2:], moment_keys(11)):
+        assert torch.equal(got, stochastic_round_bf16(exact, key))
+    assert len({11, *moment_keys(11)}) == 3
+
+
+def test_mixed_moment_dtypes_are_refused():
+    from pronghorn.kernels.adamw_sr import adamw_sr_step
+
+    weight, grad, m, v = _state((8,))
+    with pytest.raises(TypeError, match="both fp32 or both bf16"):
+        adamw_sr_step(weight, grad, m.to(torch.bfloat16), v, 1, CONSTANTS)
