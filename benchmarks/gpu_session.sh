@@ -16,6 +16,10 @@
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
 #
+# Order after session 11 (H100, 2026-12-05; scenarios, grpo, full-ft 1b-full, families-phi3 done): tests (the
+# bf16-moment SR AdamW kernel compiled), full-ft (its rows at 0.6 x HF, the 8B rows), families-gemma2,
+# families-gemma3 (the capped row), grpo (the per-phase peaks), budget-1b / budget-8b (session 10's replays), profile.
+#
 # JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail

@@ -8,7 +8,8 @@ sampled at temperature 1 up to 256 new tokens (random weights make EOS about as 
 mean completion length is reported beside the times), loss "dapo", beta 0, one reward (completion length in
 words). Step time: the median of steps 2..N; generation: the time inside the decoder
 call(s) of that step; training: the rest (scoring, log-probs, forward/backward, optimizer). Peak:
-``torch.cuda.max_memory_allocated`` over the steps (weights included).
+``torch.cuda.max_memory_allocated`` over the steps (weights included); pronghorn's also per phase (generation and
+scoring, what stays allocated after it, training), to find where its peak is.
 
 Each system runs in its own process (Unsloth patches TRL when imported): ``--child SYSTEM`` prints one JSON
 line; the parent prints the table and writes the JSON.
@@ -104,16 +105,31 @@ def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps, gens, lengths = [], [], []
+    phases = dict(generation=0, held_after_generation=0, training=0)  # bytes: where the peak is (CUDA)
     for step in range(w["steps"]):
         _sync(device)
         t = time.perf_counter()
         batch = trainer.step_examples(step)
+        _phase_peak(phases, "generation", device, held="held_after_generation")
         trainer.train_step(batch)
+        _phase_peak(phases, "training", device)
         _sync(device)
         steps.append(time.perf_counter() - t)
         gens.append(sum(b.rollout.seconds for b in batch.generated))  # one generation batch per step here
         lengths.append(batch.metrics["completions/mean_length"])
-    return dict(steps=steps, gens=gens, lengths=lengths)
+    return dict(steps=steps, gens=gens, lengths=lengths, phases=phases if device == "cuda" else None)
+
+
+def _phase_peak(phases: dict, name: str, device: str, held: str | None = None) -> None:
+    """The peak allocated since the last call into ``phases[name]`` (and what stays allocated after it into
+    ``phases[held]``), then a fresh peak count: the generation phase (rollouts and scoring) apart from training."""
+    if device != "cuda":
+        return
+    torch.cuda.synchronize()
+    phases[name] = max(phases[name], torch.cuda.max_memory_allocated())
+    if held:
+        phases[held] = max(phases[held], torch.cuda.memory_allocated())
+    torch.cuda.reset_peak_memory_stats()
 
 
 def _trl_config(w: dict, device: str, dtype: torch.dtype, out: str):
@@ -187,12 +203,15 @@ def child(system: str, a) -> None:
     tail = slice(1, None) if len(r["steps"]) > 1 else slice(None)
     step, gen = statistics.median(r["steps"][tail]), statistics.median(r["gens"][tail])
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+    phases = {f"peak_{k}_gib": round(v / 2**30, 2) for k, v in (r.get("phases") or {}).items()}
+    if phases:  # pronghorn counts its peak per phase (the counter is reset between them)
+        peak = max(peak, phases["peak_generation_gib"], phases["peak_training_gib"])
     completions = w["prompts"] * w["generations"]
     print(json.dumps(dict(system=system, workload="tiny" if a.dry_run else a.workload, device=device,
                           completions=completions, new_tokens=w["new_tokens"], step_s=round(step, 3),
                           generation_s=round(gen, 3), training_s=round(step - gen, 3),
                           steps_per_s=round(1 / step, 4), mean_length=round(statistics.mean(r["lengths"]), 1),
-                          peak_gib=peak)))
+                          peak_gib=peak, **phases)))
 
 
 def available(system: str, dry_run: bool) -> str | None:
@@ -246,6 +265,11 @@ def main() -> None:
         speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
         print(f"{r['system']:<10} {r['step_s']:>8} {r['generation_s']:>13} {r['training_s']:>11} "
               f"{str(r['peak_gib']):>9} {r['mean_length']:>12} {speed:>20}")
+    for r in rows:
+        if "peak_generation_gib" in r:
+            print(f"{r['system']}: peak {r['peak_generation_gib']} GiB in generation and scoring "
+                  f"({r['peak_held_after_generation_gib']} GiB still allocated after it), "
+                  f"{r['peak_training_gib']} GiB in training")
     write_results(a.json, run_meta(dry_run=a.dry_run), rows)
 
 
