@@ -169,7 +169,8 @@ class DecoderModel(nn.Module):
             expand_segments_under_budget(device, source)
             sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
                                optimizer=self.optimizer_footprint)
-            plan = make_plan(sizes, budget, source, (batch, seq), mode=mode, tiled_mlp=tiled,
+            plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
+                             tiled_mlp=tiled,
                              mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan

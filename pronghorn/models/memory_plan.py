@@ -62,10 +62,13 @@ def parse_budget(value) -> int | None:
 class OptimizerFootprint:
     """What the optimizer adds per trained element: ``state_bytes`` of state (None: AdamW's two moments, counted
     in fp32, the most torch's take), and whether gradients are applied and freed in the backward pass (train/step_in_backward.py:
-    then only one layer's gradients, and the tables', exist at once)."""
+    then only one layer's gradients, and the tables', exist at once). ``advice``: what the planner's "does not
+    fit" error suggests besides a larger budget and fewer tokens (full fine-tuning: a leaner optimizer; empty: the
+    LoRA advice, load_in_4bit)."""
 
     state_bytes: float | None = None
     grads_in_backward: bool = False
+    advice: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,10 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
 
 
 def make_plan(s: StepSizes, budget: int | None, budget_source: str = "", batch: tuple[int, int] = (0, 0),
-              **settings) -> MemoryPlan:
+              advice: str = "", **settings) -> MemoryPlan:
     """The first (fastest) candidate whose estimated peak fits ``budget`` less :data:`HEADROOM`; without a budget,
-    the fastest. Raises a PronghornError naming the smallest budget that would fit when none does."""
+    the fastest. Raises a PronghornError naming the smallest budget that would fit when none does, and ``advice``
+    (:class:`OptimizerFootprint`'s; empty: load_in_4bit)."""
     usable = None if budget is None else budget * (1 - HEADROOM)
     leanest = None
     for plan in candidate_plans(s, **settings):
@@ -248,7 +252,7 @@ def make_plan(s: StepSizes, budget: int | None, budget_source: str = "", batch: 
         f"a training step of batch {batch[0]} x {batch[1]} tokens does not fit the memory budget of "
         f"{budget / GIB:.2f} GiB ({budget_source}): the leanest plan ({replace(plan, estimate_bytes=need).summary()}) "
         f"needs about {smallest / GIB:.2f} GiB. Raise max_memory to at least {math.ceil(smallest / GIB * 10) / 10:g}GiB, "
-        "or train on fewer tokens per step (batch size, max_seq_length), or load_in_4bit=True")
+        f"or train on fewer tokens per step (batch size, max_seq_length), or {advice or 'load_in_4bit=True'}")
 
 
 # --- from a model and a device: the sizes and the budget ---

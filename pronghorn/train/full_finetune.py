@@ -70,9 +70,24 @@ def resolve_optim(name: str, params: list[torch.Tensor], world_size: int = 1) ->
     return name
 
 
-def optimizer_footprint(optim: str, in_backward: bool) -> OptimizerFootprint:
-    """What the memory plan counts for the trained weights under ``optim`` (torch AdamW: two moments)."""
-    return OptimizerFootprint(state_bytes=_STATE_BYTES.get(optim), grads_in_backward=in_backward)
+def optimizer_footprint(optim: str, in_backward: bool, full_finetuning: bool = False) -> OptimizerFootprint:
+    """What the memory plan counts for the trained weights under ``optim`` (torch AdamW: two moments), and, for
+    full fine-tuning, the leaner settings its "does not fit" error names (load_in_4bit does not apply there)."""
+    state = _STATE_BYTES.get(optim)
+    advice = _leaner_settings(8 if state is None else state, in_backward) if full_finetuning else ""
+    return OptimizerFootprint(state_bytes=state, grads_in_backward=in_backward, advice=advice)
+
+
+def _leaner_settings(state_bytes: float, in_backward: bool) -> str:
+    ways = []
+    if state_bytes > 4:
+        ways.append(f"optim='adamw_bf16_sr_bf16_moments' (4 bytes of optimizer state per weight, not {state_bytes:g})"
+                    " or 'adamw_8bit' (2; bitsandbytes, CUDA)")
+    elif state_bytes > 2:
+        ways.append("optim='adamw_8bit' (2 bytes of optimizer state per weight; bitsandbytes, CUDA)")
+    if not in_backward:
+        ways.append("optimizer_in_backward=True (gradients applied and freed layer by layer)")
+    return ", or ".join(ways) or "LoRA instead of full fine-tuning (get_peft_model)"
 
 
 def make_trainable(model: nn.Module, cfg) -> str:

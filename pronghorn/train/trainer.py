@@ -99,7 +99,7 @@ class Trainer:
 
         decoder = getattr(self.model, "model", None)
         if hasattr(decoder, "optimizer_footprint"):  # the memory plan counts what this optimizer holds
-            decoder.optimizer_footprint = optimizer_footprint(name, cfg.optimizer_in_backward)
+            decoder.optimizer_footprint = optimizer_footprint(name, cfg.optimizer_in_backward, self.full_finetuning)
         if not cfg.optimizer_in_backward:
             return build(self._param_groups())
         check_step_in_backward(cfg.gradient_accumulation_steps, cfg.max_grad_norm, self.dist.world_size)

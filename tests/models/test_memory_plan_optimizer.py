@@ -71,3 +71,30 @@ def test_a_budget_that_fits_the_step_in_the_backward_keeps_what_the_ordinary_ste
         t.train_step(t.step_examples(0))
         plans.append(model.memory_plan.layers)
     assert plans == [("recompute", "keep"), ("keep", "keep")]
+
+
+def test_full_finetuning_that_does_not_fit_names_a_leaner_optimizer(tmp_path, monkeypatch):
+    """load_in_4bit, the LoRA advice, cannot apply to full fine-tuning: its "does not fit" error names the
+    optimizers with less state instead (the 1B row at 0.6x HF Trainer's memory, where fp32 moments alone are
+    9.2 GiB). The CPU has no budget of its own: a device of 1 MiB is simulated."""
+    import pytest
+
+    from pronghorn.errors import PronghornError
+    from pronghorn.models import decoder as decoder_module
+
+    t = full_trainer(tmp_path, random_examples(4), optim="adamw_bf16_sr")
+    monkeypatch.setattr(decoder_module, "device_budget", lambda device, mx: (2**20, "sim"))
+    with pytest.raises(PronghornError) as err:
+        t.train()
+    message = str(err.value)
+    assert "does not fit the memory budget" in message and "load_in_4bit" not in message
+    assert "optim='adamw_bf16_sr_bf16_moments' (4 bytes of optimizer state per weight, not 8)" in message
+    assert "'adamw_8bit'" in message and "optimizer_in_backward=True" in message
+
+
+def test_the_advice_follows_the_optimizer():
+    lean = optimizer_footprint("adamw_bf16_sr_bf16_moments", True, full_finetuning=True).advice
+    assert lean == "optim='adamw_8bit' (2 bytes of optimizer state per weight; bitsandbytes, CUDA)"
+    assert optimizer_footprint("adamw_8bit", True, full_finetuning=True).advice.startswith("LoRA instead")
+    assert optimizer_footprint("adamw_bf16_sr", False).advice == ""  # LoRA: the planner's own advice
+    assert optimizer_footprint("adamw_bf16_sr", True, True) == optimizer_footprint("adamw_bf16_sr", True)
