@@ -2,7 +2,8 @@
 gradient, and fp32 moments read once and written once (22 bytes per element for a bf16 gradient), instead of
 a dozen PyTorch passes. The arithmetic is the reference's, operation by operation, with FMA contraction off
 (``enable_fp_fusion=False``), correctly rounded square root and division, and the same integer hash for the
-rounding noise (bf16 moments: rounded the same way, with their own keys; 14 bytes per element): the result equals :func:`~pronghorn.kernels.adamw_sr.adamw_sr_step_reference` bit for bit.
+rounding noise (bf16 moments: rounded the same way, with their own keys; 14 bytes per element): the result
+equals :func:`~pronghorn.kernels.adamw_sr.adamw_sr_step_reference` bit for bit.
 """
 
 from __future__ import annotations

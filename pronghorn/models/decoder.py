@@ -170,8 +170,7 @@ class DecoderModel(nn.Module):
             sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
                                optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
-                             tiled_mlp=tiled,
-                             mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
+                             tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)

@@ -33,8 +33,8 @@ MOMENTS = ("fp32", "bf16")
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected moments; torch.optim.AdamW's math) with fp32 state for
-    weights of any dtype; a bf16 weight is written back with ``rounding`` (module doc). Weights of other dtypes
+    """AdamW (decoupled weight decay, bias-corrected moments; torch.optim.AdamW's math) with fp32 state (bf16 with
+    ``moments="bf16"``) for weights of any dtype; a bf16 weight is written back with ``rounding`` (module doc). Weights of other dtypes
     are updated in fp32 and cast back (exact for fp32 weights). ``moments="bf16"``: a bf16 weight's moments are
     bf16, stochastically rounded (with ``rounding="stochastic"`` only); other weights keep fp32 moments."""
 
@@ -92,8 +92,7 @@ class BF16AdamW(torch.optim.Optimizer):
         return loss
 
     def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
-        bf16 = self.moments == "bf16" and p.dtype == torch.bfloat16 and self.rounding == "stochastic"
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if self.moments == "bf16" and p.dtype == torch.bfloat16 else torch.float32
 
     def _keeps_master(self, p: torch.Tensor) -> bool:
         return self.rounding == "master" and p.dtype != torch.float32

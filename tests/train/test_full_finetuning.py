@@ -70,8 +70,9 @@ IN_BACKWARD = dict(optimizer_in_backward=True, gradient_accumulation_steps=1, ma
 @pytest.mark.parametrize("dtype,optim,extra", [(torch.float32, "adamw_torch_fused", {}),
                                                (torch.bfloat16, "adamw_torch_fused", {}),
                                                (torch.float32, "adamw_torch", {}),
-                                               (torch.bfloat16, "adamw_torch_fused", IN_BACKWARD)],
-                         ids=["fp32", "bf16-sr", "fp32-foreach", "bf16-sr-in-backward"])
+                                               (torch.bfloat16, "adamw_torch_fused", IN_BACKWARD),
+                                               (torch.bfloat16, "adamw_bf16_sr_bf16_moments", IN_BACKWARD)],
+                         ids=["fp32", "bf16-sr", "fp32-foreach", "bf16-sr-in-backward", "bf16-moments-in-backward"])
 def test_resume_reproduces_the_loss_curve(tmp_path, dtype, optim, extra):
     """Interrupted after step 4 (checkpoint-3 the last saved) and resumed: the same losses, bit for bit. bf16
     weights with the default optim train with adamw_bf16_sr, whose rounding noise is a function of the step;
