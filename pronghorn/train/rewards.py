@@ -6,6 +6,10 @@ gsm8k (prompts from :mod:`pronghorn.data.prompts`, which asks for reasoning then
 
 - ``gsm8k_format``: 1.0 when the completion has at least one line of reasoning and its last non-empty line is
   ``#### <number>``; else 0.0.
+- ``gsm8k_format_partial``: a shaped format reward for small models that rarely hit the format at first (a
+  binary reward that is 0.0 for every completion of a group gives no advantage to learn from): 1.0 for
+  ``gsm8k_format``'s format, 0.5 when a ``#### <number>`` line is there but is not the last line or has no
+  reasoning before it, else 0.0.
 - ``gsm8k_correct``: 1.0 when the number after the completion's last ``####`` equals the row's ``answer``
   (gsm8k's number after ``####``; compared as numbers, commas ignored); else 0.0.
 """
@@ -44,6 +48,12 @@ def gsm8k_format(prompts: list, completions: list, **_: Any) -> list[float]:
     return out
 
 
+def gsm8k_format_partial(prompts: list, completions: list, **_: Any) -> list[float]:
+    full = gsm8k_format(prompts, completions)
+    marked = [any(_FINAL_LINE.match(line.strip()) for line in completion_text(c).splitlines()) for c in completions]
+    return [f if f else 0.5 * m for f, m in zip(full, marked)]
+
+
 def gsm8k_correct(prompts: list, completions: list, answer: list, **_: Any) -> list[float]:
     out = []
     for c, a in zip(completions, answer):
@@ -52,7 +62,8 @@ def gsm8k_correct(prompts: list, completions: list, answer: list, **_: Any) -> l
     return out
 
 
-BUILTIN_REWARDS: dict[str, Callable] = {"gsm8k_format": gsm8k_format, "gsm8k_correct": gsm8k_correct}
+BUILTIN_REWARDS: dict[str, Callable] = {"gsm8k_format": gsm8k_format, "gsm8k_format_partial": gsm8k_format_partial,
+                                         "gsm8k_correct": gsm8k_correct}
 
 
 def resolve_reward(spec: str | Callable) -> Callable:

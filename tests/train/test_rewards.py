@@ -10,7 +10,7 @@ import pytest
 
 from pronghorn.data.prompts import GSM8K_SYSTEM_PROMPT, prompt_rows
 from pronghorn.errors import PronghornError
-from pronghorn.train.rewards import gsm8k_correct, gsm8k_format, resolve_reward
+from pronghorn.train.rewards import gsm8k_correct, gsm8k_format, gsm8k_format_partial, resolve_reward
 
 GSM8K = Path("/work/shared/data/gsm8k/test.jsonl")
 
@@ -55,8 +55,22 @@ def test_wrong_numbers_and_missing_format_score_zero(gsm8k):
     assert gsm8k_correct([None], ["so\n#### 1,234.0"], answer=["1234"]) == [1.0]  # compared as numbers
 
 
+def test_partial_format_credits_the_answer_line_anywhere(gsm8k):
+    full = [r["answer"] for r in gsm8k[:5]]
+    answers = [r["answer"].split("####")[-1].strip() for r in gsm8k[:5]]
+    trailing = [s + "\nI hope this helps." for s in full]  # answer line present, not last
+    only_answer = [f"#### {a}" for a in answers]  # no reasoning before it
+    bare = [s.rsplit("####", 1)[0].strip() for s in full]
+    inline = [s.rsplit("####", 1)[0] + "so the answer is #### 5" for s in full]  # not on its own line
+    got = gsm8k_format_partial([None] * 20, full + trailing + only_answer + bare)
+    assert got == [1.0] * 5 + [0.5] * 10 + [0.0] * 5
+    assert gsm8k_format_partial([None] * 5, inline) == [0.0] * 5
+    assert gsm8k_format_partial([None], [[{"role": "assistant", "content": trailing[0]}]]) == [0.5]
+
+
 def test_reward_names_resolve_and_bad_ones_are_named():
     assert resolve_reward("gsm8k_format") is gsm8k_format
+    assert resolve_reward("gsm8k_format_partial") is gsm8k_format_partial
     assert resolve_reward("pronghorn.train.rewards:gsm8k_correct") is gsm8k_correct
     with pytest.raises(PronghornError, match="cannot import 'pronghorn.train.rewards:nothing'"):
         resolve_reward("pronghorn.train.rewards:nothing")
