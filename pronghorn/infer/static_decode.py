@@ -6,6 +6,10 @@ the cache's device-side slot, and advances slot and positions in place: no host 
 shapes every step, so the whole forward (LoRA adapters unmerged included) is one graph launch. Sampling
 runs outside the graph on the returned logits, so random draws are those of the eager path.
 
+The prompt is filled a group of rows at a time (:data:`PREFILL_TOKENS` prompt tokens a forward, at least one
+row): the cache is allocated for every row and the new tokens before the prompt runs, so one forward over all
+rows' prompts would add its activations (the MLP's intermediate above all) on top of the whole cache.
+
 A runner is kept per model (the latest only, dropped with the model) and reused while the batch size,
 cache length and parameters (storage, adapters switched on or off) are unchanged.
 """
@@ -22,6 +26,7 @@ from ..models.kv_cache import StaticKVCache
 
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up so graphs are reused across nearby prompt lengths
 WARMUP_STEPS = 2
+PREFILL_TOKENS = 2048  # prompt tokens per prefill forward (whole rows); about as fast as one big forward
 
 _RUNNERS: "weakref.WeakKeyDictionary[nn.Module, DecodeRunner]" = weakref.WeakKeyDictionary()
 
@@ -62,13 +67,21 @@ class DecodeRunner:
 
     def prefill(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 padded: bool) -> torch.Tensor:
-        """Run the prompt (eagerly) into the cache; return the last position's logits [B, V]."""
+        """Run the prompt (eagerly, a group of rows at a time) into the cache; return the last position's logits
+        [B, V]."""
         self.cache.reset()
-        out = model(input_ids=input_ids, attention_mask=mask if padded else None, position_ids=positions,
-                    past_key_values=self.cache, logits_to_keep=1)
+        batch, length = input_ids.shape
+        group = max(1, PREFILL_TOKENS // max(length, 1))
+        logits = []
+        for r in range(0, batch, group):
+            out = model(input_ids=input_ids[r:r + group], attention_mask=mask[r:r + group] if padded else None,
+                        position_ids=positions[r:r + group], past_key_values=self.cache.rows(r, r + group),
+                        logits_to_keep=1)
+            logits.append(out.logits[:, -1])
+        self.cache.length = length
         self.cache.start_decoding(mask if padded else None)
         self.pos.copy_(positions[:, -1:] + 1)
-        return out.logits[:, -1]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def step(self, model: nn.Module, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``next_ids`` [B]; return the logits [B, V] of the next position (a buffer the next step

@@ -106,5 +106,14 @@ class StaticKVCache(KVCache):
             masks[w] = torch.where(allowed, self._zero, self._neg_inf).to(dtype)[:, None, None, :]
         return masks
 
+    def rows(self, start: int, end: int) -> KVCache:
+        """An empty ``KVCache`` over batch rows ``start:end`` of these buffers (views: what it stores lands here),
+        to fill the prompt a group of rows at a time."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[start:end] for k in self.keys]
+        view.values = [v[start:end] for v in self.values]
+        view.max_len, view.length = self.max_len, 0
+        return view
+
     def reorder(self, index: torch.Tensor) -> None:
         raise NotImplementedError("a static cache keeps its batch rows (finished rows are padded instead)")

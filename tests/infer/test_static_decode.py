@@ -41,6 +41,26 @@ def test_static_greedy_equals_eager_and_transformers_logits_tight(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm"])
+def test_prompt_filled_a_group_of_rows_at_a_time_decodes_the_same(name, monkeypatch):
+    """The prompt in groups of rows (``PREFILL_TOKENS``: here 2 rows of 12 tokens a forward, then 1) writes the
+    same cache and last logits as one forward over all rows: greedy tokens equal transformers', logits tight."""
+    import pronghorn.infer.static_decode as static_decode
+
+    hf, ours = make_pair(name)
+    ids, mask = _batch([12, 7, 3], seed=5)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=NEVER, pad_token_id=0)
+    whole, whole_logits = _step_logits(ours, decode_mode="static", **kw)
+    monkeypatch.setattr(static_decode, "PREFILL_TOKENS", 24)
+    grouped, grouped_logits = _step_logits(ours, decode_mode="static", **kw)
+    assert len(grouped_logits) == len(whole_logits) + 1  # the prompt took two forwards
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=NEVER)
+    assert torch.equal(grouped, ref) and torch.equal(whole, ref)
+    torch.testing.assert_close(torch.cat(grouped_logits[:2]), whole_logits[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grouped_logits[2:], whole_logits[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_runner_is_reused_across_calls_and_rebuilt_when_it_must():
     _, ours = make_pair("llama3_gqa_rope_scaling")
     first = get_runner(ours, 2, 20, use_graph=False)
