@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh full-ft      # issue 17: full fine-tuning beside HF Trainer and Unsloth
 #   bash benchmarks/gpu_session.sh grpo         # issue 18: GRPO beside TRL + PEFT and Unsloth
 #   bash benchmarks/gpu_session.sh profile      # issue 15: what limits the lean plans (tiled MLP, offload mixes)
+#   bash benchmarks/gpu_session.sh anatomy      # issue 15: what is alive at the peak beside the estimate's parts
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
@@ -85,6 +86,12 @@ case "$stage" in
     PYTHONPATH=/tmp/smol timeout -s INT ${TIME_LIMIT:-500} python3 -m pronghorn train --config recipes/grpo-gsm8k.yaml \
       --data /tmp/gsm8k/train.jsonl --output-dir "$OUT/grpo-gsm8k" --no-progress ${GSM8K_ARGS:-} 2>&1 \
       | tee "$OUT/grpo-gsm8k.log" | grep -v "^ " | tail -30 ;;
+  anatomy)
+    for spec in "llama-3.2-1b 8 4096 8" "llama-3.1-8b 2 2048 16.68"; do
+      set -- $spec
+      timeout 150 python3 benchmarks/peak_anatomy.py --workload $1 --batch $2 --seq $3 --budget $4 --top 18 \
+        --json "$OUT/anatomy-$1-$4.json" 2>&1 | grep -v "^pronghorn:" | tail -24
+    done ;;
   softcap)
     python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
       --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40 ;;
