@@ -56,21 +56,16 @@ def live_at_peak(trace: list[dict], baseline: int) -> tuple[int, dict[str, int],
     return peak, dict(sorted(groups.items(), key=lambda kv: -kv[1])), len(at_peak)
 
 
-def estimate_parts(sizes, plan) -> dict[str, float]:
-    """:func:`pronghorn.models.memory_plan.estimate_peak` by its parts, in GiB."""
-    from pronghorn.models.memory_plan import estimate_peak
+def estimate_parts(sizes, plan) -> dict:
+    """:func:`pronghorn.models.memory_plan.estimate_peak` by its parts, in GiB: resident bytes, optimizer bytes to
+    come, the loss moment and the largest layer-backward moment (with the layer it is at)."""
+    from pronghorn.models.memory_plan import estimate_peak, step_moments
 
-    s = sizes
-    tiled = plan.mlp_chunk is not None and s.tiled_token > 0 and plan.mlp_chunk < s.tokens
-    keep_layer = s.attn_block + (s.tiled_block if tiled else s.mlp_block)
-    kept = sum(keep_layer if m == "keep" else s.layer_input if m == "recompute" else 0 for m in plan.layers)
-    parts = dict(resident=s.resident, to_come=s.to_come, kept_layers=kept,
-                 operands=s.operands * sum(m != "keep" for m in plan.layers),
-                 offload_in_flight=2 * s.layer_input if "offload" in plan.layers else 0,
-                 replayed_layer=keep_layer if plan.replays else 0, backward_extra=s.backward_extra,
-                 loss=s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied"),
-                 total=estimate_peak(s, plan))
-    return {k: round(v / GIB, 3) for k, v in parts.items()}
+    moments = step_moments(sizes, plan)
+    top = max(range(1, len(moments)), key=moments.__getitem__)
+    gib = lambda v: round(v / GIB, 3)  # noqa: E731
+    return dict(resident=gib(sizes.resident), to_come=gib(sizes.to_come), loss_moment=gib(moments[0]),
+                backward_moment=gib(moments[top]), backward_layer=top - 1, total=gib(estimate_peak(sizes, plan)))
 
 
 def main(argv=None) -> None:

@@ -81,20 +81,22 @@ def _geglu_bwd_kernel(
 
 
 class GeGLUFunction(torch.autograd.Function):
-    """``gelu(gate) * up`` with the Triton forward and a recomputing backward; ``apply(gate, up, approximate)``."""
+    """``gelu(gate) * up`` with the Triton forward and a recomputing backward; ``apply(gate, up, approximate[,
+    inplace])``: ``inplace``, the backward writes the gradients over the saved gate and up (see ``kernels.swiglu``)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str = "none",
+                inplace: bool = False) -> torch.Tensor:
         check_same_shape(gate, up, "geglu")
         if approximate not in ("none", "tanh"):
             raise ValueError(f"geglu: approximate={approximate!r}, expected 'none' or 'tanh'")
         y, g2, u2 = launch_gated_forward(_geglu_fwd_kernel, gate, up, TANH=approximate == "tanh")
         ctx.save_for_backward(g2, u2)
-        ctx.shape, ctx.tanh = gate.shape, approximate == "tanh"
+        ctx.shape, ctx.tanh, ctx.inplace = gate.shape, approximate == "tanh", inplace
         return y.view(gate.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        dg, du = launch_gated_backward(_geglu_bwd_kernel, *ctx.saved_tensors, dy, TANH=ctx.tanh)
-        return dg.view(ctx.shape), du.view(ctx.shape), None
+        dg, du = launch_gated_backward(_geglu_bwd_kernel, *ctx.saved_tensors, dy, inplace=ctx.inplace, TANH=ctx.tanh)
+        return dg.view(ctx.shape), du.view(ctx.shape), None, None

@@ -56,7 +56,7 @@ class MLP(nn.Module):
         if self.activation == "silu":
             h = swiglu(self.gate_proj(x), self.up_proj(x), owns_inputs=True, policy=self.kernel_policy)
         else:
-            h = geglu(self.gate_proj(x), self.up_proj(x), _GELU[self.activation], self.kernel_policy)
+            h = geglu(self.gate_proj(x), self.up_proj(x), _GELU[self.activation], self.kernel_policy, owns_inputs=True)
         return self.down_proj(h, output_unused=output_unused, owns_input=True)
 
 

@@ -80,7 +80,7 @@ class StepSizes:
     mlp_block: int  # ... its MLP block (the residual between the blocks included)
     tiled_block: int  # ... the MLP block when tiled: its input alone
     layer_input: int  # one layer input (what a recomputed layer keeps)
-    backward_extra: int  # transients of one layer's backward beyond what it keeps
+    backward_extra: int  # transients of both of a layer's blocks' backward beyond what they keep
     tiled_token: int  # bytes per token of a tiled-MLP chunk replayed and back-propagated (0: cannot be tiled)
     dense_layer: int  # one NF4 layer's dense weights (kept from replay to backward when reused; 0: not NF4)
     tokens: int  # labelled rows reaching the loss (at most batch x sequence)
@@ -93,6 +93,7 @@ class StepSizes:
     tied_table: int  # a tied table (also the head) that can move to the host with a streamed head (0: none)
     operands: int = 0  # one layer's adapters in their compute dtype, held from a replayed layer's forward to its
     # backward (kernels/adapter_operands.py)
+    attention_extra: int = 0  # transients of the attention block's backward alone (its MLP block's are freed)
 
     def loss(self, chunk_bytes: int, streamed: bool) -> int:
         """The loss's peak: one chunk of logits (rows split evenly, as the fused loss does) plus ``loss_extra``;
@@ -150,27 +151,50 @@ class MemoryPlan:
 
 
 def estimate_peak(s: StepSizes, plan: MemoryPlan) -> int:
-    """The estimated peak bytes of a step run with ``plan``: resident + optimizer to come + kept activations +
-    the larger of the loss and the top layer's backward (a replay, when layers are replayed)."""
-    tiled = plan.mlp_chunk is not None and s.tiled_token > 0 and plan.mlp_chunk < s.tokens
-    keep_layer = s.attn_block + (s.tiled_block if tiled else s.mlp_block)
-    kept = sum(keep_layer if m == "keep" else s.layer_input if m == "recompute" else 0 for m in plan.layers)
-    kept += s.operands * sum(m != "keep" for m in plan.layers)
-    if "offload" in plan.layers:
-        kept += 2 * s.layer_input  # the one being stored and the one prefetched
-    mlp = s.tiled_block if tiled else s.mlp_block
-    layer_peak = max((max(s.attn_block, mlp) if plan.splits(m) else keep_layer for m in set(plan.layers) - {"keep"}),
-                     default=keep_layer)
-    backward = (layer_peak if plan.replays else 0) + s.backward_extra + (s.tiled_token * plan.mlp_chunk if tiled else 0)
-    if plan.replays and plan.reuse_dequantized:
-        backward += s.dense_layer
+    """The estimated peak bytes of a step run with ``plan``: resident + optimizer to come + the largest of its
+    moments (:func:`step_moments`)."""
     resident = s.resident + s.to_come
     if plan.table_on_host == "untied":
         resident -= s.untied_table
     elif plan.table_on_host == "tied":
         resident -= s.tied_table
-    loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
-    return resident + kept + max(loss, backward)
+    return resident + max(step_moments(s, plan))
+
+
+def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
+    """Activation bytes at the step's candidate peaks (beyond resident and optimizer bytes): the loss, with every
+    layer's stored tensors; then, layer by layer from the top, its backward: what the layers below it store, plus
+    its own tensors (kept, or replayed) and backward transients. A layer's MLP block is back-propagated first and
+    frees what it saved before the attention block's backward makes its own transients (``attention_extra``),
+    so a layer's backward peaks at the larger of the two. An offloaded layer's moment also holds the input being
+    prefetched for the layer below. Calibrated against the measured peaks of docs/benchmarks.md, sessions 9 and 11
+    (18 plans of the 1B and 8B LoRA and QLoRA workloads, every estimate within 0.98-1.04 of the peak)."""
+    tiled = plan.mlp_chunk is not None and s.tiled_token > 0 and plan.mlp_chunk < s.tokens
+    mlp = s.tiled_block if tiled else s.mlp_block
+    keep_layer = s.attn_block + mlp
+    mlp_backward = s.backward_extra + (s.tiled_token * plan.mlp_chunk if tiled else 0)
+    attn_backward = s.backward_extra + s.attention_extra
+
+    def stored(m: str) -> int:
+        return keep_layer if m == "keep" else s.operands + (s.layer_input if m == "recompute" else 0)
+
+    def backward(m: str) -> int:
+        if m != "keep" and plan.splits(m):  # the MLP block from its input (the layer input held), then attention
+            own = max(s.layer_input + mlp + mlp_backward, s.attn_block + attn_backward)
+        else:
+            own = s.attn_block + max(mlp + mlp_backward, attn_backward)
+        if m != "keep":
+            own += s.operands + (s.dense_layer if plan.reuse_dequantized else 0)
+        return own + (s.layer_input if m == "offload" else 0)
+
+    below = [0]
+    for m in plan.layers:
+        below.append(below[-1] + stored(m))
+    # the top layers' inputs may still be on their way to the host when the loss runs (copies lag the forward)
+    copying = 2 * s.layer_input if plan.layers and plan.layers[-1] == "offload" else 0
+    moments = [below[-1] + copying + s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")]
+    moments += [below[j] + backward(m) for j, m in enumerate(plan.layers)]
+    return moments
 
 
 def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
@@ -354,16 +378,16 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     sandwich = tokens * e * hidden if parts.sandwich_norms else 0  # each block's post-norm keeps its input
     # soft-capped attention (no fused kernel yet) keeps its [batch, heads, seq, seq] scores: two in e, fp32 probs
     scores = batch * cfg.num_attention_heads * seq_len * seq_len * (2 * e + 4) if parts.attn_softcap else 0
+    qk_norms = tokens * e * (q_dim + kv_dim) if cfg.qk_norm else 0  # q/k norms (Qwen3, Gemma 3) keep q and k
     return StepSizes(
         layers=len(decoder.layers),
         attn_block=tokens * (e * (2 * hidden + 3 * q_dim + 2 * kv_dim) + lora_bytes(layer.self_attn)) + sandwich
-        + scores,
+        + scores + qk_norms,
         mlp_block=tokens * (e * (2 * hidden + 3 * inter) + lora_bytes(layer.mlp)) + sandwich,
         tiled_block=tokens * e * hidden,
         layer_input=tokens * e * hidden,
-        # the output gradient, the residual's and an input gradient (3 x hidden); o_proj's input gradient and
-        # SDPA's dq, dk, dv with their contiguous copies for the q/k/v backward (3 x q, 4 x kv); one dense weight
-        backward_extra=tokens * e * (3 * hidden + 3 * q_dim + 4 * kv_dim) + max(dense, default=0),
+        # the output gradient, the residual's and an input gradient (3 x hidden); one dense weight
+        backward_extra=tokens * e * 3 * hidden + max(dense, default=0),
         tiled_token=tiled_mlp_chunk_bytes(1, hidden, inter, e),
         dense_layer=sum(dense), tokens=tokens, vocab=cfg.vocab_size, head_itemsize=e,
         loss_extra=3 * tokens * hidden * e,  # the final norm's input and output, the hidden-state gradient
@@ -371,6 +395,8 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         untied_table=table_bytes if movable and not tied else 0,
         tied_table=table_bytes if movable and tied else 0,
         operands=operand_bytes(layer),
+        # o_proj's input gradient and SDPA's dq, dk, dv with their contiguous copies for the q/k/v backward
+        attention_extra=tokens * e * (3 * q_dim + 4 * kv_dim),
     )
 
 

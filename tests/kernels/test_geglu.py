@@ -118,3 +118,20 @@ def test_public_function_dispatches_to_the_kernel(monkeypatch):
     y = geglu(gate.requires_grad_(), up, approximate="tanh")
     assert "GeGLUFunction" in type(y.grad_fn).__name__
     _assert_forward(y, geglu_reference(gate, up, "tanh"), gate, up)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_owned_inputs_take_the_gradients_in_place(dtype):
+    """``owns_inputs`` (the MLP's fresh gate and up, as swiglu's): the backward writes d gate and d up over the
+    saved gate and up, bitwise the ordinary backward's values."""
+    gate, up, dy = gated_inputs((3, 7, 80), dtype)
+    ordinary = run_gated(GeGLUFunction.apply, gate, up, dy, "tanh")
+    owned = {}
+
+    def owning(gate, up, approximate):
+        owned["g"], owned["u"] = gate * 1, up * 1  # fresh tensors nothing else uses
+        return GeGLUFunction.apply(owned["g"], owned["u"], approximate, True)
+
+    got = run_gated(owning, gate, up, dy, "tanh")
+    assert all(torch.equal(a, b) for a, b in zip(got, ordinary))
+    assert torch.equal(owned["g"].detach(), got[1]) and torch.equal(owned["u"].detach(), got[2])

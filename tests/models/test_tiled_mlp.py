@@ -193,12 +193,17 @@ def test_auto_tiles_only_when_the_plan_needs_it(monkeypatch, capsys):
     from pronghorn.models import decoder
     from pronghorn.models.memory_plan import estimate_peak, step_sizes
 
+    from dataclasses import replace
+
     model, batch, chunks = _model(), _padded_batch(), []
     model.gradient_checkpointing_enable(mode="on", tiled_mlp="auto", tiled_mlp_chunk=5)
     monkeypatch.setattr(decoder, "run_layers", lambda layers, x, args, plan: chunks.append(args[-1]) or x)
     monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (2**40, "sim"))
+    # this tiny layer's attention backward outweighs its MLP's: give the MLP a long-context model's share
+    wide = lambda *a, **k: (lambda s: replace(s, mlp_block=8 * s.mlp_block))(step_sizes(*a, **k))  # noqa: E731
+    monkeypatch.setattr(decoder, "step_sizes", wide)
     model(**batch)
-    s = step_sizes(model.model, 2, 256, torch.float32, torch.device("cpu"), model.lm_head)
+    s = wide(model.model, 2, 256, torch.float32, torch.device("cpu"), model.lm_head)
     tiled = estimate_peak(s, MemoryPlan(("recompute",) * 2, split_replay=True, mlp_chunk=5))
     monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (int(tiled / 0.96) + 1, "sim"))
     model.model.__dict__.pop("_plans")  # decided once per batch shape and configured budget: forget the first
