@@ -68,7 +68,8 @@ case "$stage" in
       | tee "$OUT/full_ft.log" | tail -40 ;;
   grpo)
     peers
-    python3 benchmarks/grpo.py --json "$OUT/grpo.json" 2>&1 | tee "$OUT/grpo.log" | tail -40 ;;
+    python3 benchmarks/grpo.py --systems ${GRPO_SYSTEMS:-trl+peft,pronghorn,unsloth} --pronghorn-budget trl+peft \
+      --json "$OUT/grpo.json" 2>&1 | tee "$OUT/grpo.log" | tail -40 ;;
   profile)
     for spec in "llama-3.1-8b 16" "llama-3.1-8b 16.68" "llama-3.2-1b 3.66"; do
       set -- $spec

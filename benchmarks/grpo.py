@@ -17,6 +17,10 @@ line; the parent prints the table and writes the JSON.
     python benchmarks/grpo.py --json grpo.json                 # GPU: llama-3.2-1b, every system installed
     python benchmarks/grpo.py --systems pronghorn,trl+peft     # a subset
     python benchmarks/grpo.py --dry-run                        # CPU: a tiny model, 2 x 4 completions of 16 tokens
+    python benchmarks/grpo.py --systems trl+peft,pronghorn --pronghorn-budget trl+peft   # + pronghorn at TRL's peak
+
+``--pronghorn-budget SYSTEM`` runs pronghorn once more with ``max_memory`` (and the process's memory fraction) set
+to that system's peak measured in this call: the issue's "at <= its memory", as a user would ask for it.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def _llama_config(cfg: dict):
     return LlamaConfig(**cfg, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
+def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str, max_memory: float | None = None) -> dict:
     from pronghorn.models.builder import init_random_model
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig, attach_lora
@@ -99,7 +103,8 @@ def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str) -> dict:
     G = w["generations"]
     cfg = TrainConfig(method="grpo", output_dir=out, num_generations=G, batch_size=G, gradient_accumulation_steps=
                       w["prompts"], max_completion_length=w["new_tokens"], learning_rate=1e-6, progress=False,
-                      reward_funcs=[word_count], gradient_checkpointing="on", max_steps=w["steps"])
+                      reward_funcs=[word_count], gradient_checkpointing="on", max_steps=w["steps"],
+                      max_memory=None if max_memory is None else f"{max_memory}GiB")
     trainer = GRPOTrainer(model, tok, rows, cfg, base_name="random")
     model.train()
     if device == "cuda":
@@ -198,8 +203,15 @@ def child(system: str, a) -> None:
     device = "cuda" if torch.cuda.is_available() and not a.dry_run else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
+    budget = {}
+    if a.max_memory is not None:  # pronghorn under a budget: max_memory and the process's memory fraction
+        budget = dict(max_memory=a.max_memory)
+        if device == "cuda":
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.max_memory * 2**30 / total))
     with tempfile.TemporaryDirectory() as out:
-        r = {"pronghorn": run_pronghorn, "trl+peft": run_trl, "unsloth": run_unsloth}[system](w, device, dtype, out)
+        r = {"pronghorn": run_pronghorn, "trl+peft": run_trl, "unsloth": run_unsloth}[system](w, device, dtype, out,
+                                                                                                 **budget)
     tail = slice(1, None) if len(r["steps"]) > 1 else slice(None)
     step, gen = statistics.median(r["steps"][tail]), statistics.median(r["gens"][tail])
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
@@ -207,7 +219,7 @@ def child(system: str, a) -> None:
     if phases:  # pronghorn counts its peak per phase (the counter is reset between them)
         peak = max(peak, phases["peak_generation_gib"], phases["peak_training_gib"])
     completions = w["prompts"] * w["generations"]
-    print(json.dumps(dict(system=system, workload="tiny" if a.dry_run else a.workload, device=device,
+    print(json.dumps(dict(system=system if a.max_memory is None else f"{system}@{a.max_memory}GiB", workload="tiny" if a.dry_run else a.workload, device=device,
                           completions=completions, new_tokens=w["new_tokens"], step_s=round(step, 3),
                           generation_s=round(gen, 3), training_s=round(step - gen, 3),
                           steps_per_s=round(1 / step, 4), mean_length=round(statistics.mean(r["lengths"]), 1),
@@ -235,18 +247,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", default="grpo.json")
     ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU, 3 steps (the pipeline only)")
+    ap.add_argument("--pronghorn-budget", default=None, help="a system of --systems (run before): pronghorn once "
+                    "more under that system's measured peak as max_memory")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--max-memory", type=float, default=None, help=argparse.SUPPRESS)  # GiB, the child's budget
     a = ap.parse_args()
     if a.child:
         return child(a.child, a)
     rows = []
-    for system in a.systems.split(","):
+    systems = a.systems.split(",") + (["pronghorn@budget"] if a.pronghorn_budget else [])
+    for system in systems:
+        extra = []
+        if system == "pronghorn@budget":
+            peer = next((r for r in rows if r["system"] == a.pronghorn_budget and r.get("peak_gib")), None)
+            if peer is None:
+                print(f"skip pronghorn under {a.pronghorn_budget}'s peak: no peak measured", flush=True)
+                continue
+            system, extra = "pronghorn", ["--max-memory", str(peer["peak_gib"])]
         why = available(system, a.dry_run)
         if why:
             print(f"skip {system}: {why}", flush=True)
             continue
         argv = [sys.executable, __file__, "--child", system, "--workload", a.workload, "--prompts", str(a.prompts),
-                "--generations", str(a.generations), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps)]
+                "--generations", str(a.generations), "--new-tokens", str(a.new_tokens), "--steps", str(a.steps),
+                *extra]
         proc = subprocess.run(argv + (["--dry-run"] if a.dry_run else []), capture_output=True, text=True)
         line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
         if proc.returncode or line is None:
@@ -256,14 +280,14 @@ def main() -> None:
         rows.append(json.loads(line))
         print(line, flush=True)
     base = next((r for r in rows if r["system"] == "trl+peft" and "step_s" in r), None)
-    print(f"\n{'system':<10} {'s/step':>8} {'generation s':>13} {'training s':>11} {'peak GiB':>9} "
+    print(f"\n{'system':<20} {'s/step':>8} {'generation s':>13} {'training s':>11} {'peak GiB':>9} "
           f"{'mean length':>12} {'steps/s vs trl+peft':>20}")
     for r in rows:
         if "step_s" not in r:
-            print(f"{r['system']:<10} error: {r['error']}")
+            print(f"{r['system']:<20} error: {r['error']}")
             continue
         speed = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
-        print(f"{r['system']:<10} {r['step_s']:>8} {r['generation_s']:>13} {r['training_s']:>11} "
+        print(f"{r['system']:<20} {r['step_s']:>8} {r['generation_s']:>13} {r['training_s']:>11} "
               f"{str(r['peak_gib']):>9} {r['mean_length']:>12} {speed:>20}")
     for r in rows:
         if "peak_generation_gib" in r:

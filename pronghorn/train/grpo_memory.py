@@ -4,8 +4,10 @@ Generation and training share one budget (``max_memory``, the process's memory f
 :func:`~pronghorn.models.memory_plan.device_budget`). Training plans its step with the training step's plan;
 the decoder's KV cache is released before it (``static_decode.release``). Decoding holds, besides what is
 resident (weights, adapters, optimizer state), per row: the KV cache of every layer for the prompt plus the new
-tokens, and one step's fp32 logits and sampling temporaries. The rollout decodes at most :func:`generation_rows`
-rows at a time; more rows than that are decoded in several rounds.
+tokens (on a GPU the static cache's length, rounded up as ``infer.static_decode`` allocates it), and one step's
+fp32 logits and sampling temporaries; and once, the activations of one prefill forward (a group of rows'
+prompts, ``PREFILL_TOKENS`` tokens) on top of the whole cache. The rollout decodes at most
+:func:`generation_rows` rows at a time; more rows than that are decoded in several rounds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import PronghornError
+from ..infer.static_decode import PREFILL_TOKENS, cache_length
 from ..models.allocator import expand_segments_under_budget
 from ..models.memory_plan import GIB, HEADROOM, device_budget, parse_budget
 
@@ -28,6 +31,15 @@ def bytes_per_row(model: nn.Module, tokens: int) -> int:
     cache_dtype = getattr(model, "dtype", torch.float32)  # the KV cache is kept in the model's compute dtype
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * torch.finfo(cache_dtype).bits // 8
     return kv + SAMPLING_COPIES * c.vocab_size * 4
+
+
+def prefill_bytes(model: nn.Module) -> int:
+    """Activations of one prefill forward of ``PREFILL_TOKENS`` prompt tokens: a layer's input, its norm, q, k, v
+    and attention output, and the MLP's gate, up and product (the one layer at work; the cache is counted apart)."""
+    c = model.config
+    size = torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return PREFILL_TOKENS * size * (3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size)
 
 
 def generation_rows(rows: int, per_row: int, budget: int | None, resident: int, source: str = "max_memory") -> int:
@@ -55,6 +67,8 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
     expand_segments_under_budget(device, source)
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(device)
+        tokens = cache_length(tokens)  # the static cache's allocated length
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return generation_rows(rows, bytes_per_row(model, tokens), budget, resident, source or "max_memory")
+    return generation_rows(rows, bytes_per_row(model, tokens), budget, resident + prefill_bytes(model),
+                           source or "max_memory")

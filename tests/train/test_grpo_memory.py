@@ -10,7 +10,7 @@ from grpo_cases import grpo_trainer
 from pronghorn.errors import PronghornError
 from pronghorn.models.memory_plan import GIB, HEADROOM
 from pronghorn.train import grpo_rollout
-from pronghorn.train.grpo_memory import bytes_per_row, generation_rows, rows_at_once
+from pronghorn.train.grpo_memory import bytes_per_row, generation_rows, prefill_bytes, rows_at_once
 
 
 def test_rows_per_round_from_the_budget():
@@ -36,6 +36,7 @@ def test_a_small_budget_decodes_in_rounds_and_a_tiny_one_stops_before_generating
     prompts = t.batch_prompts(0)
     rows = len(prompts) * t.cfg.num_generations
     resident = sum(p.numel() * p.element_size() for p in list(t.model.parameters()) + list(t.model.buffers()))
+    resident += prefill_bytes(t.model)  # one prefill forward's activations beside the cache
     tokens = max(len(p["prompt_ids"]) for p in prompts) + t.cfg.max_completion_length
     per_row = bytes_per_row(t.model, tokens)
     budget = int((resident + 2.5 * per_row) / (1 - HEADROOM))  # room for 2 rows at a time
