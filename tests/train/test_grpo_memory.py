@@ -62,3 +62,34 @@ def test_without_a_budget_the_rollout_is_one_round_as_before(tmp_path):
     one = grpo_rollout.rollout(t.model, t.tokenizer, prompts, 3, max_completion_length=5, seed=4)
     same = grpo_rollout.rollout(t.model, t.tokenizer, prompts, 3, max_completion_length=5, seed=4, max_rows=10**6)
     assert one.completion_ids == same.completion_ids
+
+
+def test_a_round_that_runs_out_of_memory_is_decoded_again_in_smaller_rounds(tmp_path, monkeypatch):
+    """Where the estimate misses what the GPU holds, a round that runs out of memory is decoded again with half
+    the rows a round (a warning says so) instead of ending the run; one row that does not fit still raises."""
+    import torch
+
+    t = grpo_trainer(tmp_path)
+    prompts = t.batch_prompts(0)
+    rows = len(prompts) * t.cfg.num_generations
+    calls = []
+    original = grpo_rollout.generate
+
+    def small_device(m, ids, *a, **k):
+        calls.append(len(ids))
+        if len(ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(m, ids, *a, **k)
+
+    monkeypatch.setattr(grpo_rollout, "generate", small_device)
+    with pytest.warns(RuntimeWarning, match=r"ran out of memory decoding \d+ completions at once") as seen:
+        batch = t.generate_batch(prompts, seed=1)
+    halvings = [rows]
+    while halvings[-1] > 2:
+        halvings.append(halvings[-1] // 2)
+    assert len(seen) == len(halvings) - 1
+    assert all(f"decoding {n} completions at once" in str(w.message) for n, w in zip(halvings, seen))
+    assert len(batch.rollout.completion_ids) == rows and calls[:len(halvings) - 1] == halvings[:-1]
+    monkeypatch.setattr(grpo_rollout, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
+        t.generate_batch(prompts, seed=1)
