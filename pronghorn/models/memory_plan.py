@@ -94,6 +94,11 @@ class StepSizes:
     operands: int = 0  # one layer's adapters in their compute dtype, held from a replayed layer's forward to its
     # backward (kernels/adapter_operands.py)
     attention_extra: int = 0  # transients of the attention block's backward alone (its MLP block's are freed)
+    layer_grads: int = 0  # bytes of one layer's parameter gradients still to come (part of ``to_come``): they appear
+    # in the backward, layer by layer from the top (all kept to the step; with grads_in_backward one at a time)
+    grads_in_backward: bool = False
+    head_grad: int = 0  # elements of a trained output head (full fine-tuning, lm_head trained): the fused loss
+    # accumulates its gradient in fp32 over the logits chunks, held until the loss's backward
 
     def loss(self, chunk_bytes: int, streamed: bool) -> int:
         """The loss's peak: one chunk of logits (rows split evenly, as the fused loss does) plus ``loss_extra``;
@@ -101,8 +106,10 @@ class StepSizes:
         if streamed:
             return self.loss_extra + 2 * (self.tokens * 4096 * self.head_itemsize)
         cap = max(1, chunk_bytes // (self.vocab * self.head_itemsize))
-        rows = math.ceil(self.tokens / max(1, math.ceil(self.tokens / cap)))
-        return self.loss_extra + rows * self.vocab * self.head_itemsize
+        chunks = max(1, math.ceil(self.tokens / cap))
+        rows = math.ceil(self.tokens / chunks)
+        accumulator = 4 * self.head_grad if chunks > 1 else 0  # one chunk: dW in the weight's dtype is the grad
+        return self.loss_extra + rows * self.vocab * self.head_itemsize + accumulator
 
 
 @dataclass(frozen=True)
@@ -187,13 +194,18 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
             own += s.operands + (s.dense_layer if plan.reuse_dequantized else 0)
         return own + (s.layer_input if m == "offload" else 0)
 
+    def pending(j: int) -> int:  # layer gradients counted in to_come that do not exist yet at layer j's backward
+        return 0 if s.grads_in_backward else j * s.layer_grads
+
     below = [0]
     for m in plan.layers:
         below.append(below[-1] + stored(m))
+    n = len(plan.layers)
     # the top layers' inputs may still be on their way to the host when the loss runs (copies lag the forward)
     copying = 2 * s.layer_input if plan.layers and plan.layers[-1] == "offload" else 0
-    moments = [below[-1] + copying + s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")]
-    moments += [below[j] + backward(m) for j, m in enumerate(plan.layers)]
+    loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
+    moments = [below[-1] + copying + loss - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
+    moments += [below[j] + backward(m) - pending(j) for j, m in enumerate(plan.layers)]
     return moments
 
 
@@ -397,6 +409,9 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         operands=operand_bytes(layer),
         # o_proj's input gradient and SDPA's dq, dk, dv with their contiguous copies for the q/k/v backward
         attention_extra=tokens * e * (3 * q_dim + 4 * kv_dim),
+        head_grad=head.weight.numel() if head is not None and head.weight.requires_grad else 0,
+        layer_grads=sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad and p.grad is None),
+        grads_in_backward=optimizer.grads_in_backward,
     )
 
 
