@@ -133,7 +133,8 @@ def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool) -> De
     runner = _RUNNERS.get(model)
     if runner is not None and runner.key == (batch, max_len, use_graph, _signature(model)):
         return runner
-    _RUNNERS.pop(model, None)  # free the old graph and cache before allocating new ones
+    _RUNNERS.pop(model, None)  # free the old graph and cache before allocating new ones: the last reference to
+    del runner  # the old runner goes too, or both caches would be alive while the new one is allocated
     runner = DecodeRunner(model, batch, max_len, use_graph)
     _RUNNERS[model] = runner
     return runner

@@ -77,6 +77,33 @@ def test_runner_is_reused_across_calls_and_rebuilt_when_it_must():
     assert get_runner(ours, 3, 20, use_graph=False).cache.keys[0].shape[0] == 3
 
 
+def test_a_new_runner_is_allocated_after_the_old_one_is_freed(monkeypatch):
+    """A runner for another batch size replaces the model's: the old one (its KV cache, its graph's pool) is freed
+    before the new cache is allocated, so the two never coexist (GRPO's rounds of different sizes under a budget
+    ran out of memory on the H200 holding both)."""
+    import gc
+    import weakref
+
+    import pronghorn.infer.static_decode as static_decode
+
+    _, ours = make_pair("llama3_gqa_rope_scaling")
+    old = weakref.ref(get_runner(ours, 2, 20, use_graph=False))
+    alive_at_allocation = []
+    real = static_decode.StaticKVCache
+
+    def cache(*a, **k):
+        gc.disable()  # only reference counting may free it, as on the GPU's hot path
+        try:
+            alive_at_allocation.append(old() is not None)
+        finally:
+            gc.enable()
+        return real(*a, **k)
+
+    monkeypatch.setattr(static_decode, "StaticKVCache", cache)
+    new = get_runner(ours, 3, 20, use_graph=False)
+    assert alive_at_allocation == [False] and new.cache.keys[0].shape[0] == 3
+
+
 def test_lora_unmerged_static_equals_merged():
     _, ours = make_pair("qwen3_qknorm")
     attach_lora(ours, LoRAConfig(r=4))
