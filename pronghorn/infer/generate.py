@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models.kv_cache import KVCache
 from .sampling import check_sampling_args, sample_next
-from .static_decode import get_runner, graphs_supported
+from .static_decode import CACHE_LEN_MULTIPLE, get_runner, graphs_supported
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
 SYNC_EVERY = 16  # static loop: decode steps between host checks for "every row has stopped"
@@ -53,6 +53,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     decode_mode: str = "auto",
+    cache_multiple: int = CACHE_LEN_MULTIPLE,
     **ignored_hf_kwargs: Any,
 ) -> torch.LongTensor:
     """Continue each prompt row by up to ``max_new_tokens`` tokens; returns [B, prompt_len + new].
@@ -66,6 +67,8 @@ def generate(
     ``streamer.put`` receives the prompt, then each new token; ``streamer.end()`` is called at the end.
     ``decode_mode``: "eager" (reference loop), "static" (static cache, sync-free steps), "graph" (static
     steps replayed as a CUDA graph; CUDA only) or "auto" ("graph" where supported, else "eager").
+    ``cache_multiple``: the static cache's length is rounded up to a multiple of it (the default lets one cache
+    and graph serve nearby lengths; a caller that decodes once, as GRPO's rollout, passes a small one).
     """
     for name, default in _UNSUPPORTED.items():
         if name in ignored_hf_kwargs and ignored_hf_kwargs[name] not in (default, None):
@@ -73,6 +76,8 @@ def generate(
     check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(cache_multiple, bool) or not isinstance(cache_multiple, int) or cache_multiple < 1:
+        raise ValueError(f"cache_multiple must be a positive int, got {cache_multiple!r}")
 
     device = model.device
     input_ids = torch.as_tensor(input_ids)
@@ -122,7 +127,8 @@ def generate(
                               use_cache, sampling)
             else:
                 out = _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_token_id, stops, tokenizer,
-                                     streamer, sampling, mode == "graph", strict=decode_mode == "graph")
+                                     streamer, sampling, mode == "graph", strict=decode_mode == "graph",
+                                     cache_multiple=cache_multiple)
             if streamer is not None:
                 streamer.end()
     finally:
@@ -179,13 +185,13 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
 
 
 def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenizer, streamer, sampling,
-                   use_graph, strict):
+                   use_graph, strict, cache_multiple=CACHE_LEN_MULTIPLE):
     """The eager loop's tokens from shape-static steps: tokens go into a preallocated output, stops are
     tracked on the device, and the host checks for "all rows stopped" only every ``SYNC_EVERY`` steps (the
     few extra steps it may run produce padding that is cut off)."""
     batch, prompt_len = input_ids.shape
     padded = not bool(mask.all())
-    runner = get_runner(model, batch, prompt_len + max_new_tokens, use_graph)
+    runner = get_runner(model, batch, prompt_len + max_new_tokens, use_graph, cache_multiple)
     runner.strict = strict
     seq = F.pad(input_ids, (0, max_new_tokens), value=pad_id if pad_id is not None else 0)
     full_mask = F.pad(mask, (0, max_new_tokens), value=1)

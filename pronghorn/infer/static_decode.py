@@ -38,8 +38,8 @@ def graphs_supported(model: nn.Module) -> bool:
     return model.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope")
 
 
-def cache_length(tokens: int) -> int:
-    return -(-tokens // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
+def cache_length(tokens: int, multiple: int = CACHE_LEN_MULTIPLE) -> int:
+    return -(-tokens // multiple) * multiple
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -127,9 +127,11 @@ class DecodeRunner:
         self.graph = graph
 
 
-def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool) -> DecodeRunner:
-    """The model's runner for ``batch`` rows of up to ``tokens`` tokens (reused when it fits, else new)."""
-    max_len = cache_length(tokens)
+def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool,
+               multiple: int = CACHE_LEN_MULTIPLE) -> DecodeRunner:
+    """The model's runner for ``batch`` rows of up to ``tokens`` tokens, its cache rounded up to ``multiple``
+    (reused when it fits, else new)."""
+    max_len = cache_length(tokens, multiple)
     runner = _RUNNERS.get(model)
     if runner is not None and runner.key == (batch, max_len, use_graph, _signature(model)):
         return runner

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import PronghornError
 from ..infer.static_decode import PREFILL_TOKENS, cache_length
+from .grpo_rollout import CACHE_MULTIPLE
 from ..models.allocator import expand_segments_under_budget
 from ..models.memory_plan import GIB, HEADROOM, device_budget, parse_budget
 
@@ -67,7 +68,7 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
     expand_segments_under_budget(device, source)
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(device)
-        tokens = cache_length(tokens)  # the static cache's allocated length
+        tokens = cache_length(tokens, CACHE_MULTIPLE)  # the static cache's allocated length
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return generation_rows(rows, bytes_per_row(model, tokens), budget, resident + prefill_bytes(model),

@@ -23,6 +23,8 @@ from torch import nn
 
 from ..infer.generate import generate
 
+CACHE_MULTIPLE = 16  # the static cache of a round is used once (released after the rollout): little rounding
+
 
 @dataclass
 class Rollout:
@@ -115,7 +117,7 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
                        max_new_tokens=max_completion_length, do_sample=True, temperature=temperature, top_p=top_p,
                        top_k=top_k, min_p=min_p, eos_token_id=eos, pad_token_id=pad,
                        stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer,
-                       seed=None if seed is None else seed + i)
+                       seed=None if seed is None else seed + i, cache_multiple=CACHE_MULTIPLE)
         new += out[:, ids.shape[1]:].tolist()  # one host copy per round, after the decoder is done
     seconds = time.perf_counter() - t0
     completion_ids, truncated = [], []

@@ -104,6 +104,22 @@ def test_a_new_runner_is_allocated_after_the_old_one_is_freed(monkeypatch):
     assert alive_at_allocation == [False] and new.cache.keys[0].shape[0] == 3
 
 
+def test_a_smaller_cache_multiple_sizes_the_cache_closer_and_decodes_the_same():
+    """``cache_multiple`` (GRPO's rollout passes 16): the static cache is rounded up to it, not to 128; the tokens
+    are the same; a bad value is a clear error."""
+    from pronghorn.infer.static_decode import _RUNNERS
+
+    _, ours = make_pair("llama3_gqa_rope_scaling")
+    ids, mask = _batch([12, 7], seed=6)
+    kw = dict(max_new_tokens=9, eos_token_id=NEVER, pad_token_id=0, decode_mode="static")
+    default = generate(ours, ids, mask, **kw)
+    assert _RUNNERS[ours].cache.max_len == CACHE_LEN_MULTIPLE
+    close = generate(ours, ids, mask, cache_multiple=16, **kw)
+    assert _RUNNERS[ours].cache.max_len == 32 and torch.equal(close, default)  # 12 + 9 tokens -> 32
+    with pytest.raises(ValueError, match="cache_multiple must be a positive int"):
+        generate(ours, ids, mask, cache_multiple=0, **kw)
+
+
 def test_lora_unmerged_static_equals_merged():
     _, ours = make_pair("qwen3_qknorm")
     attach_lora(ours, LoRAConfig(r=4))
