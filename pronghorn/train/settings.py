@@ -186,8 +186,8 @@ SETTINGS: dict[str, Setting] = {
     "num_iterations": Setting("GRPO: passes over each generation batch (TRL's mu; old log-probs kept)", **_ONE),
     "mask_truncated_completions": Setting("GRPO: completions cut at max_completion_length (no EOS or stop string) "
                                           "carry no loss; their rewards still count in the advantages"),
-    "reward_funcs": Setting("GRPO: reward functions: built-in names (gsm8k_format, gsm8k_correct) or "
-                            "module:function import paths (Python: callables)"),
+    "reward_funcs": Setting("GRPO: reward functions: built-in names (gsm8k_format, gsm8k_format_partial, "
+                            "gsm8k_correct) or module:function import paths (Python: callables)"),
     "reward_weights": Setting("GRPO: weight of each reward function (None: 1 each)", low=-math.inf),
     "stop_strings": Setting("GRPO: a completion ends after any of these strings"),
     "use_bias_correction_kl": Setting("GRPO: multiply the KL term by the probability ratio (unbiased reverse-KL "
