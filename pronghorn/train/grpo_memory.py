@@ -19,18 +19,22 @@ from torch import nn
 
 from ..errors import PronghornError
 from ..infer.static_decode import PREFILL_TOKENS, cache_length
-from .grpo_rollout import CACHE_MULTIPLE
 from ..models.allocator import expand_segments_under_budget
 from ..models.memory_plan import GIB, HEADROOM, device_budget, parse_budget
+from .grpo_rollout import CACHE_MULTIPLE
 
 SAMPLING_COPIES = 4  # fp32 [rows, vocab] tensors alive in one sampling step (logits, processed, probs, sorted)
+
+
+def _itemsize(model: nn.Module) -> int:
+    """Bytes per element of the decoder's cache and activations: the model's compute dtype."""
+    return torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
 
 
 def bytes_per_row(model: nn.Module, tokens: int) -> int:
     """Decode memory of one row of ``tokens`` (prompt + new): its KV cache in every layer and a step's logits."""
     c = model.config
-    cache_dtype = getattr(model, "dtype", torch.float32)  # the KV cache is kept in the model's compute dtype
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * torch.finfo(cache_dtype).bits // 8
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * _itemsize(model)
     return kv + SAMPLING_COPIES * c.vocab_size * 4
 
 
@@ -38,9 +42,8 @@ def prefill_bytes(model: nn.Module) -> int:
     """Activations of one prefill forward of ``PREFILL_TOKENS`` prompt tokens: a layer's input, its norm, q, k, v
     and attention output, and the MLP's gate, up and product (the one layer at work; the cache is counted apart)."""
     c = model.config
-    size = torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    return PREFILL_TOKENS * size * (3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size)
+    return PREFILL_TOKENS * _itemsize(model) * (3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size)
 
 
 def generation_rows(rows: int, per_row: int, budget: int | None, resident: int, source: str = "max_memory") -> int:
