@@ -61,4 +61,34 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     except ImportError:
         raise PronghornError(f"optim {name!r} needs bitsandbytes: `pip install bitsandbytes`, or use "
                              f"optim='adamw_torch_fused'") from None
-    return getattr(bnb.optim, _BNB_CLASSES[name])(params, **kw)
+    cls = getattr(bnb.optim, _BNB_CLASSES[name])
+    return (cls if name.startswith("paged_") else _without_per_parameter_syncs(cls))(params, **kw)
+
+
+def _without_per_parameter_syncs(cls: type) -> type:
+    """bitsandbytes' optimizer ``cls`` whose ``step`` does not wait for the GPU after every parameter.
+
+    bitsandbytes 0.50's ``Optimizer8bit.step`` calls ``torch.cuda.synchronize()`` after each parameter's update.
+    Its kernels run in stream order with the rest of the step, so those waits only stall the GPU: 9 per layer
+    with the step in the backward (train/step_in_backward.py), where each one drains the backward's queue. This
+    step makes the same calls in the same order (state set up on first use, then ``update_step``) without the
+    waits. The paged variants keep theirs: paged state is moved asynchronously and needs them."""
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if not self.state[p]:
+                    self.init_state(group, p, gindex, pindex)
+                self.update_step(group, p, gindex, pindex)
+        return loss
+
+    return type(cls.__name__, (cls,), {"step": torch.no_grad()(step), "__doc__": _without_per_parameter_syncs.__doc__})

@@ -74,14 +74,47 @@ def test_8bit_builds_the_bitsandbytes_class_with_the_settings(monkeypatch, name,
     made = {}
 
     def record(kind):
-        return lambda params, **kw: made.update(kind=kind, params=params, **kw) or made
+        class Recorder:
+            def __init__(self, params, **kw):
+                made.update(kind=kind, params=params, **kw)
+        return Recorder
 
     fake = types.SimpleNamespace(optim=types.SimpleNamespace(**{c: record(c) for c in
                                                                 ("AdamW8bit", "PagedAdamW8bit", "PagedAdamW32bit")}))
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     params = _params()
-    build_optimizer(params, name, device=CUDA, **HYPER)
+    opt = build_optimizer(params, name, device=CUDA, **HYPER)
     assert made.pop("kind") == cls and made.pop("params") == params and made == HYPER
+    assert (type(opt) is getattr(fake.optim, cls)) == name.startswith("paged_")  # 8-bit: the subclass without syncs
+
+
+def test_8bit_step_without_syncs_equals_bitsandbytes_step(monkeypatch):
+    """bitsandbytes' own step waits for the device after every parameter; ours makes the same updates without
+    (bitsandbytes 0.50 runs its 8-bit AdamW on the CPU too, so the updates are compared bit for bit here)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    from pronghorn.train.optimizers import _without_per_parameter_syncs
+
+    waits = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: waits.append(t))
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(64, 128, dtype=torch.bfloat16)), torch.nn.Parameter(torch.randn(16))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]  # 8-bit state, and 32-bit under 4096 elements
+    opts = [_without_per_parameter_syncs(bnb.optim.AdamW8bit)(ours, **HYPER), bnb.optim.AdamW8bit(theirs, **HYPER)]
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        before = len(waits)
+        opts[0].step()
+        assert len(waits) == before
+        opts[1].step()
+    assert len(waits) == 8  # theirs: one wait per parameter per step
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        for key, value in opts[1].state[q].items():
+            assert torch.equal(torch.as_tensor(opts[0].state[p][key]), torch.as_tensor(value)), key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -99,3 +132,16 @@ def test_8bit_adamw_on_gpu_steps_like_adamw():
             opt.step()
     # 5 steps of lr 1e-3 move each weight up to 5e-3; the 8-bit states' quantization error stays well below that
     assert (p.detach() - q.detach()).abs().max() < 5e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_8bit_adamw_on_gpu_does_not_wait_for_the_device(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: waits.append(a))
+    p = torch.nn.Parameter(torch.randn(64, 128, device="cuda", dtype=torch.bfloat16))
+    opt = build_optimizer([p], "adamw_8bit", device=CUDA, **HYPER)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert waits == []
