@@ -41,12 +41,12 @@ peers() {  # the peers' wheels (Unsloth, Liger, bitsandbytes, TRL, ...) on PYTHO
 
 case "$stage" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider -n ${JOBS:-6} \
+    PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider -n ${JOBS:-6} \
       tests/kernels/test_policy.py tests/models/test_memory_plan.py tests/models/test_recompute.py \
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
-      tests/train/test_full_finetuning_gpu.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+      tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers
     w=${stage#budget-}; w=${w/1b/1b-lora}; w=${w/8b/8b-lora}; w=${w/qlora/8b-qlora}

