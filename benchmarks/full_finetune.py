@@ -227,13 +227,13 @@ def _child(spec: dict) -> None:
 
 # --- the parent ---
 
-def _points(workloads: list[str], systems: list[str]) -> list[dict]:
+def _points(workloads: list[str], systems: list[str], rows: list[str] | None = None) -> list[dict]:
     points = []
     for w in workloads:
         model, batch, seq, kind, peer_optim, ours = WORKLOADS[w]
         base = dict(workload=w, model=model, batch=batch, seq=seq, kind=kind, peer_optim=peer_optim)
         for s in systems:
-            optims = ours if s == "pronghorn" else [peer_optim]
+            optims = [o for o in ours if rows is None or o in rows] if s == "pronghorn" else [peer_optim]
             points += [dict(base, system=s, optim=o) for o in optims]
     return points
 
@@ -289,6 +289,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workloads", default="1b-full,8b-full-8bit,8b-lora-embed")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="hf-trainer first: pronghorn's @hf0.6 rows "
                     "take their budget from its peak")
+    ap.add_argument("--rows", default=None, help="pronghorn's rows to run, comma-separated (default: every row of "
+                    f"the workload, e.g. {','.join(_FULL[:2])})")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=400.0, help="seconds per point")
     ap.add_argument("--peer-scripts", type=Path, default=PEER_SCRIPTS, help="unsloth_bench.py (makes checkpoints)")
@@ -307,7 +309,7 @@ def main(argv=None) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]),
            "BENCH_MODELS": os.environ.get("BENCH_MODELS", tempfile.mkdtemp(prefix="bench-models-"))}
     rows = []
-    for pt in _points(a.workloads.split(","), a.systems.split(",")):
+    for pt in _points(a.workloads.split(","), a.systems.split(","), a.rows.split(",") if a.rows else None):
         rows.append(_run_point(pt, a, env, rows))
         print(json.dumps(rows[-1]), flush=True)
         write_results(a.json, run_meta(steps=a.steps, lr=LR, peak="max_memory_allocated" if cuda else

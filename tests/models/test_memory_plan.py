@@ -169,6 +169,21 @@ def test_layer_estimate_matches_what_autograd_keeps():
     assert s.layer_input == 2 * 64 * 48 * 4 and s.tiled_token == 4 * (6 * 80 + 4 * 48)
 
 
+def test_soft_capped_attention_counts_its_scores_only_on_the_reference_path():
+    """Gemma 2's capped attention: the reference (CPU, or the reference policy) keeps [B, H, T, T] scores in the
+    activation dtype twice and fp32 probabilities; the fused kernel (CUDA; the meta device previews it) keeps what
+    SDPA keeps. Session 13's Gemma-2-9B estimate was 2.3x its measured peak while it counted the scores there."""
+    from pronghorn.kernels.policy import KernelPolicy
+
+    _, model = make_pair("gemma2")
+    heads, e = model.config.num_attention_heads, 4
+    cpu = step_sizes(model.model, 2, 64, torch.float32, torch.device("cpu"))
+    meta = step_sizes(model.model, 2, 64, torch.float32, torch.device("meta"))
+    assert cpu.attn_block - meta.attn_block == 2 * heads * 64 * 64 * (2 * e + 4)
+    model.set_kernel_policy(KernelPolicy(reference=True))
+    assert step_sizes(model.model, 2, 64, torch.float32, torch.device("meta")).attn_block == cpu.attn_block
+
+
 def test_optimizer_state_to_come_and_resident_bytes():
     model = tiny_lora_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
