@@ -101,8 +101,7 @@ def _pronghorn(spec: dict, device: str, dtype: torch.dtype) -> tuple[list[float]
         attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS + ["embed_tokens", "lm_head"]))
     budget = spec.get("budget_gib")
     model.gradient_checkpointing_enable(mode="auto", max_memory=f"{budget}GiB" if budget else "none")
-    ids = _random_ids(spec, device)[0].tolist()
-    examples = [{"input_ids": ids, "labels": ids}] * spec["batch"]
+    examples = [{"input_ids": row, "labels": row} for row in _random_ids(spec, device).tolist()]  # the peers' batch
 
     class Tok:
         pad_token_id, eos_token_id = 0, 0
