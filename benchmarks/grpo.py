@@ -274,8 +274,10 @@ def main() -> None:
         proc = subprocess.run(argv + (["--dry-run"] if a.dry_run else []), capture_output=True, text=True)
         line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
         if proc.returncode or line is None:
-            print(f"{system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-            rows.append(dict(system=system, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
+            plans = sorted({x for x in (proc.stdout + proc.stderr).splitlines() if "memory plan" in x})
+            print(f"{system} failed (exit {proc.returncode}); its memory plans:\n" + "\n".join(plans)
+                  + f"\n{proc.stderr[-3000:]}", flush=True)
+            rows.append(dict(system=system, error=(proc.stderr.strip().splitlines() or ["?"])[-1], plans=plans))
             continue
         rows.append(json.loads(line))
         print(line, flush=True)
