@@ -20,10 +20,12 @@
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
-# Order after session 12 (H200, 2026-12-06; tests, anatomy, grpo vs TRL, full-ft 1b-full, gsm8k done): scenarios and
-# budget-1b / budget-8b (the plans the new moment estimate picks: speed at Unsloth's memory, est/peak), grpo (the
-# budgeted row with the OOM fallback, Unsloth beside), full-ft (the 0.6 x HF rows with the head's fp32 accumulator
-# counted, the 8B rows), families-gemma2, families-gemma3 (the capped row), profile.
+# Order after session 13 (H100, 2026-12-06; grpo with Unsloth, full-ft 1B and 8B rows, Gemma-2 no-cap done):
+# grpo (the budgeted row ran out of memory in the training forward: its plans are now printed on failure; trace its
+# peak with peak_anatomy), families-gemma3 (Unsloth's row ran, pronghorn's did not fit the call: GRPO_SYSTEMS-style
+# `--systems unsloth,pronghorn --autocast on` keeps it short), families-gemma2 (Unsloth 2026.10.9 fails in Inductor
+# on torch 2.11: `TORCHDYNAMO_DISABLE=1` runs it eager, pronghorn uses no torch.compile in training), scenarios and
+# budget-1b / budget-8b (the plans the moment estimate picks), profile.
 #
 # JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
