@@ -1,4 +1,5 @@
-"""GRPO's generation under the memory budget: how many completions to decode at once.
+"""GRPO's generation and training under the memory budget: how many completions to decode at once, and a leaner
+training plan when a training forward runs out of memory all the same.
 
 Generation and training share one budget (``max_memory``, the process's memory fraction, the GPU's free memory:
 :func:`~pronghorn.models.memory_plan.device_budget`). Training plans its step with the training step's plan;
@@ -76,3 +77,20 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return generation_rows(rows, bytes_per_row(model, tokens), budget, resident + prefill_bytes(model),
                            source or "max_memory")
+
+
+TRAINING_RETRIES = 3  # leaner training plans tried after a training forward runs out of memory
+SHRINK = 0.9  # each retry plans for this fraction of the budget before it
+
+
+def shrink_training_budget(model: nn.Module, factor: float = SHRINK) -> int:
+    """Lower the budget the training step plans for (``max_memory``, else what the device gives) to ``factor``
+    of itself, so that the next training forward makes its memory plan again, leaner; returns the new budget in
+    bytes. For a forward that ran out of memory although its plan's estimate fit (the estimate missed something:
+    a retry is exact, nothing of that micro-batch has been accumulated yet)."""
+    budget, _ = device_budget(model.device, model.model.memory_budget)
+    if budget is None:
+        raise PronghornError("no memory budget to lower: the device reports none")
+    smaller = int(budget * factor)
+    model.set_memory_budget(smaller)
+    return smaller

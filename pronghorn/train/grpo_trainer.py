@@ -63,7 +63,7 @@ from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import CLIP_METRICS, grpo_loss
 from .grpo_rewards import resolve_rewards, score
-from .grpo_memory import rows_at_once
+from .grpo_memory import GIB, TRAINING_RETRIES, rows_at_once, shrink_training_budget
 from .grpo_rollout import Rollout, rollout
 from .grpo_settings import generation_shape
 from .preference_trainer import adapters_disabled
@@ -275,8 +275,7 @@ class GRPOTrainer(Trainer):
                         self._stand_in(gen, part)
                     continue
                 with self._autocast():
-                    logps, entropy = packed_logps(self.model, packed, cfg.temperature, entropy=True,
-                                                  forward=self.dist.module)
+                    logps, entropy = self._training_logps(packed)
                 mask = packed.mask.to(logps.device)
                 out = grpo_loss(logps, _rows(gen.old_logps, part), _rows(gen.ref_logps, part), gen.advantages[part],
                                 mask, loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon,
@@ -298,6 +297,24 @@ class GRPOTrainer(Trainer):
         self._step_metrics = {**batch.metrics, **step, "train_tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                               "train_s": round(seconds, 4)}
         return float(loss), tokens
+
+    def _training_logps(self, packed: PackedCompletions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward of one micro-batch: (log-probs, entropies). When it runs out of memory although
+        its memory plan's estimate fit, the plan is made again for a smaller budget (grpo_memory.py) and the
+        forward is run again, with a warning: exact, since nothing of this micro-batch has been accumulated yet
+        (one process; with several, every rank must take the same path, so the error is raised)."""
+        for attempt in range(TRAINING_RETRIES + 1):
+            try:
+                return packed_logps(self.model, packed, self.cfg.temperature, entropy=True, forward=self.dist.module)
+            except torch.OutOfMemoryError:
+                if self.dist.env.distributed or attempt == TRAINING_RETRIES:
+                    raise
+            if self.device.type == "cuda":  # outside the handler: its traceback no longer holds the forward's tensors
+                torch.cuda.empty_cache()
+            budget = shrink_training_budget(self.model)
+            warnings.warn(f"GRPO's training forward ran out of memory (its memory plan estimated it to fit); "
+                          f"planning it again for {budget / GIB:.2f} GiB", RuntimeWarning, stacklevel=2)
+        raise AssertionError("unreachable")
 
     def _stand_in(self, gen: GenerationBatch, part: slice) -> None:
         """Forward and backward of micro-batch ``part``'s completions with a zero loss (nothing of it trains: its

@@ -68,6 +68,8 @@ class Trainer:
             raise PronghornError("the model has no trainable parameters; attach LoRA with get_peft_model first (or "
                                  "load it with full_finetuning=True)")
         self.full_finetuning = getattr(model, "lora_config", None) is None  # sharded (DCP) checkpoints
+        if config.max_memory is not None and hasattr(model, "set_memory_budget"):
+            model.set_memory_budget(config.max_memory)  # the training step plans for it (as get_peft_model's)
         self.optimizer = self._build_optimizer()
         if eval_examples is None:
             train_examples, eval_examples = held_out_examples(config, tokenizer, train_examples)

@@ -247,6 +247,12 @@ def test_max_memory_reaches_the_model_from_every_interface():
     model.set_memory_budget(None)
     assert model.model.memory_budget is None
     assert TrainConfig(max_memory="16GiB").max_memory == "16GiB"
+    from helpers import make_tiny_tokenizer
+    from pronghorn.train.trainer import Trainer
+
+    Trainer(model, make_tiny_tokenizer(), [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}],
+            TrainConfig(output_dir="unused", max_memory="10GiB"))  # the Python API's trainer (run.py's too)
+    assert model.model.memory_budget == 10 * GIB
     with pytest.raises(PronghornError, match="max_memory must be"):
         TrainConfig(max_memory="sixteen")
     assert build_parser().parse_args(["train", "--max-memory", "8GiB"]).max_memory == "8GiB"

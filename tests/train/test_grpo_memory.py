@@ -93,3 +93,43 @@ def test_a_round_that_runs_out_of_memory_is_decoded_again_in_smaller_rounds(tmp_
     monkeypatch.setattr(grpo_rollout, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
         t.generate_batch(prompts, seed=1)
+
+
+def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tmp_path, monkeypatch):
+    """The training forward's plan may miss what the device holds (session 13: GRPO under TRL's peak ran out of
+    memory in its log-prob head). The micro-batch's forward is run again under a budget 0.9 times the last, with
+    a warning; nothing of it was accumulated, so loss and gradients equal a run that never ran out."""
+    import torch
+
+    from grpo_cases import fixed_batch
+    from pronghorn.train import grpo_trainer as trainer_module
+    from pronghorn.train.grpo_memory import SHRINK, TRAINING_RETRIES
+
+    def step(t):
+        batch = t.score_batch(*fixed_batch())
+        loss, _ = t.accumulate_gradients(batch)
+        grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+        t.model.zero_grad(set_to_none=True)
+        return loss, grads
+
+    want_loss, want = step(grpo_trainer(tmp_path / "a", max_memory="4GiB"))
+    t = grpo_trainer(tmp_path / "b", max_memory="4GiB")
+    original, budgets = trainer_module.packed_logps, []
+
+    def runs_out_once_per_budget(model, *a, **k):
+        budgets.append(model.model.memory_budget)
+        if budgets.count(budgets[-1]) == 1 and len(set(budgets)) < 3:  # the first forward of the first two budgets
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(model, *a, **k)
+
+    monkeypatch.setattr(trainer_module, "packed_logps", runs_out_once_per_budget)
+    with pytest.warns(RuntimeWarning, match="training forward ran out of memory") as seen:
+        loss, got = step(t)
+    assert len(seen) == 2 and t.model.model.memory_budget == int(int(4 * GIB * SHRINK) * SHRINK)
+    assert loss == want_loss and got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    monkeypatch.setattr(trainer_module, "packed_logps",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning) as seen:
+        step(t)
+    assert len(seen) == TRAINING_RETRIES
