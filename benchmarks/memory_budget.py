@@ -252,8 +252,10 @@ def _peer_point(pt: dict, a, env: dict, timeout: float) -> dict:
         return dict(status="timeout", message=f"killed after {timeout:.0f} s")
     text = out + err
     oom = re.findall(r".*(?:OutOfMemoryError|out of memory).*", text)
-    last = [line for line in err.splitlines() if line.strip()][-1:] or ["(no output)"]
-    return dict(status="oom" if oom else "error", message=(oom[-1] if oom else last[0])[:400])
+    lines = [line for line in err.splitlines() if line.strip()]
+    last = lines[-1:] or ["(no output)"]
+    return dict(status="oom" if oom else "error", message=(oom[-1] if oom else last[0])[:400],
+                stderr_tail=lines[-40:])  # a peer's own failure (session 13: Unsloth's Inductor error on Gemma 2)
 
 
 def _pronghorn_point(pt: dict, a, env: dict, timeout: float) -> dict:
