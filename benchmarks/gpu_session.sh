@@ -98,9 +98,11 @@ case "$stage" in
       timeout 150 python3 benchmarks/peak_anatomy.py --workload $1 --batch $2 --seq $3 --budget $4 --top 18 \
         --json "$OUT/anatomy-$1-$4.json" 2>&1 | grep -v "^pronghorn:" | tail -24
     done ;;
-  softcap)
+  softcap)  # autotuned (session 13), then the fixed blocks of sessions 9-12 (PRONGHORN_SOFTCAP_AUTOTUNE=0)
     python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
-      --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40 ;;
+      --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40
+    PRONGHORN_SOFTCAP_AUTOTUNE=0 python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 \
+      --ops softcapped_attention --json "$OUT/softcap-untuned.json" 2>&1 | tail -12 ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac

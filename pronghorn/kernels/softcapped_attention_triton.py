@@ -17,8 +17,11 @@ Backward, with P recomputed as exp(z - lse) and delta_i = sum_d dO_id O_id (= su
 It is two kernels, not one with atomics: one program per (key block, batch, KV head) accumulates dK and dV in
 registers over every query block and every query head of its GQA group, and one program per (query block,
 batch, query head) accumulates dQ over the key blocks. This recomputes Q K^T and dO V^T once more than the
-atomic variant, but it writes each gradient once, needs no fp32 dQ buffer, and is deterministic (the same bits
-every run, as every other kernel here), with the GQA sum over a group's query heads done in registers.
+atomic variant, but it writes each gradient once, needs no fp32 dQ buffer, and is deterministic for given blocks
+(the same bits every run, as every other kernel here), with the GQA sum over a group's query heads done in
+registers. On a GPU the blocks are autotuned per head dim, flags and length bucket (``_launch``); the choice is
+cached by Triton, so a machine's later runs take the same blocks (its first run's may differ from another
+machine's, as cuBLAS's algorithms do). ``PRONGHORN_SOFTCAP_AUTOTUNE=0``: fixed blocks, no tuning.
 
 Visibility: queries are the last Tq of Tk positions (query i sits at key position p_i = i + Tk - Tq). Key j is
 visible to query i when ``causal`` gives j <= p_i, a ``window`` w gives p_i - w < j (Gemma 2's sliding layers,
@@ -173,7 +176,7 @@ def _query_program(n_heads, group, BLOCK_M: tl.constexpr):
 def _fwd_kernel(
     Q, K, V, O, LSE, KP, SID,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, stride_kpb, stride_sb,
-    n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
+    n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap, T_BUCKET,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, DOCS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -229,7 +232,7 @@ def _delta_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KP, SID,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, stride_kpb,
-    stride_sb, n_kv_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
+    stride_sb, n_kv_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap, T_BUCKET,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, DOCS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -276,7 +279,7 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KP, SID,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sdqb, sdqh, sdqt, stride_kpb, stride_sb,
-    n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap,
+    n_heads, group, Tq, Tk, D, window, qk_scale, softcap, inv_cap, T_BUCKET,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PADDED: tl.constexpr, DOCS: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -324,6 +327,59 @@ def _blocks(d: int, dtype: torch.dtype, kernel: str, device: torch.device) -> tu
     return (32, 32, 8, 1) if wide else (32, 64, 4, 2)  # dkdv and dq alike: two fp32 [N|M, D] accumulators
 
 
+# On a GPU each kernel is autotuned over these (BLOCK_M, BLOCK_N, num_warps, num_stages), per head dim, flags,
+# dtype and power-of-two length bucket (packed rows of every length share a bucket's choice); configs that do not
+# fit a GPU's registers or shared memory are skipped by the tuner. _blocks' untuned choice is among them.
+# PRONGHORN_SOFTCAP_AUTOTUNE=0 takes _blocks' choice instead (no tuning: a shorter first step).
+_FWD_CONFIGS = [(64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+_BWD_CONFIGS = [(32, 32, 8, 1), (32, 64, 4, 2), (64, 32, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2), (64, 64, 8, 2)]
+_AUTOTUNE_KEY = ["D", "T_BUCKET", "CAUSAL", "WINDOW", "PADDED", "DOCS", "FP32"]
+_TUNED: dict = {}
+
+
+def _tuning(device: torch.device) -> bool:
+    """Whether launches on ``device`` are autotuned: on a GPU, unless PRONGHORN_SOFTCAP_AUTOTUNE=0 or a CUDA graph
+    is being captured (timing configs cannot run inside a capture)."""
+    import os
+
+    if device.type != "cuda" or os.environ.get("PRONGHORN_SOFTCAP_AUTOTUNE", "1") == "0":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _tuned(kernel, configs) -> "triton.runtime.Autotuner":
+    """``kernel`` autotuned over ``configs`` (made once per kernel). The choice is kept in Triton's cache where
+    this Triton can (``cache_results``), so later runs on the machine take the same blocks, and so the same bits."""
+    if kernel not in _TUNED:
+        import inspect
+
+        keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        _TUNED[kernel] = triton.autotune(
+            [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in configs],
+            key=_AUTOTUNE_KEY, **keep)(kernel)
+    return _TUNED[kernel]
+
+
+def _launch(kernel, which: str, grid, args: tuple, kw: dict, d: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Run ``kernel`` with ``grid(BLOCK_M, BLOCK_N)``: autotuned where :func:`_tuning` says, else with
+    :func:`_blocks`' choice (``which``: "fwd" or "bwd"; the dQ kernel takes the backward's blocks swapped: it
+    holds a query block and walks key blocks)."""
+    if _tuning(device):
+        configs = _FWD_CONFIGS if which == "fwd" else _BWD_CONFIGS
+        if kernel is _bwd_dq_kernel:
+            configs = [(n, m, w, st) for m, n, w, st in configs]
+        _tuned(kernel, configs)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kw)
+        return
+    bm, bn, warps, stages = _blocks(d, dtype, which, device)
+    if kernel is _bwd_dq_kernel:
+        bm, bn = bn, bm
+    kernel[grid(bm, bn)](*args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _length_bucket(t: int) -> int:
+    return triton.next_power_of_2(max(1, t))
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -363,13 +419,10 @@ def softcapped_attention_forward(q, k, v, causal, softcap, scale, window, key_pa
     lse = torch.empty(b, hq, tq, dtype=torch.float32, device=q.device)
     kp, stride_kpb = _padding_arg(key_padding, q)
     sid, stride_sb = _seq_ids_arg(seq_ids, q)
-    bm, bn, warps, stages = _blocks(d, q.dtype, "fwd", q.device)
-    _fwd_kernel[(triton.cdiv(tq, bm), b * hq)](
-        q, k, v, out, lse, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_kpb, stride_sb,
-        hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap,
-        **_flags(causal, window, key_padding, seq_ids, q),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps, num_stages=stages,
-    )
+    args = (q, k, v, out, lse, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_kpb,
+            stride_sb, hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap, _length_bucket(tk))
+    kw = dict(**_flags(causal, window, key_padding, seq_ids, q), BLOCK_D=max(16, triton.next_power_of_2(d)))
+    _launch(_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(tq, bm), b * hq), args, kw, d, q.dtype, q.device)
     return out, lse
 
 
@@ -388,18 +441,14 @@ def softcapped_attention_backward(do, q, k, v, out, lse, causal, softcap, scale,
         out, do, delta, *_strides(out), *_strides(do), hq, tq, d, BLOCK_M=rows, BLOCK_D=block_d,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bm, bn, warps, stages = _blocks(d, q.dtype, "bwd", q.device)
-    _bwd_dkdv_kernel[(triton.cdiv(tk, bn), b * hk)](
-        q, k, v, do, lse, delta, dk, dv, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), stride_kpb, stride_sb, hk, hq // hk, tq, tk, d, window or 0, scale, softcap,
-        1.0 / softcap, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-    )
-    bm, bn = bn, bm  # the dQ program holds a query block and walks key blocks
-    _bwd_dq_kernel[(triton.cdiv(tq, bm), b * hq)](
-        q, k, v, do, lse, delta, dq, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), stride_kpb, stride_sb, hq, hq // hk, tq, tk, d, window or 0, scale, softcap, 1.0 / softcap,
-        **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-    )
+    bucket, kw = _length_bucket(tk), dict(**flags, BLOCK_D=block_d)
+    tail = (tq, tk, d, window or 0, scale, softcap, 1.0 / softcap, bucket)
+    _launch(_bwd_dkdv_kernel, "bwd", lambda bm, bn: (triton.cdiv(tk, bn), b * hk),
+            (q, k, v, do, lse, delta, dk, dv, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+             *_strides(dk), *_strides(dv), stride_kpb, stride_sb, hk, hq // hk, *tail), kw, d, q.dtype, q.device)
+    _launch(_bwd_dq_kernel, "bwd", lambda bm, bn: (triton.cdiv(tq, bm), b * hq),
+            (q, k, v, do, lse, delta, dq, kp, sid, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+             *_strides(dq), stride_kpb, stride_sb, hq, hq // hk, *tail), kw, d, q.dtype, q.device)
     return dq, dk, dv
 
 

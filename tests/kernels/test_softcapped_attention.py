@@ -206,6 +206,24 @@ def test_wide_head_with_the_gpu_blocks(kernel, monkeypatch):
         assert _rel(a, b) <= 1e-5, name
 
 
+def test_autotuned_launch_takes_its_config(kernel, monkeypatch):
+    """The GPU's autotuned launch (grids from the config's blocks, the dQ kernel's blocks swapped) run here with
+    one config each, which the tuner takes without timing (the backward's blocks differ from the untuned launch's,
+    so sums run in another order: fp32, 1e-6)."""
+    (q, k, v, do), kp = _case(37, 37, 24, torch.float32, seed=5, padding=3)
+    kw = dict(window=9, key_padding=kp)
+    want = _run(lambda *t: softcapped_attention(*t, None, True, 30.0, 0.2, **kw), q, k, v, do)
+    bm, bn, warps, stages = sa_triton.INTERPRETER_BLOCKS
+    monkeypatch.setattr(sa_triton, "_FWD_CONFIGS", [(bm, bn, warps, stages)])
+    monkeypatch.setattr(sa_triton, "_BWD_CONFIGS", [(bm, 2 * bn, warps, stages)])  # dkdv 16 x 32, dQ 32 x 16
+    monkeypatch.setattr(sa_triton, "_TUNED", {})
+    monkeypatch.setattr(sa_triton, "_tuning", lambda device: True)
+    got = _run(lambda *t: softcapped_attention(*t, None, True, 30.0, 0.2, **kw), q, k, v, do)
+    assert {k.fn.__name__ for k in sa_triton._TUNED} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _rel(a, b) <= 1e-6, name
+
+
 def _fn_name(out):
     return type(out.grad_fn).__name__
 
