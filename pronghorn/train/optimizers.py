@@ -11,6 +11,7 @@ moments bf16 and stochastically rounded too: 6 bytes per weight, as torch's Adam
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -65,6 +66,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     return (cls if name.startswith("paged_") else _without_per_parameter_syncs(cls))(params, **kw)
 
 
+@functools.cache
 def _without_per_parameter_syncs(cls: type) -> type:
     """bitsandbytes' optimizer ``cls`` whose ``step`` does not wait for the GPU after every parameter.
 
@@ -72,7 +74,8 @@ def _without_per_parameter_syncs(cls: type) -> type:
     Its kernels run in stream order with the rest of the step, so those waits only stall the GPU: 9 per layer
     with the step in the backward (train/step_in_backward.py), where each one drains the backward's queue. This
     step makes the same calls in the same order (state set up on first use, then ``update_step``) without the
-    waits. The paged variants keep theirs: paged state is moved asynchronously and needs them."""
+    waits. The paged variants keep theirs: paged state is moved asynchronously and needs them. One subclass per
+    class (cached): the step in the backward builds an optimizer per parameter."""
     def step(self, closure=None):
         loss = None
         if closure is not None:

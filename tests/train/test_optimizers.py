@@ -111,6 +111,7 @@ def test_8bit_step_without_syncs_equals_bitsandbytes_step(monkeypatch):
         assert len(waits) == before
         opts[1].step()
     assert len(waits) == 8  # theirs: one wait per parameter per step
+    assert _without_per_parameter_syncs(bnb.optim.AdamW8bit) is type(opts[0])  # one subclass, however many built
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
         for key, value in opts[1].state[q].items():
