@@ -309,6 +309,11 @@ class GRPOTrainer(Trainer):
             except torch.OutOfMemoryError:
                 if self.dist.env.distributed or attempt == TRAINING_RETRIES:
                     raise
+            except PronghornError as e:  # a retry's smaller budget: no plan fits it
+                if attempt == 0:
+                    raise
+                raise PronghornError(f"GRPO's training forward ran out of memory although its memory plan estimated "
+                                     f"it to fit, and no leaner plan fits the lowered budget: {e}") from None
             if self.device.type == "cuda":  # outside the handler: its traceback no longer holds the forward's tensors
                 torch.cuda.empty_cache()
             budget = shrink_training_budget(self.model)

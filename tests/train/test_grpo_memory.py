@@ -133,3 +133,30 @@ def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tm
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning) as seen:
         step(t)
     assert len(seen) == TRAINING_RETRIES
+
+
+def test_a_retry_that_no_plan_fits_says_so(tmp_path, monkeypatch):
+    """After a training forward runs out of memory, the lowered budget may fit no plan: the planner's error (the
+    smallest budget that would fit) comes out, saying that the step ran out of memory first."""
+    import torch
+
+    from grpo_cases import fixed_batch
+    from pronghorn.models import decoder as decoder_module
+    from pronghorn.train import grpo_trainer as trainer_module
+
+    t = grpo_trainer(tmp_path, max_memory="4GiB")
+    batch = t.score_batch(*fixed_batch())
+    original, calls = trainer_module.packed_logps, []
+
+    def out_of_memory_then_the_planner_refuses(model, *a, **k):
+        calls.append(model.model.memory_budget)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        monkeypatch.setattr(decoder_module, "device_budget", lambda device, limit: (1, "max_memory=0.00GiB"))
+        return original(model, *a, **k)
+
+    monkeypatch.setattr(trainer_module, "packed_logps", out_of_memory_then_the_planner_refuses)
+    with pytest.raises(PronghornError, match=r"ran out of memory although its memory plan estimated it to fit.*"
+                                             r"does not fit the memory budget"), pytest.warns(RuntimeWarning):
+        t.accumulate_gradients(batch)
+    assert calls == [4 * GIB, int(4 * GIB * 0.9)]
