@@ -70,6 +70,17 @@ def softcapped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return torch.matmul(probs.to(q.dtype), v)
 
 
+def kernel_runs(head_dim: int, device: torch.device, policy: KernelPolicy = DEFAULT_POLICY) -> bool:
+    """Whether a training forward (no dense mask) of this head dim on ``device`` takes the Triton kernel rather
+    than the reference: CUDA with Triton, head dims up to 256, not the reference policy. The meta device counts
+    as CUDA (the memory plan's previews of GPU runs)."""
+    from .triton_support import triton_available
+
+    if policy.reference or head_dim > MAX_HEAD_DIM:
+        return False
+    return device.type == "meta" or (device.type == "cuda" and triton_available())
+
+
 def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, key_padding, seq_ids) -> bool:
     """The Triton kernel's domain: CUDA fp16/bf16/fp32 tensors, no dense mask, head dims up to 256, v's head dim
     that of q and k."""

@@ -40,6 +40,9 @@ Head dims up to 256, any size (the feature axis is padded to a power of two and 
 
 from __future__ import annotations
 
+import inspect
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -340,8 +343,6 @@ _TUNED: dict = {}
 def _tuning(device: torch.device) -> bool:
     """Whether launches on ``device`` are autotuned: on a GPU, unless PRONGHORN_SOFTCAP_AUTOTUNE=0 or a CUDA graph
     is being captured (timing configs cannot run inside a capture)."""
-    import os
-
     if device.type != "cuda" or os.environ.get("PRONGHORN_SOFTCAP_AUTOTUNE", "1") == "0":
         return False
     return not torch.cuda.is_current_stream_capturing()
@@ -351,8 +352,6 @@ def _tuned(kernel, configs) -> "triton.runtime.Autotuner":
     """``kernel`` autotuned over ``configs`` (made once per kernel). The choice is kept in Triton's cache where
     this Triton can (``cache_results``), so later runs on the machine take the same blocks, and so the same bits."""
     if kernel not in _TUNED:
-        import inspect
-
         keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
         _TUNED[kernel] = triton.autotune(
             [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in configs],

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import PronghornError
 from ..kernels.logits_chunks import CHUNK_BYTES
+from ..kernels.softcapped_attention import kernel_runs as softcap_kernel_runs
 
 GIB = 2**30
 HEADROOM = 0.04  # of the budget, left to fragmentation and allocator rounding
@@ -391,7 +392,7 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
     sandwich = tokens * e * hidden if parts.sandwich_norms else 0  # each block's post-norm keeps its input
     # soft-capped attention's reference keeps its [batch, heads, seq, seq] scores (two in e, fp32 probs); the fused
     # kernel keeps only q, k, v, its output and the row statistics, as SDPA (counted in attn_block)
-    reference = parts.attn_softcap and not _softcap_kernel_runs(layer.self_attn, cfg.head_dim, device)
+    reference = parts.attn_softcap and not softcap_kernel_runs(cfg.head_dim, device, layer.self_attn.kernel_policy)
     scores = batch * cfg.num_attention_heads * seq_len * seq_len * (2 * e + 4) if reference else 0
     qk_norms = tokens * e * (q_dim + kv_dim) if cfg.qk_norm else 0  # q/k norms (Qwen3, Gemma 3) keep q and k
     return StepSizes(
@@ -416,18 +417,6 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         layer_grads=sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad and p.grad is None),
         grads_in_backward=optimizer.grads_in_backward,
     )
-
-
-def _softcap_kernel_runs(attention, head_dim: int, device: torch.device) -> bool:
-    """Whether a soft-capped attention's training forward on ``device`` takes the fused Triton kernel (kernels/
-    softcapped_attention.py: CUDA, head dims up to 256, not the reference policy). The meta device (plan previews
-    and calibration of GPU runs) counts as CUDA."""
-    from ..kernels.softcapped_attention import MAX_HEAD_DIM
-    from ..kernels.triton_support import triton_available
-
-    if attention.kernel_policy.reference or head_dim > MAX_HEAD_DIM:
-        return False
-    return device.type == "meta" or (device.type == "cuda" and triton_available())
 
 
 def _gradient_bytes(decoder, trainable: list, optimizer: OptimizerFootprint) -> int:
