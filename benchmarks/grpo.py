@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -116,13 +117,41 @@ def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str, max_memory
         t = time.perf_counter()
         batch = trainer.step_examples(step)
         _phase_peak(phases, "generation", device, held="held_after_generation")
+        _memory_line(f"step {step} after generation", device, max_memory)
         trainer.train_step(batch)
         _phase_peak(phases, "training", device)
+        _memory_line(f"step {step} after training", device, max_memory)
         _sync(device)
         steps.append(time.perf_counter() - t)
         gens.append(sum(b.rollout.seconds for b in batch.generated))  # one generation batch per step here
         lengths.append(batch.metrics["completions/mean_length"])
     return dict(steps=steps, gens=gens, lengths=lengths, phases=phases if device == "cuda" else None)
+
+
+def _memory_line(where: str, device: str, max_memory: float | None) -> None:
+    """Under a budget: what is allocated, reserved and held by CUDA-graph pools now (stderr, for a failed run)."""
+    if device == "cuda" and max_memory is not None:
+        private = sum(b["size"] for seg in torch.cuda.memory._snapshot()["segments"] if seg.get("segment_pool_id",
+                      (0, 0)) != (0, 0) for b in seg["blocks"] if b["state"] == "active_allocated")
+        print(f"pronghorn memory {where}: allocated {torch.cuda.memory_allocated() / 2**30:.3f} GiB, reserved "
+              f"{torch.cuda.memory_reserved() / 2**30:.3f}, in CUDA-graph pools {private / 2**30:.3f}",
+              file=sys.stderr, flush=True)
+
+
+def live_blocks(top: int = 14) -> list[str]:
+    """The live allocations by where they were made (pronghorn's frames; ``_record_memory_history`` must be on)
+    and by pool, largest first: what held the memory when a budgeted run ran out of it."""
+    groups: dict[str, int] = {}
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        pool = "graph-pool" if seg.get("segment_pool_id", (0, 0)) != (0, 0) else "default"
+        for b in seg["blocks"]:
+            if b["state"] != "active_allocated":
+                continue
+            frames = [f for f in b.get("frames", []) if "/pronghorn/" in f["filename"]][:3]
+            key = pool + " " + (" < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
+                                           for f in frames) or "(no pronghorn frame)")
+            groups[key] = groups.get(key, 0) + b["size"]
+    return [f"{v / 2**20:9.1f} MiB  {k}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def _phase_peak(phases: dict, name: str, device: str, held: str | None = None) -> None:
@@ -209,9 +238,17 @@ def child(system: str, a) -> None:
         if device == "cuda":
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.max_memory * 2**30 / total))
+            if os.environ.get("GRPO_MEMORY_HISTORY"):  # live_blocks() by origin on running out of memory (slower)
+                torch.cuda.memory._record_memory_history(max_entries=100_000)
     with tempfile.TemporaryDirectory() as out:
-        r = {"pronghorn": run_pronghorn, "trl+peft": run_trl, "unsloth": run_unsloth}[system](w, device, dtype, out,
-                                                                                                 **budget)
+        try:
+            r = {"pronghorn": run_pronghorn, "trl+peft": run_trl, "unsloth": run_unsloth}[system](w, device, dtype,
+                                                                                                     out, **budget)
+        except torch.OutOfMemoryError:
+            if budget and device == "cuda":
+                print("pronghorn memory at the failure, live allocations by origin:\n" + "\n".join(live_blocks()),
+                      file=sys.stderr, flush=True)
+            raise
     tail = slice(1, None) if len(r["steps"]) > 1 else slice(None)
     step, gen = statistics.median(r["steps"][tail]), statistics.median(r["gens"][tail])
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
@@ -275,6 +312,7 @@ def main() -> None:
         line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
         if proc.returncode or line is None:
             plans = sorted({x for x in (proc.stdout + proc.stderr).splitlines() if "memory plan" in x})
+            plans += [x for x in proc.stderr.splitlines() if x.startswith("pronghorn memory") or " MiB  " in x]
             print(f"{system} failed (exit {proc.returncode}); its memory plans:\n" + "\n".join(plans)
                   + f"\n{proc.stderr[-3000:]}", flush=True)
             rows.append(dict(system=system, error=(proc.stderr.strip().splitlines() or ["?"])[-1], plans=plans))

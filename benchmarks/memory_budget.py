@@ -175,6 +175,11 @@ def _child(spec: dict) -> None:
         ms = median_ms(step, iters=spec["steps"] - 2, warmup=2)  # median of steps 3..N
         out.update(step_s=round(ms / 1e3, 4), tok_s=round(spec["batch"] * spec["seq"] / (ms / 1e3)),
                    loss_first=round(float(losses[0]), 4), loss_last=round(float(losses[-1]), 4))
+        if spec.get("profile"):  # after the timed steps: the profiler touches neither tok/s nor the peak
+            from step_profile import limit, profile_steps, sync_sources
+            out["profile"] = profile_steps(step, steps=2)
+            out["profile"]["sync_sources"] = sync_sources(step)
+            out["limit"] = limit(out["profile"])
     except torch.OutOfMemoryError as e:
         out.update(status="oom", message=f"{stage}: {str(e).splitlines()[0][:300]}")
     except PronghornError as e:
@@ -260,7 +265,7 @@ def _peer_point(pt: dict, a, env: dict, timeout: float) -> dict:
 
 def _pronghorn_point(pt: dict, a, env: dict, timeout: float) -> dict:
     spec = {k: pt[k] for k in ("model", "batch", "seq", "q4", "gc", "autocast", "budget_gib", "dir")}
-    spec.update(cap_mode=a.cap_mode, steps=a.steps)
+    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile)
     rc, out, err = _run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], timeout, env)
     found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
     log = [line for line in out.splitlines() if line.startswith("pronghorn:")][:3]
@@ -442,6 +447,8 @@ def main(argv=None) -> None:
     ap.add_argument("--peer-scripts", type=Path, default=PEER_SCRIPTS)
     ap.add_argument("--models-dir", type=Path, default=Path(os.environ.get("BENCH_MODELS", "/tmp/models")))
     ap.add_argument("--json", default=None, help="results (default memory_budget.json); the PNG beside it")
+    ap.add_argument("--profile", action="store_true", help="pronghorn points: also profile 2 steps (benchmarks/"
+                                                           "step_profile: kernel time by category, top kernels, gaps)")
     ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, no peers, made-up budgets")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -80,6 +80,54 @@ def _runtime_calls(events) -> dict[str, float]:
     return out
 
 
+def _optimizer_scalar_read(e) -> bool:
+    """A ``.item()`` under ``Optimizer.step``: torch.optim's for-each AdamW reads each parameter's step counter,
+    a CPU tensor (no device sync). Session 14 counted these as 955 "syncs" a Gemma-3-4B LoRA step (2 x 476)."""
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith("Optimizer.step"):
+            return e.name == "aten::_local_scalar_dense"
+        p = p.cpu_parent
+    return False
+
+
+def _sync_parents(sync_events, steps: int, top: int = 8) -> dict[str, float]:
+    """Per step: which operators the host syncs happen under (the sync's name < its parent < grandparent)."""
+    counts: dict[str, int] = {}
+    for e in sync_events:
+        chain, p = [e.name], e.cpu_parent
+        while p is not None and len(chain) < 4:
+            chain.append(p.name)
+            p = p.cpu_parent
+        key = " < ".join(n[:40] for n in chain)
+        counts[key] = counts.get(key, 0) + 1
+    return {k: round(v / steps, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+
+
+def sync_sources(step: Callable[[], None], top: int = 8) -> dict[str, int]:
+    """One step under ``torch.cuda.set_sync_debug_mode("warn")``: the Python lines whose operators made the host
+    wait for the GPU, with their counts (syncs in C++ autograd code show as the step's own line)."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        return {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counts: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{w.filename.rsplit('/', 2)[-2:]!s}:{w.lineno} {str(w.message).splitlines()[0][:60]}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
 def profile_steps(step: Callable[[], None], steps: int = 2) -> dict:
     """Run ``step`` ``steps`` times under the profiler; per-step milliseconds by category, idle, wall, syncs."""
     cuda = torch.cuda.is_available()
@@ -102,11 +150,14 @@ def profile_steps(step: Callable[[], None], steps: int = 2) -> dict:
     ends = [e.time_range.end for e in events]
     wall_us = (max(ends) - min(starts)) if events else 0.0
     busy = _busy_us([(e.time_range.start, e.time_range.end) for e in kernels])
-    syncs = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and _SYNC.search(e.name))
+    sync_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and _SYNC.search(e.name)
+                   and not _optimizer_scalar_read(e)]
+    syncs = len(sync_events)
     per = 1e-3 / steps
     out = {f"{c}_ms": round(v * per, 2) for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
     out.update(idle_ms=round(max(0.0, wall_us - busy) * per, 2), wall_ms=round(wall_us * per, 2),
                host_syncs_per_step=round(syncs / steps, 1))
+    out["syncs_under"] = _sync_parents(sync_events, steps)
     if cuda:  # where the idle time is: many short launch gaps or a few long host waits
         gaps = _gaps_us([(e.time_range.start, e.time_range.end) for e in kernels])
         long = [g for g in gaps if g > 100]
@@ -116,6 +167,10 @@ def profile_steps(step: Callable[[], None], steps: int = 2) -> dict:
         out["host_runtime_ms"] = {name: round(us * per, 2) for name, us in calls}
         out["long_gaps_between"] = _gap_neighbours(kernels)
         out["host_self_ms"] = _host_ops(prof, steps)
+        by_name: dict[str, float] = {}
+        for e in kernels:
+            by_name[e.name[:70]] = by_name.get(e.name[:70], 0.0) + e.time_range.elapsed_us()
+        out["top_kernels_ms"] = {k: round(v * per, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:14]}
     return out
 
 
