@@ -129,6 +129,7 @@ class DecoderModel(nn.Module):
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
+        self.decodes_between_steps = False  # GRPO: generation between the steps; no plan puts a tied table on the host
         self.optimizer_footprint = OptimizerFootprint()  # what the optimizer adds per trained weight (the trainer's)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -162,7 +163,7 @@ class DecoderModel(nn.Module):
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) \
             if device.type == "cuda" else 1.0
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
-               fraction, head is not None, self.optimizer_footprint)
+               fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
@@ -170,7 +171,8 @@ class DecoderModel(nn.Module):
             sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
                                optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
-                             tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay)
+                             tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
+                             host_tied_table=not self.decodes_between_steps)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)

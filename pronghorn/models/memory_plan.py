@@ -212,9 +212,11 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
 
 
 def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
-                    replay: str = "auto") -> list[MemoryPlan]:
+                    replay: str = "auto", host_tied_table: bool = True) -> list[MemoryPlan]:
     """Every plan within the user's settings, fastest first (:func:`relative_cost`): ``mode`` auto | off | on |
-    offload (layers), ``tiled_mlp`` auto | on | off, ``replay`` auto | whole | split."""
+    offload (layers), ``tiled_mlp`` auto | on | off, ``replay`` auto | whole | split. ``host_tied_table=False``:
+    no plan puts a tied table on the host (a model that decodes between its steps, as GRPO's, needs it on the
+    device for every generated token: decoding would copy it back whole each forward)."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -233,7 +235,7 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     if s.tiled_token == 0:
         tilings = [None]
     replays = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
-    tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table else [])
+    tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table and host_tied_table else [])
     # an offloaded layer replayed split parks its MLP input (no extra forward); without split_replay it may too
     parks = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
     plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park)

@@ -63,9 +63,17 @@ def generation_rows(rows: int, per_row: int, budget: int | None, resident: int, 
     return min(rows, fits)
 
 
+def head_copy_bytes(model: nn.Module) -> int:
+    """A decode forward's transient device copy of an output head kept on the host (a tied table moved there with
+    ``offload_embedding="tied"``: the logits read it whole each forward); 0 when the head is on the device."""
+    weight = model.lm_head.weight
+    return weight.numel() * weight.element_size() if weight.device != model.device else 0
+
+
 def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int) -> int:
     """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
-    resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers)."""
+    resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers), plus a head on the host's
+    transient device copy (:func:`head_copy_bytes`)."""
     device = getattr(model, "device", None) or next(model.parameters()).device
     limit = parse_budget(max_memory) if max_memory else None
     budget, source = device_budget(device, limit) if device.type == "cuda" or limit is not None else (None, "")
@@ -75,8 +83,8 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
         tokens = cache_length(tokens, CACHE_MULTIPLE)  # the static cache's allocated length
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return generation_rows(rows, bytes_per_row(model, tokens), budget, resident + prefill_bytes(model),
-                           source or "max_memory")
+    return generation_rows(rows, bytes_per_row(model, tokens), budget,
+                           resident + prefill_bytes(model) + head_copy_bytes(model), source or "max_memory")
 
 
 TRAINING_RETRIES = 3  # leaner training plans tried after a training forward runs out of memory

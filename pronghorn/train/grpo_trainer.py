@@ -119,6 +119,8 @@ class GRPOTrainer(Trainer):
         if self.dist.strategy == "fsdp":  # generation would need every rank in every decode step
             raise PronghornError("data-parallel GRPO trains LoRA / QLoRA adapters (DDP); full fine-tuning under FSDP "
                                  "is not supported for GRPO: attach adapters (get_peft_model) or run one process")
+        # generation reads a tied table (the head) on the device every token: training plans keep it there
+        self.model.model.decodes_between_steps = True
         self.steps_per_generation, generation_size = generation_shape(config, self.dist.world_size)
         self.prompts_per_batch = generation_size // config.num_generations
         self.batches_per_epoch = len(rows) // self.prompts_per_batch  # an incomplete last batch is dropped (TRL)

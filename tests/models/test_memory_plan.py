@@ -318,3 +318,17 @@ def test_gpu_budgets_never_run_out_and_the_estimate_is_close():
     for budget, peak, est, _ in fitted:
         assert budget is None or peak <= budget
         assert abs(est - peak) <= 0.10 * peak
+
+
+def test_a_model_that_decodes_between_steps_never_puts_a_tied_table_on_the_host():
+    """GRPO decodes between its training steps, and every decoded token reads the tied table as the head: a
+    plan that moved it to the host would make each decode forward copy it back whole (session 14: 501 MiB of a
+    1B model's table alive in the decode graph's pool, and the next generation out of memory)."""
+    s = _sizes(untied_table=0, tied_table=GIB // 2)
+    assert any(p.table_on_host == "tied" for p in candidate_plans(s))
+    assert all(p.table_on_host is None for p in candidate_plans(s, host_tied_table=False))
+    leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
+    budget = int(leanest / (1 - HEADROOM)) + 1  # only a tied table on the host fits
+    assert make_plan(s, budget, "test").table_on_host == "tied"
+    with pytest.raises(PronghornError, match="does not fit the memory budget"):
+        make_plan(s, budget, "test", host_tied_table=False)

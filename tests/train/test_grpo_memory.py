@@ -160,3 +160,28 @@ def test_a_retry_that_no_plan_fits_says_so(tmp_path, monkeypatch):
                                              r"does not fit the memory budget"), pytest.warns(RuntimeWarning):
         t.accumulate_gradients(batch)
     assert calls == [4 * GIB, int(4 * GIB * 0.9)]
+
+
+def test_grpo_plans_keep_a_tied_table_on_the_device_and_count_a_host_heads_copy(tmp_path, monkeypatch):
+    """The trainer marks its model as decoding between steps, so the training plans never move a tied table
+    (the head) to the host; a head the user put there is counted in generation as the transient device copy
+    each decode forward makes of it."""
+    import torch
+    from torch import nn
+
+    from pronghorn.models import decoder as decoder_module
+    from pronghorn.train.grpo_memory import head_copy_bytes
+
+    t = grpo_trainer(tmp_path)
+    assert t.model.model.decodes_between_steps
+    seen = []
+    original = decoder_module.make_plan
+    monkeypatch.setattr(decoder_module, "make_plan", lambda *a, **k: seen.append(k) or original(*a, **k))
+    t.model.train()
+    with torch.enable_grad():
+        t.model.model.plan_step(1, 64, torch.float32, t.model.device, t.model.lm_head)
+    assert seen and seen[-1]["host_tied_table"] is False
+    assert head_copy_bytes(t.model) == 0
+    w = t.model.lm_head.weight
+    t.model.lm_head.weight = nn.Parameter(w.detach().to("meta"), requires_grad=False)  # a head off the device
+    assert head_copy_bytes(t.model) == w.numel() * w.element_size()
