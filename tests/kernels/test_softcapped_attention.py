@@ -224,6 +224,34 @@ def test_autotuned_launch_takes_its_config(kernel, monkeypatch):
         assert _rel(a, b) <= 1e-6, name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner's configs are GPU blocks")
+@pytest.mark.parametrize("i", range(len(sa_triton._FWD_CONFIGS)))
+def test_every_autotune_config_is_exact_on_the_gpu(i, monkeypatch):
+    """The tuner may pick any config on a machine, so each must be exact alone: forward config i with backward
+    config i (the dQ kernel's swapped), Gemma 2's head_dim 256, bf16, a window and padding, against fp64. A config
+    a GPU cannot hold (registers, shared memory) fails to compile, and the tuner skips it: the test says which."""
+    import triton
+
+    monkeypatch.setattr(sa_triton, "_FWD_CONFIGS", [sa_triton._FWD_CONFIGS[i]])
+    monkeypatch.setattr(sa_triton, "_BWD_CONFIGS", [sa_triton._BWD_CONFIGS[i]])
+    monkeypatch.setattr(sa_triton, "_TUNED", {})
+    monkeypatch.setattr(sa_triton, "_tuning", lambda device: True)
+    (q, k, v, do), kp = _case(300, 300, 256, torch.bfloat16, seed=7, heads=(4, 2), padding=5)
+    kw = dict(window=100, key_padding=kp)
+    attend = lambda *t: softcapped_attention(*t, None, True, 50.0, 256 ** -0.5, **kw)  # noqa: E731
+    ref = lambda *t: softcapped_attention_reference(*t, None, True, 50.0, 256 ** -0.5, **kw)  # noqa: E731
+    try:
+        got = _run(attend, q, k, v, do)
+    except triton.runtime.errors.OutOfResources as e:
+        pytest.skip(f"configs {sa_triton._FWD_CONFIGS[0]} / {sa_triton._BWD_CONFIGS[0]} do not fit this GPU: {e}")
+    assert {k.fn.__name__ for k in sa_triton._TUNED} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    exact, ref_16 = _run(ref, *(t.double() for t in (q, k, v, do))), _run(ref, q, k, v, do)
+    u = 2**-8
+    for name, a, r, e in zip(("out", "dq", "dk", "dv"), got, ref_16, exact):
+        err, ref_err = _rel(a, e), _rel(r, e)
+        assert err <= 4 * u and err <= 2 * ref_err + u, f"{name}: {err:.2e} from exact, 16-bit reference {ref_err:.2e}"
+
+
 def _fn_name(out):
     return type(out.grad_fn).__name__
 
