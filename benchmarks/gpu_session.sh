@@ -106,8 +106,11 @@ case "$stage" in
         --json "$OUT/anatomy-$1-$4.json" 2>&1 | grep -v "^pronghorn:" | tail -24
     done ;;
   gemma3-profile)  # issue 16: what a budget costs Gemma-3-4B (profile, true device syncs, top kernels per point)
-    python3 benchmarks/memory_budget.py --workloads gemma3-4b-lora --budgets none,17,9.5 --systems pronghorn \
-      --autocast on --profile --json "$OUT/mb-gemma3-profile.json" --time-limit 300 2>&1 | grep "^\[" ;;
+    python3 benchmarks/memory_budget.py --workloads gemma3-4b-lora --budgets none,replay-all,17,9.5 --systems pronghorn \
+      --autocast on --profile --json "$OUT/mb-gemma3-profile.json" --time-limit 300 2>&1 | grep "^\[" ;
+    python3 -c "import json; [print(r['budget'], r.get('plan'), '\n ', {k: r['profile'].get(k) for k in
+      ('phases_ms', 'sync_sources', 'syncs_under', 'idle_ms', 'wall_ms')}) for r in
+      json.load(open('$OUT/mb-gemma3-profile.json'))['results'] if r.get('profile')]" ;;
   softcap)  # autotuned (session 13), then the fixed blocks of sessions 9-12 (PRONGHORN_SOFTCAP_AUTOTUNE=0)
     python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 --ops softcapped_attention \
       --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40

@@ -125,6 +125,33 @@ def _peak_bytes(cuda: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU smoke: the process's max RSS
 
 
+def _phase_times(model, opt, ids, device: str, autocast: bool, steps: int = 3) -> dict:
+    """Median wall ms of a step's forward, backward and optimizer step, each waited for (unprofiled: where a
+    budget's cost lands; the waits between phases remove their overlap, so the sum exceeds a timed step)."""
+    def wait():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(steps):
+        wait()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        wait()
+        t1 = time.perf_counter()
+        loss.backward()
+        wait()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        wait()
+        t3 = time.perf_counter()
+        for k, (a, b) in zip(times, ((t0, t1), (t1, t2), (t2, t3))):
+            times[k].append((b - a) * 1e3)
+    return {k: round(sorted(v)[len(v) // 2], 2) for k, v in times.items()}
+
+
 def _child(spec: dict) -> None:
     """Train one pronghorn point and print ``RESULT {json}``."""
     cuda = torch.cuda.is_available()
@@ -179,6 +206,7 @@ def _child(spec: dict) -> None:
             from step_profile import limit, profile_steps, sync_sources
             out["profile"] = profile_steps(step, steps=2)
             out["profile"]["sync_sources"] = sync_sources(step)
+            out["profile"]["phases_ms"] = _phase_times(model, opt, ids, device, spec["autocast"])
             out["limit"] = limit(out["profile"])
     except torch.OutOfMemoryError as e:
         out.update(status="oom", message=f"{stage}: {str(e).splitlines()[0][:300]}")
@@ -301,10 +329,13 @@ def _points(a) -> list[dict]:
         if pron and "leanest" in budgets:
             phases[2] += [pt("pronghorn", w, "none", ac, gc="offload") for ac in acs]
             phases[2] += [pt("pronghorn", w, "leanest", ac) for ac in acs]
+        if pron and "replay-all" in budgets:  # every layer recomputed without a budget: a budget's own cost apart
+            phases[2] += [pt("pronghorn", w, "none", ac, gc="on") for ac in acs]
         phases[3] += [pt(s, w, "none") for s in ("hf+peft", "hf+peft+liger") if s in systems and not
                       ((q4 or WORKLOADS[w][0] in FAMILY_CONFIGS) and "liger" in s)]  # Liger: no QLoRA (the
         # peers' table has none), no family rows
-        nums = sorted((b for b in budgets if b not in ("none", "unsloth", "leanest")), key=float, reverse=True)
+        nums = sorted((b for b in budgets if b not in ("none", "unsloth", "leanest", "replay-all")), key=float,
+                      reverse=True)
         phases[4] += [pt("pronghorn", w, b, ac) for b in nums for ac in acs if pron]
     for s in [s for s in a.scenarios.split(",") if s]:
         cap = str(SCENARIOS[s][4])
@@ -436,7 +467,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workloads", default=None, help=f"of {list(WORKLOADS)} or {list(GROUPS)} (default: the "
                     "three Llama ones; --dry-run: tiny, or the tiny ones named)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--budgets", default=QUICK, help=f"GiB, none, unsloth, leanest; 'full' = {FULL}")
+    ap.add_argument("--budgets", default=QUICK, help=f"GiB, none, unsloth, leanest, replay-all (no budget, "
+                    f"every layer recomputed); 'full' = {FULL}")
     ap.add_argument("--autocast", default="both", choices=("on", "off", "both"), help="pronghorn rows")
     ap.add_argument("--cap-mode", default="both", choices=("kwarg", "fraction", "both"),
                     help="pronghorn: the budget as get_peft_model(max_memory=), the process's memory fraction, both")
@@ -460,7 +492,7 @@ def main(argv=None) -> None:
     if a.dry_run:
         tiny = all(w.startswith("tiny") for w in a.workloads.split(","))  # else the Llama one
         a.workloads, a.systems, a.scenarios, a.steps = a.workloads if tiny else "tiny", "pronghorn", "", 4
-        a.budgets = "leanest,unsloth,0.01,4,none"  # 0.01: does not fit; 4: above the uncapped peak (skipped)
+        a.budgets = "leanest,unsloth,0.01,4,none,replay-all"  # 0.01: does not fit; 4: above the uncapped peak (skipped)
         a.models_dir = Path(tempfile.gettempdir()) / "pronghorn-memory-budget-models"
         a.json = a.json or str(Path(tempfile.mkdtemp()) / "memory_budget_dry.json")
     elif not cuda:
