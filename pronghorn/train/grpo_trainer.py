@@ -174,22 +174,25 @@ class GRPOTrainer(Trainer):
         prompt_ids = [p["prompt_ids"] for p in rows]
         tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
         at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens)  # the shared budget
-        ro = None
-        while ro is None:
+        while True:
             try:
                 ro = rollout(self.model, self.tokenizer, prompt_ids, 1,
                              max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                              top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings,
                              seed=None if seed is None else seed + RANK_SEED_STRIDE * self.dist.env.rank,
                              conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
+                break
             except torch.OutOfMemoryError:
                 if at_once <= 1:
                     raise
-                release(self.model)  # the estimate (grpo_memory.py) missed what was allocated: fewer rows a round
+            # the estimate (grpo_memory.py) missed what was allocated: fewer rows a round. Outside the handler, whose
+            # traceback still held the failed round's runner (its KV cache and graph pool), so both are freed here
+            release(self.model)
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-                warnings.warn(f"GRPO generation ran out of memory decoding {at_once} completions at once (estimated "
-                              f"to fit); decoding {at_once // 2} at once", RuntimeWarning, stacklevel=2)
-                at_once //= 2
+            warnings.warn(f"GRPO generation ran out of memory decoding {at_once} completions at once (estimated "
+                          f"to fit); decoding {at_once // 2} at once", RuntimeWarning, stacklevel=2)
+            at_once //= 2
         release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
         return self.score_batch(rows, ro, shuffle_seed=seed)
 

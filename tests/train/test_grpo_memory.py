@@ -95,6 +95,34 @@ def test_a_round_that_runs_out_of_memory_is_decoded_again_in_smaller_rounds(tmp_
         t.generate_batch(prompts, seed=1)
 
 
+def test_a_failed_rounds_decoder_is_released_once_its_error_is_handled(tmp_path, monkeypatch):
+    """The decoder's runner (KV cache, graph pool) is dropped after the handler has ended: inside it the error's
+    traceback still holds the failed round's frames, and the memory could not be freed for the retry."""
+    import sys
+
+    import torch
+
+    from pronghorn.train import grpo_trainer as trainer_module
+
+    t = grpo_trainer(tmp_path)
+    prompts = t.batch_prompts(0)
+    events = []
+    original = grpo_rollout.generate
+
+    def small_device(m, ids, *a, **k):
+        events.append(("generate", len(ids)))
+        if len(ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(m, ids, *a, **k)
+
+    monkeypatch.setattr(grpo_rollout, "generate", small_device)
+    monkeypatch.setattr(trainer_module, "release", lambda m: events.append(("release", sys.exc_info()[0])))
+    with pytest.warns(RuntimeWarning):
+        t.generate_batch(prompts, seed=1)
+    failed = [i for i, e in enumerate(events) if e[0] == "generate" and e[1] > 2]
+    assert failed and all(events[i + 1] == ("release", None) for i in failed)  # no error being handled then
+
+
 def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tmp_path, monkeypatch):
     """The training forward's plan may miss what the device holds (session 13: GRPO under TRL's peak ran out of
     memory in its log-prob head). The micro-batch's forward is run again under a budget 0.9 times the last, with
