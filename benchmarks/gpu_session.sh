@@ -23,8 +23,8 @@
 #
 # Order after session 14 (H100, 2026-12-06; softcap autotuned, Gemma-2/Gemma-3 beside Unsloth, GRPO done):
 # grpo with GRPO_MEMORY_HISTORY=1 GRPO_SYSTEMS=trl+peft,pronghorn (the budgeted row now runs out of memory in the
-# second step's generation with 532 MiB live in CUDA-graph pools: the child prints allocated / reserved / graph-pool
-# bytes after each phase and, with the history on, the live allocations by origin at the failure), gemma3-profile
+# second step's generation with 532 MiB live in CUDA-graph pools; with GRPO_MEMORY_HISTORY=1 the child prints
+# allocated / reserved / graph-pool bytes after each phase and the live allocations by origin at a failure), gemma3-profile
 # (Gemma-3-4B LoRA at any budget runs ~0.55x its no-cap speed, Llama-1B ~0.75x: the profile's sync_sources and
 # top kernels say why), then tests (the full GPU list: a 330 s cut of it passed with no failure in session 14),
 # scenarios, budget-1b / budget-8b.

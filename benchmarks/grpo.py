@@ -128,11 +128,17 @@ def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str, max_memory
     return dict(steps=steps, gens=gens, lengths=lengths, phases=phases if device == "cuda" else None)
 
 
+def _graph_pool(segment: dict) -> bool:
+    """Whether a memory snapshot's segment belongs to a private pool (a CUDA graph's), not the default one."""
+    return segment.get("segment_pool_id", (0, 0)) != (0, 0)
+
+
 def _memory_line(where: str, device: str, max_memory: float | None) -> None:
-    """Under a budget: what is allocated, reserved and held by CUDA-graph pools now (stderr, for a failed run)."""
-    if device == "cuda" and max_memory is not None:
-        private = sum(b["size"] for seg in torch.cuda.memory._snapshot()["segments"] if seg.get("segment_pool_id",
-                      (0, 0)) != (0, 0) for b in seg["blocks"] if b["state"] == "active_allocated")
+    """Under a budget with GRPO_MEMORY_HISTORY set: what is allocated, reserved and held by CUDA-graph pools now
+    (stderr, for a failed run). Off otherwise: the snapshot would add to the timed step."""
+    if device == "cuda" and max_memory is not None and os.environ.get("GRPO_MEMORY_HISTORY"):
+        private = sum(b["size"] for seg in torch.cuda.memory._snapshot()["segments"] if _graph_pool(seg)
+                      for b in seg["blocks"] if b["state"] == "active_allocated")
         print(f"pronghorn memory {where}: allocated {torch.cuda.memory_allocated() / 2**30:.3f} GiB, reserved "
               f"{torch.cuda.memory_reserved() / 2**30:.3f}, in CUDA-graph pools {private / 2**30:.3f}",
               file=sys.stderr, flush=True)
@@ -143,7 +149,7 @@ def live_blocks(top: int = 14) -> list[str]:
     and by pool, largest first: what held the memory when a budgeted run ran out of it."""
     groups: dict[str, int] = {}
     for seg in torch.cuda.memory._snapshot()["segments"]:
-        pool = "graph-pool" if seg.get("segment_pool_id", (0, 0)) != (0, 0) else "default"
+        pool = "graph-pool" if _graph_pool(seg) else "default"
         for b in seg["blocks"]:
             if b["state"] != "active_allocated":
                 continue

@@ -123,7 +123,7 @@ def sync_sources(step: Callable[[], None], top: int = 8) -> dict[str, int]:
     counts: dict[str, int] = {}
     for w in caught:
         if "synchroniz" in str(w.message):
-            key = f"{w.filename.rsplit('/', 2)[-2:]!s}:{w.lineno} {str(w.message).splitlines()[0][:60]}"
+            key = f"{'/'.join(w.filename.rsplit('/', 2)[-2:])}:{w.lineno} {str(w.message).splitlines()[0][:60]}"
             counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
 
