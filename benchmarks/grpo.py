@@ -19,7 +19,7 @@ line; the parent prints the table and writes the JSON.
     python benchmarks/grpo.py --dry-run                        # CPU: a tiny model, 2 x 4 completions of 16 tokens
     python benchmarks/grpo.py --systems trl+peft,pronghorn --pronghorn-budget trl+peft   # + pronghorn at TRL's peak
 
-``--pronghorn-budget SYSTEM`` runs pronghorn once more with ``max_memory`` (and the process's memory fraction) set
+``--pronghorn-budget SYSTEM`` (or a number of GiB, for a diagnosis alone) runs pronghorn once more with ``max_memory`` (and the process's memory fraction) set
 to that system's peak measured in this call: the issue's "at <= its memory", as a user would ask for it.
 """
 
@@ -160,6 +160,17 @@ def live_blocks(top: int = 14) -> list[str]:
     return [f"{v / 2**20:9.1f} MiB  {k}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:top]]
 
 
+def _first_oom(device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+    """At the first allocation that runs out of memory (a retried one too): what it asked for and the live
+    allocations by origin, the moment the peak was missed."""
+    if getattr(_first_oom, "seen", False):
+        return
+    _first_oom.seen = True
+    print(f"pronghorn memory at the first out-of-memory: asked {alloc / 2**20:.1f} MiB with {device_allocated / 2**30:.3f}"
+          f" GiB allocated, {device_free / 2**20:.1f} MiB free; live allocations by origin:\n" + "\n".join(live_blocks()),
+          file=sys.stderr, flush=True)
+
+
 def _phase_peak(phases: dict, name: str, device: str, held: str | None = None) -> None:
     """The peak allocated since the last call into ``phases[name]`` (and what stays allocated after it into
     ``phases[held]``), then a fresh peak count: the generation phase (rollouts and scoring) apart from training."""
@@ -246,6 +257,7 @@ def child(system: str, a) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.max_memory * 2**30 / total))
             if os.environ.get("GRPO_MEMORY_HISTORY"):  # live_blocks() by origin on running out of memory (slower)
                 torch.cuda.memory._record_memory_history(max_entries=100_000)
+                torch._C._cuda_attach_out_of_memory_observer(_first_oom)  # also when the trainer retries it
     with tempfile.TemporaryDirectory() as out:
         try:
             r = {"pronghorn": run_pronghorn, "trl+peft": run_trl, "unsloth": run_unsloth}[system](w, device, dtype,
@@ -290,7 +302,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", default="grpo.json")
     ap.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU, 3 steps (the pipeline only)")
-    ap.add_argument("--pronghorn-budget", default=None, help="a system of --systems (run before): pronghorn once "
+    ap.add_argument("--pronghorn-budget", default=None, help="a system of --systems (run before), or GiB: pronghorn once "
                     "more under that system's measured peak as max_memory")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--max-memory", type=float, default=None, help=argparse.SUPPRESS)  # GiB, the child's budget
@@ -303,10 +315,10 @@ def main() -> None:
         extra = []
         if system == "pronghorn@budget":
             peer = next((r for r in rows if r["system"] == a.pronghorn_budget and r.get("peak_gib")), None)
-            if peer is None:
+            if peer is None and not _is_number(a.pronghorn_budget):
                 print(f"skip pronghorn under {a.pronghorn_budget}'s peak: no peak measured", flush=True)
                 continue
-            system, extra = "pronghorn", ["--max-memory", str(peer["peak_gib"])]
+            system, extra = "pronghorn", ["--max-memory", str(peer["peak_gib"] if peer else a.pronghorn_budget)]
         why = available(system, a.dry_run)
         if why:
             print(f"skip {system}: {why}", flush=True)
@@ -325,6 +337,11 @@ def main() -> None:
             continue
         rows.append(json.loads(line))
         print(line, flush=True)
+        notes = [x for x in (proc.stdout + proc.stderr).splitlines()
+                 if not x.startswith("{") and ("memory plan" in x or x.startswith("pronghorn memory"))]
+        if notes:  # a budgeted run's plans, retries and per-phase memory (GRPO_MEMORY_HISTORY)
+            print("\n".join(dict.fromkeys(notes)), flush=True)
+            rows[-1]["plans"] = list(dict.fromkeys(notes))
     base = next((r for r in rows if r["system"] == "trl+peft" and "step_s" in r), None)
     print(f"\n{'system':<20} {'s/step':>8} {'generation s':>13} {'training s':>11} {'peak GiB':>9} "
           f"{'mean length':>12} {'steps/s vs trl+peft':>20}")
@@ -341,6 +358,13 @@ def main() -> None:
                   f"({r['peak_held_after_generation_gib']} GiB still allocated after it), "
                   f"{r['peak_training_gib']} GiB in training")
     write_results(a.json, run_meta(dry_run=a.dry_run), rows)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -129,8 +129,12 @@ class DecoderModel(nn.Module):
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
+        self.plan_target = 1.0  # < 1: plans aim at this fraction of the budget (a retry after running out of memory)
         self.decodes_between_steps = False  # GRPO: generation between the steps; no plan puts a tied table on the host
         self.optimizer_footprint = OptimizerFootprint()  # what the optimizer adds per trained weight (the trainer's)
+        # whether the optimizer's state exists (the trainer's: False until its first step); None, unknown (a plain
+        # loop): the first plan made counts it to come, later ones find it resident
+        self.optimizer_state_allocated: bool | None = None
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
         """cos and sin tables keyed by RoPE ("global", and "local" for a family whose sliding layers have
@@ -163,16 +167,18 @@ class DecoderModel(nn.Module):
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) \
             if device.type == "cuda" else 1.0
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
-               fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps)
+               fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
             expand_segments_under_budget(device, source)
-            sizes = step_sizes(self, batch, seq, dtype, device, head, first_step=not plans,
+            state_known = self.optimizer_state_allocated is not None
+            sizes = step_sizes(self, batch, seq, dtype, device, head,
+                               first_step=not self.optimizer_state_allocated if state_known else not plans,
                                optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
-                             host_tied_table=not self.decodes_between_steps)
+                             host_tied_table=not self.decodes_between_steps, target=self.plan_target)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)

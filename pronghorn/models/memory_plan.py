@@ -274,19 +274,24 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
 
 
 def make_plan(s: StepSizes, budget: int | None, budget_source: str = "", batch: tuple[int, int] = (0, 0),
-              advice: str = "", **settings) -> MemoryPlan:
+              advice: str = "", target: float = 1.0, **settings) -> MemoryPlan:
     """The first (fastest) candidate whose estimated peak fits ``budget`` less :data:`HEADROOM`; without a budget,
-    the fastest. Raises a PronghornError naming the smallest budget that would fit when none does, and ``advice``
+    the fastest. ``target`` < 1 aims lower, at that fraction of the usable budget, taking the leanest plan when
+    none fits the aim but it fits the budget (after a step that ran out of memory although its plan's estimate
+    fit). Raises a PronghornError naming the smallest budget that would fit when none does, and ``advice``
     (:class:`OptimizerFootprint`'s; empty: load_in_4bit)."""
     usable = None if budget is None else budget * (1 - HEADROOM)
+    aim = None if usable is None else usable * target
     leanest = None
     for plan in candidate_plans(s, **settings):
         need = estimate_peak(s, plan)
-        if usable is None or need <= usable:
+        if aim is None or need <= aim:
             return replace(plan, estimate_bytes=need, budget_bytes=budget, budget_source=budget_source, batch=batch)
         if leanest is None or need < leanest[0]:
             leanest = (need, plan)
     need, plan = leanest
+    if need <= usable:  # nothing fits the lowered aim: the leanest plan, which the budget holds
+        return replace(plan, estimate_bytes=need, budget_bytes=budget, budget_source=budget_source, batch=batch)
     smallest = need / (1 - HEADROOM)
     raise PronghornError(
         f"a training step of batch {batch[0]} x {batch[1]} tokens does not fit the memory budget of "

@@ -88,17 +88,15 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
 
 
 TRAINING_RETRIES = 3  # leaner training plans tried after a training forward runs out of memory
-SHRINK = 0.9  # each retry plans for this fraction of the budget before it
+SHRINK = 0.9  # each retry's plans aim at this fraction of the last one's aim
 
 
-def shrink_training_budget(model: nn.Module, factor: float = SHRINK) -> int:
-    """Lower the budget the training step plans for (``max_memory``, else what the device gives) to ``factor``
-    of itself, so that the next training forward makes its memory plan again, leaner; returns the new budget in
-    bytes. For a forward that ran out of memory although its plan's estimate fit (the estimate missed something:
-    a retry is exact, nothing of that micro-batch has been accumulated yet)."""
-    budget, _ = device_budget(model.device, model.model.memory_budget)
-    if budget is None:
-        raise PronghornError("no memory budget to lower: the device reports none")
-    smaller = int(budget * factor)
-    model.set_memory_budget(smaller)
-    return smaller
+def lower_plan_target(model: nn.Module, factor: float = SHRINK) -> float:
+    """Make the next training forward plan its memory again, aiming at ``factor`` of the last aim within the same
+    budget (``DecoderModel.plan_target``: the fastest plan under the lower aim, else the leanest plan the budget
+    holds); returns the new aim. For a forward that ran out of memory although its plan's estimate fit (the
+    estimate missed something: a retry is exact, nothing of that micro-batch has been accumulated yet). Lowering
+    the aim, not the budget, keeps the leanest plan within reach when the miss is smaller than the aim's step."""
+    decoder = model.model
+    decoder.plan_target *= factor
+    return decoder.plan_target

@@ -63,7 +63,7 @@ from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import CLIP_METRICS, grpo_loss
 from .grpo_rewards import resolve_rewards, score
-from .grpo_memory import GIB, TRAINING_RETRIES, rows_at_once, shrink_training_budget
+from .grpo_memory import TRAINING_RETRIES, lower_plan_target, rows_at_once
 from .grpo_rollout import Rollout, rollout
 from .grpo_settings import generation_shape
 from .preference_trainer import adapters_disabled
@@ -305,7 +305,7 @@ class GRPOTrainer(Trainer):
 
     def _training_logps(self, packed: PackedCompletions) -> tuple[torch.Tensor, torch.Tensor]:
         """The training forward of one micro-batch: (log-probs, entropies). When it runs out of memory although
-        its memory plan's estimate fit, the plan is made again for a smaller budget (grpo_memory.py) and the
+        its memory plan's estimate fit, the plan is made again aiming lower within the budget (grpo_memory.py) and the
         forward is run again, with a warning: exact, since nothing of this micro-batch has been accumulated yet
         (one process; with several, every rank must take the same path, so the error is raised)."""
         for attempt in range(TRAINING_RETRIES + 1):
@@ -314,16 +314,18 @@ class GRPOTrainer(Trainer):
             except torch.OutOfMemoryError:
                 if self.dist.env.distributed or attempt == TRAINING_RETRIES:
                     raise
-            except PronghornError as e:  # a retry's smaller budget: no plan fits it
+            except PronghornError as e:  # a retry's plan: none fits the budget now (what is resident grew)
                 if attempt == 0:
                     raise
                 raise PronghornError(f"GRPO's training forward ran out of memory although its memory plan estimated "
-                                     f"it to fit, and no leaner plan fits the lowered budget: {e}") from None
+                                     f"it to fit, and no plan fits the budget now: {e}") from None
             if self.device.type == "cuda":  # outside the handler: its traceback no longer holds the forward's tensors
                 torch.cuda.empty_cache()
-            budget = shrink_training_budget(self.model)
-            warnings.warn(f"GRPO's training forward ran out of memory (its memory plan estimated it to fit); "
-                          f"planning it again for {budget / GIB:.2f} GiB", RuntimeWarning, stacklevel=2)
+            failed = getattr(self.model.memory_plan, "summary", lambda: "none")()
+            aim = lower_plan_target(self.model)
+            warnings.warn(f"GRPO's training forward ran out of memory although its memory plan ({failed}) "
+                          f"estimated it to fit; planning it again, aiming at {aim:.0%} of the budget (else the "
+                          "leanest plan)", RuntimeWarning, stacklevel=2)
         raise AssertionError("unreachable")
 
     def _stand_in(self, gen: GenerationBatch, part: slice) -> None:

@@ -102,6 +102,7 @@ class Trainer:
         decoder = getattr(self.model, "model", None)
         if hasattr(decoder, "optimizer_footprint"):  # the memory plan counts what this optimizer holds
             decoder.optimizer_footprint = optimizer_footprint(name, cfg.optimizer_in_backward, self.full_finetuning)
+            decoder.optimizer_state_allocated = False  # until the first step (train_step)
         if not cfg.optimizer_in_backward:
             return build(self._param_groups())
         check_step_in_backward(cfg.gradient_accumulation_steps, cfg.max_grad_norm, self.dist.world_size)
@@ -173,6 +174,9 @@ class Trainer:
     def train_step(self, examples: list[dict]) -> tuple[float, float, int]:
         """One optimizer step; returns (loss, grad norm before clipping, tokens)."""
         loss, tokens = self.accumulate_gradients(examples)
+        decoder = getattr(self.model, "model", None)
+        if hasattr(decoder, "optimizer_state_allocated"):  # later plans find the optimizer's state resident
+            decoder.optimizer_state_allocated = True
         if isinstance(self.optimizer, StepInBackward):  # every weight stepped in the backward pass
             return loss, self.optimizer.grad_norm(), tokens
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))

@@ -89,6 +89,23 @@ def test_tight_budgets_offload_and_split_and_tile():
     assert plan.mlp_chunk and plan.estimate_bytes == leanest
 
 
+def test_a_lower_aim_takes_a_leaner_plan_and_the_leanest_when_nothing_fits_it():
+    """``target`` (a retry after a step ran out of memory although its estimate fit): the fastest plan under
+    that fraction of the usable budget; when none fits the aim, the leanest plan if the budget holds it, so that
+    a lowered aim never refuses a step the budget can hold; beyond that, the planner's usual error."""
+    s = _sizes()
+    leanest = min(estimate_peak(s, p) for p in candidate_plans(s))
+    budget = int(leanest * 1.5 / (1 - HEADROOM))
+    fastest, aimed = make_plan(s, budget, "test"), make_plan(s, budget, "test", target=0.8)
+    assert aimed.estimate_bytes <= budget * (1 - HEADROOM) * 0.8 < fastest.estimate_bytes
+    assert relative_cost(aimed, s.tokens) >= relative_cost(fastest, s.tokens)
+    assert aimed.budget_bytes == budget  # the budget the plan reports is the user's, not the aim
+    tight = make_plan(s, budget, "test", target=0.1)  # nothing fits a tenth: the leanest, which the budget holds
+    assert tight.estimate_bytes == leanest
+    with pytest.raises(PronghornError, match="does not fit the memory budget"):
+        make_plan(s, int(leanest * 0.9), "test", target=0.1)
+
+
 def test_offloaded_layers_park_their_mlp_input_when_the_peak_needs_it():
     """Parking costs an offloaded layer a copy (no extra forward), so the planner takes it over a whole-layer
     replay only when the smaller peak is needed, and over split_replay (which also costs recomputed layers an

@@ -118,3 +118,21 @@ def test_the_advice_follows_the_optimizer():
     assert optimizer_footprint("adamw_8bit", True, full_finetuning=True).advice.startswith("LoRA instead")
     assert optimizer_footprint("adamw_bf16_sr", False).advice == ""  # LoRA: the planner's own advice
     assert optimizer_footprint("adamw_bf16_sr", True, True) == optimizer_footprint("adamw_bf16_sr", True)
+
+
+def test_plans_count_the_optimizer_state_until_the_trainers_first_step(tmp_path, monkeypatch):
+    """Every plan made before the trainer's first optimizer step counts the state still to come, whatever batch
+    shape it is for (GRPO's micro-batches differ in width); plans made after it find the state resident."""
+    from pronghorn.models import decoder as decoder_module
+
+    t = full_trainer(tmp_path, random_examples(4))
+    decoder, seen = t.model.model, []
+    original = decoder_module.step_sizes
+    monkeypatch.setattr(decoder_module, "step_sizes", lambda *a, **k: seen.append(k["first_step"]) or original(*a, **k))
+    assert decoder.optimizer_state_allocated is False
+    t.model.train()
+    for seq in (16, 300):
+        decoder.plan_step(2, seq, t.model.dtype, CPU, t.model.lm_head)
+    t.train_step(random_examples(2))
+    decoder.plan_step(2, 600, t.model.dtype, CPU, t.model.lm_head)
+    assert seen[:2] == [True, True] and seen[-1] is False and decoder.optimizer_state_allocated is True

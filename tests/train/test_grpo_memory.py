@@ -10,7 +10,7 @@ from grpo_cases import grpo_trainer
 from pronghorn.errors import PronghornError
 from pronghorn.models.memory_plan import GIB, HEADROOM
 from pronghorn.train import grpo_rollout
-from pronghorn.train.grpo_memory import bytes_per_row, generation_rows, prefill_bytes, rows_at_once
+from pronghorn.train.grpo_memory import SHRINK, bytes_per_row, generation_rows, prefill_bytes, rows_at_once
 
 
 def test_rows_per_round_from_the_budget():
@@ -125,13 +125,14 @@ def test_a_failed_rounds_decoder_is_released_once_its_error_is_handled(tmp_path,
 
 def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tmp_path, monkeypatch):
     """The training forward's plan may miss what the device holds (session 13: GRPO under TRL's peak ran out of
-    memory in its log-prob head). The micro-batch's forward is run again under a budget 0.9 times the last, with
-    a warning; nothing of it was accumulated, so loss and gradients equal a run that never ran out."""
+    memory in its log-prob head). The micro-batch's forward is run again with its plan aiming at 0.9 times the
+    last aim within the same budget, with a warning; nothing of it was accumulated, so loss and gradients equal a
+    run that never ran out."""
     import torch
 
     from grpo_cases import fixed_batch
     from pronghorn.train import grpo_trainer as trainer_module
-    from pronghorn.train.grpo_memory import SHRINK, TRAINING_RETRIES
+    from pronghorn.train.grpo_memory import TRAINING_RETRIES
 
     def step(t):
         batch = t.score_batch(*fixed_batch())
@@ -145,7 +146,7 @@ def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tm
     original, budgets = trainer_module.packed_logps, []
 
     def runs_out_once_per_budget(model, *a, **k):
-        budgets.append(model.model.memory_budget)
+        budgets.append(model.model.plan_target)
         if budgets.count(budgets[-1]) == 1 and len(set(budgets)) < 3:  # the first forward of the first two budgets
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(model, *a, **k)
@@ -153,7 +154,8 @@ def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tm
     monkeypatch.setattr(trainer_module, "packed_logps", runs_out_once_per_budget)
     with pytest.warns(RuntimeWarning, match="training forward ran out of memory") as seen:
         loss, got = step(t)
-    assert len(seen) == 2 and t.model.model.memory_budget == int(int(4 * GIB * SHRINK) * SHRINK)
+    assert len(seen) == 2 and t.model.model.plan_target == SHRINK * SHRINK
+    assert t.model.model.memory_budget == 4 * GIB and budgets[:3] == [1.0, SHRINK, SHRINK * SHRINK]
     assert loss == want_loss and got.keys() == want.keys()
     assert all(torch.equal(got[n], want[n]) for n in want)
     monkeypatch.setattr(trainer_module, "packed_logps",
@@ -164,8 +166,9 @@ def test_a_training_forward_that_runs_out_of_memory_is_planned_again_for_less(tm
 
 
 def test_a_retry_that_no_plan_fits_says_so(tmp_path, monkeypatch):
-    """After a training forward runs out of memory, the lowered budget may fit no plan: the planner's error (the
-    smallest budget that would fit) comes out, saying that the step ran out of memory first."""
+    """After a training forward runs out of memory, the budget may fit no plan any more (what is resident grew):
+    the planner's error (the smallest budget that would fit) comes out, saying that the step ran out of memory
+    first."""
     import torch
 
     from grpo_cases import fixed_batch
@@ -177,7 +180,7 @@ def test_a_retry_that_no_plan_fits_says_so(tmp_path, monkeypatch):
     original, calls = trainer_module.packed_logps, []
 
     def out_of_memory_then_the_planner_refuses(model, *a, **k):
-        calls.append(model.model.memory_budget)
+        calls.append((model.model.memory_budget, model.model.plan_target))
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         monkeypatch.setattr(decoder_module, "device_budget", lambda device, limit: (1, "max_memory=0.00GiB"))
@@ -187,7 +190,7 @@ def test_a_retry_that_no_plan_fits_says_so(tmp_path, monkeypatch):
     with pytest.raises(PronghornError, match=r"ran out of memory although its memory plan estimated it to fit.*"
                                              r"does not fit the memory budget"), pytest.warns(RuntimeWarning):
         t.accumulate_gradients(batch)
-    assert calls == [4 * GIB, int(4 * GIB * 0.9)]
+    assert calls == [(4 * GIB, 1.0), (4 * GIB, SHRINK)]
 
 
 def test_grpo_plans_keep_a_tied_table_on_the_device_and_count_a_host_heads_copy(tmp_path, monkeypatch):
