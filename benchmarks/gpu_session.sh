@@ -28,7 +28,7 @@
 # (Gemma-3-4B LoRA at any budget runs ~0.55x its no-cap speed, Llama-1B ~0.75x: the profile's sync_sources and
 # top kernels say why), then tests (the full GPU list: a 330 s cut of it passed with no failure in session 14),
 # scenarios, budget-1b / budget-8b.
-# JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
+# FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
 stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | profile | full-ft | grpo | softcap | families-*}
@@ -69,7 +69,7 @@ case "$stage" in
     # Unsloth 2026.10.9's compiled Gemma 2 fails in Inductor on torch 2.11: eager for every system (pronghorn
     # compiles nothing in training; session 14: its rows within 3% of session 13's without this)
     [[ $w == *gemma2* ]] && export TORCHDYNAMO_DISABLE=1
-    python3 benchmarks/memory_budget.py --workloads "$w" --budgets unsloth,none --systems pronghorn,unsloth,hf+peft \
+    python3 benchmarks/memory_budget.py --workloads "$w" --budgets unsloth,none --systems ${FAMILY_SYSTEMS:-pronghorn,unsloth,hf+peft} \
       --peer-scripts $PWD/.benchwheels/bench --json "$OUT/mb-$w.json" --time-limit ${TIME_LIMIT:-560} 2>&1 \
       | tee "$OUT/mb-$w.log" | tail -40 ;;
   full-ft)
