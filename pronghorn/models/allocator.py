@@ -63,3 +63,12 @@ def expand_segments_under_budget(device: torch.device, budget_source: str) -> bo
           "freed memory serves any later size; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False to keep "
           "fixed segments", flush=True)
     return True
+
+
+def release_workspaces() -> None:
+    """Free the cuBLAS workspaces torch keeps per (handle, stream), those of streams gone included: they count
+    as allocated memory (32 MiB each on Hopper) and are made again, lazily, on a live stream's next matmul. For a
+    retry after running out of memory."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_available():
+        clear()

@@ -57,6 +57,7 @@ from torch import nn
 from ..data.prompts import prompt_rows
 from ..errors import PronghornError
 from ..infer.static_decode import release
+from ..models.allocator import release_workspaces
 from .config import TrainConfig
 from .distributed import all_gather_rows, all_reduce_sum
 from .grpo_advantages import combine_rewards, group_advantages, nan_std
@@ -320,6 +321,7 @@ class GRPOTrainer(Trainer):
                 raise PronghornError(f"GRPO's training forward ran out of memory although its memory plan estimated "
                                      f"it to fit, and no plan fits the budget now: {e}") from None
             if self.device.type == "cuda":  # outside the handler: its traceback no longer holds the forward's tensors
+                release_workspaces()
                 torch.cuda.empty_cache()
             failed = getattr(self.model.memory_plan, "summary", lambda: "none")()
             aim = lower_plan_target(self.model)
