@@ -10,6 +10,10 @@ The prompt is filled a group of rows at a time (:data:`PREFILL_TOKENS` prompt to
 row): the cache is allocated for every row and the new tokens before the prompt runs, so one forward over all
 rows' prompts would add its activations (the MLP's intermediate above all) on top of the whole cache.
 
+The adapters' operands (``A`` and ``s * B`` in the compute dtype) are made once per generate call, in the
+prefill, into the runner's :class:`~pronghorn.kernels.adapter_operands.GraphOperands` store, and made again in
+place by the next call's prefill: the steps (and the graph) read them without casting each adapter again.
+
 A runner is kept per model (the latest only, dropped with the model) and reused while the batch size,
 cache length and parameters (storage, adapters switched on or off) are unchanged.
 """
@@ -22,6 +26,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..kernels.adapter_operands import GraphOperands, operands_kept
 from ..models.kv_cache import StaticKVCache
 
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up so graphs are reused across nearby prompt lengths
@@ -63,6 +68,7 @@ class DecodeRunner:
         self.strict = False  # True: a failed capture raises instead of falling back to graph-less steps
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
+        self.operands = GraphOperands()  # the adapters' matmul operands, made once per generate call
         self.key = (batch, max_len, use_graph, _signature(model))
 
     def prefill(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -70,13 +76,15 @@ class DecodeRunner:
         """Run the prompt (eagerly, a group of rows at a time) into the cache; return the last position's logits
         [B, V]."""
         self.cache.reset()
+        self.operands.renew()  # the adapters may have trained since the last call: operands made again, in place
         batch, length = input_ids.shape
         group = max(1, PREFILL_TOKENS // max(length, 1))
         logits = []
         for r in range(0, batch, group):
-            out = model(input_ids=input_ids[r:r + group], attention_mask=mask[r:r + group] if padded else None,
-                        position_ids=positions[r:r + group], past_key_values=self.cache.rows(r, r + group),
-                        logits_to_keep=1)
+            with operands_kept(self.operands):
+                out = model(input_ids=input_ids[r:r + group], attention_mask=mask[r:r + group] if padded else None,
+                            position_ids=positions[r:r + group], past_key_values=self.cache.rows(r, r + group),
+                            logits_to_keep=1)
             logits.append(out.logits[:, -1])
         self.cache.length = length
         self.cache.start_decoding(mask if padded else None)
@@ -103,7 +111,8 @@ class DecodeRunner:
         return self.logits
 
     def _forward(self, model: nn.Module) -> torch.Tensor:
-        out = model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, logits_to_keep=1)
+        with operands_kept(self.operands):  # made in this call's prefill: a graph captures no cast of them
+            out = model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, logits_to_keep=1)
         self.pos.add_(1)
         return out.logits[:, -1]
 

@@ -70,10 +70,19 @@ def head_copy_bytes(model: nn.Module) -> int:
     return weight.numel() * weight.element_size() if weight.device != model.device else 0
 
 
+def operand_bytes(model: nn.Module) -> int:
+    """The adapters' operands the decode runner keeps for a generate call (``A`` and ``s * B`` in the compute
+    dtype, kernels/adapter_operands.GraphOperands): on a GPU, whose fast LoRA ops make them; 0 elsewhere."""
+    if getattr(model, "device", torch.device("cpu")).type != "cuda":
+        return 0
+    adapted = [m for m in model.modules() if getattr(m, "has_lora", False)]
+    return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapted) * _itemsize(model)
+
+
 def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int) -> int:
     """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
     resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers), plus a head on the host's
-    transient device copy (:func:`head_copy_bytes`)."""
+    transient device copy (:func:`head_copy_bytes`) and the adapters' operands (:func:`operand_bytes`)."""
     device = getattr(model, "device", None) or next(model.parameters()).device
     limit = parse_budget(max_memory) if max_memory else None
     budget, source = device_budget(device, limit) if device.type == "cuda" or limit is not None else (None, "")
@@ -84,7 +93,8 @@ def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: in
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return generation_rows(rows, bytes_per_row(model, tokens), budget,
-                           resident + prefill_bytes(model) + head_copy_bytes(model), source or "max_memory")
+                           resident + prefill_bytes(model) + head_copy_bytes(model) + operand_bytes(model),
+                           source or "max_memory")
 
 
 TRAINING_RETRIES = 3  # leaner training plans tried after a training forward runs out of memory

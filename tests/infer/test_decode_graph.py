@@ -73,6 +73,40 @@ def test_graph_follows_adapter_switches_and_in_place_updates():
     release(ours)
 
 
+def test_graph_keeps_the_adapters_operands_and_follows_updates_that_bump_no_version():
+    """A bf16 model with fp32 adapters (GRPO's setting): the graph reads the adapters' bf16 operands made in each
+    call's prefill (kernels/adapter_operands.GraphOperands), so the same runner follows an update written
+    through ``.data`` (no version bump, as an 8-bit optimizer's kernel writes) and equals the eager steps."""
+    from pronghorn.infer.static_decode import get_runner
+
+    _, ours = _cuda_pair("llama3_gqa_rope_scaling", dtype=torch.bfloat16)
+    attach_lora(ours, LoRAConfig(r=4))
+    adapters = [p for n, p in ours.named_parameters() if "lora_" in n]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    ids, mask = _batch([9, 5], seed=4)
+    kw = dict(max_new_tokens=12, eos_token_id=[])
+    with torch.no_grad():
+        for p in adapters:
+            p.normal_(0, 0.3)
+    flip = [p for p in adapters if p.shape[0] != 4]  # every lora_B ([out, r])
+
+    def flipped():
+        for p in flip:
+            p.data.mul_(-1.0)
+
+    first = generate(ours, ids, mask, decode_mode="graph", **kw)
+    runner = get_runner(ours, 2, ids.shape[1] + 12, True)  # one runner per model: this call's
+    assert runner.graph is not None and len(runner.operands) > 0
+    flipped()
+    second = generate(ours, ids, mask, decode_mode="graph", **kw)
+    assert get_runner(ours, 2, ids.shape[1] + 12, True) is runner  # the same graph, replayed
+    assert not torch.equal(second, first)
+    assert torch.equal(second, generate(ours, ids, mask, decode_mode="static", **kw))  # (a runner of its own)
+    flipped()
+    assert torch.equal(first, generate(ours, ids, mask, decode_mode="static", **kw))
+    release(ours)
+
+
 def test_graph_sampling_stops_and_streamers_in_bf16():
     _, ours = _cuda_pair("qwen3_qknorm", dtype=torch.bfloat16)
     ids, mask = _batch([8, 4, 6], seed=4)

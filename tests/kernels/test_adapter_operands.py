@@ -62,3 +62,31 @@ def test_inference_mode_makes_new_operands():
     a, b = _adapter()
     with operands_kept({}), torch.inference_mode():
         assert adapter_operands(a, b, 2.0, torch.bfloat16) is not adapter_operands(a, b, 2.0, torch.bfloat16)
+
+
+def test_a_graph_store_keeps_its_tensors_and_makes_them_again_in_place_once_per_renew():
+    """The decoder's store (a CUDA graph reads the operands' memory): the same tensors within a generate call,
+    under inference mode too; after ``renew`` the same tensors hold the adapters' new values, also after a write
+    that bumps no version (``.data``, as an 8-bit optimizer's kernel writes); a cast to the adapter's own dtype
+    is the adapter itself and is not copied into."""
+    from pronghorn.kernels.adapter_operands import GraphOperands
+
+    a, b = _adapter()
+    projs = [LoRAProjection(None, None, *_adapter(seed=i), scaling=2.0) for i in range(2)]
+    store = GraphOperands()
+    with operands_kept(store), torch.inference_mode():
+        first = adapter_operands(a, b, 2.0, torch.bfloat16)
+        stacked = stacked_operands(projs, torch.bfloat16)
+        own = adapter_operands(a, b, 1.0, torch.float32)
+        assert own[0] is a and own[1] is b  # no copies: fp32 adapters, scaling 1
+        assert adapter_operands(a, b, 2.0, torch.bfloat16) is first
+        a.data.mul_(-1.0)  # no version bump
+        projs[1].lora_B.data.add_(1.0)
+        assert adapter_operands(a, b, 2.0, torch.bfloat16) is first  # within the call: unchanged
+        store.renew()
+        again = adapter_operands(a, b, 2.0, torch.bfloat16)
+        assert again is first and again[0] is first[0] and torch.equal(again[0], a.to(torch.bfloat16))
+        restacked = stacked_operands(projs, torch.bfloat16)
+        assert restacked is stacked and all(x is y for x, y in zip(restacked[1], stacked[1]))
+        assert torch.equal(restacked[1][1], scaled_b(projs[1].lora_B, 2.0, torch.bfloat16))
+        assert adapter_operands(a, b, 1.0, torch.float32)[0] is a

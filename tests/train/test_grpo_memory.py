@@ -216,3 +216,20 @@ def test_grpo_plans_keep_a_tied_table_on_the_device_and_count_a_host_heads_copy(
     w = t.model.lm_head.weight
     t.model.lm_head.weight = nn.Parameter(w.detach().to("meta"), requires_grad=False)  # a head off the device
     assert head_copy_bytes(t.model) == w.numel() * w.element_size()
+
+
+def test_generation_counts_the_adapters_operands_the_decoder_keeps_on_a_gpu(tmp_path, monkeypatch):
+    """The decode runner keeps every adapter's ``A`` and ``s * B`` in the compute dtype for a generate call
+    (kernels/adapter_operands.GraphOperands) where the fast LoRA ops run, a GPU: counted there, 0 on a CPU (the
+    reference path makes none)."""
+    import torch
+
+    from pronghorn.train import grpo_memory
+
+    t = grpo_trainer(tmp_path)
+    assert grpo_memory.operand_bytes(t.model) == 0
+    monkeypatch.setattr(type(t.model), "device", property(lambda m: torch.device("cuda")))
+    adapted = [m for m in t.model.modules() if getattr(m, "has_lora", False)]
+    assert adapted
+    want = sum(m.lora_A.numel() + m.lora_B.numel() for m in adapted) * 4  # the fp32 tiny model's dtype
+    assert grpo_memory.operand_bytes(t.model) == want
