@@ -21,13 +21,11 @@
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
-# Order after session 14 (H100, 2026-12-06; softcap autotuned, Gemma-2/Gemma-3 beside Unsloth, GRPO done):
-# grpo with GRPO_MEMORY_HISTORY=1 GRPO_SYSTEMS=trl+peft,pronghorn (the budgeted row now runs out of memory in the
-# second step's generation with 532 MiB live in CUDA-graph pools; with GRPO_MEMORY_HISTORY=1 the child prints
-# allocated / reserved / graph-pool bytes after each phase and the live allocations by origin at a failure), gemma3-profile
-# (Gemma-3-4B LoRA at any budget runs ~0.55x its no-cap speed, Llama-1B ~0.75x: the profile's sync_sources and
-# top kernels say why), then tests (the full GPU list: a 330 s cut of it passed with no failure in session 14),
-# scenarios, budget-1b / budget-8b.
+# Order after session 15 (H100, 2026-12-06): tests first (the full GPU list, now with test_decode_graph.py: the
+# decode graph keeps the adapters' operands, GraphOperands, untested on a GPU), then grpo (TRL + PEFT, pronghorn,
+# pronghorn at TRL's peak: session 15 fit it at 3.07 GiB but 2.60x TRL, generation in two rounds; the kept
+# operands should cut the decode step's kernels), then families-gemma3 with FAMILY_SYSTEMS=unsloth,pronghorn (its
+# capped row moved 0.62-0.84x with the host's speed), scenarios, budget-1b / budget-8b.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
@@ -52,7 +50,8 @@ case "$stage" in
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
-      tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+      tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
+      tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers
     w=${stage#budget-}; w=${w/1b/1b-lora}; w=${w/8b/8b-lora}; w=${w/qlora/8b-qlora}
