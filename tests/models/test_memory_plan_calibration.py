@@ -69,6 +69,9 @@ MEASURED = [
     ("phi-3.5-mini", 4, 2048, False, "32 keep", 32.588, "H100 s11"),
     ("phi-3.5-mini", 4, 2048, False, "13 recompute, 19 offload; untied input table", 8.857, "H100 s11"),
     ("gemma-3-4b", 2, 2048, False, "34 keep", 23.367, "H100 s11"),
+    ("gemma-3-4b", 2, 2048, False, "18 keep, 16 recompute; loss logits chunk 256 MiB", 16.050, "H100 s15"),
+    ("gemma-3-4b", 2, 2048, False, "1 keep, 33 recompute; loss logits chunk 256 MiB", 9.080, "H100 s15"),
+    ("gemma-3-4b", 2, 2048, False, "22 recompute, 12 offload; loss logits chunk 256 MiB", 8.590, "H100 s15"),
     # soft-capped attention through the fused kernel (session 13: the estimate still counted the reference's scores)
     ("gemma-2-9b", 2, 2048, True, "42 keep", 32.271, "H100 s13"),
 ]
