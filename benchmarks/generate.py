@@ -9,6 +9,14 @@ tok/s = batch * new tokens / median wall time of one generate call (prefill incl
 
     python benchmarks/generate.py --batches 1,32 --json generate.json      # H100: Llama-3.2-1B config
     python benchmarks/generate.py --smoke                                  # CPU: tiny config, seconds
+    python benchmarks/generate.py --lora 16 --batches 32,64 --prompt 64 \
+        --systems pronghorn-graph,pronghorn-graph-nokeep,pronghorn-static   # GRPO's decode: live LoRA adapters
+
+``--lora R`` attaches fp32 adapters of rank R to every projection of pronghorn's model (B random, so the delta is
+not zero), as GRPO decodes; the transformers systems are then left out (they would decode without adapters).
+``pronghorn-graph-nokeep`` is the graph without the adapters' kept operands (kernels/adapter_operands.py
+``GraphOperands``: the graph then casts and scales every adapter each step, as before session 15), an ablation
+for measuring what keeping them saves.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from train_e2e import WORKLOADS  # noqa: E402  (one source for the architecture 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=512)
-SYSTEMS = ["pronghorn-eager", "pronghorn-static", "pronghorn-graph", "hf-dynamic", "hf-static", "hf-static-nocompile"]
+SYSTEMS = ["pronghorn-eager", "pronghorn-static", "pronghorn-graph", "pronghorn-graph-nokeep", "hf-dynamic", "hf-static",
+           "hf-static-nocompile"]
+GRAPH_ONLY = ("pronghorn-graph", "pronghorn-graph-nokeep")  # CUDA graphs: not in --smoke
 BASELINE = "hf-dynamic"
 
 
@@ -60,6 +70,9 @@ def run_system(system: str, hf, ours, ids: torch.Tensor, new: int) -> torch.Tens
     from pronghorn.infer import generate
 
     mask = torch.ones_like(ids)
+    if system == "pronghorn-graph-nokeep":
+        return _without_kept_operands(lambda: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[],
+                                                       pad_token_id=0, decode_mode="graph"))
     if system.startswith("pronghorn-"):
         return generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[], pad_token_id=0,
                         decode_mode=system.split("-", 1)[1])
@@ -69,6 +82,33 @@ def run_system(system: str, hf, ours, ids: torch.Tensor, new: int) -> torch.Tens
     elif system == "hf-static-nocompile":
         kw.update(cache_implementation="static", disable_compile=True)
     return hf.generate(ids, **kw)
+
+
+def _without_kept_operands(call):
+    """``call()`` with the decode runner's operand store making every operand anew (the ablation): a graph
+    captured inside records the casts and scales, as before the store (``main`` drops the runners between
+    systems, so this system captures its own graph in its untimed first call)."""
+    from pronghorn.kernels import adapter_operands as ops
+
+    kept = ops._kept_in_place
+    ops._kept_in_place = lambda store, key, sources, make: make()
+    try:
+        return call()
+    finally:
+        ops._kept_in_place = kept
+
+
+def add_lora(ours, rank: int) -> None:
+    """fp32 adapters of ``rank`` on every projection, B drawn at random (a trained adapter's delta)."""
+    from pronghorn.models.lora import LoRAConfig, attach_lora
+
+    attach_lora(ours, LoRAConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj"]))
+    g = torch.Generator(device=ours.device).manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=g)
 
 
 def measure(system: str, hf, ours, batch: int, prompt: int, new: int, repeats: int, device: str) -> dict:
@@ -108,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--json", default="generate.json")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (fp32): checks the script runs")
+    ap.add_argument("--lora", type=int, default=0, help="rank of fp32 adapters on every projection (0: none)")
     a = ap.parse_args(argv)
     if a.smoke:
         cfg, dtype, device, workload = TINY, torch.float32, "cpu", "tiny"
@@ -116,15 +157,26 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("the benchmark needs a CUDA GPU; use --smoke on a CPU")
         cfg, dtype, device, workload = WORKLOADS[a.workload][0], torch.bfloat16, "cuda", a.workload
-    systems = [s for s in a.systems.split(",") if s and not (a.smoke and s == "pronghorn-graph")]  # CUDA only
+    systems = [s for s in a.systems.split(",") if s and not (a.smoke and s in GRAPH_ONLY)]  # CUDA only
+    if a.lora:
+        left = [s for s in systems if s.startswith("hf-")]
+        systems = [s for s in systems if not s.startswith("hf-")]
+        if left:
+            print(f"--lora {a.lora}: {', '.join(left)} left out (transformers' model has no adapters here)")
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; choose among {SYSTEMS}")
+    from pronghorn.infer import static_decode
+
     hf, ours = build_models(cfg, dtype, device)
+    if a.lora:
+        add_lora(ours, a.lora)
+        workload += f"+lora{a.lora}"
     rows = []
     for batch in [int(b) for b in a.batches.split(",")]:
         for system in systems:
             rows.append(measure(system, hf, ours, batch, a.prompt, a.new, a.repeats, device))
+            static_decode._RUNNERS.clear()  # each system captures its own graph (its first, untimed call)
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh grpo         # issue 18: GRPO beside TRL + PEFT and Unsloth
 #   bash benchmarks/gpu_session.sh profile      # issue 15: what limits the lean plans (tiled MLP, offload mixes)
 #   bash benchmarks/gpu_session.sh anatomy      # issue 15: what is alive at the peak beside the estimate's parts
+#   bash benchmarks/gpu_session.sh decode-lora  # issue 18: decode with live adapters, kept operands vs not (~1 min)
 #   bash benchmarks/gpu_session.sh gemma3-profile  # issue 16: Gemma-3-4B under a budget, profiled per point
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
@@ -22,7 +23,8 @@
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
 # Order after session 15 (H100, 2026-12-06): tests first (the full GPU list, now with test_decode_graph.py: the
-# decode graph keeps the adapters' operands, GraphOperands, untested on a GPU), then grpo (TRL + PEFT, pronghorn,
+# decode graph keeps the adapters' operands, GraphOperands, untested on a GPU), decode-lora (what keeping them
+# saves a decode step), then grpo (TRL + PEFT, pronghorn,
 # pronghorn at TRL's peak: session 15 fit it at 3.07 GiB but 2.60x TRL, generation in two rounds; the kept
 # operands should cut the decode step's kernels), then families-gemma3 with FAMILY_SYSTEMS=unsloth,pronghorn (its
 # capped row moved 0.62-0.84x with the host's speed), scenarios, budget-1b / budget-8b.
@@ -98,6 +100,10 @@ case "$stage" in
     PYTHONPATH=/tmp/smol:/tmp/peers:$PWD timeout -s INT ${TIME_LIMIT:-500} python3 -m pronghorn train --config recipes/grpo-gsm8k.yaml \
       --data /tmp/gsm8k/train.jsonl --output-dir "$OUT/grpo-gsm8k" --no-progress ${GSM8K_ARGS:-} 2>&1 \
       | tee "$OUT/grpo-gsm8k.log" | grep -v "^ " | tail -30 ;;
+  decode-lora)  # issue 18: GRPO's decode (live LoRA adapters, 64 rows of 64 + 256 tokens), with and without the kept operands
+    python3 benchmarks/generate.py --lora 16 --batches 32,64 --prompt 64 --new 256 \
+      --systems pronghorn-graph,pronghorn-graph-nokeep,pronghorn-static --json "$OUT/decode-lora.json" 2>&1 \
+      | tee "$OUT/decode-lora.log" | tail -12 ;;
   anatomy)
     for spec in "llama-3.2-1b 8 4096 8" "llama-3.1-8b 2 2048 16.68"; do
       set -- $spec
