@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh profile      # issue 15: what limits the lean plans (tiled MLP, offload mixes)
 #   bash benchmarks/gpu_session.sh anatomy      # issue 15: what is alive at the peak beside the estimate's parts
 #   bash benchmarks/gpu_session.sh decode-lora  # issue 18: decode with live adapters, kept operands vs not (~1 min)
+#   bash benchmarks/gpu_session.sh anatomy-gemma3  # issue 15: Gemma-3's replay-all peak beside its estimate (~1 min)
 #   bash benchmarks/gpu_session.sh gemma3-profile  # issue 16: Gemma-3-4B under a budget, profiled per point
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
@@ -27,7 +28,7 @@
 # saves a decode step), then grpo (TRL + PEFT, pronghorn,
 # pronghorn at TRL's peak: session 15 fit it at 3.07 GiB but 2.60x TRL, generation in two rounds; the kept
 # operands should cut the decode step's kernels), then families-gemma3 with FAMILY_SYSTEMS=unsloth,pronghorn (its
-# capped row moved 0.62-0.84x with the host's speed), scenarios, budget-1b / budget-8b.
+# capped row moved 0.62-0.84x with the host's speed), anatomy-gemma3, scenarios, budget-1b / budget-8b.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
@@ -100,6 +101,10 @@ case "$stage" in
     PYTHONPATH=/tmp/smol:/tmp/peers:$PWD timeout -s INT ${TIME_LIMIT:-500} python3 -m pronghorn train --config recipes/grpo-gsm8k.yaml \
       --data /tmp/gsm8k/train.jsonl --output-dir "$OUT/grpo-gsm8k" --no-progress ${GSM8K_ARGS:-} 2>&1 \
       | tee "$OUT/grpo-gsm8k.log" | grep -v "^ " | tail -30 ;;
+  anatomy-gemma3)  # issue 15 item 2: Gemma-3-4B with every layer recomputed and no budget peaked at 1.05x its estimate
+    # (9.45 against 9.01 GiB, session 15; the same plan with 256 MiB loss chunks is within 1%): what is alive there
+    timeout 300 python3 benchmarks/peak_anatomy.py --workload gemma-3-4b --batch 2 --seq 2048 --budget 0 --gc on \
+      --top 20 --json "$OUT/anatomy-gemma3.json" 2>&1 | grep -v "^pronghorn:" | tail -26 ;;
   decode-lora)  # issue 18: GRPO's decode (live LoRA adapters, 64 rows of 64 + 256 tokens), with and without the kept operands
     python3 benchmarks/generate.py --lora 16 --batches 32,64 --prompt 64 --new 256 \
       --systems pronghorn-graph,pronghorn-graph-nokeep,pronghorn-static --json "$OUT/decode-lora.json" 2>&1 \

@@ -8,6 +8,7 @@ and the blocks alive there are grouped by the pronghorn (or torch) source line t
 shown by its parts (``estimate_parts``). CUDA only:
 
     python benchmarks/peak_anatomy.py --workload llama-3.2-1b --batch 8 --seq 4096 --budget 8 --json out.json
+    python benchmarks/peak_anatomy.py --workload gemma-3-4b --batch 2 --seq 2048 --budget 0 --gc on   # no budget
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta, write_results  # noqa: E402
+from family_configs import FAMILY_CONFIGS  # noqa: E402
 from train_e2e import TARGETS, WORKLOADS  # noqa: E402
 
 GIB = 2**30
@@ -70,10 +72,13 @@ def estimate_parts(sizes, plan) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="llama-3.2-1b", choices=sorted(WORKLOADS))
+    ap.add_argument("--workload", default="llama-3.2-1b", choices=sorted(WORKLOADS) + sorted(FAMILY_CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--budget", type=float, default=8.0, help="GiB: max_memory and the process's memory fraction")
+    ap.add_argument("--budget", type=float, default=8.0, help="GiB: max_memory and the process's memory fraction "
+                    "(0: none, with --gc picking the layers)")
+    ap.add_argument("--gc", default="auto", choices=["auto", "on", "off", "offload"],
+                    help="gradient_checkpointing mode (auto: the plan under --budget)")
     ap.add_argument("--top", type=int, default=25, help="origins to print")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -84,12 +89,15 @@ def main(argv=None) -> None:
     from pronghorn.models.lora import LoRAConfig, attach_lora
     from pronghorn.models.memory_plan import step_sizes
 
-    torch.cuda.set_per_process_memory_fraction(a.budget * GIB / torch.cuda.get_device_properties(0).total_memory)
-    cfg = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
+    if a.budget:
+        torch.cuda.set_per_process_memory_fraction(a.budget * GIB / torch.cuda.get_device_properties(0).total_memory)
+    family = FAMILY_CONFIGS.get(a.workload)  # a family's config names its model_type (Gemma 3, Phi-3.5, ...)
+    cfg = ModelConfig.from_hf_dict(dict(family) if family else
+                                   {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
                                     **WORKLOADS[a.workload][0]})
     model = init_random_model(cfg, torch.bfloat16, "cuda")
     attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS), seed=3407)
-    model.gradient_checkpointing_enable(mode="auto", max_memory=int(a.budget * GIB))
+    model.gradient_checkpointing_enable(mode=a.gc, max_memory=int(a.budget * GIB) if a.budget else None)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda")
