@@ -101,7 +101,8 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
             min_p: float = 0.0, stop_strings: Sequence[str] | None = None, seed: int | None = None,
             conversational: bool = False, max_rows: int | None = None) -> Rollout:
     """``num_generations`` completions of each prompt (module docstring); at most ``max_rows`` rows decoded at
-    once (the memory budget: train/grpo_memory.py), round ``i`` seeded with ``seed + i``."""
+    once (the memory budget: train/grpo_memory.py), in rounds as even as can be, round ``i`` seeded with
+    ``seed + i``."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -110,7 +111,8 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    step = max_rows or len(rows)
+    rounds = -(-len(rows) // (max_rows or len(rows)))
+    step = -(-len(rows) // rounds)  # even rounds: one batch size, so every round reuses the first one's CUDA graph
     new = []
     for i, start in enumerate(range(0, len(rows), step)):
         out = generate(model, ids[start:start + step].to(device), mask[start:start + step].to(device),

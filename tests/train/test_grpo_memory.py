@@ -64,6 +64,23 @@ def test_without_a_budget_the_rollout_is_one_round_as_before(tmp_path):
     assert one.completion_ids == same.completion_ids
 
 
+def test_rounds_are_as_even_as_can_be(tmp_path, monkeypatch):
+    """At most ``max_rows`` rows a round, in as few rounds as that allows, of one size where it divides: every
+    round then reuses the first round's decoder (its static cache and CUDA graph are kept per batch size)."""
+    t = grpo_trainer(tmp_path)
+    prompts = [r["prompt_ids"] for r in t.batch_prompts(0)]
+    calls, original = [], grpo_rollout.generate
+    monkeypatch.setattr(grpo_rollout, "generate",
+                        lambda m, ids, *a, **k: calls.append(len(ids)) or original(m, ids, *a, **k))
+    rows = len(prompts) * 4
+    assert rows == 8
+    for max_rows, want in [(5, [4, 4]), (3, [3, 3, 2]), (8, [8]), (7, [4, 4]), (1, [1] * 8)]:
+        calls.clear()
+        out = grpo_rollout.rollout(t.model, t.tokenizer, prompts, 4, max_completion_length=3, seed=2,
+                                   max_rows=max_rows)
+        assert calls == want and len(out.completion_ids) == rows
+
+
 def test_a_round_that_runs_out_of_memory_is_decoded_again_in_smaller_rounds(tmp_path, monkeypatch):
     """Where the estimate misses what the GPU holds, a round that runs out of memory is decoded again with half
     the rows a round (a warning says so) instead of ending the run; one row that does not fit still raises."""
