@@ -33,12 +33,12 @@ import torch
 from common import run_meta, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_e2e import WORKLOADS  # noqa: E402  (one source for the architecture configs)
+from train_e2e import TARGETS, WORKLOADS  # noqa: E402  (one source for configs and LoRA targets)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=512)
-SYSTEMS = ["pronghorn-eager", "pronghorn-static", "pronghorn-graph", "pronghorn-graph-nokeep", "hf-dynamic", "hf-static",
-           "hf-static-nocompile"]
+SYSTEMS = ["pronghorn-eager", "pronghorn-static", "pronghorn-graph", "pronghorn-graph-nokeep", "hf-dynamic",
+           "hf-static", "hf-static-nocompile"]
 GRAPH_ONLY = ("pronghorn-graph", "pronghorn-graph-nokeep")  # CUDA graphs: not in --smoke
 BASELINE = "hf-dynamic"
 
@@ -102,8 +102,7 @@ def add_lora(ours, rank: int) -> None:
     """fp32 adapters of ``rank`` on every projection, B drawn at random (a trained adapter's delta)."""
     from pronghorn.models.lora import LoRAConfig, attach_lora
 
-    attach_lora(ours, LoRAConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                            "gate_proj", "up_proj", "down_proj"]))
+    attach_lora(ours, LoRAConfig(r=rank, lora_alpha=rank, target_modules=TARGETS))
     g = torch.Generator(device=ours.device).manual_seed(1)
     with torch.no_grad():
         for name, p in ours.named_parameters():

@@ -172,10 +172,9 @@ class DecoderModel(nn.Module):
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
             expand_segments_under_budget(device, source)
-            state_known = self.optimizer_state_allocated is not None
+            state = self.optimizer_state_allocated  # None (unknown): only the first plan counts it to come
             sizes = step_sizes(self, batch, seq, dtype, device, head,
-                               first_step=not self.optimizer_state_allocated if state_known else not plans,
-                               optimizer=self.optimizer_footprint)
+                               first_step=not (plans if state is None else state), optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
                              host_tied_table=not self.decodes_between_steps, target=self.plan_target)
