@@ -51,6 +51,13 @@ def run_meta(**extra) -> dict:
     return {**meta, **extra}
 
 
+def peak_bytes(model) -> int:
+    """The CUDA peak of a run: ``max_memory_allocated`` plus what pronghorn's replay graphs hold in their memory
+    pool (models/replay_graphs.py: reserved for the whole step, unseen by the allocated count between replays)."""
+    graphs = getattr(getattr(model, "model", None), "graphs", None)
+    return torch.cuda.max_memory_allocated() + (graphs.pool_bytes() if graphs is not None else 0)
+
+
 def write_results(path: str | Path, meta: dict, rows: list[dict]) -> None:
     """``{"meta": ..., "results": ...}`` written atomically to ``path``; the metadata printed as one JSON line."""
     from pronghorn.files import atomic_file

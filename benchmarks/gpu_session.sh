@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh anatomy      # issue 15: what is alive at the peak beside the estimate's parts
 #   bash benchmarks/gpu_session.sh decode-lora  # issue 18: decode with live adapters, kept operands vs not (~1 min)
 #   bash benchmarks/gpu_session.sh anatomy-gemma3  # issue 15: Gemma-3's replay-all peak beside its estimate (~1 min)
+#   bash benchmarks/gpu_session.sh graphs       # issue 15: replays as CUDA graphs vs eager, 1B at Unsloth's peak
 #   bash benchmarks/gpu_session.sh gemma3-profile  # issue 16: Gemma-3-4B under a budget, profiled per point
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
@@ -54,6 +55,7 @@ case "$stage" in
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
       tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
+      tests/models/test_replay_graphs.py \
       tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers
@@ -109,6 +111,18 @@ case "$stage" in
     python3 benchmarks/generate.py --lora 16 --batches 32,64 --prompt 64 --new 256 \
       --systems pronghorn-graph,pronghorn-graph-nokeep,pronghorn-static --json "$OUT/decode-lora.json" 2>&1 \
       | tee "$OUT/decode-lora.log" | tail -12 ;;
+  graphs)  # issue 15 item 3: replayed layers as CUDA graphs (1B LoRA at Unsloth's peak and with every layer
+    # replayed, beside Unsloth), then the same points with the graphs switched off (PRONGHORN_REPLAY_GRAPHS=0)
+    peers
+    w=${GRAPH_WORKLOAD:-1b-lora}
+    python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all --systems unsloth,pronghorn \
+      --autocast on --peer-scripts $PWD/.benchwheels/bench --json "$OUT/graphs-$w.json" --time-limit 240 2>&1 \
+      | tee "$OUT/graphs-$w.log" | grep -v "^pronghorn:" | tail -14
+    budget=$(python3 -c "import json; r=json.load(open('$OUT/graphs-$w.json'))['results']; print(next(x['peak_gib']
+      for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
+    PRONGHORN_REPLAY_GRAPHS=0 python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,replay-all \
+      --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" --time-limit 200 2>&1 \
+      | tee "$OUT/graphs-$w-eager.log" | grep -v "^pronghorn:" | tail -8 ;;
   anatomy)
     for spec in "llama-3.2-1b 8 4096 8" "llama-3.1-8b 2 2048 16.68"; do
       set -- $spec

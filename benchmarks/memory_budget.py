@@ -2,8 +2,9 @@
 
 The peers' workloads (../shared/bench/README.md): random-init weights with the real configs, bf16, LoRA r=16
 alpha=16 dropout 0 on q,k,v,o,gate,up,down, random tokens, labels = inputs, ``torch.optim.AdamW``, median step of
-steps 3..8; tok/s = batch x seq / step; peak = ``torch.cuda.max_memory_allocated()``. pronghorn runs through its
-public API in a plain loop: ``FastLanguageModel.from_pretrained(<HF checkpoint dir>)`` then ``get_peft_model(...,
+steps 3..8; tok/s = batch x seq / step; peak = ``torch.cuda.max_memory_allocated()`` (pronghorn's plus its replay
+graphs' pool, ``common.peak_bytes``). pronghorn runs through its public API in a plain loop:
+``FastLanguageModel.from_pretrained(<HF checkpoint dir>)`` then ``get_peft_model(...,
 use_gradient_checkpointing="auto", max_memory=<budget>)``, forward with labels, backward, AdamW; with and without
 ``torch.autocast`` (``--autocast``). The budget reaches it as ``max_memory`` and/or as the process cap
 ``torch.cuda.set_per_process_memory_fraction`` (``--cap-mode``). The peers run their own scripts unchanged
@@ -59,7 +60,7 @@ import torch
 
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))  # this tree's pronghorn, whatever is installed (the children get it on PYTHONPATH)
-from common import median_ms, run_meta, write_results  # noqa: E402
+from common import median_ms, peak_bytes, run_meta, write_results  # noqa: E402
 from family_configs import FAMILY_CONFIGS  # noqa: E402
 from train_e2e import TARGETS  # noqa: E402
 from train_e2e import WORKLOADS as E2E  # noqa: E402
@@ -117,9 +118,9 @@ def _plan_estimate(model) -> tuple[float | None, str | None]:
     return None, None
 
 
-def _peak_bytes(cuda: bool) -> int:
+def _peak_bytes(cuda: bool, model=None) -> int:
     if cuda:
-        return torch.cuda.max_memory_allocated()
+        return peak_bytes(model)  # the replay graphs' pool included
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU smoke: the process's max RSS
@@ -215,9 +216,11 @@ def _child(spec: dict) -> None:
         out.update(status="does-not-fit" if fit else "error", message=f"{stage}: {type(e).__name__}: {e}"[:600])
     except Exception as e:  # recorded, and the sweep goes on
         out.update(status="error", message=f"{stage}: {type(e).__name__}: {str(e)[:400]}")
-    out["peak_gib"] = round(_peak_bytes(cuda) / _GIB, 3)
+    out["peak_gib"] = round(_peak_bytes(cuda, model) / _GIB, 3)
     if cuda:
         out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / _GIB, 3)
+        graphs = getattr(getattr(model, "model", None), "graphs", None)
+        out["graph_pool_gib"] = round(graphs.pool_bytes() / _GIB, 3) if graphs is not None else 0.0
     est, summary = _plan_estimate(model) if model is not None else (None, None)
     out.update(est_gib=None if est is None else round(est / _GIB, 3), plan=summary)
     if est is not None and out["status"] == "ok" and out["peak_gib"]:

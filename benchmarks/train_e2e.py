@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_meta, write_results
+from common import peak_bytes, run_meta, write_results
 
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))  # this tree's pronghorn, whatever is installed
@@ -184,7 +184,7 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
     out = dict(system=system, workload=workload, gc=gc_mode if system.startswith("pronghorn") else "on", optim=optim,
                embedding_on_host=host_table,
                batch=batch, seq=seq, step_s=round(times[mid], 4), tok_s=round(tokens[mid] / times[mid]),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               peak_gib=round(peak_bytes(model) / 2**30, 2) if cuda else None,  # the replay graphs' pool too
                loss=round(float(loss), 4))
     plan = getattr(getattr(model, "model", None), "memory_plan", None)
     if plan is not None:

@@ -28,6 +28,7 @@ from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, devi
                           step_sizes)
 from .norm import RMSNorm
 from .recompute import checkpoint_mode, run_layers
+from .replay_graphs import ReplayGraphs, graphs_possible
 from .rope_scaling import rope_inv_freq
 from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mode
 
@@ -126,6 +127,8 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False
         self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
         self.replay = "auto"  # auto | whole | split: how a replayed layer runs (models/recompute.py)
+        self.replay_graphs = "auto"  # auto (the plan decides) | off: replayed layers as CUDA graphs
+        self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
@@ -166,8 +169,11 @@ class DecoderModel(nn.Module):
         tiled = tiled_mlp_mode(self.tiled_mlp)
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device) \
             if device.type == "cuda" else 1.0
+        # GRPO's model decodes between its steps: a graph pool reserved for the whole step would sit beside the KV cache
+        graphs = self.replay_graphs != "off" and not self.decodes_between_steps and graphs_possible(self.layers, device)
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
-               fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target)
+               fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target,
+               graphs)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
@@ -177,7 +183,7 @@ class DecoderModel(nn.Module):
                                first_step=not (plans if state is None else state), optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
-                             host_tied_table=not self.decodes_between_steps, target=self.plan_target)
+                             host_tied_table=not self.decodes_between_steps, target=self.plan_target, graphs=graphs)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)
@@ -220,7 +226,10 @@ class DecoderModel(nn.Module):
         else:  # inference: tiled only when asked ("on"), for long prompts
             on = tiled_mlp_mode(self.tiled_mlp) == "on" and b * t > self.tiled_mlp_chunk
             mlp_chunk = self.tiled_mlp_chunk if on else None
-        x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan)
+        graphs = None
+        if plan is not None and plan.replay_graphs:
+            graphs = self.graphs = self.graphs or ReplayGraphs()
+        x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

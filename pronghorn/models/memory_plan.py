@@ -124,6 +124,7 @@ class MemoryPlan:
     loss_chunk_bytes: int = LOSS_CHUNK_BYTES[0]  # logits buffer of the fused loss
     table_on_host: str | None = None  # None | "untied" | "tied": the input table in pinned host memory
     park_offloaded: bool = False  # an offloaded layer parks its MLP block's input beside its own, replays split
+    replay_graphs: bool = False  # replayed layers run as CUDA graphs (models/replay_graphs.py)
     estimate_bytes: int = 0  # the estimated peak of the step
     budget_bytes: int | None = None
     budget_source: str = ""
@@ -148,6 +149,8 @@ class MemoryPlan:
             parts.append("split replay" if self.split_replay else "whole-layer replay")
         if parked:
             parts.append("offloaded layers split, MLP input parked")
+        if self.replay_graphs:
+            parts.append("replays as CUDA graphs")
         if self.mlp_chunk:
             parts.append(f"tiled MLP ({self.mlp_chunk} tokens)")
         if self.loss_chunk_bytes != LOSS_CHUNK_BYTES[0]:
@@ -184,17 +187,31 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     mlp_backward = s.backward_extra + (s.tiled_token * plan.mlp_chunk if tiled else 0)
     attn_backward = s.backward_extra + s.attention_extra
 
-    def stored(m: str) -> int:
-        return keep_layer if m == "keep" else s.operands + (s.layer_input if m == "recompute" else 0)
+    graphs = plan.replay_graphs and plan.replays
+
+    def stored(m: str) -> int:  # a graphed replay makes its operands itself: the forward keeps none
+        return keep_layer if m == "keep" else (0 if graphs else s.operands) + (s.layer_input if m == "recompute" else 0)
+
+    def own(m: str) -> int:  # a layer's backward: its stored input or tensors, what it saves again, transients
+        if m != "keep" and plan.splits(m):  # the MLP block from its input (the layer input held), then attention
+            peak = max(s.layer_input + mlp + mlp_backward, s.attn_block + attn_backward)
+        else:
+            peak = s.attn_block + max(mlp + mlp_backward, attn_backward)
+        if m != "keep":
+            peak += s.operands + (s.dense_layer if plan.reuse_dequantized else 0)
+        return peak
+
+    # graphs: one pool holds the largest replayed backward for the whole step, beside static buffers (the output
+    # gradient, the input gradient and a parked MLP input; one layer's parameter gradients and their copy)
+    replayed = [m for m in dict.fromkeys(plan.layers) if m != "keep"]
+    parked = any(plan.splits(m) and m == "offload" for m in replayed)
+    pool = max(map(own, replayed)) + (2 + parked) * s.layer_input + 2 * s.layer_grads if graphs else 0
 
     def backward(m: str) -> int:
-        if m != "keep" and plan.splits(m):  # the MLP block from its input (the layer input held), then attention
-            own = max(s.layer_input + mlp + mlp_backward, s.attn_block + attn_backward)
-        else:
-            own = s.attn_block + max(mlp + mlp_backward, attn_backward)
-        if m != "keep":
-            own += s.operands + (s.dense_layer if plan.reuse_dequantized else 0)
-        return own + (s.layer_input if m == "offload" else 0)
+        prefetch = s.layer_input if m == "offload" else 0  # the input of the layer below, on its way back
+        if graphs and m != "keep":
+            return pool + prefetch
+        return own(m) + pool + prefetch
 
     def pending(j: int) -> int:  # layer gradients counted in to_come that do not exist yet at layer j's backward
         return 0 if s.grads_in_backward else j * s.layer_grads
@@ -206,17 +223,18 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     # the top layers' inputs may still be on their way to the host when the loss runs (copies lag the forward)
     copying = 2 * s.layer_input if plan.layers and plan.layers[-1] == "offload" else 0
     loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
-    moments = [below[-1] + copying + loss - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
+    moments = [below[-1] + copying + loss + pool - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
     moments += [below[j] + backward(m) - pending(j) for j, m in enumerate(plan.layers)]
     return moments
 
 
 def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
-                    replay: str = "auto", host_tied_table: bool = True) -> list[MemoryPlan]:
+                    replay: str = "auto", host_tied_table: bool = True, graphs: bool = False) -> list[MemoryPlan]:
     """Every plan within the user's settings, fastest first (:func:`relative_cost`): ``mode`` auto | off | on |
     offload (layers), ``tiled_mlp`` auto | on | off, ``replay`` auto | whole | split. ``host_tied_table=False``:
     no plan puts a tied table on the host (a model that decodes between its steps, as GRPO's, needs it on the
-    device for every generated token: decoding would copy it back whole each forward)."""
+    device for every generated token: decoding would copy it back whole each forward). ``graphs``: plans that
+    replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP)."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -238,12 +256,13 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table and host_tied_table else [])
     # an offloaded layer replayed split parks its MLP input (no extra forward); without split_replay it may too
     parks = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
-    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park)
+    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park, replay_graphs=graphed)
              for layers in layer_sets
              for split in (replays if "recompute" in layers else [False])
              for park in (parks if "offload" in layers and not split else [split])
              for reuse in ((True, False) if s.dense_layer else (True,))
-             for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables]
+             for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables
+             for graphed in ((True, False) if graphs and chunk is None and layers.count("keep") < n else (False,))]
     return sorted(plans, key=lambda plan: relative_cost(plan, s.tokens))
 
 
@@ -256,11 +275,13 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     Calibrated on an H200 (2026-12-05, docs/benchmarks.md "Session 9"): a recomputed layer cost 0.37-0.42 of a
     kept layer's step (8B LoRA, 8B QLoRA), an offloaded one 0.30-0.44 (1B, 8B QLoRA, 8B LoRA); the tiled MLP at
     1,024-token chunks of a 4,096-token batch added about 1.5 per layer (8B LoRA, 30 layers offloaded).
-    ``tokens``: the batch's (0: unknown, counted as 8,192)."""
+    Replays as CUDA graphs are counted a fifth cheaper (launch-bound steps lose most of their idle time; not yet
+    calibrated on a GPU). ``tokens``: the batch's (0: unknown, counted as 8,192)."""
     cost = 0.0
+    graphed = 0.8 if plan.replay_graphs else 1.0
     for m in plan.layers:
         replayed = m != "keep"
-        cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m]
+        cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m] * graphed
         # a split replay: a recomputed layer's attention block once more; an offloaded one parks the MLP block's
         # input on the host instead (one more overlapped copy each way)
         split = {"keep": 0.0, "recompute": 0.07, "offload": 0.01}[m] if replayed and plan.splits(m) else 0.0

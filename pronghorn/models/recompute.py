@@ -17,6 +17,9 @@ per-layer modes, and for a replayed layer whether its two residual blocks are re
 layer keeps the weights its replay dequantized for its backward. A replayed layer's adapters are cast to their
 compute dtype once, in its forward; the replays take those operands (kernels/adapter_operands.py).
 
+On a GPU the plan may run the replayed layers as CUDA graphs (``plan.replay_graphs``, models/replay_graphs.py):
+a replayed layer's forward and its replay with backward each become one launch, bitwise the eager ones.
+
 Every mode computes the same function: a replay runs with the RNG and autocast state of the original forward.
 A replayed layer's output values are never read (only what its ops save for the backward is), so the replay is
 called with ``output_unused=True`` and the layer skips its last projection's matmul.
@@ -62,8 +65,10 @@ def checkpoint_mode(value) -> str:
 
 # --- running the layers ---
 
-def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None) -> torch.Tensor:
-    """``x`` through every layer (called as ``layer(x, *args)``) as ``plan`` says (None: keep everything)."""
+def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None, graphs=None) -> torch.Tensor:
+    """``x`` through every layer (called as ``layer(x, *args)``) as ``plan`` says (None: keep everything).
+    ``graphs``: a :class:`~pronghorn.models.replay_graphs.ReplayGraphs` that runs the replays (with
+    ``plan.replay_graphs``), else None."""
     if plan is None or not plan.replays:
         for layer in layers:
             x = layer(x, *args)
@@ -79,7 +84,7 @@ def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None) ->
         if mode == "offload" and plan.splits(mode) and hasattr(layer, "mlp_block"):
             mid_slot = _HostSlot(slot)  # fetched first in the backward: it prefetches the layer input
         previous = (mid_slot or slot) if mode == "offload" else previous
-        x = _ReplayedLayer.apply(layer, args, slot, mid_slot, plan, x, *params)
+        x = _ReplayedLayer.apply(layer, args, slot, mid_slot, plan, graphs, x, *params)
     return x
 
 
@@ -152,39 +157,60 @@ class _ReplayedLayer(torch.autograd.Function):
     when ``x`` needs none."""
 
     @staticmethod
-    def forward(ctx, layer, args, slot, mid_slot, plan: MemoryPlan, x, *params):
-        ctx.layer, ctx.args, ctx.slot, ctx.mid_slot, ctx.plan = layer, args, slot, mid_slot, plan
+    def forward(ctx, layer, args, slot, mid_slot, plan: MemoryPlan, graphs, x, *params):
+        ctx.layer, ctx.args, ctx.slot, ctx.mid_slot, ctx.plan, ctx.graphs = layer, args, slot, mid_slot, plan, graphs
         ctx.rng = rng_state(x.device)
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         slot.store(x)
-        ctx.operands = {}  # the adapters' operands of this forward, taken again by the replays
+        # the adapters' operands of this forward, taken again by an eager replay (a graph makes its own: it reads
+        # fixed memory; the store is dropped after the forward then, and the plan does not count it)
+        ctx.operands = {}
+        if graphs is not None:
+            out = graphs.forward(layer, x, args, mid_slot is not None)
+            if out is not None:
+                out, mid = out
+                if mid_slot is not None:
+                    ctx.rng_mid = ctx.rng  # no random draws in a graphed layer: the state is the same
+                    mid_slot.store(mid)
+                return out
         with operands_kept(ctx.operands):
             if mid_slot is None:
-                return layer(x, *args)
-            cos, sin, masks, cache, mlp_chunk = args  # DecoderLayer.forward, one block at a time
-            mid = layer.attention_block(x, cos, sin, masks, cache)
-            ctx.rng_mid = rng_state(x.device)  # where the MLP block's random stream starts
-            mid_slot.store(mid)
-            return layer.mlp_block(mid, mlp_chunk)
+                out = layer(x, *args)
+            else:
+                cos, sin, masks, cache, mlp_chunk = args  # DecoderLayer.forward, one block at a time
+                mid = layer.attention_block(x, cos, sin, masks, cache)
+                ctx.rng_mid = rng_state(x.device)  # where the MLP block's random stream starts
+                mid_slot.store(mid)
+                out = layer.mlp_block(mid, mlp_chunk)
+        if graphs is not None:
+            ctx.operands = None
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        need_x = ctx.needs_input_grad[5]
+        need_x = ctx.needs_input_grad[6]
         # a parked MLP input is fetched first (that starts the prefetch of the layer input); the layer input is
         # fetched when the replay first needs it (a split replay from a parked input: after the MLP block)
         mid = None if ctx.mid_slot is None else ctx.mid_slot.fetch()
-        layer_input = lambda: ctx.slot.fetch().detach().requires_grad_(need_x)  # noqa: E731
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
+        split = (ctx.plan.split_replay or mid is not None) and hasattr(ctx.layer, "mlp_block")
+        if ctx.graphs is not None:
+            ctx.operands = None
+            replay = _split_replay if split else _whole_replay
+            grads = ctx.graphs.backward(ctx, grad, mid, need_x, params, split, replay)
+            if grads is not None:
+                gx = grads.pop(0) if need_x else None
+                return (None, None, None, None, None, None, gx, *grads)
+        layer_input = lambda: ctx.slot.fetch().detach().requires_grad_(need_x)  # noqa: E731
         device = grad.device
         weights = [m.weight for m in ctx.layer.modules() if ctx.plan.reuse_dequantized and hasattr(m, "weight")]
         with dequantized_once(weights), operands_kept(ctx.operands):  # an NF4 layer: the replay's dequantized
             # weights serve its backward too; the adapters' operands are the forward's
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-                split = (ctx.plan.split_replay or mid is not None) and hasattr(ctx.layer, "mlp_block")
                 grads = (_split_replay if split else _whole_replay)(ctx, layer_input, params, grad, mid)
         ctx.operands = None
         gx = grads.pop(0) if need_x else None
-        return (None, None, None, None, None, gx, *grads)
+        return (None, None, None, None, None, None, gx, *grads)
 
 
 def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: bool = True):
@@ -195,7 +221,9 @@ def _replaying(ctx, device: torch.device, graph: bool = True, from_forward_rng: 
         set_rng_state(device, ctx.rng)
     stack = contextlib.ExitStack()
     stack.enter_context(torch.enable_grad() if graph else torch.no_grad())
-    stack.enter_context(torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0]))
+    # a graph's capture caches no autocast casts (they would be freed into its pool; the values are the same)
+    cache = not getattr(ctx, "in_graph", False)
+    stack.enter_context(torch.autocast(device.type, ctx.autocast[1], enabled=ctx.autocast[0], cache_enabled=cache))
     return stack
 
 
@@ -244,6 +272,9 @@ def rng_state(device: torch.device):
 
 
 def set_rng_state(device: torch.device, state) -> None:
+    """Restore ``state`` (:func:`rng_state`'s); None: nothing to restore (a replay that draws no random numbers)."""
+    if state is None:
+        return
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)

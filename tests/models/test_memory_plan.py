@@ -349,3 +349,27 @@ def test_a_model_that_decodes_between_steps_never_puts_a_tied_table_on_the_host(
     assert make_plan(s, budget, "test").table_on_host == "tied"
     with pytest.raises(PronghornError, match="does not fit the memory budget"):
         make_plan(s, budget, "test", host_tied_table=False)
+
+
+def test_replay_graphs_cost_their_pool_at_every_moment_and_are_taken_where_they_fit():
+    """A graphed replay holds one layer's backward in a pool for the whole step (models/replay_graphs.py): every
+    moment, the loss's included, carries it; the forward keeps no adapter operands. Where the budget holds the
+    pool, the planner takes graphs; where it does not, the same layers eagerly (or more replays with graphs)."""
+    s = _sizes(operands=GIB // 1024, layer_grads=GIB // 256)
+    eager = MemoryPlan(("recompute",) * 32)
+    graphed = replace(eager, replay_graphs=True)
+    pool = s.attn_block + max(s.mlp_block + s.backward_extra, s.backward_extra) + s.operands  # a whole replay
+    pool += 2 * s.layer_input + 2 * s.layer_grads
+    from pronghorn.models.memory_plan import step_moments
+    eager_moments, graph_moments = step_moments(s, eager), step_moments(s, graphed)
+    assert graph_moments[0] == eager_moments[0] + pool - 32 * s.operands  # the loss: the pool, no kept operands
+    assert estimate_peak(s, graphed) > estimate_peak(s, eager)
+    assert relative_cost(graphed) < relative_cost(eager)
+    assert all(not p.replay_graphs for p in candidate_plans(s))  # only when the model can (graphs=True)
+    leanest_graphed = min(estimate_peak(s, p) for p in candidate_plans(s, graphs=True) if p.replay_graphs)
+    plan = make_plan(s, int(leanest_graphed / (1 - HEADROOM)) + GIB, "test", graphs=True)
+    assert plan.replay_graphs and _fits(plan, plan.budget_bytes)
+    tight = make_plan(s, int(leanest_graphed / (1 - HEADROOM)) - GIB // 8, "test", graphs=True)
+    assert not tight.replay_graphs and _fits(tight, tight.budget_bytes)
+    tiled = candidate_plans(s, graphs=True, tiled_mlp="on", mlp_chunk=1024)
+    assert all(not p.replay_graphs for p in tiled)  # a tiled MLP restores RNG states in its backward

@@ -1,0 +1,127 @@
+"""Replayed layers as CUDA graphs (models/replay_graphs.py): bitwise the eager replay's gradients.
+
+On the CPU a stand-in graph (``EagerGraph``) runs the captured body at every replay: the static buffers, the
+arguments copied in once a step, the gradients cloned out, re-captures and the shapes kept are all exercised.
+On a GPU the real graphs are compared with the eager replays, fp32 and bf16 under autocast."""
+
+import pytest
+import torch
+
+from helpers import randomize_lora_b, tiny_lora_model
+from pronghorn.models.memory_plan import MemoryPlan
+from pronghorn.models.replay_graphs import (MAX_SHAPES, EagerGraph, ReplayGraphs, graphs_possible,
+                                            module_signature)
+
+PLANS = [MemoryPlan(("recompute", "recompute"), replay_graphs=True),
+         MemoryPlan(("recompute", "keep"), split_replay=True, replay_graphs=True),
+         MemoryPlan(("offload", "offload"), park_offloaded=True, replay_graphs=True),
+         MemoryPlan(("offload", "recompute"), replay_graphs=True)]
+
+
+def _model(device="cpu", dtype=torch.float32):
+    model = tiny_lora_model(dtype=dtype).to(device).train()
+    randomize_lora_b(model)
+    return model
+
+
+def _batch(step: int, device="cpu", length: int = 12):
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(3, 97, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, length - 2 - step % 3:] = 0  # the padding moves: the masks copied in must follow
+    return {k: v.to(device) for k, v in
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}.items()}
+
+
+def _step(model, batch, autocast=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _compare_steps(model, plan, graphs, device="cpu", autocast=None, steps=4):
+    """Steps with the plan's replays as graphs against the same plan replayed eagerly: bitwise equal."""
+    for step in range(steps):
+        batch = _batch(step, device)
+        model.model.forced_plan, model.model.graphs = plan, graphs
+        loss, grads = _step(model, batch, autocast)
+        model.model.forced_plan = MemoryPlan(plan.layers, plan.split_replay, park_offloaded=plan.park_offloaded)
+        ref_loss, ref_grads = _step(model, batch, autocast)
+        assert torch.equal(loss, ref_loss), step
+        for name, g in ref_grads.items():
+            assert torch.equal(grads[name], g), (step, name)
+        assert grads["model.layers.0.self_attn.q_proj.lora_A"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "-".join(p.layers) + ("-split" if p.splits("recompute") else ""))
+def test_graphed_replays_equal_eager_ones_on_the_cpu(plan):
+    graphs = ReplayGraphs(EagerGraph)
+    _compare_steps(_model(), plan, graphs)
+    replayed = [m for m in plan.layers if m != "keep"]
+    captured = [e for e in graphs.layers.values() if not isinstance(e, str)]
+    assert len(captured) == 2 * len(replayed)  # a forward and a backward graph a layer, captured at its second step
+    assert {slot[2] for slot in graphs.layers} == {"forward", "backward"}
+    assert graphs.failed is None
+
+
+def test_a_layer_whose_adapter_moves_is_captured_again():
+    model = _model()
+    plan = PLANS[0]
+    graphs = ReplayGraphs(EagerGraph)
+    _compare_steps(model, plan, graphs, steps=2)
+    layer = model.model.layers[1]
+    before = next(e for slot, e in graphs.layers.items() if slot[0] == id(layer)).signature
+    assert before == module_signature(layer)
+    layer.mlp.up_proj.lora_A = torch.nn.Parameter(layer.mlp.up_proj.lora_A.detach() * 1.5)  # the graphs' is stale
+    assert module_signature(layer) != before
+    _compare_steps(model, plan, graphs, steps=2)
+    assert sum(graphs.captures.values()) == 2 * 2 + 2  # two layers' forward and backward, then layer 1's again
+
+
+def test_only_the_latest_shapes_keep_graphs():
+    model = _model()
+    graphs = ReplayGraphs(EagerGraph)
+    model.model.forced_plan, model.model.graphs = PLANS[0], graphs
+    for length in (8, 8, 10, 10, 12, 12, 8, 8):  # an evicted shape runs eagerly once again, then is captured
+        _step(model, _batch(0, length=length))
+    assert len(graphs.statics) == MAX_SHAPES
+    assert {shape[0][1] for shape in graphs.statics} == {12, 8}
+
+
+def test_graphs_are_not_used_on_a_cpu_with_dropout_or_when_switched_off(monkeypatch):
+    model = _model()
+    assert not graphs_possible(model.model.layers, torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert graphs_possible(model.model.layers, torch.device("cuda"))
+        monkeypatch.setenv("PRONGHORN_REPLAY_GRAPHS", "0")
+        assert not graphs_possible(model.model.layers, torch.device("cuda"))
+    model.gradient_checkpointing_enable(mode="on")
+    model(**_batch(0)).loss.backward()
+    assert not model.memory_plan.replay_graphs and model.model.graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+@pytest.mark.parametrize("plan", PLANS[::2], ids=["recompute", "offload-parked"])
+def test_cuda_graphed_replays_equal_eager_ones(plan, autocast):
+    graphs = ReplayGraphs()
+    _compare_steps(_model("cuda"), plan, graphs, "cuda", autocast)
+    assert graphs.failed is None
+    assert all(not isinstance(e, str) for e in graphs.layers.values())
+    assert graphs.pool_bytes() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_budgeted_plan_takes_graphs_on_a_gpu_and_stays_exact():
+    model = _model("cuda", torch.bfloat16)
+    model.gradient_checkpointing_enable(mode="on")
+    steps = [_step(model, _batch(s, "cuda")) for s in range(3)]
+    assert model.memory_plan.replay_graphs and model.model.graphs is not None
+    model.model.replay_graphs = "off"
+    for s, (loss, grads) in enumerate(steps):
+        ref_loss, ref_grads = _step(model, _batch(s, "cuda"))
+        assert not model.memory_plan.replay_graphs
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
