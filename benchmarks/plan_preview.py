@@ -35,7 +35,7 @@ CASES = {  # name: (workload, batch, seq, qlora)
 }
 
 
-def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto") -> dict:
+def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.decoder import DecoderForCausalLM
     from pronghorn.models.linear import Linear
@@ -65,7 +65,7 @@ def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str
                resident_gib=round(s.resident / GIB, 3))
     try:
         plan = make_plan(s, None if budget_gib is None else int(budget_gib * GIB), "--budgets", (batch, seq),
-                         mode=mode, tiled_mlp="auto", mlp_chunk=8192, replay=replay)
+                         mode=mode, tiled_mlp="auto", mlp_chunk=8192, replay=replay, graphs=graphs)
         row.update(ok=True, estimate_gib=round(plan.estimate_bytes / GIB, 3), plan=plan.summary(),
                    layers={m: plan.layers.count(m) for m in ("keep", "recompute", "offload")})
     except Exception as e:  # the planner's "does not fit" error, with the smallest budget that would
@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", default="none,3.65,8,16,16.68,24,48", help="GiB, comma-separated; none: unlimited")
     ap.add_argument("--modes", default="auto", help="auto | on | offload | off, comma-separated")
     ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"), help="a replayed layer's replay")
+    ap.add_argument("--graphs", action="store_true", help="plans may replay as CUDA graphs (as on a GPU)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows = []
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
         for budget in a.budgets.split(","):
             for mode in a.modes.split(","):
                 gib = None if budget == "none" else float(budget)
-                row = preview(case, gib, mode, a.replay)
+                row = preview(case, gib, mode, a.replay, a.graphs)
                 rows.append(row)
                 what = f"est {row['estimate_gib']:6.2f} GiB  {row['plan']}" if row["ok"] else row["error"][:160]
                 print(f"{case:16s} {budget:>6s} GiB {mode:8s} {what}", flush=True)
