@@ -275,10 +275,12 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     Calibrated on an H200 (2026-12-05, docs/benchmarks.md "Session 9"): a recomputed layer cost 0.37-0.42 of a
     kept layer's step (8B LoRA, 8B QLoRA), an offloaded one 0.30-0.44 (1B, 8B QLoRA, 8B LoRA); the tiled MLP at
     1,024-token chunks of a 4,096-token batch added about 1.5 per layer (8B LoRA, 30 layers offloaded).
-    Replays as CUDA graphs are counted a fifth cheaper (launch-bound steps lose most of their idle time; not yet
-    calibrated on a GPU). ``tokens``: the batch's (0: unknown, counted as 8,192)."""
+    Replays as CUDA graphs are counted 5% cheaper: enough to take them where the same layers are replayed either
+    way (a tight budget, where a small model's step is bound by launches), not to give up a kept layer for them
+    (a large model's replay is bound by its matmuls, which a graph does not speed up). Not yet calibrated on a
+    GPU. ``tokens``: the batch's (0: unknown, counted as 8,192)."""
     cost = 0.0
-    graphed = 0.8 if plan.replay_graphs else 1.0
+    graphed = 0.95 if plan.replay_graphs else 1.0
     for m in plan.layers:
         replayed = m != "keep"
         cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m] * graphed
