@@ -2,8 +2,8 @@
 
 The peers' workloads (../shared/bench/README.md): random-init weights with the real configs, bf16, LoRA r=16
 alpha=16 dropout 0 on q,k,v,o,gate,up,down, random tokens, labels = inputs, ``torch.optim.AdamW``, median step of
-steps 3..8; tok/s = batch x seq / step; peak = ``torch.cuda.max_memory_allocated()`` (pronghorn's plus its replay
-graphs' pool, ``common.peak_bytes``). pronghorn runs through its public API in a plain loop:
+steps 3..8; tok/s = batch x seq / step; peak = ``torch.cuda.max_memory_allocated()`` (pronghorn's over steps 3..8, plus
+its replay graphs' pool, ``common.peak_bytes``; steps 1-2 as ``warmup_peak_gib``). pronghorn runs through its public API in a plain loop:
 ``FastLanguageModel.from_pretrained(<HF checkpoint dir>)`` then ``get_peft_model(...,
 use_gradient_checkpointing="auto", max_memory=<budget>)``, forward with labels, backward, AdamW; with and without
 ``torch.autocast`` (``--autocast``). The budget reaches it as ``max_memory`` and/or as the process cap
@@ -197,10 +197,13 @@ def _child(spec: dict) -> None:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
 
-        if cuda:
+        for _ in range(2):  # warm-up: the first plan, the optimizer's state, the replay graphs' captures
+            step()
+        if cuda:  # the peak of the steady steps (a graph's capture allocates for real, then leaves the pool)
             torch.cuda.synchronize()
+            out["warmup_peak_gib"] = round(torch.cuda.max_memory_allocated() / _GIB, 3)
             torch.cuda.reset_peak_memory_stats()
-        ms = median_ms(step, iters=spec["steps"] - 2, warmup=2)  # median of steps 3..N
+        ms = median_ms(step, iters=spec["steps"] - 2, warmup=0)  # median of steps 3..N
         out.update(step_s=round(ms / 1e3, 4), tok_s=round(spec["batch"] * spec["seq"] / (ms / 1e3)),
                    loss_first=round(float(losses[0]), 4), loss_last=round(float(losses[-1]), 4))
         if spec.get("profile"):  # after the timed steps: the profiler touches neither tok/s nor the peak

@@ -179,13 +179,18 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        if cuda and len(times) == 2 and len(batches) > 2:  # the peak of the steady steps: after the first plan
+            warmup_peak = torch.cuda.max_memory_allocated()  # and the replay graphs' captures
+            torch.cuda.reset_peak_memory_stats()
     steady = sorted(range(len(times))[2:] or range(len(times)), key=times.__getitem__)
     mid = steady[len(steady) // 2]
     out = dict(system=system, workload=workload, gc=gc_mode if system.startswith("pronghorn") else "on", optim=optim,
                embedding_on_host=host_table,
                batch=batch, seq=seq, step_s=round(times[mid], 4), tok_s=round(tokens[mid] / times[mid]),
-               peak_gib=round(peak_bytes(model) / 2**30, 2) if cuda else None,  # the replay graphs' pool too
+               peak_gib=round(peak_bytes(model) / 2**30, 2) if cuda else None,  # steps 3+, the graphs' pool too
                loss=round(float(loss), 4))
+    if cuda and len(batches) > 2:
+        out["warmup_peak_gib"] = round(warmup_peak / 2**30, 2)  # steps 1-2 (a graph's capture allocates for real)
     plan = getattr(getattr(model, "model", None), "memory_plan", None)
     if plan is not None:
         out.update(max_memory_gib=max_memory, plan=plan.summary())

@@ -289,8 +289,9 @@ def _gpu_model(layers=8):
     return model.train()
 
 
-def _measured_step(model, budget, steps=2):
-    """Peak bytes of ``steps`` plain-loop steps under ``budget`` (max_memory and the process fraction)."""
+def _measured_step(model, budget, steps=3):
+    """Peak bytes of the last of ``steps`` plain-loop steps under ``budget`` (max_memory and the process fraction;
+    none of them ran out of memory)."""
     total = torch.cuda.mem_get_info()[1]
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
     try:
@@ -298,14 +299,16 @@ def _measured_step(model, budget, steps=2):
         model.model.__dict__.pop("_plans", None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, 32000, (4, 1024), device="cuda", generator=None)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
+        for step in range(steps):
+            if step == steps - 1:  # the last step's peak: the replay graphs were captured in the ones before
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(), model.memory_plan
+        graphs = model.model.graphs  # replay graphs: their pool is reserved for the step, unseen as allocated
+        return torch.cuda.max_memory_allocated() + (graphs.pool_bytes() if graphs else 0), model.memory_plan
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         del opt
