@@ -121,7 +121,7 @@ case "$stage" in
     budget=$(python3 -c "import json; r=json.load(open('$OUT/graphs-$w.json'))['results']; print(next(x['peak_gib']
       for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
     PRONGHORN_REPLAY_GRAPHS=0 python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,replay-all \
-      --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" --time-limit 110 2>&1 \
+      --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" --time-limit ${EAGER_TIME_LIMIT:-110} 2>&1 \
       | tee "$OUT/graphs-$w-eager.log" | grep -v "^pronghorn:" | tail -8 ;;
   anatomy)
     for spec in "llama-3.2-1b 8 4096 8" "llama-3.1-8b 2 2048 16.68"; do

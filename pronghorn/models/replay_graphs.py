@@ -30,6 +30,7 @@ does not see the pool between replays: :meth:`ReplayGraphs.pool_bytes` says what
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from types import SimpleNamespace
@@ -68,6 +69,29 @@ def graphs_possible(layers: nn.ModuleList, device: torch.device) -> bool:
         if getattr(m, "lora_A", None) is not None and getattr(m, "lora_dropout", 0.0):
             return False
     return True
+
+
+@contextlib.contextmanager
+def own_leaves(module: nn.Module, params: list):
+    """Inside the block ``module``'s parameters among ``params`` are new leaves on the same memory (yielded in the
+    order of ``params``), so a graph's capture differentiates to gradient nodes of its own. A parameter's own node
+    was made with the training step's forward, on the default stream, and kept alive by that step's graph: a
+    gradient from the capture stream reaching it makes the engine sync the streams, which invalidates the capture
+    (session 16, H100: ``cudaErrorStreamCaptureInvalidated``)."""
+    wanted = {id(p) for p in params}
+    aliases, swapped = {}, []
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and id(p) in wanted:
+                if id(p) not in aliases:
+                    aliases[id(p)] = nn.Parameter(p.detach(), requires_grad=True)
+                m._parameters[name] = aliases[id(p)]
+                swapped.append((m, name, p))
+    try:
+        yield [aliases.get(id(p), p) for p in params]
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
 
 
 class CudaGraph:
@@ -287,8 +311,8 @@ class ReplayGraphs:
         def body() -> list[bool]:
             layer_input = lambda: statics.x.detach().requires_grad_(need_x)  # noqa: E731
             mid = None if statics.mid is None else statics.mid
-            with dequantized_once(weights), operands_kept({}):
-                grads = replay(graph_ctx, layer_input, params, statics.grad, mid)
+            with dequantized_once(weights), operands_kept({}), own_leaves(ctx.layer, params) as leaves:
+                grads = replay(graph_ctx, layer_input, leaves, statics.grad, mid)
             if need_x:
                 statics.gx.copy_(grads.pop(0))
             present = []
@@ -315,6 +339,7 @@ class ReplayGraphs:
             present = graph.capture(body, self.pool)
         except Exception as e:  # noqa: BLE001 - anything the replay does that a graph cannot hold
             self.failed = f"{type(e).__name__}: {e}"
+            self.layers, self.statics, self.flat, self.pool = {}, {}, {}, None  # the graphs' memory back
             warnings.warn(f"CUDA graph capture of a replayed layer failed ({self.failed}); replaying eagerly",
                           RuntimeWarning, stacklevel=4)
             return None
