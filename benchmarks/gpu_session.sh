@@ -111,11 +111,11 @@ case "$stage" in
     python3 benchmarks/generate.py --lora 16 --batches 32,64 --prompt 64 --new 256 \
       --systems pronghorn-graph,pronghorn-graph-nokeep,pronghorn-static --json "$OUT/decode-lora.json" 2>&1 \
       | tee "$OUT/decode-lora.log" | tail -12 ;;
-  graphs)  # issue 15 item 3: replayed layers as CUDA graphs (1B LoRA at Unsloth's peak and with every layer
-    # replayed, beside Unsloth), then the same points with the graphs switched off (PRONGHORN_REPLAY_GRAPHS=0)
+  graphs)  # issue 15 item 3: replayed layers as CUDA graphs (PRONGHORN_REPLAY_GRAPHS=1; 1B LoRA at Unsloth's peak and
+    # with every layer replayed, beside Unsloth), then the same points with the graphs off (PRONGHORN_REPLAY_GRAPHS=0)
     peers
     w=${GRAPH_WORKLOAD:-1b-lora}
-    python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all --systems unsloth,pronghorn \
+    PRONGHORN_REPLAY_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all --systems unsloth,pronghorn \
       --autocast on --peer-scripts $PWD/.benchwheels/bench --json "$OUT/graphs-$w.json" --time-limit ${TIME_LIMIT:-200} 2>&1 \
       | tee "$OUT/graphs-$w.log" | grep -v "^pronghorn:" | tail -14
     budget=$(python3 -c "import json; r=json.load(open('$OUT/graphs-$w.json'))['results']; print(next(x['peak_gib']

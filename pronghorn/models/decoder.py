@@ -28,7 +28,7 @@ from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, devi
                           step_sizes)
 from .norm import RMSNorm
 from .recompute import checkpoint_mode, run_layers
-from .replay_graphs import ReplayGraphs, graphs_possible
+from .replay_graphs import ReplayGraphs, default_setting, graphs_possible
 from .rope_scaling import rope_inv_freq
 from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mode
 
@@ -127,7 +127,8 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False
         self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
         self.replay = "auto"  # auto | whole | split: how a replayed layer runs (models/recompute.py)
-        self.replay_graphs = "auto"  # auto (the plan decides) | off: replayed layers as CUDA graphs
+        # auto (the plan decides) | off: replayed layers as CUDA graphs; off unless PRONGHORN_REPLAY_GRAPHS=1
+        self.replay_graphs = default_setting()
         self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)

@@ -93,8 +93,16 @@ def test_only_the_latest_shapes_keep_graphs():
     assert {shape[0][1] for shape in graphs.statics} == {12, 8}
 
 
+def test_graphs_are_off_by_default_and_on_with_the_variable(monkeypatch):
+    monkeypatch.delenv("PRONGHORN_REPLAY_GRAPHS", raising=False)
+    assert _model().model.replay_graphs == "off"
+    monkeypatch.setenv("PRONGHORN_REPLAY_GRAPHS", "1")
+    assert _model().model.replay_graphs == "auto"
+
+
 def test_graphs_are_not_used_on_a_cpu_with_dropout_or_when_switched_off(monkeypatch):
     model = _model()
+    model.model.replay_graphs = "auto"
     assert not graphs_possible(model.model.layers, torch.device("cpu"))
     if torch.cuda.is_available():
         assert graphs_possible(model.model.layers, torch.device("cuda"))
@@ -119,6 +127,7 @@ def test_cuda_graphed_replays_equal_eager_ones(plan, autocast):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_budgeted_plan_takes_graphs_on_a_gpu_and_stays_exact():
     model = _model("cuda", torch.bfloat16)
+    model.model.replay_graphs = "auto"  # off by default until a GPU shows them faster
     model.gradient_checkpointing_enable(mode="on")
     steps = [_step(model, _batch(s, "cuda")) for s in range(3)]
     assert model.memory_plan.replay_graphs and model.model.graphs is not None
