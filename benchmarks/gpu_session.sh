@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh decode-lora  # issue 18: decode with live adapters, kept operands vs not (~1 min)
 #   bash benchmarks/gpu_session.sh anatomy-gemma3  # issue 15: Gemma-3's replay-all peak beside its estimate (~1 min)
 #   bash benchmarks/gpu_session.sh graphs       # issue 15: replays as CUDA graphs vs eager, 1B at Unsloth's peak
+#                                               #   (REPLAY=split: split replays, the graphs' smaller pool)
 #   bash benchmarks/gpu_session.sh gemma3-profile  # issue 16: Gemma-3-4B under a budget, profiled per point
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
@@ -114,13 +115,15 @@ case "$stage" in
     # with every layer replayed, beside Unsloth), then the same points with the graphs off (PRONGHORN_REPLAY_GRAPHS=0)
     peers
     w=${GRAPH_WORKLOAD:-1b-lora}
-    PRONGHORN_REPLAY_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all --systems unsloth,pronghorn \
-      --autocast on --peer-scripts $PWD/.benchwheels/bench --json "$OUT/graphs-$w.json" --time-limit ${TIME_LIMIT:-200} 2>&1 \
+    PRONGHORN_REPLAY_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all \
+      --systems unsloth,pronghorn --replay ${REPLAY:-auto} --autocast on --peer-scripts $PWD/.benchwheels/bench \
+      --json "$OUT/graphs-$w.json" --time-limit ${TIME_LIMIT:-200} 2>&1 \
       | tee "$OUT/graphs-$w.log" | grep -v "^pronghorn:" | tail -14
     budget=$(python3 -c "import json; r=json.load(open('$OUT/graphs-$w.json'))['results']; print(next(x['peak_gib']
       for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
     PRONGHORN_REPLAY_GRAPHS=0 python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,replay-all \
-      --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" --time-limit ${EAGER_TIME_LIMIT:-110} 2>&1 \
+      --replay ${REPLAY:-auto} --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" \
+      --time-limit ${EAGER_TIME_LIMIT:-110} 2>&1 \
       | tee "$OUT/graphs-$w-eager.log" | grep -v "^pronghorn:" | tail -8 ;;
   anatomy)
     for spec in "llama-3.2-1b 8 4096 8" "llama-3.1-8b 2 2048 16.68"; do

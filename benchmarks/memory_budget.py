@@ -2,8 +2,9 @@
 
 The peers' workloads (../shared/bench/README.md): random-init weights with the real configs, bf16, LoRA r=16
 alpha=16 dropout 0 on q,k,v,o,gate,up,down, random tokens, labels = inputs, ``torch.optim.AdamW``, median step of
-steps 3..8; tok/s = batch x seq / step; peak = ``torch.cuda.max_memory_allocated()`` (pronghorn's over steps 3..8, plus
-its replay graphs' pool, ``common.peak_bytes``; steps 1-2 as ``warmup_peak_gib``). pronghorn runs through its public API in a plain loop:
+steps 3..8; tok/s = batch x seq / step; peak = ``torch.cuda.max_memory_allocated()`` (pronghorn's over steps 3..8,
+plus its replay graphs' pool, ``common.peak_bytes``; steps 1-2 as ``warmup_peak_gib``). pronghorn runs through its
+public API in a plain loop:
 ``FastLanguageModel.from_pretrained(<HF checkpoint dir>)`` then ``get_peft_model(...,
 use_gradient_checkpointing="auto", max_memory=<budget>)``, forward with labels, backward, AdamW; with and without
 ``torch.autocast`` (``--autocast``). The budget reaches it as ``max_memory`` and/or as the process cap
@@ -181,6 +182,8 @@ def _child(spec: dict) -> None:
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                                  target_modules=TARGETS, use_gradient_checkpointing=spec["gc"],
                                                  random_state=3407, max_seq_length=spec["seq"], **kwargs)
+        if spec.get("replay", "auto") != "auto":  # how a replayed layer runs: whole | split (the plan's choice: auto)
+            model.gradient_checkpointing_enable(replay=spec["replay"])
         out["build_s"] = round(time.perf_counter() - t0, 1)
         stage = "step"
         model.train()
@@ -299,7 +302,7 @@ def _peer_point(pt: dict, a, env: dict, timeout: float) -> dict:
 
 def _pronghorn_point(pt: dict, a, env: dict, timeout: float) -> dict:
     spec = {k: pt[k] for k in ("model", "batch", "seq", "q4", "gc", "autocast", "budget_gib", "dir")}
-    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile)
+    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile, replay=a.replay)
     rc, out, err = _run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], timeout, env)
     found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
     log = [line for line in out.splitlines() if line.startswith("pronghorn:")][:3]
@@ -480,6 +483,8 @@ def main(argv=None) -> None:
                     help="pronghorn: the budget as get_peft_model(max_memory=), the process's memory fraction, both")
     ap.add_argument("--scenarios", default="", help=f"'all' or of {list(SCENARIOS)}")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"),
+                    help="pronghorn points: how a replayed layer runs (auto: the plan picks)")
     ap.add_argument("--point-timeout", type=float, default=300)
     ap.add_argument("--time-limit", type=float, default=560, help="seconds: points that would start later are skipped")
     ap.add_argument("--peer-scripts", type=Path, default=PEER_SCRIPTS)
