@@ -28,6 +28,7 @@ from torch import nn
 
 from ..kernels.adapter_operands import GraphOperands, operands_kept
 from ..models.kv_cache import StaticKVCache
+from ..models.replay_graphs import module_signature
 
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up so graphs are reused across nearby prompt lengths
 WARMUP_STEPS = 2
@@ -47,13 +48,6 @@ def cache_length(tokens: int, multiple: int = CACHE_LEN_MULTIPLE) -> int:
     return -(-tokens // multiple) * multiple
 
 
-def _signature(model: nn.Module) -> tuple:
-    """What a captured graph depends on besides shapes: parameter/buffer storage and adapter switches."""
-    params = tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in [*model.parameters(), *model.buffers()])
-    adapters = tuple((getattr(m, "lora_enabled", None), getattr(m, "lora_scaling", None))
-                     for m in model.modules() if hasattr(m, "lora_enabled"))
-    return params, adapters
-
 
 class DecodeRunner:
     """Prefill then one-token decode steps on a static cache; ``use_graph`` captures the step (CUDA)."""
@@ -69,7 +63,7 @@ class DecodeRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
         self.operands = GraphOperands()  # the adapters' matmul operands, made once per generate call
-        self.key = (batch, max_len, use_graph, _signature(model))
+        self.key = (batch, max_len, use_graph, module_signature(model))
 
     def prefill(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 padded: bool) -> torch.Tensor:
@@ -154,7 +148,7 @@ def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool,
     (reused when it fits, else new)."""
     max_len = cache_length(tokens, multiple)
     runner = _RUNNERS.get(model)
-    if runner is not None and runner.key == (batch, max_len, use_graph, _signature(model)):
+    if runner is not None and runner.key == (batch, max_len, use_graph, module_signature(model)):
         return runner
     _RUNNERS.pop(model, None)  # free the old graph and cache before allocating new ones: the last reference to
     del runner  # the old runner goes too, or both caches would be alive while the new one is allocated

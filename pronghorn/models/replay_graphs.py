@@ -230,22 +230,16 @@ class ReplayGraphs:
             body = self._backward_body(ctx, statics, need_x, params, views, replay)
             entry = self._capture(slot, signature, body, views, need_x)
             if entry is None:  # replayed eagerly from the inputs already copied in
-                entry = _LayerGraph(None, None, views, body(), need_x)
-                return self._outputs(entry, statics)
+                return self._outputs(_LayerGraph(None, None, views, body(), need_x), statics)
         entry.graph.replay()
         return self._outputs(entry, statics)
+
     def pool_bytes(self) -> int:
         """Bytes the graphs' memory pool holds (reserved for the step, unseen by ``max_memory_allocated``)."""
         if self.pool is None or not torch.cuda.is_available():
             return 0
         pool = tuple(self.pool)
         return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == pool)
-
-    def static_bytes(self) -> int:
-        """Bytes of the static buffers (allocated, seen by ``max_memory_allocated``)."""
-        tensors = [t for s in self.statics.values() for t in (s.x, s.grad, s.gx, s.mid, *s.leaves)
-                   if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors + list(self.flat.values()))
 
     # --- internals ---
 
@@ -321,9 +315,8 @@ class ReplayGraphs:
 
         def body() -> list[bool]:
             layer_input = lambda: statics.x.detach().requires_grad_(need_x)  # noqa: E731
-            mid = None if statics.mid is None else statics.mid
             with dequantized_once(weights), operands_kept({}), own_leaves(ctx.layer, params) as leaves:
-                grads = replay(graph_ctx, layer_input, leaves, statics.grad, mid)
+                grads = replay(graph_ctx, layer_input, leaves, statics.grad, statics.mid)
             if need_x:
                 statics.gx.copy_(grads.pop(0))
             present = []
