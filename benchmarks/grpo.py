@@ -125,7 +125,8 @@ def run_pronghorn(w: dict, device: str, dtype: torch.dtype, out: str, max_memory
         steps.append(time.perf_counter() - t)
         gens.append(sum(b.rollout.seconds for b in batch.generated))  # one generation batch per step here
         lengths.append(batch.metrics["completions/mean_length"])
-    return dict(steps=steps, gens=gens, lengths=lengths, phases=phases if device == "cuda" else None)
+    return dict(steps=steps, gens=gens, lengths=lengths, phases=phases if device == "cuda" else None,
+                generation=getattr(trainer, "generation_estimate", None))  # rows a round, its estimated peak
 
 
 def _graph_pool(segment: dict) -> bool:
@@ -278,7 +279,8 @@ def child(system: str, a) -> None:
                           completions=completions, new_tokens=w["new_tokens"], step_s=round(step, 3),
                           generation_s=round(gen, 3), training_s=round(step - gen, 3),
                           steps_per_s=round(1 / step, 4), mean_length=round(statistics.mean(r["lengths"]), 1),
-                          peak_gib=peak, **phases)))
+                          peak_gib=peak, **phases, **({"generation_plan": r["generation"]} if r.get("generation")
+                                                         else {}))))
 
 
 def available(system: str, dry_run: bool) -> str | None:

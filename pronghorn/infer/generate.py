@@ -156,8 +156,7 @@ def _decode(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, tokenize
     out = model(input_ids=seq, attention_mask=mask if padded else None, position_ids=positions,
                 past_key_values=cache, logits_to_keep=1)
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        next_ids = sample_next(logits, seq, mask=mask, **sampling)
+        next_ids = sample_next(out.logits[:, -1], seq, mask=mask, **sampling)  # scored in fp32 there
         if pad_id is not None:
             next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
         seq = torch.cat([seq, next_ids[:, None]], dim=1)
@@ -206,7 +205,7 @@ def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, t
     done = 0
     for step in range(max_new_tokens):
         end = prompt_len + step
-        next_ids = sample_next(logits.float(), seq[:, :end], mask=full_mask[:, :end], **sampling)
+        next_ids = sample_next(logits, seq[:, :end], mask=full_mask[:, :end], **sampling)
         if pad_id is not None:
             next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_id))
         seq[:, end] = next_ids

@@ -118,8 +118,9 @@ def sample_next(
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]: argmax when ``do_sample`` is False or ``temperature`` is 0,
-    else one multinomial draw (from ``generator``, or torch's global RNG) from the filtered distribution."""
+    """Next token ids [B] from logits [B, V] (any float dtype; scored in fp32): argmax when ``do_sample`` is False
+    or ``temperature`` is 0, else one multinomial draw (from ``generator``, or torch's global RNG) from the filtered
+    distribution (:func:`draw`)."""
     check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
     scores = process_logits(
         logits.float(), generated_ids, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -128,4 +129,14 @@ def sample_next(
     if not do_sample or temperature == 0:
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    del scores  # two fp32 [B, V] tensors at a time, not three: the decode's memory estimate counts two
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs`` [B, V]: ``torch.multinomial(probs, 1, generator=generator)`` token for token
+    (its one-sample path: the argmax of ``probs / q``, ``q ~ Exp(1)`` drawn as ``empty_like(probs).exponential_``),
+    without its two host syncs (a check for inf, NaN or negative values, and one for rows that sum to 0: softmax
+    makes neither, but each would stall the host once a decode step) and with ``q`` divided in place."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, q, out=q).argmax(dim=-1)

@@ -32,7 +32,8 @@ from ..models.replay_graphs import module_signature
 
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up so graphs are reused across nearby prompt lengths
 WARMUP_STEPS = 2
-PREFILL_TOKENS = 2048  # prompt tokens per prefill forward (whole rows); about as fast as one big forward
+PREFILL_TOKENS = 1024  # prompt tokens per prefill forward (whole rows): its activations stay below a big batch's
+# sampling step (GRPO's 64 rows of Llama-3.2-1B: 70 against 78 MiB), and 1,024-row matmuls run near full speed
 
 _RUNNERS: "weakref.WeakKeyDictionary[nn.Module, DecodeRunner]" = weakref.WeakKeyDictionary()
 
@@ -125,7 +126,7 @@ class DecodeRunner:
             self.cache.index.copy_(index)
             self.pos.copy_(pos)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):  # the warm-up's stream: one cuBLAS workspace for both
             self.logits = self._forward(model)
         self.graph = graph
 
@@ -134,9 +135,10 @@ _WARMUP_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
 def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One side stream per device for every capture's warm-up. A new stream per capture would leave, for each,
-    the cuBLAS workspaces torch keeps per (handle, stream) allocated for good: GRPO captures a graph every
-    generation, and on the H100 what stayed allocated grew by 32-96 MiB a step (session 15)."""
+    """One side stream per device for every capture and its warm-up. A new stream per capture would leave, for
+    each, the cuBLAS workspace torch keeps per (handle, stream) allocated for good: GRPO captures a graph every
+    generation, and on the H100 what stayed allocated grew by 32-96 MiB a step (session 15). Capturing on the
+    warm-up's stream (not torch's own capture stream) holds one workspace for both, 32 MiB on Hopper."""
     if device not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
     return _WARMUP_STREAMS[device]
@@ -155,6 +157,12 @@ def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool,
     runner = DecodeRunner(model, batch, max_len, use_graph)
     _RUNNERS[model] = runner
     return runner
+
+
+def live_graphs() -> bool:
+    """Whether a kept decode runner holds a captured graph (which bakes in a cuBLAS workspace: freeing the
+    workspaces, ``allocator.release_workspaces``, is safe only while none does)."""
+    return any(r.graph is not None for r in list(_RUNNERS.values()))
 
 
 def release(model: nn.Module) -> None:

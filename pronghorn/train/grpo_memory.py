@@ -4,11 +4,12 @@ training plan when a training forward runs out of memory all the same.
 Generation and training share one budget (``max_memory``, the process's memory fraction, the GPU's free memory:
 :func:`~pronghorn.models.memory_plan.device_budget`). Training plans its step with the training step's plan;
 the decoder's KV cache is released before it (``static_decode.release``). Decoding holds, besides what is
-resident (weights, adapters, optimizer state), per row: the KV cache of every layer for the prompt plus the new
-tokens (on a GPU the static cache's length, rounded up as ``infer.static_decode`` allocates it), and one step's
-fp32 logits and sampling temporaries; and once, the activations of one prefill forward (a group of rows'
-prompts, ``PREFILL_TOKENS`` tokens) on top of the whole cache. The rollout decodes at most
-:func:`generation_rows` rows at a time; more rows than that are decoded in several rounds.
+resident (weights, adapters, and the optimizer's state unless the trainer parks it on the host), per row the KV
+cache of every layer for the prompt plus the new tokens (on a GPU the static cache's length, rounded up as
+``infer.static_decode`` allocates it); and on top of the whole cache, at different times, either the activations
+of one prefill forward (a group of rows' prompts, ``PREFILL_TOKENS`` tokens) or one sampling step's logits and
+their fp32 working copies, per row. The rollout decodes at most :func:`generation_rows` rows at a time; more rows
+than that are decoded in several rounds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..models.allocator import expand_segments_under_budget
 from ..models.memory_plan import GIB, HEADROOM, device_budget, parse_budget
 from .grpo_rollout import CACHE_MULTIPLE
 
-SAMPLING_COPIES = 4  # fp32 [rows, vocab] tensors alive in one sampling step (logits, processed, probs, sorted)
+CUBLAS_WORKSPACE = 32 * 2**20  # torch's cuBLAS workspace per (handle, stream) on Hopper (":4096:8")
+GENERATION_WORKSPACES = 2  # the prefill's (the current stream) and the decode graph's warm-up and capture stream's
 
 
 def _itemsize(model: nn.Module) -> int:
@@ -32,11 +34,27 @@ def _itemsize(model: nn.Module) -> int:
     return torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
 
 
-def bytes_per_row(model: nn.Module, tokens: int) -> int:
-    """Decode memory of one row of ``tokens`` (prompt + new): its KV cache in every layer and a step's logits."""
+def kv_bytes_per_row(model: nn.Module, tokens: int) -> int:
+    """The KV cache of one row of ``tokens`` (prompt + new) in every layer."""
     c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * _itemsize(model)
-    return kv + SAMPLING_COPIES * c.vocab_size * 4
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * _itemsize(model)
+
+
+def sampling_copies(top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0) -> float:
+    """fp32 [rows, vocab] tensors alive at once in one sampling step (infer/sampling.py), in units of 4 bytes an
+    element: 2 for a draw (the probabilities and the exponential draws divided in place; the scores are freed
+    first) or a greedy pick; top-p's sort holds the scores, the sorted scores, their int64 indices and the sorted
+    softmax with its cumulative sum (6); min-p the scores, probabilities, a bool mask and the filtered scores
+    (3.25); top-k a bool mask beside the scores and the filtered ones (2.25); the repetition penalty the scores,
+    their padded copy and the scattered result (3)."""
+    return max(2.0, 2.25 if top_k > 0 else 0, 6.0 if top_p < 1.0 else 0, 3.25 if min_p > 0.0 else 0,
+               3.0 if repetition_penalty != 1.0 else 0)
+
+
+def sampling_bytes_per_row(model: nn.Module, copies: float = 2.0) -> int:
+    """One decode step's logits of one row in the compute dtype (the decode graph's output) and ``copies`` fp32
+    working copies of them while sampling (:func:`sampling_copies`)."""
+    return int(model.config.vocab_size * (_itemsize(model) + 4 * copies))
 
 
 def prefill_bytes(model: nn.Module) -> int:
@@ -47,19 +65,23 @@ def prefill_bytes(model: nn.Module) -> int:
     return PREFILL_TOKENS * _itemsize(model) * (3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size)
 
 
-def generation_rows(rows: int, per_row: int, budget: int | None, resident: int, source: str = "max_memory") -> int:
-    """How many of ``rows`` to decode at once so that ``resident + n * per_row`` fits ``budget`` with the memory
-    plan's headroom (all of them without a budget). None fits: a PronghornError naming the smallest budget."""
+def generation_rows(rows: int, per_row: int, budget: int | None, resident: int, source: str = "max_memory",
+                    transient_row: int = 0, transient: int = 0) -> int:
+    """How many of ``rows`` to decode at once so that ``resident + n * per_row + max(transient, n *
+    transient_row)`` fits ``budget`` with the memory plan's headroom (all of them without a budget): ``per_row``
+    what each row holds for the whole round (its KV cache), ``transient`` what the prefill holds once and
+    ``transient_row`` what a sampling step holds per row, never at the same time. None fits: a PronghornError
+    naming the smallest budget."""
     if budget is None:
         return rows
     usable = budget * (1 - HEADROOM) - resident
-    fits = int(usable // per_row) if usable > 0 else 0
+    fits = int(min((usable - transient) // per_row, usable // (per_row + transient_row))) if usable > 0 else 0
     if fits < 1:
-        need = (resident + per_row) / (1 - HEADROOM)
+        need = (resident + per_row + max(transient, transient_row)) / (1 - HEADROOM)
         raise PronghornError(f"GRPO generation does not fit {source} ({budget / GIB:.2f} GiB): one completion's KV "
-                             f"cache and logits take {per_row / GIB:.3f} GiB beside {resident / GIB:.2f} GiB resident; "
-                             f"the smallest budget that fits is {math.ceil(need / GIB * 100) / 100:.2f} GiB (or lower "
-                             "max_completion_length)")
+                             f"cache and logits take {(per_row + transient_row) / GIB:.3f} GiB beside "
+                             f"{resident / GIB:.2f} GiB resident; the smallest budget that fits is "
+                             f"{math.ceil(need / GIB * 100) / 100:.2f} GiB (or lower max_completion_length)")
     return min(rows, fits)
 
 
@@ -79,22 +101,37 @@ def operand_bytes(model: nn.Module) -> int:
     return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapted) * _itemsize(model)
 
 
-def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int) -> int:
-    """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
-    resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers), plus a head on the host's
-    transient device copy (:func:`head_copy_bytes`) and the adapters' operands (:func:`operand_bytes`)."""
+def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float) -> tuple:
+    """(budget, source, resident, per_row, transient_row, transient) of :func:`generation_rows` for ``model`` on
+    its device now (:func:`rows_at_once`)."""
     device = getattr(model, "device", None) or next(model.parameters()).device
     limit = parse_budget(max_memory) if max_memory else None
     budget, source = device_budget(device, limit) if device.type == "cuda" or limit is not None else (None, "")
     expand_segments_under_budget(device, source)
     if device.type == "cuda":
-        resident = torch.cuda.memory_allocated(device)
+        resident = torch.cuda.memory_allocated(device) + GENERATION_WORKSPACES * CUBLAS_WORKSPACE
         tokens = cache_length(tokens, CACHE_MULTIPLE)  # the static cache's allocated length
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return generation_rows(rows, bytes_per_row(model, tokens), budget,
-                           resident + prefill_bytes(model) + head_copy_bytes(model) + operand_bytes(model),
-                           source or "max_memory")
+    return (budget, source or "max_memory", resident + head_copy_bytes(model) + operand_bytes(model),
+            kv_bytes_per_row(model, tokens), sampling_bytes_per_row(model, copies), prefill_bytes(model))
+
+
+def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0) -> int:
+    """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
+    resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers), plus a head on the host's
+    transient device copy (:func:`head_copy_bytes`), the adapters' operands (:func:`operand_bytes`) and, on a GPU,
+    the cuBLAS workspaces of the prefill's and the decode graph's streams (counted whole: the trainer frees them
+    between phases, ``allocator.release_workspaces``); ``copies``: :func:`sampling_copies` of the settings."""
+    budget, source, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies)
+    return generation_rows(rows, per_row, budget, resident, source, transient_row, transient)
+
+
+def generation_peak(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0) -> int:
+    """The estimated peak bytes of decoding ``rows`` rows at once (what :func:`rows_at_once` holds to the budget
+    less its headroom), for the logs and the benchmark's estimate-against-peak check."""
+    _, _, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies)
+    return resident + rows * per_row + max(transient, rows * transient_row)
 
 
 TRAINING_RETRIES = 3  # leaner training plans tried after a training forward runs out of memory

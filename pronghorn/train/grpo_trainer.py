@@ -56,7 +56,8 @@ from torch import nn
 
 from ..data.prompts import prompt_rows
 from ..errors import PronghornError
-from ..infer.static_decode import release
+from ..models.memory_plan import GIB
+from ..infer.static_decode import live_graphs, release
 from ..models.allocator import release_workspaces
 from .config import TrainConfig
 from .distributed import all_gather_rows, all_reduce_sum
@@ -64,9 +65,10 @@ from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import CLIP_METRICS, grpo_loss
 from .grpo_rewards import resolve_rewards, score
-from .grpo_memory import TRAINING_RETRIES, lower_plan_target, rows_at_once
+from .grpo_memory import TRAINING_RETRIES, generation_peak, lower_plan_target, rows_at_once, sampling_copies
 from .grpo_rollout import Rollout, rollout
 from .grpo_settings import generation_shape
+from .optimizer_parking import StateParking
 from .preference_trainer import adapters_disabled
 from .rewards import reward_name
 from .trainer import Trainer
@@ -174,15 +176,51 @@ class GRPOTrainer(Trainer):
         rows = self.local_rows([p for p in prompts for _ in range(cfg.num_generations)])
         prompt_ids = [p["prompt_ids"] for p in rows]
         tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
-        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens)  # the shared budget
+        copies = sampling_copies(cfg.top_k, cfg.top_p, cfg.min_p)
+        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens, copies)  # the shared budget
+        tight = self.device.type == "cuda" and at_once < len(prompt_ids)
+        if tight:  # more room for one round: the optimizer's state on the host, stale cuBLAS workspaces freed
+            self.parking.park()
+            self._free_between_phases()
+            at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens, copies)
+        self.generation_estimate = dict(rows=len(prompt_ids), at_once=at_once, parked_gib=round(
+            self.parking.device_bytes_parked / GIB, 3) if tight else 0.0, estimate_gib=round(generation_peak(
+                self.model, cfg.max_memory, min(at_once, len(prompt_ids)), tokens, copies) / GIB, 3))
+        try:
+            ro = self._rollout(prompts, prompt_ids, at_once, seed)
+        finally:
+            release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
+            if tight:
+                self._free_between_phases()
+                self.parking.restore()
+        return self.score_batch(rows, ro, shuffle_seed=seed)
+
+    @property
+    def parking(self) -> StateParking:
+        """The optimizer's state parked on the host during a generation that needs the room (optimizer_parking)."""
+        if getattr(self, "_parking", None) is None or self._parking.optimizer is not self.optimizer:
+            self._parking = StateParking(self.optimizer)
+        return self._parking
+
+    def _free_between_phases(self) -> None:
+        """Free the cuBLAS workspaces of streams the next phase does not use and give cached blocks back, so
+        that the other phase's streams can have the memory (skipped while a captured decode graph, which bakes
+        a workspace in, is alive)."""
+        if not live_graphs():
+            release_workspaces()
+            torch.cuda.empty_cache()
+
+    def _rollout(self, prompts: list[dict], prompt_ids: list[list[int]], at_once: int, seed: int | None) -> Rollout:
+        """The rollout of ``prompt_ids``, ``at_once`` rows a round; fewer, with a warning, when a round runs out
+        of memory although the estimate fit."""
+        cfg = self.cfg
         while True:
             try:
-                ro = rollout(self.model, self.tokenizer, prompt_ids, 1,
-                             max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                             top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings,
-                             seed=None if seed is None else seed + RANK_SEED_STRIDE * self.dist.env.rank,
-                             conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
-                break
+                return rollout(self.model, self.tokenizer, prompt_ids, 1,
+                               max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                               top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings,
+                               seed=None if seed is None else seed + RANK_SEED_STRIDE * self.dist.env.rank,
+                               conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
             except torch.OutOfMemoryError:
                 if at_once <= 1:
                     raise
@@ -192,10 +230,8 @@ class GRPOTrainer(Trainer):
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             warnings.warn(f"GRPO generation ran out of memory decoding {at_once} completions at once (estimated "
-                          f"to fit); decoding {at_once // 2} at once", RuntimeWarning, stacklevel=2)
+                          f"to fit); decoding {at_once // 2} at once", RuntimeWarning, stacklevel=3)
             at_once //= 2
-        release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
-        return self.score_batch(rows, ro, shuffle_seed=seed)
 
     def score_batch(self, rows: list[dict], ro: Rollout, shuffle_seed: int | None = None) -> GenerationBatch:
         """Rewards, advantages, old and reference log-probs of generated completions (also the entry point for

@@ -16,6 +16,7 @@ from pronghorn.infer.sampling import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    draw,
     process_logits,
     sample_next,
 )
@@ -121,3 +122,15 @@ def test_bad_arguments_raise(bad):
     logits, _ = _data()
     with pytest.raises(ValueError, match=next(iter(bad))):
         sample_next(logits, do_sample=True, **bad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA's exponential draws"))])
+def test_draw_is_torch_multinomial_token_for_token(device):
+    """``draw`` (no host syncs) picks what ``torch.multinomial(probs, 1)`` picks from the same generator state,
+    on the CPU and on the GPU, for shapes of one row to a batch of a large vocabulary."""
+    for shape in [(1, 7), (64, 1031), (5, 128256)]:
+        probs = torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3, -1).to(device)
+        for seed in range(5):
+            want = torch.multinomial(probs, 1, generator=torch.Generator(device).manual_seed(seed)).squeeze(1)
+            assert torch.equal(draw(probs, torch.Generator(device).manual_seed(seed)), want)

@@ -10,7 +10,8 @@ from grpo_cases import grpo_trainer
 from pronghorn.errors import PronghornError
 from pronghorn.models.memory_plan import GIB, HEADROOM
 from pronghorn.train import grpo_rollout
-from pronghorn.train.grpo_memory import SHRINK, bytes_per_row, generation_rows, prefill_bytes, rows_at_once
+from pronghorn.train.grpo_memory import (SHRINK, generation_rows, kv_bytes_per_row, prefill_bytes, rows_at_once,
+                                        sampling_bytes_per_row, sampling_copies)
 
 
 def test_rows_per_round_from_the_budget():
@@ -23,12 +24,32 @@ def test_rows_per_round_from_the_budget():
         generation_rows(8, GIB, GIB, GIB // 2)
 
 
-def test_bytes_per_row_counts_every_layers_cache_and_the_logits(tmp_path):
+def test_the_prefill_and_a_sampling_step_are_never_held_at_once():
+    """Rows fit when the cache plus the larger of the prefill's activations (once) and a sampling step's
+    temporaries (per row) fit: the prefill is over before the first token is sampled."""
+    budget, resident = 1000, 100
+    usable = budget * (1 - HEADROOM) - resident  # 860
+    assert generation_rows(200, 8, budget, resident, transient_row=2, transient=300) == int((usable - 300) // 8)
+    assert generation_rows(200, 8, budget, resident, transient_row=4, transient=60) == int(usable // 12)
+    with pytest.raises(PronghornError, match="smallest budget that fits is"):
+        generation_rows(8, 8, budget, resident, transient=usable - 4)
+
+
+def test_sampling_copies_follow_the_settings():
+    assert sampling_copies() == 2.0  # a plain draw: the probabilities and the exponential draws
+    assert sampling_copies(top_k=50) == 2.25
+    assert sampling_copies(top_p=0.9) == sampling_copies(top_p=0.9, top_k=50, min_p=0.1) == 6.0
+    assert sampling_copies(min_p=0.05) == 3.25
+    assert sampling_copies(repetition_penalty=1.1) == 3.0
+
+
+def test_kv_and_sampling_bytes_per_row(tmp_path):
     t = grpo_trainer(tmp_path)
     c = t.model.config
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # fp32 K and V
-    assert bytes_per_row(t.model, 10) - bytes_per_row(t.model, 9) == per_token
-    assert bytes_per_row(t.model, 0) == 4 * c.vocab_size * 4
+    assert kv_bytes_per_row(t.model, 10) - kv_bytes_per_row(t.model, 9) == per_token
+    assert kv_bytes_per_row(t.model, 0) == 0
+    assert sampling_bytes_per_row(t.model) == c.vocab_size * (4 + 2 * 4)  # fp32 logits, two fp32 copies
 
 
 def test_a_small_budget_decodes_in_rounds_and_a_tiny_one_stops_before_generating(tmp_path, monkeypatch):
@@ -36,10 +57,10 @@ def test_a_small_budget_decodes_in_rounds_and_a_tiny_one_stops_before_generating
     prompts = t.batch_prompts(0)
     rows = len(prompts) * t.cfg.num_generations
     resident = sum(p.numel() * p.element_size() for p in list(t.model.parameters()) + list(t.model.buffers()))
-    resident += prefill_bytes(t.model)  # one prefill forward's activations beside the cache
     tokens = max(len(p["prompt_ids"]) for p in prompts) + t.cfg.max_completion_length
-    per_row = bytes_per_row(t.model, tokens)
-    budget = int((resident + 2.5 * per_row) / (1 - HEADROOM))  # room for 2 rows at a time
+    per_row = kv_bytes_per_row(t.model, tokens)
+    assert prefill_bytes(t.model) > 3 * sampling_bytes_per_row(t.model)  # the prefill is the larger here
+    budget = int((resident + prefill_bytes(t.model) + 2.5 * per_row) / (1 - HEADROOM))  # room for 2 rows at a time
     assert rows_at_once(t.model, str(budget), rows, tokens) == 2
     calls = []
     original = grpo_rollout.generate
