@@ -56,6 +56,7 @@ case "$stage" in
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
       tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
       tests/models/test_replay_graphs.py tests/infer/test_sampling.py tests/train/test_optimizer_parking.py \
+      tests/models/test_shared_prefix_cache.py \
       tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.kv_cache import KVCache
+from ..models.shared_prefix_cache import shared_rows
 from .sampling import check_sampling_args, sample_next
 from .static_decode import CACHE_LEN_MULTIPLE, get_runner, graphs_supported
 
@@ -190,7 +191,8 @@ def _decode_static(model, input_ids, mask, max_new_tokens, eos, pad_id, stops, t
     few extra steps it may run produce padding that is cut off)."""
     batch, prompt_len = input_ids.shape
     padded = not bool(mask.all())
-    runner = get_runner(model, batch, prompt_len + max_new_tokens, use_graph, cache_multiple)
+    share = shared_rows(input_ids, mask)  # repeated prompts (GRPO's groups): their keys and values held once
+    runner = get_runner(model, batch, prompt_len + max_new_tokens, use_graph, cache_multiple, share, prompt_len)
     runner.strict = strict
     seq = F.pad(input_ids, (0, max_new_tokens), value=pad_id if pad_id is not None else 0)
     full_mask = F.pad(mask, (0, max_new_tokens), value=1)

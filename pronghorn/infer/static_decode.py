@@ -14,6 +14,10 @@ The adapters' operands (``A`` and ``s * B`` in the compute dtype) are made once 
 prefill, into the runner's :class:`~pronghorn.kernels.adapter_operands.GraphOperands` store, and made again in
 place by the next call's prefill: the steps (and the graph) read them without casting each adapter again.
 
+Rows that come in groups of one prompt (GRPO's completions; any batch of repeated prompts, found by
+``models.shared_prefix_cache.shared_rows``) decode from a :class:`SharedPrefixCache`: the prompt's keys and values
+are held and prefilled once a group.
+
 A runner is kept per model (the latest only, dropped with the model) and reused while the batch size,
 cache length and parameters (storage, adapters switched on or off) are unchanged.
 """
@@ -29,6 +33,7 @@ from torch import nn
 from ..kernels.adapter_operands import GraphOperands, operands_kept
 from ..models.kv_cache import StaticKVCache
 from ..models.replay_graphs import module_signature
+from ..models.shared_prefix_cache import SharedPrefixCache
 
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up so graphs are reused across nearby prompt lengths
 WARMUP_STEPS = 2
@@ -53,10 +58,15 @@ def cache_length(tokens: int, multiple: int = CACHE_LEN_MULTIPLE) -> int:
 class DecodeRunner:
     """Prefill then one-token decode steps on a static cache; ``use_graph`` captures the step (CUDA)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool, share: int = 1,
+                 prompt_len: int = 0):
         cfg, device = model.config, model.device
-        self.cache = StaticKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len,
-                                   model.dtype, device)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim)
+        if share > 1:  # groups of rows with one prompt: the prompt's keys and values held once a group
+            self.cache = SharedPrefixCache(*shape[:2], share, *shape[2:], prompt_len, max_len, model.dtype, device)
+        else:
+            self.cache = StaticKVCache(*shape, max_len, model.dtype, device)
+        self.share = share
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.use_graph = use_graph
@@ -64,7 +74,7 @@ class DecodeRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
         self.operands = GraphOperands()  # the adapters' matmul operands, made once per generate call
-        self.key = (batch, max_len, use_graph, module_signature(model))
+        self.key = (batch, max_len, use_graph, module_signature(model), share, prompt_len if share > 1 else 0)
 
     def prefill(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 padded: bool) -> torch.Tensor:
@@ -73,18 +83,21 @@ class DecodeRunner:
         self.cache.reset()
         self.operands.renew()  # the adapters may have trained since the last call: operands made again, in place
         batch, length = input_ids.shape
+        g = self.share  # with a shared prompt, the prefill runs each group's prompt once
         group = max(1, PREFILL_TOKENS // max(length, 1))
         logits = []
-        for r in range(0, batch, group):
+        for r in range(0, batch // g, group):
+            rows = slice(r * g, (r + group) * g, g)
             with operands_kept(self.operands):
-                out = model(input_ids=input_ids[r:r + group], attention_mask=mask[r:r + group] if padded else None,
-                            position_ids=positions[r:r + group], past_key_values=self.cache.rows(r, r + group),
+                out = model(input_ids=input_ids[rows], attention_mask=mask[rows] if padded else None,
+                            position_ids=positions[rows], past_key_values=self.cache.rows(r * g, (r + group) * g),
                             logits_to_keep=1)
             logits.append(out.logits[:, -1])
         self.cache.length = length
         self.cache.start_decoding(mask if padded else None)
         self.pos.copy_(positions[:, -1:] + 1)
-        return logits[0] if len(logits) == 1 else torch.cat(logits)
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return logits.repeat_interleave(g, 0) if g > 1 else logits
 
     def step(self, model: nn.Module, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``next_ids`` [B]; return the logits [B, V] of the next position (a buffer the next step
@@ -145,16 +158,18 @@ def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 def get_runner(model: nn.Module, batch: int, tokens: int, use_graph: bool,
-               multiple: int = CACHE_LEN_MULTIPLE) -> DecodeRunner:
+               multiple: int = CACHE_LEN_MULTIPLE, share: int = 1, prompt_len: int = 0) -> DecodeRunner:
     """The model's runner for ``batch`` rows of up to ``tokens`` tokens, its cache rounded up to ``multiple``
-    (reused when it fits, else new)."""
+    (reused when it fits, else new); ``share`` > 1: the rows come in groups of that many with one prompt of
+    ``prompt_len`` tokens (models/shared_prefix_cache.py)."""
     max_len = cache_length(tokens, multiple)
     runner = _RUNNERS.get(model)
-    if runner is not None and runner.key == (batch, max_len, use_graph, module_signature(model)):
+    key = (batch, max_len, use_graph, module_signature(model), share, prompt_len if share > 1 else 0)
+    if runner is not None and runner.key == key:
         return runner
     _RUNNERS.pop(model, None)  # free the old graph and cache before allocating new ones: the last reference to
     del runner  # the old runner goes too, or both caches would be alive while the new one is allocated
-    runner = DecodeRunner(model, batch, max_len, use_graph)
+    runner = DecodeRunner(model, batch, max_len, use_graph, share, prompt_len)
     _RUNNERS[model] = runner
     return runner
 

@@ -34,10 +34,16 @@ def _itemsize(model: nn.Module) -> int:
     return torch.finfo(getattr(model, "dtype", torch.float32)).bits // 8
 
 
-def kv_bytes_per_row(model: nn.Module, tokens: int) -> int:
-    """The KV cache of one row of ``tokens`` (prompt + new) in every layer."""
+def kv_bytes_per_row(model: nn.Module, tokens: int, share: int = 1, prompt_len: int = 0) -> int:
+    """The KV cache of one row of ``tokens`` (prompt + new) in every layer. ``share`` > 1: rows in groups of that
+    many with one prompt of ``prompt_len`` tokens (models/shared_prefix_cache.py): the row's new tokens, its share
+    of the group's prompt, and its part of the one layer's keys and values that attention reads."""
     c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * _itemsize(model)
+    per_token = 2 * c.num_key_value_heads * c.head_dim * _itemsize(model)  # one layer's K and V
+    if share <= 1:
+        return c.num_hidden_layers * per_token * tokens
+    return c.num_hidden_layers * per_token * (tokens - prompt_len) + math.ceil(
+        c.num_hidden_layers * per_token * prompt_len / share) + per_token * tokens
 
 
 def sampling_copies(top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0) -> float:
@@ -101,7 +107,8 @@ def operand_bytes(model: nn.Module) -> int:
     return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapted) * _itemsize(model)
 
 
-def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float) -> tuple:
+def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float, share: int = 1,
+           prompt_len: int = 0) -> tuple:
     """(budget, source, resident, per_row, transient_row, transient) of :func:`generation_rows` for ``model`` on
     its device now (:func:`rows_at_once`)."""
     device = getattr(model, "device", None) or next(model.parameters()).device
@@ -114,23 +121,30 @@ def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float)
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return (budget, source or "max_memory", resident + head_copy_bytes(model) + operand_bytes(model),
-            kv_bytes_per_row(model, tokens), sampling_bytes_per_row(model, copies), prefill_bytes(model))
+            kv_bytes_per_row(model, tokens, share, prompt_len), sampling_bytes_per_row(model, copies),
+            prefill_bytes(model))
 
 
-def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0) -> int:
+def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0,
+                 share: int = 1, prompt_len: int = 0) -> int:
     """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
     resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers), plus a head on the host's
     transient device copy (:func:`head_copy_bytes`), the adapters' operands (:func:`operand_bytes`) and, on a GPU,
     the cuBLAS workspaces of the prefill's and the decode graph's streams (counted whole: the trainer frees them
-    between phases, ``allocator.release_workspaces``); ``copies``: :func:`sampling_copies` of the settings."""
-    budget, source, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies)
-    return generation_rows(rows, per_row, budget, resident, source, transient_row, transient)
+    between phases, ``allocator.release_workspaces``); ``copies``: :func:`sampling_copies` of the settings;
+    ``share`` / ``prompt_len``: groups of rows with one prompt (:func:`kv_bytes_per_row`), as many rows a round
+    as whole groups make."""
+    budget, source, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies, share,
+                                                                         prompt_len)
+    n = generation_rows(rows, per_row, budget, resident, source, transient_row, transient)
+    return n if share <= 1 or n < share or n == rows else n - n % share
 
 
-def generation_peak(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0) -> int:
+def generation_peak(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0,
+                    share: int = 1, prompt_len: int = 0) -> int:
     """The estimated peak bytes of decoding ``rows`` rows at once (what :func:`rows_at_once` holds to the budget
     less its headroom), for the logs and the benchmark's estimate-against-peak check."""
-    _, _, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies)
+    _, _, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies, share, prompt_len)
     return resident + rows * per_row + max(transient, rows * transient_row)
 
 

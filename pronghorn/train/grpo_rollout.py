@@ -99,10 +99,12 @@ def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], num_generations: int, *,
             max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
             min_p: float = 0.0, stop_strings: Sequence[str] | None = None, seed: int | None = None,
-            conversational: bool = False, max_rows: int | None = None) -> Rollout:
+            conversational: bool = False, max_rows: int | None = None, group: int = 1) -> Rollout:
     """``num_generations`` completions of each prompt (module docstring); at most ``max_rows`` rows decoded at
     once (the memory budget: train/grpo_memory.py), in rounds as even as can be, round ``i`` seeded with
-    ``seed + i``."""
+    ``seed + i``. ``group``: ``prompt_ids`` come in runs of that many equal prompts (the trainer's repeated
+    prompts; ``num_generations`` makes its own runs): rounds hold whole runs where ``max_rows`` allows, so that
+    the decoder holds each run's prompt once (models/shared_prefix_cache.py)."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -111,8 +113,12 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    rounds = -(-len(rows) // (max_rows or len(rows)))
-    step = -(-len(rows) // rounds)  # even rounds: one batch size, so every round reuses the first one's CUDA graph
+    unit = group * num_generations  # rows of one prompt
+    if len(rows) % unit or (max_rows or len(rows)) < unit:
+        unit = 1
+    runs = len(rows) // unit
+    rounds = -(-runs // ((max_rows or len(rows)) // unit))
+    step = -(-runs // rounds) * unit  # even rounds: one batch size, so every round reuses the first one's graph
     new = []
     for i, start in enumerate(range(0, len(rows), step)):
         out = generate(model, ids[start:start + step].to(device), mask[start:start + step].to(device),

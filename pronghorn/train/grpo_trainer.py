@@ -175,19 +175,23 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         rows = self.local_rows([p for p in prompts for _ in range(cfg.num_generations)])
         prompt_ids = [p["prompt_ids"] for p in rows]
-        tokens = max(len(p) for p in prompt_ids) + cfg.max_completion_length
-        copies = sampling_copies(cfg.top_k, cfg.top_p, cfg.min_p)
-        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens, copies)  # the shared budget
+        prompt_len = max(len(p) for p in prompt_ids)
+        tokens = prompt_len + cfg.max_completion_length
+        # the rank's rows are whole groups of one prompt (one process, or ranks cut at group bounds): the decoder
+        # holds each group's prompt once (models/shared_prefix_cache.py)
+        share = cfg.num_generations if len(prompt_ids) % cfg.num_generations == 0 else 1
+        terms = (tokens, sampling_copies(cfg.top_k, cfg.top_p, cfg.min_p), share, prompt_len)
+        at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), *terms)  # the shared budget
         tight = self.device.type == "cuda" and at_once < len(prompt_ids)
         if tight:  # more room for one round: the optimizer's state on the host, stale cuBLAS workspaces freed
             self.parking.park()
             self._free_between_phases()
-            at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), tokens, copies)
+            at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), *terms)
         self.generation_estimate = dict(rows=len(prompt_ids), at_once=at_once, parked_gib=round(
             self.parking.device_bytes_parked / GIB, 3) if tight else 0.0, estimate_gib=round(generation_peak(
-                self.model, cfg.max_memory, min(at_once, len(prompt_ids)), tokens, copies) / GIB, 3))
+                self.model, cfg.max_memory, min(at_once, len(prompt_ids)), *terms) / GIB, 3))
         try:
-            ro = self._rollout(prompts, prompt_ids, at_once, seed)
+            ro = self._rollout(prompts, prompt_ids, at_once, seed, share)
         finally:
             release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
             if tight:
@@ -210,7 +214,8 @@ class GRPOTrainer(Trainer):
             release_workspaces()
             torch.cuda.empty_cache()
 
-    def _rollout(self, prompts: list[dict], prompt_ids: list[list[int]], at_once: int, seed: int | None) -> Rollout:
+    def _rollout(self, prompts: list[dict], prompt_ids: list[list[int]], at_once: int, seed: int | None,
+                 share: int = 1) -> Rollout:
         """The rollout of ``prompt_ids``, ``at_once`` rows a round; fewer, with a warning, when a round runs out
         of memory although the estimate fit."""
         cfg = self.cfg
@@ -220,7 +225,7 @@ class GRPOTrainer(Trainer):
                                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings,
                                seed=None if seed is None else seed + RANK_SEED_STRIDE * self.dist.env.rank,
-                               conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once)
+                               conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once, group=share)
             except torch.OutOfMemoryError:
                 if at_once <= 1:
                     raise

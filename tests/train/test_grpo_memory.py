@@ -271,3 +271,23 @@ def test_generation_counts_the_adapters_operands_the_decoder_keeps_on_a_gpu(tmp_
     assert adapted
     want = sum(m.lora_A.numel() + m.lora_B.numel() for m in adapted) * 4  # the fp32 tiny model's dtype
     assert grpo_memory.operand_bytes(t.model) == want
+
+
+def test_groups_of_one_prompt_hold_it_once_and_rounds_keep_whole_groups(tmp_path, monkeypatch):
+    """With the rows in groups of one prompt, a row's cache is its new tokens, its share of the group's prompt and
+    its part of one layer's whole keys and values (models/shared_prefix_cache.py); rounds hold whole groups."""
+    t = grpo_trainer(tmp_path)
+    c = t.model.config
+    layer = 2 * c.num_key_value_heads * c.head_dim * 4  # one layer's fp32 K and V a token
+    assert kv_bytes_per_row(t.model, 30, share=5, prompt_len=10) == (
+        c.num_hidden_layers * layer * 20 + c.num_hidden_layers * layer * 10 // 5 + layer * 30)
+    prompts = [r["prompt_ids"] for r in t.batch_prompts(0)]
+    calls, original = [], grpo_rollout.generate
+    monkeypatch.setattr(grpo_rollout, "generate",
+                        lambda m, ids, *a, **k: calls.append(len(ids)) or original(m, ids, *a, **k))
+    rows = [p for p in prompts for _ in range(4)]  # the trainer's repeated prompts: runs of 4
+    for max_rows, want in [(7, [4, 4]), (5, [4, 4]), (8, [8]), (3, [3, 3, 2])]:
+        calls.clear()
+        grpo_rollout.rollout(t.model, t.tokenizer, rows, 1, max_completion_length=3, seed=2, max_rows=max_rows,
+                             group=4)
+        assert calls == want
