@@ -38,9 +38,10 @@ def fixed_batch(seed: int = 0) -> tuple[list[dict], Rollout]:
     return rows, ro
 
 
-def grpo_trainer(tmp_path, dtype=torch.float32, prompts: list[dict] | None = None, **settings) -> GRPOTrainer:
-    """A GRPOTrainer of the tiny model on ``prompts`` (default: the fixed batch's two)."""
-    model = tiny_lora_model(dtype=dtype).train()
+def grpo_trainer(tmp_path, dtype=torch.float32, prompts: list[dict] | None = None, device: str = "cpu",
+                 **settings) -> GRPOTrainer:
+    """A GRPOTrainer of the tiny model on ``prompts`` (default: the fixed batch's two), on ``device``."""
+    model = tiny_lora_model(dtype=dtype).to(device).train()
     randomize_lora_b(model, seed=3, scale=0.2)
     cfg = dict(method="grpo", output_dir=str(tmp_path), progress=False, num_generations=G, batch_size=2,
                gradient_accumulation_steps=3, max_completion_length=9, reward_funcs=[token_sum_reward],

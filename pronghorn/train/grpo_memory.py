@@ -27,6 +27,7 @@ from .grpo_rollout import CACHE_MULTIPLE
 
 CUBLAS_WORKSPACE = 32 * 2**20  # torch's cuBLAS workspace per (handle, stream) on Hopper (":4096:8")
 GENERATION_WORKSPACES = 2  # the prefill's (the current stream) and the decode graph's warm-up and capture stream's
+# (1 when the trainer decodes on the decode graph's stream alone: grpo_rollout.decoding_stream)
 
 
 def _itemsize(model: nn.Module) -> int:
@@ -108,7 +109,7 @@ def operand_bytes(model: nn.Module) -> int:
 
 
 def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float, share: int = 1,
-           prompt_len: int = 0) -> tuple:
+           prompt_len: int = 0, workspaces: int = GENERATION_WORKSPACES) -> tuple:
     """(budget, source, resident, per_row, transient_row, transient) of :func:`generation_rows` for ``model`` on
     its device now (:func:`rows_at_once`)."""
     device = getattr(model, "device", None) or next(model.parameters()).device
@@ -116,7 +117,7 @@ def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float,
     budget, source = device_budget(device, limit) if device.type == "cuda" or limit is not None else (None, "")
     expand_segments_under_budget(device, source)
     if device.type == "cuda":
-        resident = torch.cuda.memory_allocated(device) + GENERATION_WORKSPACES * CUBLAS_WORKSPACE
+        resident = torch.cuda.memory_allocated(device) + workspaces * CUBLAS_WORKSPACE
         tokens = cache_length(tokens, CACHE_MULTIPLE)  # the static cache's allocated length
     else:
         resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -126,25 +127,26 @@ def _terms(model: nn.Module, max_memory: str | None, tokens: int, copies: float,
 
 
 def rows_at_once(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0,
-                 share: int = 1, prompt_len: int = 0) -> int:
+                 share: int = 1, prompt_len: int = 0, workspaces: int = GENERATION_WORKSPACES) -> int:
     """:func:`generation_rows` for ``model`` on its device now: the budget from ``max_memory`` and the device,
     resident bytes as allocated on a GPU (on a CPU: the model's parameters and buffers), plus a head on the host's
     transient device copy (:func:`head_copy_bytes`), the adapters' operands (:func:`operand_bytes`) and, on a GPU,
     the cuBLAS workspaces of the prefill's and the decode graph's streams (counted whole: the trainer frees them
     between phases, ``allocator.release_workspaces``); ``copies``: :func:`sampling_copies` of the settings;
     ``share`` / ``prompt_len``: groups of rows with one prompt (:func:`kv_bytes_per_row`), as many rows a round
-    as whole groups make."""
+    as whole groups make; ``workspaces``: cuBLAS workspaces generation makes (:data:`GENERATION_WORKSPACES`)."""
     budget, source, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies, share,
-                                                                         prompt_len)
+                                                                         prompt_len, workspaces)
     n = generation_rows(rows, per_row, budget, resident, source, transient_row, transient)
     return n if share <= 1 or n < share or n == rows else n - n % share
 
 
 def generation_peak(model: nn.Module, max_memory: str | None, rows: int, tokens: int, copies: float = 2.0,
-                    share: int = 1, prompt_len: int = 0) -> int:
+                    share: int = 1, prompt_len: int = 0, workspaces: int = GENERATION_WORKSPACES) -> int:
     """The estimated peak bytes of decoding ``rows`` rows at once (what :func:`rows_at_once` holds to the budget
     less its headroom), for the logs and the benchmark's estimate-against-peak check."""
-    _, _, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies, share, prompt_len)
+    _, _, resident, per_row, transient_row, transient = _terms(model, max_memory, tokens, copies, share, prompt_len,
+                                                               workspaces)
     return resident + rows * per_row + max(transient, rows * transient_row)
 
 

@@ -14,6 +14,7 @@ tokens; for a conversational prompt a completion is ``[{"role": "assistant", "co
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..infer.generate import generate
+from ..infer.static_decode import warmup_stream
 
 CACHE_MULTIPLE = 16  # the static cache of a round is used once (released after the rollout): little rounding
 
@@ -99,12 +101,15 @@ def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], num_generations: int, *,
             max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
             min_p: float = 0.0, stop_strings: Sequence[str] | None = None, seed: int | None = None,
-            conversational: bool = False, max_rows: int | None = None, group: int = 1) -> Rollout:
+            conversational: bool = False, max_rows: int | None = None, group: int = 1,
+            one_stream: bool = False) -> Rollout:
     """``num_generations`` completions of each prompt (module docstring); at most ``max_rows`` rows decoded at
     once (the memory budget: train/grpo_memory.py), in rounds as even as can be, round ``i`` seeded with
     ``seed + i``. ``group``: ``prompt_ids`` come in runs of that many equal prompts (the trainer's repeated
     prompts; ``num_generations`` makes its own runs): rounds hold whole runs where ``max_rows`` allows, so that
-    the decoder holds each run's prompt once (models/shared_prefix_cache.py)."""
+    the decoder holds each run's prompt once (models/shared_prefix_cache.py). ``one_stream`` (CUDA): decode on
+    the decode graph's own stream, the prefill included, so that generation holds one cuBLAS workspace, not two
+    (:func:`decoding_stream`)."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -120,13 +125,11 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
     rounds = -(-runs // ((max_rows or len(rows)) // unit))
     step = -(-runs // rounds) * unit  # even rounds: one batch size, so every round reuses the first one's graph
     new = []
-    for i, start in enumerate(range(0, len(rows), step)):
-        out = generate(model, ids[start:start + step].to(device), mask[start:start + step].to(device),
-                       max_new_tokens=max_completion_length, do_sample=True, temperature=temperature, top_p=top_p,
-                       top_k=top_k, min_p=min_p, eos_token_id=eos, pad_token_id=pad,
-                       stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer,
-                       seed=None if seed is None else seed + i, cache_multiple=CACHE_MULTIPLE)
-        new += out[:, ids.shape[1]:].tolist()  # one host copy per round, after the decoder is done
+    with decoding_stream(device if one_stream else None):
+        for i, start in enumerate(range(0, len(rows), step)):
+            new += _round(model, tokenizer, ids[start:start + step].to(device), mask[start:start + step].to(device),
+                          max_completion_length, temperature, top_p, top_k, min_p, eos, pad, stop_strings,
+                          None if seed is None else seed + i)
     seconds = time.perf_counter() - t0
     completion_ids, truncated = [], []
     for r in new:
@@ -136,3 +139,32 @@ def rollout(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], n
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
     return Rollout(rows, completion_ids, completions, truncated, seconds)
+
+
+def _round(model, tokenizer, ids, mask, max_completion_length, temperature, top_p, top_k, min_p, eos, pad,
+           stop_strings, seed) -> list[list[int]]:
+    """One round's new tokens (with padding after a stop), copied to the host once the decoder is done."""
+    out = generate(model, ids, mask, max_new_tokens=max_completion_length, do_sample=True, temperature=temperature,
+                   top_p=top_p, top_k=top_k, min_p=min_p, eos_token_id=eos, pad_token_id=pad,
+                   stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer, seed=seed,
+                   cache_multiple=CACHE_MULTIPLE)
+    return out[:, ids.shape[1]:].tolist()
+
+
+@contextlib.contextmanager
+def decoding_stream(device: torch.device | None):
+    """Run the body on the decode graph's warm-up and capture stream (``static_decode.warmup_stream``) of
+    ``device`` (None or not CUDA: as is): no cuBLAS call then runs on the current stream, whose workspace the
+    trainer frees before generating. What the body allocates belongs to that stream's pool and is given back
+    by the trainer's ``empty_cache`` after it; the body's results reach the host (``tolist``), and the current
+    stream waits for the decode stream at the end."""
+    if device is None or device.type != "cuda":
+        yield
+        return
+    stream, current = warmup_stream(device), torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)

@@ -183,15 +183,17 @@ class GRPOTrainer(Trainer):
         terms = (tokens, sampling_copies(cfg.top_k, cfg.top_p, cfg.min_p), share, prompt_len)
         at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), *terms)  # the shared budget
         tight = self.device.type == "cuda" and at_once < len(prompt_ids)
-        if tight:  # more room for one round: the optimizer's state on the host, stale cuBLAS workspaces freed
+        if tight:  # more room for one round: the optimizer's state on the host, the cuBLAS workspaces freed and
+            # one made again, by decoding on the decode graph's stream alone (grpo_rollout.decoding_stream)
             self.parking.park()
             self._free_between_phases()
+            terms += (1,) if not live_graphs() else ()
             at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), *terms)
         self.generation_estimate = dict(rows=len(prompt_ids), at_once=at_once, parked_gib=round(
             self.parking.device_bytes_parked / GIB, 3) if tight else 0.0, estimate_gib=round(generation_peak(
                 self.model, cfg.max_memory, min(at_once, len(prompt_ids)), *terms) / GIB, 3))
         try:
-            ro = self._rollout(prompts, prompt_ids, at_once, seed, share)
+            ro = self._rollout(prompts, prompt_ids, at_once, seed, share, one_stream=tight)
         finally:
             release(self.model)  # the decode graph's KV cache and memory pool: the training step plans without them
             if tight:
@@ -215,7 +217,7 @@ class GRPOTrainer(Trainer):
             torch.cuda.empty_cache()
 
     def _rollout(self, prompts: list[dict], prompt_ids: list[list[int]], at_once: int, seed: int | None,
-                 share: int = 1) -> Rollout:
+                 share: int = 1, one_stream: bool = False) -> Rollout:
         """The rollout of ``prompt_ids``, ``at_once`` rows a round; fewer, with a warning, when a round runs out
         of memory although the estimate fit."""
         cfg = self.cfg
@@ -225,7 +227,8 @@ class GRPOTrainer(Trainer):
                                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, stop_strings=cfg.stop_strings,
                                seed=None if seed is None else seed + RANK_SEED_STRIDE * self.dist.env.rank,
-                               conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once, group=share)
+                               conversational=isinstance(prompts[0]["prompt"], list), max_rows=at_once, group=share,
+                               one_stream=one_stream)
             except torch.OutOfMemoryError:
                 if at_once <= 1:
                     raise

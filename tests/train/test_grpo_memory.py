@@ -291,3 +291,38 @@ def test_groups_of_one_prompt_hold_it_once_and_rounds_keep_whole_groups(tmp_path
         grpo_rollout.rollout(t.model, t.tokenizer, rows, 1, max_completion_length=3, seed=2, max_rows=max_rows,
                              group=4)
         assert calls == want
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="parks CUDA state, decodes on a CUDA stream")
+def test_a_tight_generation_parks_the_optimizer_and_decodes_on_one_stream_to_the_same_completions(tmp_path,
+                                                                                                  monkeypatch):
+    """When the rows do not fit at once, the trainer parks the optimizer's state on the host, frees the cuBLAS
+    workspaces and decodes on the decode graph's stream alone; estimated again, here all rows fit: the same
+    completions as without the budget, the state back on the GPU, and training goes on."""
+    import torch
+
+    from pronghorn.train import grpo_trainer as trainer_module
+
+    runs = []
+    for tight in (False, True):
+        t = grpo_trainer(tmp_path / str(tight), device="cuda")
+        t.train_step(t.step_examples(0))  # the optimizer has state now
+        prompts, estimates = t.batch_prompts(1), []
+        rows = len(prompts) * t.cfg.num_generations
+
+        def at_once(model, budget, n, *terms, _tight=tight):
+            estimates.append(terms)
+            return n - 1 if _tight and len(estimates) == 1 else n
+        monkeypatch.setattr(trainer_module, "rows_at_once", at_once)
+        parked = []
+        monkeypatch.setattr(trainer_module, "rollout", lambda *a, **k: parked.append(
+            (t.parking.parked, k["one_stream"])) or grpo_rollout.rollout(*a, **k))
+        batch = t.generate_batch(prompts, seed=7)
+        assert parked == [(tight, tight)] and not t.parking.parked
+        assert len(estimates) == (2 if tight else 1) and (not tight or estimates[1][-1] == 1)  # one workspace
+        assert all(v.device.type == "cuda" for st in t.optimizer.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor) and v.dim())
+        assert len(batch.rollout.completion_ids) == rows
+        runs.append(batch.rollout.completion_ids)
+        t.train_step(t.step_examples(1))
+    assert runs[0] == runs[1]
