@@ -189,6 +189,7 @@ class GRPOTrainer(Trainer):
             self._free_between_phases()
             terms += (1,) if not live_graphs() else ()
             at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), *terms)
+        at_once = min(at_once, getattr(self, "_rows_cap", at_once))  # a round that ran out of memory before
         self.generation_estimate = dict(rows=len(prompt_ids), at_once=at_once, parked_gib=round(
             self.parking.device_bytes_parked / GIB, 3) if tight else 0.0, estimate_gib=round(generation_peak(
                 self.model, cfg.max_memory, min(at_once, len(prompt_ids)), *terms) / GIB, 3))
@@ -240,6 +241,7 @@ class GRPOTrainer(Trainer):
             warnings.warn(f"GRPO generation ran out of memory decoding {at_once} completions at once (estimated "
                           f"to fit); decoding {at_once // 2} at once", RuntimeWarning, stacklevel=3)
             at_once //= 2
+            self._rows_cap = at_once  # later generations start there: no failed round a step
 
     def score_batch(self, rows: list[dict], ro: Rollout, shuffle_seed: int | None = None) -> GenerationBatch:
         """Rewards, advantages, old and reference log-probs of generated completions (also the entry point for
