@@ -56,9 +56,9 @@ from torch import nn
 
 from ..data.prompts import prompt_rows
 from ..errors import PronghornError
-from ..models.memory_plan import GIB
 from ..infer.static_decode import live_graphs, release
 from ..models.allocator import release_workspaces
+from ..models.memory_plan import GIB
 from .config import TrainConfig
 from .distributed import all_gather_rows, all_reduce_sum
 from .grpo_advantages import combine_rewards, group_advantages, nan_std
