@@ -62,7 +62,8 @@ def test_the_cache_hands_attention_the_static_caches_keys_and_values():
         cache.rows(1, 4)
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm"])
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm", "gemma2",
+                                  "gemma3_text", "phi3_partial_sliding"])
 @pytest.mark.parametrize("sample", [False, True])
 def test_decoding_repeated_prompts_equals_the_static_cache(name, sample, monkeypatch):
     _, ours = make_pair(name)
