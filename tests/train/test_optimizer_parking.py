@@ -54,10 +54,10 @@ def test_parked_state_frees_the_device_and_training_continues_bit_for_bit(kind):
         if park:
             state = parking.device_bytes()
             assert state >= 2 * sum(p.numel() * 4 for p in params)  # both moments at least
-            before = torch.cuda.memory_allocated()
             moments = [opt.state[p]["exp_avg"].clone() for p in params]
+            before = torch.cuda.memory_allocated()
             assert parking.park() == state and parking.parked
-            assert before - torch.cuda.memory_allocated() == state
+            assert before - torch.cuda.memory_allocated() >= state  # blocks are rounded up to 512 bytes
             assert all(opt.state[p]["exp_avg"].device.type == "cpu" for p in params)
             parking.restore()
             assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(params, moments))
