@@ -25,11 +25,11 @@
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
-# Order after session 16 (H100, 2026-12-06): grpo with GRPO_SYSTEMS=trl+peft,pronghorn (session 15: 2.60x TRL at
-# its peak; the kept decode operands, 1.12x a decode call in session 16, should lift it to about 2.8x), then
-# families-gemma3 with FAMILY_SYSTEMS=unsloth,pronghorn twice, PRONGHORN_REPLAY_GRAPHS=1 and =0 (do the replay
-# graphs lift its host-bound capped row? on 1B at 3.66 GiB they ran 0.98x the eager plan), then tests (the whole GPU
-# list has not run since session 11), anatomy-gemma3, scenarios, budget-8b.
+# Order after session 17 (H100, 2026-12-06): GRPO under TRL's peak now decodes one round of 64 (4.51x TRL at 3.06
+# GiB); next: grpo with all three systems (Unsloth was not in that call), families-gemma3 with
+# FAMILY_SYSTEMS=unsloth,pronghorn twice, PRONGHORN_REPLAY_GRAPHS=1 and =0 (do replay graphs lift its host-bound
+# capped row?), REPLAY=split graphs, then tests (the whole GPU list has not run since session 11), anatomy-gemma3,
+# scenarios, budget-8b.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
