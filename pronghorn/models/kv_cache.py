@@ -60,6 +60,11 @@ class StaticKVCache(KVCache):
         super().__init__(num_layers, batch, kv_heads, head_dim, max_len, dtype, device)
         for buf in self.keys + self.values:
             buf.zero_()
+        self._decode_state(batch, max_len, dtype, device)
+
+    def _decode_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """The device-side slot, slot numbers, key mask and mask constants of the decode steps."""
+        self.max_len, self.length = max_len, 0
         self.slots = torch.arange(max_len, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)

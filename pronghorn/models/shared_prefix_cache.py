@@ -42,13 +42,7 @@ class SharedPrefixCache(StaticKVCache):
         self.own_values = [torch.zeros(batch, kv_heads, new, head_dim, **kw) for _ in range(num_layers)]
         self.whole_keys = torch.zeros(batch, kv_heads, max_len, head_dim, **kw)  # one layer's, reused by each
         self.whole_values = torch.zeros_like(self.whole_keys)
-        self.max_len, self.length = max_len, 0
-        self.slots = torch.arange(max_len, device=device)
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
-        self.key_mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self._zero = torch.zeros((), **kw)
-        self._neg_inf = torch.full((), float("-inf"), **kw)
-        self.decoding = False
+        self._decode_state(batch, max_len, dtype, device)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.decoding:

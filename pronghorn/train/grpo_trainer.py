@@ -65,7 +65,8 @@ from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import CLIP_METRICS, grpo_loss
 from .grpo_rewards import resolve_rewards, score
-from .grpo_memory import TRAINING_RETRIES, generation_peak, lower_plan_target, rows_at_once, sampling_copies
+from .grpo_memory import (GENERATION_WORKSPACES, TRAINING_RETRIES, generation_peak, lower_plan_target, rows_at_once,
+                          sampling_copies)
 from .grpo_rollout import Rollout, rollout
 from .grpo_settings import generation_shape
 from .optimizer_parking import StateParking
@@ -187,7 +188,8 @@ class GRPOTrainer(Trainer):
             # one made again, by decoding on the decode graph's stream alone (grpo_rollout.decoding_stream)
             self.parking.park()
             self._free_between_phases()
-            terms += (1,) if not live_graphs() else ()
+            workspaces = 1 if not live_graphs() else GENERATION_WORKSPACES  # freed: only the decode stream's
+            terms = (*terms, workspaces)
             at_once = rows_at_once(self.model, cfg.max_memory, len(prompt_ids), *terms)
         at_once = min(at_once, getattr(self, "_rows_cap", at_once))  # a round that ran out of memory before
         self.generation_estimate = dict(rows=len(prompt_ids), at_once=at_once, parked_gib=round(
