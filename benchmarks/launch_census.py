@@ -122,7 +122,12 @@ def census(mode: str, replay: str, layers: int, autocast: bool = True, batch: in
     ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(0))
     out = {}
     with fast_dispatch(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        model(input_ids=ids, labels=ids)  # the plan is made (and printed) outside the count
+        # the plan is made (and printed) outside the count, and an optimizer step: the counted forward remakes
+        # the adapters' operands kept across steps (kernels/step_operands.py) as a training step does
+        model(input_ids=ids, labels=ids).loss.backward()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        torch.optim.SGD(trained, lr=1e-3).step()
+        model.zero_grad(set_to_none=True)
         for phase in ("forward", "backward"):
             out[phase] = (collections.Counter(), collections.Counter())
         with counting(*out["forward"]):

@@ -11,6 +11,8 @@ Observed: the fused error is at most 0.85x the reference's + 2^-9 (and at most 0
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from pronghorn.kernels.lora_linear import LoRAProjection
@@ -103,3 +105,25 @@ def nf4_and_dequantized(projs):
     """(the projections with NF4-quantized bases, the same with those bases dequantized: the reference's input)."""
     quantized = [p._replace(weight=quantize_nf4(p.weight, dtype=torch.float32)) for p in projs]
     return quantized, [p._replace(weight=p.weight.dequantize()) for p in quantized]
+
+
+_FUSED_MODULES = [importlib.import_module(f"pronghorn.kernels.{m}") for m in ("lora_linear", "lora_mlp", "lora_qkv")]
+_FUNCTIONS = dict(zip(("LoRALinearFunction", "LoRAMLPFunction", "LoRAQKVFunction"), _FUSED_MODULES))
+
+
+def force_fused(monkeypatch, fused=True) -> dict:
+    """Force the LoRA ops' device dispatch (CPU tensors would take the references) to the fused Functions, or
+    away from them; returns their call counts by name, counted from here on."""
+    calls = dict.fromkeys(_FUNCTIONS, 0)
+    for mod in _FUSED_MODULES:
+        monkeypatch.setattr(mod, "use_triton", lambda *tensors: fused)
+    for name, mod in _FUNCTIONS.items():
+        fn = getattr(mod, name)
+        original = fn.apply
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(fn, "apply", counted)
+    return calls

@@ -14,6 +14,10 @@ This is a cache, not a switch of numerics: an entry is taken only for the same a
 versions (an in-place change of an adapter makes new operands), so the values are what a fresh cast gives, bit
 for bit. Outside a store (kept layers, inference) every call makes its operands.
 
+A model in training keeps one store for all its layers across steps (kernels/step_operands.StepOperands,
+opened by ``DecoderModel.forward``): its operands are made once and written again in place, with for-each
+kernels, after the adapters change; replayed layers and tiled MLPs then take that store (``open_store``).
+
 The decoder's runner (infer/static_decode.py) keeps a :class:`GraphOperands` store instead: its CUDA graph reads
 the operands' memory, so an entry stays the same tensors and is made again *in place*, once per ``renew()``
 (each generate call's prefill), whatever the versions say (an 8-bit optimizer writes the adapters without
@@ -27,6 +31,8 @@ import contextlib
 import contextvars
 
 import torch
+
+from .step_operands import StepOperands
 
 _STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pronghorn_adapter_operands", default=None)
 
@@ -57,7 +63,8 @@ def scaled_b(lora_B: torch.Tensor, scaling: float, adt: torch.dtype) -> torch.Te
 
 def adapter_operands(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, adt: torch.dtype):
     """``(A, s * B)`` in ``adt`` for one projection."""
-    return _kept(("one", scaling, adt), (lora_A, lora_B), lambda: (lora_A.to(adt), scaled_b(lora_B, scaling, adt)))
+    return _kept(("one", scaling, adt), (lora_A, lora_B), lambda: (lora_A.to(adt), scaled_b(lora_B, scaling, adt)),
+                 lambda v: [(v[0], lora_A, 1.0), (v[1], lora_B, scaling)])
 
 
 def stacked_operands(projs, adt: torch.dtype):
@@ -67,8 +74,16 @@ def stacked_operands(projs, adt: torch.dtype):
         a = (torch.cat([p.lora_A for p in projs]) if len(projs) > 1 else projs[0].lora_A).to(adt)  # cast once
         return a, [scaled_b(p.lora_B, p.scaling, adt) for p in projs]
 
+    def parts(value):  # each A is a block of rows of the stack
+        a, bss = value
+        starts = [0]
+        for p in projs:
+            starts.append(starts[-1] + p.lora_A.shape[0])
+        return [*((a[s:e], p.lora_A, 1.0) for s, e, p in zip(starts, starts[1:], projs)),
+                *((bs, p.lora_B, p.scaling) for bs, p in zip(bss, projs))]
+
     sources = tuple(t for p in projs for t in (p.lora_A, p.lora_B))
-    return _kept(("stacked", tuple(p.scaling for p in projs), adt), sources, make)
+    return _kept(("stacked", tuple(p.scaling for p in projs), adt), sources, make, parts)
 
 
 class GraphOperands(dict):
@@ -102,8 +117,10 @@ def _kept_in_place(store: GraphOperands, key: tuple, sources: tuple, make):
     return entry[2]
 
 
-def _kept(kind: tuple, sources: tuple, make):
+def _kept(kind: tuple, sources: tuple, make, parts):
     store = _STORE.get()
+    if isinstance(store, StepOperands) and not torch.is_inference_mode_enabled():
+        return store.take((kind, *map(id, sources)), sources, make, parts)
     if isinstance(store, GraphOperands):
         return _kept_in_place(store, (kind, *map(id, sources)), sources, make)
     if store is None or torch.is_inference_mode_enabled():

@@ -17,6 +17,7 @@ from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
+from ..kernels.step_operands import StepOperands, step_store, training_operands
 from .allocator import expand_segments_under_budget
 from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
@@ -130,6 +131,8 @@ class DecoderModel(nn.Module):
         # auto (the plan decides) | off: replayed layers as CUDA graphs; off unless PRONGHORN_REPLAY_GRAPHS=1
         self.replay_graphs = default_setting()
         self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
+        # the adapters' operands, made once per optimizer step for every layer (kernels/step_operands.py)
+        self.step_operands: StepOperands | None = step_store()
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
@@ -230,7 +233,8 @@ class DecoderModel(nn.Module):
         graphs = None
         if plan is not None and plan.replay_graphs:
             graphs = self.graphs = self.graphs or ReplayGraphs()
-        x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs)
+        with training_operands(self.step_operands if plan is not None else None):
+            x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

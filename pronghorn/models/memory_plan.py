@@ -92,8 +92,9 @@ class StepSizes:
     to_come: int  # gradients and optimizer state of the trainable parameters not allocated yet
     untied_table: int  # input table bytes that can move to the host (0: tied or already there)
     tied_table: int  # a tied table (also the head) that can move to the host with a streamed head (0: none)
-    operands: int = 0  # one layer's adapters in their compute dtype, held from a replayed layer's forward to its
-    # backward (kernels/adapter_operands.py)
+    operands: int = 0  # one layer's adapters in their compute dtype (kernels/adapter_operands.py), held from a
+    # replayed layer's forward to its backward, or with ``step_operands`` by every eager layer for the whole step
+    step_operands: bool = False  # the model keeps its operands across steps (kernels/step_operands.StepOperands)
     attention_extra: int = 0  # transients of the attention block's backward alone (its MLP block's are freed)
     layer_grads: int = 0  # bytes of one layer's parameter gradients still to come (part of ``to_come``): they appear
     # in the backward, layer by layer from the top (all kept to the step; with grads_in_backward one at a time)
@@ -189,8 +190,12 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
 
     graphs = plan.replay_graphs and plan.replays
 
+    # the operands of the layers that run eagerly: with a step store, all of them for the whole step
+    held = sum(s.operands for m in plan.layers if m == "keep" or not graphs) if s.step_operands else 0
+    apart = 0 if s.step_operands else s.operands  # else each replayed layer holds its own
+
     def stored(m: str) -> int:  # a graphed replay makes its operands itself: the forward keeps none
-        return keep_layer if m == "keep" else (0 if graphs else s.operands) + (s.layer_input if m == "recompute" else 0)
+        return keep_layer if m == "keep" else (0 if graphs else apart) + (s.layer_input if m == "recompute" else 0)
 
     def own(m: str) -> int:  # a layer's backward: its stored input or tensors, what it saves again, transients
         if m != "keep" and plan.splits(m):  # the MLP block from its input (the layer input held), then attention
@@ -198,7 +203,7 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
         else:
             peak = s.attn_block + max(mlp + mlp_backward, attn_backward)
         if m != "keep":
-            peak += s.operands + (s.dense_layer if plan.reuse_dequantized else 0)
+            peak += (s.operands if graphs else apart) + (s.dense_layer if plan.reuse_dequantized else 0)
         return peak
 
     # graphs: one pool holds the largest replayed backward for the whole step, beside static buffers (the output
@@ -225,7 +230,7 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
     moments = [below[-1] + copying + loss + pool - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
     moments += [below[j] + backward(m) - pending(j) for j, m in enumerate(plan.layers)]
-    return moments
+    return [held + m for m in moments]
 
 
 def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
@@ -409,8 +414,9 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         params.update({id(p): p for p in head.parameters()})
     trainable = [p for p in params.values() if p.requires_grad]
     to_come = _gradient_bytes(decoder, trainable, optimizer) + (_state_bytes(trainable, optimizer) if first_step else 0)
-    if device.type == "cuda":
-        resident = torch.cuda.memory_allocated(_indexed(device))
+    store = getattr(decoder, "step_operands", None)
+    if device.type == "cuda":  # the step store's operands are counted in the moments, not as resident
+        resident = torch.cuda.memory_allocated(_indexed(device)) - (store.nbytes() if store is not None else 0)
     else:
         resident = sum(t.numel() * t.element_size() for t in [*params.values(), *decoder.buffers()] if t.device == device)
     table = decoder.embed_tokens.weight
@@ -440,7 +446,7 @@ def step_sizes(decoder, batch: int, seq_len: int, dtype: torch.dtype, device: to
         resident=resident, to_come=to_come,
         untied_table=table_bytes if movable and not tied else 0,
         tied_table=table_bytes if movable and tied else 0,
-        operands=operand_bytes(layer),
+        operands=operand_bytes(layer), step_operands=store is not None,
         # o_proj's input gradient and SDPA's dq, dk, dv with their contiguous copies for the q/k/v backward
         attention_extra=tokens * e * (3 * q_dim + 4 * kv_dim),
         head_grad=head.weight.numel() if head is not None and head.weight.requires_grad else 0,

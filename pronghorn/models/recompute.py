@@ -32,7 +32,7 @@ import contextlib
 import torch
 
 from ..errors import PronghornError
-from ..kernels.adapter_operands import operands_kept
+from ..kernels.adapter_operands import open_store, operands_kept
 from ..kernels.nf4 import dequantized_once
 from .memory_plan import MemoryPlan
 from .pinned_host import pinned_empty
@@ -164,7 +164,7 @@ class _ReplayedLayer(torch.autograd.Function):
         slot.store(x)
         # the adapters' operands of this forward, taken again by an eager replay (a graph makes its own: it reads
         # fixed memory; the store is dropped after the forward then, and the plan does not count it)
-        ctx.operands = {}
+        ctx.operands = open_store()  # the model's step store (kernels/step_operands.py), else the layer's own
         if graphs is not None:
             out = graphs.forward(layer, x, args, mid_slot is not None)
             if out is not None:

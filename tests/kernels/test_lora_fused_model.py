@@ -17,12 +17,10 @@ import pytest
 import torch
 
 from helpers import make_pair
-from lora_cases import DEVICE
+from lora_cases import DEVICE, force_fused as _force_fused
 from pronghorn.models.lora import LoRAConfig, attach_lora, lora_modules
 
-MODULES = [importlib.import_module(f"pronghorn.kernels.{m}") for m in ("lora_linear", "lora_mlp", "lora_qkv")]
-lora_linear_module = MODULES[0]
-FUNCTIONS = {"LoRALinearFunction": MODULES[0], "LoRAMLPFunction": MODULES[1], "LoRAQKVFunction": MODULES[2]}
+lora_linear_module = importlib.import_module("pronghorn.kernels.lora_linear")
 
 
 def _model(dropout=0.0):
@@ -43,22 +41,6 @@ def _step(model):
     loss.backward()
     grads = {f"{n}.{part}": getattr(m, part).grad for n, m in lora_modules(model) for part in ("lora_A", "lora_B")}
     return loss.item(), grads
-
-
-def _force_fused(monkeypatch, fused=True):
-    calls = dict.fromkeys(FUNCTIONS, 0)
-    for mod in MODULES:
-        monkeypatch.setattr(mod, "use_triton", lambda *tensors: fused)
-    for name, mod in FUNCTIONS.items():
-        fn = getattr(mod, name)
-        original = fn.apply
-
-        def counted(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-
-        monkeypatch.setattr(fn, "apply", counted)
-    return calls
 
 
 def test_fused_paths_train_like_the_reference(monkeypatch):

@@ -216,11 +216,14 @@ def test_sandwich_norm_layers_replay_exactly(monkeypatch, name):
                 assert torch.equal(grads[k], g), (plan, k)
 
 
+@pytest.mark.parametrize("step_store", [False, True], ids=["layer-stores", "step-store"])
 @pytest.mark.parametrize("split", [False, True])
-def test_replays_take_the_adapter_operands_of_the_forward(monkeypatch, split):
+def test_replays_take_the_adapter_operands_of_the_forward(monkeypatch, split, step_store):
     """A bf16 base with fp32 adapters on the fused LoRA path (forced, as on a GPU) under autocast: each replayed
     layer casts and scales its adapters once, in its forward; its replays (two of the attention block in a split
-    replay) take those operands (kernels/adapter_operands.py). Loss and gradients are bitwise the kept layers'."""
+    replay) take those operands (kernels/adapter_operands.py). With the model's step store
+    (kernels/step_operands.py) the later steps, no adapter changed, make none at all. Loss and gradients are
+    bitwise the kept layers'."""
     import importlib
 
     from pronghorn.kernels import adapter_operands
@@ -232,6 +235,8 @@ def test_replays_take_the_adapter_operands_of_the_forward(monkeypatch, split):
         if p.requires_grad:
             p.data = p.data.float()  # fp32 adapters on the bf16 base, as get_peft_model makes them
     randomize_lora_b(model, seed=2, scale=0.1)
+    if not step_store:
+        model.model.step_operands = None
     made = [0]
     original = adapter_operands.scaled_b
     monkeypatch.setattr(adapter_operands, "scaled_b", lambda *a: made.__setitem__(0, made[0] + 1) or original(*a))
@@ -245,8 +250,9 @@ def test_replays_take_the_adapter_operands_of_the_forward(monkeypatch, split):
         model.model.forced_plan = MemoryPlan(("keep", "recompute"), split_replay=split, mlp_chunk=7)
         tiled_loss, tiled_grads = _loss_and_grads(model, batch)  # 24 tokens: 4 chunks
     assert kept_makes == 7 * len(model.model.layers)  # one s * B per projection in the forward
-    assert replay_makes == kept_makes  # and none more in the replays
-    assert made[0] == kept_makes  # nor in the tiled MLP's chunks and their replays
+    later = 0 if step_store else kept_makes  # the step store: made in the first step only
+    assert replay_makes == later  # and none more in the replays
+    assert made[0] == later  # nor in the tiled MLP's chunks and their replays
     assert torch.equal(loss, ref_loss)
     for k, g in ref_grads.items():
         assert g.dtype == torch.float32 and torch.equal(grads[k], g), k
