@@ -114,6 +114,7 @@ def test_replays_on_cuda_take_the_forward_adapter_operands(monkeypatch):
     from pronghorn.models.memory_plan import MemoryPlan
 
     model = tiny_lora_model().cuda().train()
+    model.model.step_operands = None  # each step makes its operands (tests/kernels/test_step_operands.py: kept)
     for n, p in model.named_parameters():
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
@@ -135,6 +136,34 @@ def test_replays_on_cuda_take_the_forward_adapter_operands(monkeypatch):
     assert replay_makes == kept_makes == 7 * len(model.model.layers)
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
+
+
+def test_fp32_adapter_gradients_come_from_the_matmul_on_cuda(monkeypatch):
+    """A bf16 base with fp32 adapters under autocast: the adapters' gradients are written in fp32 by their matmuls
+    (kernels/lora_math.grad_mm, ``out_dtype``), with no cast after; they differ from the matmul-then-cast path
+    only by that path's rounding of each gradient to bf16 (half a unit in bf16's last place) and the matmuls'
+    own order of summation."""
+    from helpers import randomize_lora_b, tiny_lora_model
+    from pronghorn.kernels import lora_math
+
+    model = tiny_lora_model().cuda().train()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    randomize_lora_b(model, seed=2, scale=0.1)
+    ids = torch.randint(3, 97, (2, 40), device="cuda")
+    runs = []
+    for out_dtype in (True, False):
+        monkeypatch.setitem(lora_math._OUT_DTYPE, 0, out_dtype)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert lora_math._OUT_DTYPE[0] is out_dtype  # this torch takes out_dtype: the fp32 path ran
+        runs.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    direct, cast = runs
+    for n, g in cast.items():
+        assert direct[n].dtype == torch.float32
+        assert ((direct[n] - g).abs() <= 2 ** -8 * g.abs() + 1e-3 * g.abs().max()).all(), n
 
 
 def test_offloaded_split_layers_on_cuda_park_the_mlp_input_exactly():

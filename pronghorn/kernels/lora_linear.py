@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from .adapter_operands import adapter_operands
 from .lora_math import (LoRAProjection, adapter_dtype, adapter_input_grad, add_delta, base_input_grad, cast, dense,
-                        mm_scaled, no_autocast)
+                        grad_mm, no_autocast)
 from .policy import DEFAULT_POLICY, KernelPolicy
 from .triton_support import use_triton
 
@@ -141,14 +141,14 @@ class LoRALinearFunction(torch.autograd.Function):
         with no_autocast(dy.device.type):
             dya = dy2.to(a.dtype)
             if need_b:
-                db = mm_scaled(dya.t(), xa, ctx.scaling).to(ctx.b_dtype)
+                db = grad_mm(dya.t(), xa, ctx.b_dtype, ctx.scaling)
             if need_a or need_x:
                 p = dya @ bs  # s dY B  [N, r]
                 noise = None if keep is None else keep.to(ctx.a_dtype) * keep_scale
             if need_a:
                 x2 = x.reshape(-1, x.shape[-1])
                 xin = x2.to(a.dtype) if noise is None else (x2.to(ctx.a_dtype) * noise).to(a.dtype)
-                da = (p.t() @ xin).to(ctx.a_dtype)
+                da = grad_mm(p.t(), xin, ctx.a_dtype)
             if need_x:
                 w = dense(weight if ctx.qweight is None else ctx.qweight, ctx.cdt)
                 into = x.reshape(-1, x.shape[-1]) if ctx.owns_input and x is not None else None

@@ -59,13 +59,13 @@ class LoRAMLPFunction(torch.autograd.Function):
                 h = swiglu(g_, u_)
             dh, (da_d,), (db_d,) = shared_input_backward(
                 [dy.reshape(-1, dy.shape[-1])], h.detach(), xa_d, a_d, [bs_d], [down.weight], [down.scaling],
-                ctx.cdt, True,
+                ctx.cdt, True, ctx.dtypes[0][0],
             )
             dg, du = torch.autograd.grad(h, (g_, u_), dh)
             del h, dh
             dx, (da_g, da_u), (db_g, db_u) = shared_input_backward(
                 [dg, du], x2, xa, a, [bs_g, bs_u], [gate.weight, up.weight], [gate.scaling, up.scaling], ctx.cdt,
-                ctx.needs_input_grad[0],
+                ctx.needs_input_grad[0], ctx.dtypes[0][0],
             )
         return fused_grads(ctx, x, dx, [da_g, da_u, da_d], [db_g, db_u, db_d])
 

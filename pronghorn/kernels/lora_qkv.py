@@ -55,7 +55,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         with no_autocast(x.device.type):
             dx, das, dbs = shared_input_backward(
                 dys, x2, xa, a, bss, [p.weight for p in projs], [p.scaling for p in projs], ctx.cdt,
-                ctx.needs_input_grad[0],
+                ctx.needs_input_grad[0], ctx.dtypes[0][0],
             )
         return fused_grads(ctx, x, dx, das, dbs)
 

@@ -214,7 +214,11 @@ class GRPOTrainer(Trainer):
     def _free_between_phases(self) -> None:
         """Free the cuBLAS workspaces of streams the next phase does not use and give cached blocks back, so
         that the other phase's streams can have the memory (skipped while a captured decode graph, which bakes
-        a workspace in, is alive)."""
+        a workspace in, is alive). The training step's kept adapter operands (kernels/step_operands.py) go too:
+        the next training forward makes them again."""
+        store = getattr(getattr(self.model, "model", None), "step_operands", None)
+        if store is not None:
+            store.clear()
         if not live_graphs():
             release_workspaces()
             torch.cuda.empty_cache()
