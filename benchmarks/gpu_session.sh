@@ -56,7 +56,7 @@ case "$stage" in
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
       tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
       tests/models/test_replay_graphs.py tests/infer/test_sampling.py tests/train/test_optimizer_parking.py \
-      tests/models/test_shared_prefix_cache.py \
+      tests/models/test_shared_prefix_cache.py tests/kernels/test_step_operands.py \
       tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers
@@ -126,6 +126,28 @@ case "$stage" in
       --replay ${REPLAY:-auto} --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" \
       --time-limit ${EAGER_TIME_LIMIT:-110} 2>&1 \
       | tee "$OUT/graphs-$w-eager.log" | grep -v "^pronghorn:" | tail -8 ;;
+  lever)  # session 18: the adapters' operands kept across steps and fp32 adapter gradients from their matmuls
+    # (kernels/step_operands.py, lora_math.grad_mm) against neither (PRONGHORN_STEP_OPERANDS=0
+    # PRONGHORN_GRAD_OUT_DTYPE=0), at Unsloth's peak and with no cap, Unsloth in the same call; on, off, on again
+    peers
+    w=${LEVER_WORKLOAD:-1b-lora}
+    python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,none --systems unsloth,pronghorn --autocast on \
+      --peer-scripts $PWD/.benchwheels/bench --json "$OUT/lever-$w.json" --time-limit ${TIME_LIMIT:-300} 2>&1 \
+      | tee "$OUT/lever-$w.log" | grep -v "^pronghorn:" | tail -8
+    budget=$(python3 -c "import json; r=json.load(open('$OUT/lever-$w.json'))['results']; print(next(x['peak_gib']
+      for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
+    for run in off on; do
+      [[ $run == off ]] && export PRONGHORN_STEP_OPERANDS=0 PRONGHORN_GRAD_OUT_DTYPE=0
+      [[ $run == on ]] && unset PRONGHORN_STEP_OPERANDS PRONGHORN_GRAD_OUT_DTYPE
+      python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,none --systems pronghorn --autocast on \
+        --json "$OUT/lever-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-100} 2>&1 | tee "$OUT/lever-$w-$run.log" \
+        | grep -v "^pronghorn:" | tail -5
+    done ;;
+  tests-lever)  # session 18's GPU tests: kept operands, fp32 adapter gradients, and the paths they touch
+    PRONGHORN_SOFTCAP_AUTOTUNE=0 PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider \
+      -n ${JOBS:-6} tests/kernels/test_step_operands.py tests/kernels/test_adapter_operands.py \
+      tests/kernels/test_lora_fused_model.py tests/models/test_recompute.py tests/models/test_replay_graphs.py \
+      tests/models/test_tiled_mlp.py tests/test_gpu.py 2>&1 | tee "$OUT/tests-lever.log" | tail -25 ;;
   anatomy)
     for spec in "llama-3.2-1b 8 4096 8" "llama-3.1-8b 2 2048 16.68"; do
       set -- $spec
