@@ -136,7 +136,7 @@ case "$stage" in
       | tee "$OUT/lever-$w.log" | grep -v "^pronghorn:" | tail -8
     budget=$(python3 -c "import json; r=json.load(open('$OUT/lever-$w.json'))['results']; print(next(x['peak_gib']
       for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
-    for run in off on; do
+    for run in ${LEVER_RUNS:-off on}; do
       [[ $run == off ]] && export PRONGHORN_STEP_OPERANDS=0 PRONGHORN_GRAD_OUT_DTYPE=0
       [[ $run == on ]] && unset PRONGHORN_STEP_OPERANDS PRONGHORN_GRAD_OUT_DTYPE
       python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,none --systems pronghorn --autocast on \

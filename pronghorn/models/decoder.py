@@ -128,7 +128,7 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False
         self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
         self.replay = "auto"  # auto | whole | split: how a replayed layer runs (models/recompute.py)
-        # auto (the plan decides) | off: replayed layers as CUDA graphs; off unless PRONGHORN_REPLAY_GRAPHS=1
+        # auto (the plan decides) | off: replayed layers as CUDA graphs; off with PRONGHORN_REPLAY_GRAPHS=0
         self.replay_graphs = default_setting()
         self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
         # the adapters' operands, made once per optimizer step for every layer (kernels/step_operands.py)

@@ -93,11 +93,11 @@ def test_only_the_latest_shapes_keep_graphs():
     assert {shape[0][1] for shape in graphs.statics} == {12, 8}
 
 
-def test_graphs_are_off_by_default_and_on_with_the_variable(monkeypatch):
+def test_graphs_are_on_by_default_and_off_with_the_variable(monkeypatch):
     monkeypatch.delenv("PRONGHORN_REPLAY_GRAPHS", raising=False)
-    assert _model().model.replay_graphs == "off"
-    monkeypatch.setenv("PRONGHORN_REPLAY_GRAPHS", "1")
     assert _model().model.replay_graphs == "auto"
+    monkeypatch.setenv("PRONGHORN_REPLAY_GRAPHS", "0")
+    assert _model().model.replay_graphs == "off"
 
 
 def test_graphs_are_not_used_on_a_cpu_with_dropout_or_when_switched_off(monkeypatch):
