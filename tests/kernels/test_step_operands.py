@@ -159,3 +159,31 @@ def test_training_with_kept_operands_equals_making_them_every_op(monkeypatch, mo
         for name, ref in ref_grads.items():
             assert torch.equal(grads[name], ref), name
     assert model.model.step_operands.nbytes() > 0
+
+
+class _UncountedWrites(torch.optim.Optimizer):
+    """Writes its parameters through ``.data``, which bumps no version (as bitsandbytes' 8-bit optimizers write
+    them from C): only the step post-hook tells the store."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(0.5)
+
+
+def test_an_optimizer_that_bumps_no_version_still_remakes_the_operands():
+    a, b = _adapter()
+    store = StepOperands()
+    with training_operands(store):
+        first = adapter_operands(a, b, 2.0, BF16)
+    versions = (a._version, b._version)
+    _UncountedWrites([a, b]).step()
+    assert (a._version, b._version) == versions
+    with training_operands(store):
+        assert adapter_operands(a, b, 2.0, BF16) is first
+    for made, fresh in zip(first, _fresh_one(a, b, 2.0)):
+        assert torch.equal(made, fresh)
