@@ -27,9 +27,10 @@ Memory: the pool and the static buffers stay reserved for the whole step, the lo
 counts them and takes graphs only where they fit (``MemoryPlan.replay_graphs``). ``torch.cuda.max_memory_allocated``
 does not see the pool between replays: :meth:`ReplayGraphs.pool_bytes` says what it holds.
 
-Off by default (``DecoderModel.replay_graphs``; ``PRONGHORN_REPLAY_GRAPHS=1`` lets the plan take them): on the 1B
-row at Unsloth's peak (H100, session 16) the plan with graphs ran 0.98x the eager one. The pool holds a whole
-replayed layer's backward (0.69 GiB there), and making room for it cost the plan what the graphs saved.
+On by default (``DecoderModel.replay_graphs`` "auto"; ``PRONGHORN_REPLAY_GRAPHS=0`` turns them off): on Gemma-3-4B at
+Unsloth's peak (H100, session 18) the plan with graphs ran 1.12x the eager one, and every layer replayed 1.81x; on
+the 1B row at Unsloth's peak (session 16) 0.98x, where the pool (a whole replayed layer's backward, 0.69 GiB) cost
+the plan what the graphs saved.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from ..kernels.nf4 import dequantized_once
 
 MAX_CAPTURES = 3  # per layer and shape: the first capture and two after its tensors moved
 MAX_SHAPES = 2  # shapes with graphs and static buffers at once (batches of varying length: the latest two)
-ENV = "PRONGHORN_REPLAY_GRAPHS"  # "1": the plan may take graphs (off by default: no speed measured yet); "0": never
+ENV = "PRONGHORN_REPLAY_GRAPHS"  # "0": never; otherwise the plan may take graphs
 
 
 def module_signature(module: nn.Module) -> tuple:
