@@ -16,7 +16,7 @@ the compute dtype, the same two roundings). It is remade when an optimizer steps
 optimizers write the adapters without bumping their versions) or when the version of one of its adapters moved;
 an in-place write that neither bumps a version nor goes through a ``torch.optim.Optimizer`` is not seen (call
 :meth:`StepOperands.clear` after one). An entry no forward took since the last forward is dropped (replaced or
-merged adapters). Writing an entry in place bumps its version, so a backward through a graph recorded before
+merged adapters), and so is one whose adapters' data moved (``Module.to``, an assignment to ``.data``). Writing an entry in place bumps its version, so a backward through a graph recorded before
 the adapters changed fails loudly instead of using new values.
 """
 
@@ -45,15 +45,20 @@ def _counted(optimizer, args, kwargs) -> None:
 
 
 class _Entry:
-    __slots__ = ("sources", "versions", "value", "parts", "used")
+    __slots__ = ("sources", "versions", "places", "value", "parts", "used")
 
     def __init__(self, sources: tuple, value, parts: list):
         self.sources, self.value, self.parts, self.used = sources, value, parts, True
-        self.versions = _versions(sources)
+        self.versions, self.places = _versions(sources), _places(sources)
 
 
 def _versions(sources) -> tuple:
     return tuple(t._version for t in sources)
+
+
+def _places(sources) -> tuple:
+    """Where the sources' data is: an assignment to ``.data`` (``Module.to``, a load) moves it without a version."""
+    return tuple((t.data_ptr(), t.device, t.dtype) for t in sources)
 
 
 class StepOperands(dict):
@@ -80,7 +85,7 @@ class StepOperands(dict):
         steps = optimizer_steps()
         stale = []
         for key, entry in list(self.items()):
-            if not entry.used:
+            if not entry.used or entry.places != _places(entry.sources):
                 del self[key]
                 continue
             entry.used = False

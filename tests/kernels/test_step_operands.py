@@ -187,3 +187,15 @@ def test_an_optimizer_that_bumps_no_version_still_remakes_the_operands():
         assert adapter_operands(a, b, 2.0, BF16) is first
     for made, fresh in zip(first, _fresh_one(a, b, 2.0)):
         assert torch.equal(made, fresh)
+
+
+def test_an_adapter_whose_data_moves_gets_new_operands():
+    """``Module.to`` and loads assign ``.data``: no version moves, the data does; the entry is made again."""
+    a, b = _adapter()
+    store = StepOperands()
+    with training_operands(store):
+        first = adapter_operands(a, b, 2.0, BF16)
+    b.data = b.data.double().float() * 3  # new memory, the same version
+    with training_operands(store):
+        again = adapter_operands(a, b, 2.0, BF16)
+    assert again is not first and torch.equal(again[1], scaled_b(b, 2.0, BF16))
