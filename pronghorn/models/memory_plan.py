@@ -34,6 +34,9 @@ from ..kernels.softcapped_attention import kernel_runs as softcap_kernel_runs
 
 GIB = 2**30
 HEADROOM = 0.04  # of the budget, left to fragmentation and allocator rounding
+# what the replay graphs' pool reserves beyond the bytes it holds at once (its segments' rounding and the forward
+# and backward graphs' different block sizes): measured 0.16-0.18 GiB on the 1B and Gemma-3-4B rows (H100, session 18)
+GRAPH_POOL_SLACK = 176 * 2**20
 LOSS_CHUNK_BYTES = (CHUNK_BYTES, CHUNK_BYTES // 4, CHUNK_BYTES // 16)  # logits buffer of the loss, tried in order
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -210,7 +213,8 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     # gradient, the input gradient and a parked MLP input; one layer's parameter gradients and their copy)
     replayed = [m for m in dict.fromkeys(plan.layers) if m != "keep"]
     parked = any(plan.splits(m) and m == "offload" for m in replayed)
-    pool = max(map(own, replayed)) + (2 + parked) * s.layer_input + 2 * s.layer_grads if graphs else 0
+    pool = (max(map(own, replayed)) + (2 + parked) * s.layer_input + 2 * s.layer_grads + GRAPH_POOL_SLACK
+            if graphs else 0)
 
     def backward(m: str) -> int:
         prefetch = s.layer_input if m == "offload" else 0  # the input of the layer below, on its way back

@@ -74,6 +74,11 @@ MEASURED = [
     ("gemma-3-4b", 2, 2048, False, "22 recompute, 12 offload; loss logits chunk 256 MiB", 8.590, "H100 s15"),
     # soft-capped attention through the fused kernel (session 13: the estimate still counted the reference's scores)
     ("gemma-2-9b", 2, 2048, True, "42 keep", 32.271, "H100 s13"),
+    # replays as CUDA graphs: the peak of the steady steps plus the graphs' pool (its reserved segments)
+    ("llama-3.2-1b", 4, 2048, False, "4 recompute, 12 offload; replays as CUDA graphs; loss logits chunk 64 MiB",
+     3.658, "H100 s18"),
+    ("gemma-3-4b", 2, 2048, False, "15 recompute, 19 offload; replays as CUDA graphs; loss logits chunk 64 MiB",
+     8.739, "H100 s18"),
 ]
 
 
@@ -119,7 +124,8 @@ def _plan(summary: str, layers: int) -> MemoryPlan:
     loss = re.search(r"loss logits chunk (\d+) MiB", summary)
     return MemoryPlan(modes, split_replay="split replay" in summary, mlp_chunk=int(chunk[1]) if chunk else None,
                       loss_chunk_bytes=int(loss[1]) * 2**20 if loss else LOSS_CHUNK_BYTES[0],
-                      table_on_host="untied" if "untied input table" in summary else None)
+                      table_on_host="untied" if "untied input table" in summary else None,
+                      replay_graphs="replays as CUDA graphs" in summary)
 
 
 @pytest.mark.parametrize("model_name,batch,seq,qlora,summary,peak,where", MEASURED,
