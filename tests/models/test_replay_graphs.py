@@ -127,7 +127,7 @@ def test_cuda_graphed_replays_equal_eager_ones(plan, autocast):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_budgeted_plan_takes_graphs_on_a_gpu_and_stays_exact():
     model = _model("cuda", torch.bfloat16)
-    model.model.replay_graphs = "auto"  # off by default until a GPU shows them faster
+    model.model.replay_graphs = "auto"  # (the default; this test may run with PRONGHORN_REPLAY_GRAPHS=0 set)
     model.gradient_checkpointing_enable(mode="on")
     steps = [_step(model, _batch(s, "cuda")) for s in range(3)]
     assert model.memory_plan.replay_graphs and model.model.graphs is not None
@@ -137,3 +137,29 @@ def test_the_budgeted_plan_takes_graphs_on_a_gpu_and_stays_exact():
         assert not model.memory_plan.replay_graphs
         assert torch.equal(loss, ref_loss)
         assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
+
+
+def _qlora_model(device="cpu", dtype=torch.float32):
+    from pronghorn.models.linear import Linear
+
+    model = _model(device, dtype)
+    projections = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+    for m in projections:
+        m.quantize_nf4()
+    assert len(projections) == 14 and model.model.layers[0].mlp.down_proj.is_quantized
+    return model
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("plan", [PLANS[0], PLANS[2]], ids=["recompute", "offload-parked"])
+def test_graphed_replays_of_a_qlora_model_equal_eager_ones(plan, device):
+    """NF4 bases (QLoRA): the captured replay dequantizes each weight once for its recompute and backward
+    (``dequantized_once``), as the eager replay does; bitwise equal (the CPU: the stand-in graph; a GPU: real
+    graphs of a bf16 model under autocast)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = device == "cuda"
+    graphs = ReplayGraphs() if cuda else ReplayGraphs(EagerGraph)
+    model = _qlora_model(device, torch.bfloat16 if cuda else torch.float32)
+    _compare_steps(model, plan, graphs, device, "bf16" if cuda else None)
+    assert graphs.failed is None and any(not isinstance(e, str) for e in graphs.layers.values())
