@@ -25,11 +25,11 @@
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
 #
-# Order after session 17 (H100, 2026-12-06): GRPO under TRL's peak now decodes one round of 64 (4.51x TRL at 3.06
-# GiB); next: grpo with all three systems (Unsloth was not in that call), families-gemma3 with
-# FAMILY_SYSTEMS=unsloth,pronghorn twice, PRONGHORN_REPLAY_GRAPHS=1 and =0 (do replay graphs lift its host-bound
-# capped row?), REPLAY=split graphs, then tests (the whole GPU list has not run since session 11), anatomy-gemma3,
-# scenarios, budget-8b.
+# Order after session 18 (H100, 2026-12-06): replay graphs are now the default and the adapters' operands are made
+# once a step; Gemma 3 met both of issue 16's bars in one call (1.37x no cap, 1.18x at Unsloth's peak) but gave
+# 1.11-1.20x no cap on another host. Next: budget-8b and budget-qlora (their capped plans now take graphs: never
+# run), tests-lever (the GPU variant of the QLoRA graphed-replay test), families-gemma3 on an H200 if lent, grpo
+# with all three systems, scenarios.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
