@@ -8,7 +8,8 @@ session 9: 72 of 204 ms idle). A captured graph launches the same kernels at onc
 How it runs (:class:`ReplayGraphs`, one per model, used when the memory plan says ``replay_graphs``):
 
 - One graph per layer and shape: a layer's first replay with a shape runs eagerly (kernels compiled and tuned,
-  handles made), the second is captured and then replayed. A layer whose tensors move (a new adapter, a load)
+  handles made), the next one with the same shape in the following step is captured and then replayed (shapes
+  that change every step, batches padded to their longest row, stay eager: no capture that is not replayed). A layer whose tensors move (a new adapter, a load)
   is captured again, at most :data:`MAX_CAPTURES` times in all; then it stays eager.
 - Static buffers per shape, shared by the layers: the layer input (and an offloaded layer's parked MLP input),
   the output gradient, the input gradient, the step's RoPE tables and masks (copied once a step), and one flat
@@ -177,6 +178,7 @@ class ReplayGraphs:
         self.flat: dict = {}  # dtype -> the parameter-gradient buffer
         self.failed: str | None = None  # a capture failed: every replay runs eagerly
         self._args = (None, None, None, None)  # (args, leaves, spec, their key) of the last call
+        self.previous: dict = {}  # (id(layer), how it replays) -> the shape of its last call
 
     def forward(self, layer: nn.Module, x: torch.Tensor, args: tuple, parked: bool):
         """(output, parked MLP input or None) of a replayed layer's forward (``layer(x, *args)``, or its two blocks
@@ -257,12 +259,16 @@ class ReplayGraphs:
         shape = (tuple(like.shape), like.dtype, like.device, parked, arg_key)  # the static buffers'
         slot = (id(layer), shape, *how)
         entry = self.layers.get(slot)
+        repeated = self.previous.get((id(layer), *how)) == shape
+        self.previous[(id(layer), *how)] = shape
         if entry is None or entry == "eager":
             self.layers[slot] = entry or "seen"  # the first run of this shape is eager: the warm-up
             return None
         signature = module_signature(layer)
         if isinstance(entry, _LayerGraph) and entry.signature != signature:
             entry = "seen"  # its tensors moved: capture again
+        if entry == "seen" and not repeated:  # a shape that changes from step to step (batches padded to their
+            return None  # longest row) stays eager: a capture pays only when the next step has the same shape
         statics = self.statics.pop(shape, None)
         if statics is None:
             self._evict(MAX_SHAPES - 1)
