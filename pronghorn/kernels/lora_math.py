@@ -82,7 +82,7 @@ def grad_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: float
         try:
             if scaling == 1.0:
                 return torch.mm(a, b, out_dtype=dtype)
-            return torch.addmm(a.new_zeros((), dtype=dtype), a, b, beta=0, alpha=scaling, out_dtype=dtype)
+            return torch.addmm(a.new_empty((), dtype=dtype), a, b, beta=0, alpha=scaling, out_dtype=dtype)  # beta=0
         except (TypeError, RuntimeError, NotImplementedError):
             _OUT_DTYPE[0] = False
     return mm_scaled(a, b, scaling).to(dtype)
