@@ -19,10 +19,10 @@ opened by ``DecoderModel.forward``): its operands are made once and written agai
 kernels, after the adapters change; replayed layers and tiled MLPs then take that store (``open_store``).
 
 The decoder's runner (infer/static_decode.py) keeps a :class:`GraphOperands` store instead: its CUDA graph reads
-the operands' memory, so an entry stays the same tensors and is made again *in place*, once per ``renew()``
-(each generate call's prefill), whatever the versions say (an 8-bit optimizer writes the adapters without
-bumping them). A decode step then launches no cast or scale per projection: a step of a 16-layer model with
-seven adapted projections each ran about 20 such kernels a layer.
+the operands' memory, so an entry stays the same tensors and is made again *in place* (the step store's for-each
+remake), once per ``renew()`` (each generate call's prefill), whatever the versions say (an 8-bit optimizer writes
+the adapters without bumping them). A decode step then launches no cast or scale per projection: a step of a
+16-layer model with seven adapted projections each ran about 20 such kernels a layer.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import contextvars
 
 import torch
 
-from .step_operands import StepOperands
+from .step_operands import GraphOperands, StepOperands
 
 _STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pronghorn_adapter_operands", default=None)
 
@@ -86,43 +86,10 @@ def stacked_operands(projs, adt: torch.dtype):
     return _kept(("stacked", tuple(p.scaling for p in projs), adt), sources, make, parts)
 
 
-class GraphOperands(dict):
-    """A store whose entries keep their tensors (a captured graph reads them) and are made again in place once
-    per :meth:`renew`."""
-
-    def __init__(self):
-        super().__init__()
-        self.epoch = 0
-
-    def renew(self) -> None:
-        """The adapters may have changed since (a training step): each entry is made again at its next use."""
-        self.epoch += 1
-
-
-def _flat(value) -> list[torch.Tensor]:
-    return [t for v in value for t in (v if isinstance(v, (list, tuple)) else [v])]
-
-
-def _kept_in_place(store: GraphOperands, key: tuple, sources: tuple, make):
-    entry = store.get(key)
-    if entry is None or not all(a is b for a, b in zip(entry[0], sources)):
-        value = make()
-        store[key] = (sources, store.epoch, value)
-        return value
-    if entry[1] != store.epoch:
-        for old, new in zip(_flat(entry[2]), _flat(make())):
-            if old is not new:  # a cast to the adapter's own dtype is the adapter itself
-                old.copy_(new)
-        store[key] = (sources, store.epoch, entry[2])
-    return entry[2]
-
-
 def _kept(kind: tuple, sources: tuple, make, parts):
     store = _STORE.get()
-    if isinstance(store, StepOperands) and not torch.is_inference_mode_enabled():
+    if isinstance(store, GraphOperands) or (isinstance(store, StepOperands) and not torch.is_inference_mode_enabled()):
         return store.take((kind, *map(id, sources)), sources, make, parts)
-    if isinstance(store, GraphOperands):
-        return _kept_in_place(store, (kind, *map(id, sources)), sources, make)
     if store is None or torch.is_inference_mode_enabled():
         return make()
     key = (kind, *map(id, sources))

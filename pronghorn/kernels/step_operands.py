@@ -16,7 +16,8 @@ the compute dtype, the same two roundings). It is remade when an optimizer steps
 optimizers write the adapters without bumping their versions) or when the version of one of its adapters moved;
 an in-place write that neither bumps a version nor goes through a ``torch.optim.Optimizer`` is not seen (call
 :meth:`StepOperands.clear` after one). An entry no forward took since the last forward is dropped (replaced or
-merged adapters), and so is one whose adapters' data moved (``Module.to``, an assignment to ``.data``). Writing an entry in place bumps its version, so a backward through a graph recorded before
+merged adapters), and so is one whose adapters' data moved (``Module.to``, an assignment to
+``.data``). Writing an entry in place bumps its version, so a backward through a graph recorded before
 the adapters changed fails loudly instead of using new values.
 """
 
@@ -97,6 +98,16 @@ class StepOperands(dict):
     def nbytes(self) -> int:
         """Device bytes the entries hold beyond their sources."""
         return sum(p[0].numel() * p[0].element_size() for e in self.values() for p in e.parts)
+
+
+class GraphOperands(StepOperands):
+    """The store of a captured decode graph (infer/static_decode.py): its entries keep their tensors (the graph
+    reads them), and :meth:`renew` writes every one again in place, whatever the versions say (an 8-bit
+    optimizer's kernel bumps none); taken under inference mode too."""
+
+    def renew(self) -> None:
+        """The adapters may have changed since the last generate call (a training step)."""
+        remake(list(self.values()))
 
 
 def remake(entries) -> None:
