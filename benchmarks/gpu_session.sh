@@ -21,6 +21,8 @@
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
+#   bash benchmarks/gpu_session.sh kept         # kept layers as CUDA graphs: GPU tests, no-cap rows on/off/on
+#                                               #   beside Unsloth (KEPT_WORKLOADS="1b-lora gemma3-4b-lora")
 #   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
@@ -56,7 +58,7 @@ case "$stage" in
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
       tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
       tests/models/test_replay_graphs.py tests/infer/test_sampling.py tests/train/test_optimizer_parking.py \
-      tests/models/test_shared_prefix_cache.py tests/kernels/test_step_operands.py \
+      tests/models/test_shared_prefix_cache.py tests/kernels/test_step_operands.py tests/models/test_kept_graphs.py \
       tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
   budget-1b|budget-8b|budget-qlora)
     peers
@@ -142,6 +144,23 @@ case "$stage" in
       python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,none --systems pronghorn --autocast on \
         --json "$OUT/lever-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-100} 2>&1 | tee "$OUT/lever-$w-$run.log" \
         | grep -v "^pronghorn:" | tail -5
+    done ;;
+  kept)  # session 19: kept layers as CUDA graphs (models/kept_graphs.py): their GPU tests, then the no-cap rows on,
+    # off (PRONGHORN_KEPT_GRAPHS=0) and on again (=1), Unsloth in the same call (KEPT_WORKLOADS: space-separated)
+    PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider tests/models/test_kept_graphs.py \
+      tests/models/test_replay_graphs.py 2>&1 | tee "$OUT/tests-kept.log" | tail -8
+    peers
+    for w in ${KEPT_WORKLOADS:-1b-lora}; do
+      PRONGHORN_KEPT_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets none --systems unsloth,pronghorn --autocast on \
+        --peer-scripts $PWD/.benchwheels/bench --json "$OUT/kept-$w.json" --time-limit ${TIME_LIMIT:-150} 2>&1 \
+        | tee "$OUT/kept-$w.log" | grep -v "^pronghorn:" | tail -4
+      for run in off on; do
+        [[ $run == off ]] && export PRONGHORN_KEPT_GRAPHS=0
+        [[ $run == on ]] && export PRONGHORN_KEPT_GRAPHS=1
+        python3 benchmarks/memory_budget.py --workloads $w --budgets none --systems pronghorn --autocast ${AUTOCAST:-on} \
+          --json "$OUT/kept-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-70} 2>&1 | tee "$OUT/kept-$w-$run.log" \
+          | grep -v "^pronghorn:" | tail -3
+      done
     done ;;
   tests-lever)  # session 18's GPU tests: kept operands, fp32 adapter gradients, and the paths they touch
     PRONGHORN_SOFTCAP_AUTOTUNE=0 PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider \

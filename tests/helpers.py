@@ -191,3 +191,14 @@ def preference_lora_model(seed=5):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model
+
+
+def moving_padding_batch(step: int, device="cpu", length: int = 12) -> dict:
+    """A 2-row batch of ``step``'s random ids whose second row's padding moves with the step (what a graph copies
+    in once a step must follow it)."""
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(3, 97, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, length - 2 - step % 3:] = 0
+    return {k: v.to(device) for k, v in
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}.items()}

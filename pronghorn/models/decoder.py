@@ -29,6 +29,7 @@ from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, devi
                           step_sizes)
 from .norm import RMSNorm
 from .recompute import checkpoint_mode, run_layers
+from .kept_graphs import KeptGraphs, kept_graphs_allowed
 from .replay_graphs import ReplayGraphs, default_setting, graphs_possible
 from .rope_scaling import rope_inv_freq
 from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mode
@@ -131,6 +132,7 @@ class DecoderModel(nn.Module):
         # auto (the plan decides) | off: replayed layers as CUDA graphs; off with PRONGHORN_REPLAY_GRAPHS=0
         self.replay_graphs = default_setting()
         self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
+        self.kept_graphs: KeptGraphs | None = None  # kept layers as graphs (models/kept_graphs.py), made when used
         # the adapters' operands, made once per optimizer step for every layer (kernels/step_operands.py)
         self.step_operands: StepOperands | None = step_store()
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
@@ -177,7 +179,7 @@ class DecoderModel(nn.Module):
         graphs = self.replay_graphs != "off" and not self.decodes_between_steps and graphs_possible(self.layers, device)
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
                fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target,
-               graphs)
+               graphs, kept_graphs_allowed())
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             budget, source = device_budget(device, self.memory_budget)
@@ -187,7 +189,8 @@ class DecoderModel(nn.Module):
                                first_step=not (plans if state is None else state), optimizer=self.optimizer_footprint)
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
-                             host_tied_table=not self.decodes_between_steps, target=self.plan_target, graphs=graphs)
+                             host_tied_table=not self.decodes_between_steps, target=self.plan_target, graphs=graphs,
+                             kept_graphs=graphs and kept_graphs_allowed())
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)
@@ -233,6 +236,8 @@ class DecoderModel(nn.Module):
         graphs = None
         if plan is not None and plan.replay_graphs:
             graphs = self.graphs = self.graphs or ReplayGraphs()
+        elif plan is not None and plan.kept_graphs:
+            graphs = self.kept_graphs = self.kept_graphs or KeptGraphs()
         with training_operands(self.step_operands if plan is not None else None):
             x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs)
         if cache is not None:

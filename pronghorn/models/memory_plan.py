@@ -129,6 +129,7 @@ class MemoryPlan:
     table_on_host: str | None = None  # None | "untied" | "tied": the input table in pinned host memory
     park_offloaded: bool = False  # an offloaded layer parks its MLP block's input beside its own, replays split
     replay_graphs: bool = False  # replayed layers run as CUDA graphs (models/replay_graphs.py)
+    kept_graphs: bool = False  # every layer kept, each run as CUDA graphs (models/kept_graphs.py)
     estimate_bytes: int = 0  # the estimated peak of the step
     budget_bytes: int | None = None
     budget_source: str = ""
@@ -155,6 +156,8 @@ class MemoryPlan:
             parts.append("offloaded layers split, MLP input parked")
         if self.replay_graphs:
             parts.append("replays as CUDA graphs")
+        if self.kept_graphs:
+            parts.append("kept layers as CUDA graphs")
         if self.mlp_chunk:
             parts.append(f"tiled MLP ({self.mlp_chunk} tokens)")
         if self.loss_chunk_bytes != LOSS_CHUNK_BYTES[0]:
@@ -225,6 +228,11 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     def pending(j: int) -> int:  # layer gradients counted in to_come that do not exist yet at layer j's backward
         return 0 if s.grads_in_backward else j * s.layer_grads
 
+    # kept graphs: their pool holds the largest layer backward's transients for the whole step (the loss's too),
+    # beside the first layer's input and two input gradients, one layer's parameter gradients and their copy
+    statics = 3 * s.layer_input + 2 * s.layer_grads + GRAPH_POOL_SLACK if plan.kept_graphs else 0
+    kept_pool = statics + max(mlp_backward, attn_backward) if plan.kept_graphs else 0
+
     below = [0]
     for m in plan.layers:
         below.append(below[-1] + stored(m))
@@ -232,18 +240,21 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     # the top layers' inputs may still be on their way to the host when the loss runs (copies lag the forward)
     copying = 2 * s.layer_input if plan.layers and plan.layers[-1] == "offload" else 0
     loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
-    moments = [below[-1] + copying + loss + pool - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
-    moments += [below[j] + backward(m) - pending(j) for j, m in enumerate(plan.layers)]
+    moments = [below[-1] + copying + loss + pool + kept_pool
+               - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
+    moments += [below[j] + backward(m) + statics - pending(j) for j, m in enumerate(plan.layers)]
     return [held + m for m in moments]
 
 
 def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
-                    replay: str = "auto", host_tied_table: bool = True, graphs: bool = False) -> list[MemoryPlan]:
+                    replay: str = "auto", host_tied_table: bool = True, graphs: bool = False,
+                    kept_graphs: bool = False) -> list[MemoryPlan]:
     """Every plan within the user's settings, fastest first (:func:`relative_cost`): ``mode`` auto | off | on |
     offload (layers), ``tiled_mlp`` auto | on | off, ``replay`` auto | whole | split. ``host_tied_table=False``:
     no plan puts a tied table on the host (a model that decodes between its steps, as GRPO's, needs it on the
     device for every generated token: decoding would copy it back whole each forward). ``graphs``: plans that
-    replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP)."""
+    replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP);
+    ``kept_graphs``: a plan that keeps every layer may run them as CUDA graphs (models/kept_graphs.py)."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -265,13 +276,21 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     tables = [None] + (["untied"] if s.untied_table else []) + (["tied"] if s.tied_table and host_tied_table else [])
     # an offloaded layer replayed split parks its MLP input (no extra forward); without split_replay it may too
     parks = {"whole": [False], "split": [True], "auto": [False, True]}[replay]
-    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park, replay_graphs=graphed)
+    def graph_kinds(layers: tuple, chunk) -> tuple:  # (replay_graphs, kept_graphs) pairs to try, graphed first
+        if chunk is not None:
+            return ((False, False),)
+        if layers.count("keep") < n:
+            return ((True, False), (False, False)) if graphs else ((False, False),)
+        return ((False, True), (False, False)) if kept_graphs else ((False, False),)
+
+    plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park, replay_graphs=graphed,
+                        kept_graphs=kept)
              for layers in layer_sets
              for split in (replays if "recompute" in layers else [False])
              for park in (parks if "offload" in layers and not split else [split])
              for reuse in ((True, False) if s.dense_layer else (True,))
              for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables
-             for graphed in ((True, False) if graphs and chunk is None and layers.count("keep") < n else (False,))]
+             for graphed, kept in graph_kinds(layers, chunk)]
     return sorted(plans, key=lambda plan: relative_cost(plan, s.tokens))
 
 
@@ -287,7 +306,7 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     Replays as CUDA graphs are counted 5% cheaper: enough to take them where the same layers are replayed either
     way (a tight budget, where a small model's step is bound by launches), not to give up a kept layer for them
     (a large model's replay is bound by its matmuls, which a graph does not speed up). Not yet calibrated on a
-    GPU. ``tokens``: the batch's (0: unknown, counted as 8,192)."""
+    GPU. Kept layers as CUDA graphs are counted 0.02 cheaper each: taken wherever their pool fits. ``tokens``: the batch's (0: unknown, counted as 8,192)."""
     cost = 0.0
     graphed = 0.95 if plan.replay_graphs else 1.0
     for m in plan.layers:
@@ -300,6 +319,7 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
             chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)
             cost += (0.2 if replayed else 0.35) + 0.33 * chunks
+    cost -= 0.02 * len(plan.layers) * plan.kept_graphs  # fewer launches: taken wherever its pool fits
     cost += {LOSS_CHUNK_BYTES[0]: 0.0, LOSS_CHUNK_BYTES[1]: 0.01, LOSS_CHUNK_BYTES[2]: 0.05}[plan.loss_chunk_bytes]
     cost += {None: 0.0, "untied": 0.001, "tied": 3.0}[plan.table_on_host]
     return cost

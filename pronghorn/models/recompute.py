@@ -68,7 +68,12 @@ def checkpoint_mode(value) -> str:
 def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None, graphs=None) -> torch.Tensor:
     """``x`` through every layer (called as ``layer(x, *args)``) as ``plan`` says (None: keep everything).
     ``graphs``: a :class:`~pronghorn.models.replay_graphs.ReplayGraphs` that runs the replays (with
-    ``plan.replay_graphs``), else None."""
+    ``plan.replay_graphs``), or a :class:`~pronghorn.models.kept_graphs.KeptGraphs` that runs every layer (with
+    ``plan.kept_graphs``), else None."""
+    if plan is not None and plan.kept_graphs and graphs is not None:
+        out = graphs.run(layers, x, args)
+        if out is not None:
+            return out
     if plan is None or not plan.replays:
         for layer in layers:
             x = layer(x, *args)

@@ -110,7 +110,9 @@ def own_leaves(module: nn.Module, params: list):
 
 
 class CudaGraph:
-    """A captured CUDA graph of ``body``, in ``pool``."""
+    """A captured CUDA graph of ``body``, in ``pool`` (the capture runs no kernel: replay it)."""
+
+    runs_at_capture = False
 
     def capture(self, body, pool):
         self.graph = torch.cuda.CUDAGraph()
@@ -125,6 +127,8 @@ class EagerGraph:
     """A stand-in with a graph's interface that runs ``body`` at each replay: the static-buffer plumbing on a
     CPU (tests)."""
 
+    runs_at_capture = True
+
     def capture(self, body, pool):
         self.body = body
         return body()
@@ -133,12 +137,10 @@ class EagerGraph:
         self.body()
 
 
-class _Statics:
-    """The static buffers of one shape: inputs, outputs, and the step's layer arguments."""
+class StaticArgs:
+    """The step's layer arguments (RoPE tables, masks) in static buffers, copied in once a step."""
 
-    def __init__(self, grad: torch.Tensor, mid: bool, leaves: list, spec):
-        self.x, self.grad, self.gx = torch.empty_like(grad), torch.empty_like(grad), torch.empty_like(grad)
-        self.mid = torch.empty_like(grad) if mid else None
+    def __init__(self, leaves: list, spec):
         self.leaves = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
         self.args = pytree.tree_unflatten(self.leaves, spec)
         self.source = None  # the argument tuple last copied in
@@ -152,7 +154,16 @@ class _Statics:
         self.source = args
 
 
-class _LayerGraph:
+class _Statics(StaticArgs):
+    """The static buffers of one shape: inputs, outputs, and the step's layer arguments."""
+
+    def __init__(self, grad: torch.Tensor, mid: bool, leaves: list, spec):
+        super().__init__(leaves, spec)
+        self.x, self.grad, self.gx = torch.empty_like(grad), torch.empty_like(grad), torch.empty_like(grad)
+        self.mid = torch.empty_like(grad) if mid else None
+
+
+class LayerGraph:
     """A layer's captured graph, what it was captured over, and where it leaves the parameter gradients: a slot per
     parameter (``views``, None where the parameter gets none) in the first ``used[dtype]`` elements of ``flats``."""
 
@@ -172,7 +183,7 @@ class ReplayGraphs:
     def __init__(self, graph_type=CudaGraph):
         self.graph_type = graph_type
         self.pool = None
-        self.layers: dict = {}  # (id(layer), shape, how it replays) -> "seen" | "eager" | _LayerGraph
+        self.layers: dict = {}  # (id(layer), shape, how it replays) -> "seen" | "eager" | LayerGraph
         self.captures: dict = {}  # the same keys -> captures so far
         self.statics: dict = {}  # shape -> _Statics
         self.flat: dict = {}  # dtype -> the parameter-gradient buffer
@@ -235,7 +246,7 @@ class ReplayGraphs:
             body = self._backward_body(ctx, statics, need_x, params, views, replay)
             entry = self._capture(slot, signature, body, views, need_x)
             if entry is None:  # replayed eagerly from the inputs already copied in
-                return self._outputs(_LayerGraph(None, None, views, body(), need_x), statics)
+                return self._outputs(LayerGraph(None, None, views, body(), need_x), statics)
         entry.graph.replay()
         return self._outputs(entry, statics)
 
@@ -265,7 +276,7 @@ class ReplayGraphs:
             self.layers[slot] = entry or "seen"  # the first run of this shape is eager: the warm-up
             return None
         signature = module_signature(layer)
-        if isinstance(entry, _LayerGraph) and entry.signature != signature:
+        if isinstance(entry, LayerGraph) and entry.signature != signature:
             entry = "seen"  # its tensors moved: capture again
         if entry == "seen" and not repeated:  # a shape that changes from step to step (batches padded to their
             return None  # longest row) stays eager: a capture pays only when the next step has the same shape
@@ -356,11 +367,11 @@ class ReplayGraphs:
             warnings.warn(f"CUDA graph capture of a replayed layer failed ({self.failed}); replaying eagerly",
                           RuntimeWarning, stacklevel=4)
             return None
-        entry = _LayerGraph(graph, signature, views, present, need_x)
+        entry = LayerGraph(graph, signature, views, present, need_x)
         self.layers[slot] = entry
         return entry
 
-    def _outputs(self, entry: _LayerGraph, statics: _Statics) -> list:
+    def _outputs(self, entry: LayerGraph, statics: _Statics) -> list:
         """The input gradient and the parameter gradients, cloned out of the static buffers (one kernel each
         and per dtype): the next replay overwrites those, and autograd may keep what it is given as ``.grad``."""
         out = [statics.gx.clone()] if entry.need_x else []

@@ -10,7 +10,7 @@ from helpers import make_pair, tiny_lora_model
 from pronghorn.errors import PronghornError
 from pronghorn.models import decoder as decoder_module
 from pronghorn.models.lora import LoRAConfig, attach_lora
-from pronghorn.models.memory_plan import (HEADROOM, MemoryPlan, StepSizes, candidate_plans,
+from pronghorn.models.memory_plan import (HEADROOM, LOSS_CHUNK_BYTES, MemoryPlan, StepSizes, candidate_plans,
                                           estimate_peak, make_plan, parse_budget, relative_cost, step_sizes)
 
 GIB, MIB = 2**30, 2**20
@@ -376,3 +376,18 @@ def test_replay_graphs_cost_their_pool_at_every_moment_and_are_taken_where_they_
     assert not tight.replay_graphs and _fits(tight, tight.budget_bytes)
     tiled = candidate_plans(s, graphs=True, tiled_mlp="on", mlp_chunk=1024)
     assert all(not p.replay_graphs for p in tiled)  # a tiled MLP restores RNG states in its backward
+
+
+def test_the_plan_takes_kept_graphs_where_every_layer_is_kept():
+    """Kept layers as graphs (models/kept_graphs.py): first where every layer is kept, their pool counted."""
+    s = _sizes()
+    first = candidate_plans(s, kept_graphs=True)[0]
+    assert first.kept_graphs and not first.replays
+    eager = MemoryPlan(first.layers, loss_chunk_bytes=first.loss_chunk_bytes)
+    assert estimate_peak(s, first) > estimate_peak(s, eager)
+    assert not candidate_plans(s, kept_graphs=False)[0].kept_graphs
+    assert not any(p.kept_graphs and p.replays for p in candidate_plans(s, kept_graphs=True, graphs=True))
+    leanest_kept = MemoryPlan(first.layers, loss_chunk_bytes=min(LOSS_CHUNK_BYTES), table_on_host="untied")
+    need = estimate_peak(s, leanest_kept)
+    snug = make_plan(s, int(need / (1 - HEADROOM)) + 1, kept_graphs=True)  # the eager step fits, the pool does not
+    assert not snug.kept_graphs and not snug.replays

@@ -7,7 +7,7 @@ On a GPU the real graphs are compared with the eager replays, fp32 and bf16 unde
 import pytest
 import torch
 
-from helpers import randomize_lora_b, tiny_lora_model
+from helpers import moving_padding_batch as _batch, randomize_lora_b, tiny_lora_model
 from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.replay_graphs import (MAX_SHAPES, EagerGraph, ReplayGraphs, graphs_possible,
                                             module_signature)
@@ -22,15 +22,6 @@ def _model(device="cpu", dtype=torch.float32):
     model = tiny_lora_model(dtype=dtype).to(device).train()
     randomize_lora_b(model)
     return model
-
-
-def _batch(step: int, device="cpu", length: int = 12):
-    g = torch.Generator().manual_seed(step)
-    ids = torch.randint(3, 97, (2, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, length - 2 - step % 3:] = 0  # the padding moves: the masks copied in must follow
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}.items()}
 
 
 def _step(model, batch, autocast=None):

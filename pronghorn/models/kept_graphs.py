@@ -1,0 +1,222 @@
+"""CUDA graphs of kept layers: each layer's forward and its backward launched as one graph apiece.
+
+A step with ample memory keeps every layer's activations and launches each layer's kernels from Python: 26 in a
+bf16 LoRA layer's forward and about 40 in its backward (benchmarks/launch_census.py). On a slow host that is the
+limit, not the GPU: on one H100 host (session 18) Gemma-3-4B ran faster with every layer *replayed* as CUDA graphs
+(16,728 tok/s) than with every layer kept eagerly (14,323-15,562), although the replays redo the forward.
+
+How it runs (:class:`KeptGraphs`, one per model, used when the memory plan says ``kept_graphs``: every layer kept,
+no tiled MLP), in the manner of ``torch.cuda.make_graphed_callables``:
+
+- A batch shape's first step runs eagerly (kernels compiled and tuned); when the next step has the same shape,
+  its forward captures each layer's forward as a graph (recording what the layer's backward reads, in the
+  graphs' pool), and its backward captures each layer's backward in reverse. Later steps of that shape replay
+  them: all forwards in layer order, then all backwards in reverse, the order of capture, which is what lets one
+  pool serve them all (a backward's transients reuse what the layers above saved).
+- The graphs are chained: a layer's forward reads the previous layer's output where its graph left it, and the
+  input gradients pass through two buffers in turn, so nothing is copied between layers. Before the first
+  layer the batch's input is copied in; each layer's parameter gradients are cloned out of one flat buffer per
+  dtype (one kernel), and the step's RoPE tables and masks are copied into static buffers once a step.
+- A second forward before the backward of the first (two forwards, one backward) would overwrite the saved
+  tensors of the first: it runs eagerly instead, as does any step while a capture is unfinished, a shape that
+  changes from step to step, and a model whose tensors moved more than :data:`MAX_CAPTURES` times.
+
+Exactness: a graph runs the eager layer's kernels on the same values, so losses and gradients are the eager ones
+bit for bit (tests/models/test_kept_graphs.py). Used where nothing draws random numbers and not under
+torch.distributed (:func:`~pronghorn.models.replay_graphs.graphs_possible`), with ``PRONGHORN_KEPT_GRAPHS=1``
+(not yet measured on a GPU).
+
+Memory: the pool holds every layer's saved tensors (as the eager step does) and, for the whole step, the largest
+layer backward's transients beside three activation-sized buffers; the memory plan counts them
+(``MemoryPlan.kept_graphs``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..kernels.adapter_operands import operands_kept
+from .replay_graphs import CudaGraph, EagerGraph, LayerGraph, ReplayGraphs, StaticArgs, module_signature, own_leaves
+
+MAX_CAPTURES = 3  # per batch shape: the first capture and two after the model's tensors moved
+ENV = "PRONGHORN_KEPT_GRAPHS"  # "1": the plan may take them (off by default until measured on a GPU)
+
+
+def kept_graphs_allowed() -> bool:
+    """Whether the memory plan may run kept layers as graphs (``PRONGHORN_KEPT_GRAPHS=1``)."""
+    return os.environ.get(ENV, "0") == "1"
+
+
+class _Shape:
+    """The graphs of one batch shape: per layer its forward and backward graphs and what they read and write."""
+
+    def __init__(self, signature, statics: StaticArgs, x0: torch.Tensor, need_x: bool):
+        self.signature, self.statics, self.need_x = signature, statics, need_x
+        self.x0 = x0  # the first layer's input
+        self.grads = (torch.empty_like(x0), torch.empty_like(x0))  # input gradients, layer by layer in turn
+        self.layers: list[SimpleNamespace] = []
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.layers) and all(held.backward is not None for held in self.layers)
+
+
+class KeptGraphs(ReplayGraphs):
+    """A model's kept-layer graphs: :meth:`run` sends the batch through every layer as graphs (None: run them
+    eagerly this step). Shares the replay graphs' stand-ins (``graph_type``), argument flattening and flat
+    gradient buffers."""
+
+    def __init__(self, graph_type=CudaGraph):
+        super().__init__(graph_type)
+        self.shapes: dict = {}  # shape key -> _Shape (one at a time)
+        self.capture_counts: dict = {}
+        self.last_key = None
+        self.in_flight = None  # [weak reference to the first layer's node, its backward done] of the last forward
+
+    def run(self, layers: nn.ModuleList, x: torch.Tensor, args: tuple) -> torch.Tensor | None:
+        """``x`` through ``layers`` (each called as ``layer(x, *args)``) as graphs; None: eagerly this time."""
+        if self.failed is not None:
+            if self.shapes:
+                self.release()
+            return None
+        if self._busy():
+            return None
+        leaves, spec, arg_key = self._flatten(args)
+        params = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+        if arg_key is None or not all(params):
+            return None
+        device = x.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        key = (tuple(x.shape), x.dtype, x.device, x.requires_grad, arg_key, autocast)
+        repeated, self.last_key = self.last_key == key, key
+        signature = tuple(module_signature(layer) for layer in layers)
+        shape = self.shapes.get(key)
+        if shape is None or not shape.complete or shape.signature != signature:
+            if not repeated or self.capture_counts.get(key, 0) >= MAX_CAPTURES:
+                return None  # a first sighting (the warm-up) or a shape that changes from step to step
+            shape = self._new_shape(key, signature, x, leaves, spec)
+        shape.statics.load_args(args, leaves)
+        if x.data_ptr() != shape.x0.data_ptr():
+            shape.x0.copy_(x)
+        for i, layer in enumerate(layers):
+            x = _GraphedLayer.apply(self, shape, i, layer, autocast, x, *params[i])
+            if i == 0:
+                self.in_flight = [weakref.ref(x.grad_fn), False]
+        return x.clone()  # the last output leaves the graphs' memory: a caller may keep it
+
+    def release(self) -> None:
+        """Drop every graph and buffer (their memory back to the allocator once the last step's are gone)."""
+        self.shapes, self.flat, self.pool, self.in_flight = {}, {}, None, None
+
+    def forward_layer(self, shape: _Shape, i: int, layer: nn.Module, autocast, params: list) -> torch.Tensor:
+        """Layer ``i``'s output, from its forward graph (captured now when it has none)."""
+        if i < len(shape.layers):
+            held = shape.layers[i]
+            held.forward.replay()
+            return held.out
+        held = SimpleNamespace(forward=None, backward=None, out=None, inp=None, leaves=None, grads=None,
+                               need_x=shape.need_x or i > 0)
+        source = (lambda: shape.x0) if i == 0 else (lambda: shape.layers[i - 1].out)
+        device = shape.x0.device.type
+
+        def body() -> None:
+            inp = source().detach().requires_grad_(held.need_x)
+            with torch.enable_grad(), own_leaves(layer, params) as own, operands_kept({}), \
+                    torch.autocast(device, autocast[1], enabled=autocast[0], cache_enabled=False):
+                out = layer(inp, *shape.statics.args)
+            held.inp, held.out, held.leaves = inp, out, own
+
+        held.forward, _ = self._captured(body)
+        shape.layers.append(held)
+        return held.out
+
+    def backward_layer(self, shape: _Shape, i: int, grad: torch.Tensor) -> list:
+        """([input gradient or None], *parameter gradients) of layer ``i``, from its backward graph (captured now
+        when it has none)."""
+        held = shape.layers[i]
+        grad_in, grad_out = shape.grads[(i + 1) % 2], shape.grads[i % 2]
+        if grad.data_ptr() != grad_in.data_ptr():
+            grad_in.copy_(grad)
+        if held.backward is None:
+            views = self._views(held.leaves)
+
+            def body() -> list[bool]:
+                inputs = ([held.inp] if held.need_x else []) + held.leaves
+                grads = list(torch.autograd.grad(held.out, inputs, grad_in, allow_unused=True))
+                if held.need_x:
+                    grad_out.copy_(grads.pop(0))
+                for g, view in zip(grads, views):
+                    if g is not None:
+                        view.copy_(g)
+                return [g is not None for g in grads]
+
+            held.backward, present = self._captured(body)
+            held.grads = LayerGraph(None, None, views, present, False)
+        else:
+            held.backward.replay()
+        grads = self._outputs(held.grads, None)
+        if i == 0:
+            if self.in_flight is not None:
+                self.in_flight[1] = True
+            # the first layer's input gradient leaves the graphs' memory (an input table's, or a user's leaf's)
+            return [grad_out.clone() if held.need_x else None] + grads
+        return [grad_out.detach()] + grads
+
+    # --- internals ---
+
+    def _busy(self) -> bool:
+        """Whether the last forward run as graphs still waits for its backward (its saved tensors are in use)."""
+        if self.in_flight is None:
+            return False
+        node, done = self.in_flight
+        if done or node() is None:
+            self.in_flight = None
+            return False
+        return True
+
+    def _new_shape(self, key, signature, x, leaves, spec) -> _Shape:
+        self.capture_counts[key] = self.capture_counts.get(key, 0) + 1
+        self.release()  # one shape's graphs at a time: the next capture reuses the pool's freed blocks
+        if self.graph_type is CudaGraph:
+            torch.cuda.empty_cache()  # the eager steps' cached blocks back before the pool takes its own
+            self.pool = torch.cuda.graph_pool_handle()
+        shape = _Shape(signature, StaticArgs(leaves, spec), torch.empty_like(x), x.requires_grad)
+        self.shapes[key] = shape
+        return shape
+
+    def _captured(self, body):
+        """(graph, ``body``'s result) with the graph run once. A failed capture turns graphs off for later steps
+        and runs ``body`` eagerly, as does its graph for the rest of this step."""
+        graph = self.graph_type()
+        try:
+            result = graph.capture(body, self.pool)
+        except Exception as e:  # noqa: BLE001 - anything a layer does that a graph cannot hold
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA graph capture of a kept layer failed ({self.failed}); running eagerly",
+                          RuntimeWarning, stacklevel=5)
+            graph = EagerGraph()
+            result = graph.capture(body, None)
+        if not graph.runs_at_capture:
+            graph.replay()
+        return graph, result
+
+
+class _GraphedLayer(torch.autograd.Function):
+    """One kept layer run by its graphs; its trainable parameters are inputs, so their gradients flow."""
+
+    @staticmethod
+    def forward(ctx, graphs: KeptGraphs, shape: _Shape, i: int, layer, autocast, x, *params):
+        ctx.graphs, ctx.shape, ctx.i = graphs, shape, i
+        # an alias of the graph's output: the next layer's graph reads it where it is
+        return graphs.forward_layer(shape, i, layer, autocast, list(params)).detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, *grads = ctx.graphs.backward_layer(ctx.shape, ctx.i, grad)
+        return (None, None, None, None, None, gx, *grads)
