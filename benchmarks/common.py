@@ -52,10 +52,12 @@ def run_meta(**extra) -> dict:
 
 
 def peak_bytes(model) -> int:
-    """The CUDA peak of a run: ``max_memory_allocated`` plus what pronghorn's replay graphs hold in their memory
-    pool (models/replay_graphs.py: reserved for the whole step, unseen by the allocated count between replays)."""
-    graphs = getattr(getattr(model, "model", None), "graphs", None)
-    return torch.cuda.max_memory_allocated() + (graphs.pool_bytes() if graphs is not None else 0)
+    """The CUDA peak of a run: ``max_memory_allocated`` plus what pronghorn's replay and kept-layer graphs hold in
+    their memory pools beyond live tensors (models/replay_graphs.py, models/kept_graphs.py: reserved for the whole
+    step, unseen by the allocated count between replays)."""
+    decoder = getattr(model, "model", None)
+    pools = [getattr(decoder, name, None) for name in ("graphs", "kept_graphs")]
+    return torch.cuda.max_memory_allocated() + sum(g.pool_bytes() for g in pools if g is not None)
 
 
 def write_results(path: str | Path, meta: dict, rows: list[dict]) -> None:

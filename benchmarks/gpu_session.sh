@@ -146,19 +146,20 @@ case "$stage" in
         | grep -v "^pronghorn:" | tail -5
     done ;;
   kept)  # session 19: kept layers as CUDA graphs (models/kept_graphs.py): their GPU tests, then the no-cap rows on,
-    # off (PRONGHORN_KEPT_GRAPHS=0) and on again (=1), Unsloth in the same call (KEPT_WORKLOADS: space-separated)
+    # off (PRONGHORN_KEPT_GRAPHS=0) and on again (=1), Unsloth (and pronghorn at its peak) in the same call
+    # (KEPT_WORKLOADS: space-separated; "1b-lora gemma3-4b-lora" fits one call, ~8 min)
     PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider tests/models/test_kept_graphs.py \
       tests/models/test_replay_graphs.py 2>&1 | tee "$OUT/tests-kept.log" | tail -8
     peers
     for w in ${KEPT_WORKLOADS:-1b-lora}; do
-      PRONGHORN_KEPT_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets none --systems unsloth,pronghorn --autocast on \
-        --peer-scripts $PWD/.benchwheels/bench --json "$OUT/kept-$w.json" --time-limit ${TIME_LIMIT:-150} 2>&1 \
-        | tee "$OUT/kept-$w.log" | grep -v "^pronghorn:" | tail -4
+      PRONGHORN_KEPT_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,none --systems unsloth,pronghorn --autocast on \
+        --peer-scripts $PWD/.benchwheels/bench --json "$OUT/kept-$w.json" --time-limit ${TIME_LIMIT:-200} 2>&1 \
+        | tee "$OUT/kept-$w.log" | grep -v "^pronghorn:" | tail -5
       for run in off on; do
         [[ $run == off ]] && export PRONGHORN_KEPT_GRAPHS=0
         [[ $run == on ]] && export PRONGHORN_KEPT_GRAPHS=1
         python3 benchmarks/memory_budget.py --workloads $w --budgets none --systems pronghorn --autocast ${AUTOCAST:-on} \
-          --json "$OUT/kept-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-70} 2>&1 | tee "$OUT/kept-$w-$run.log" \
+          --json "$OUT/kept-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-60} 2>&1 | tee "$OUT/kept-$w-$run.log" \
           | grep -v "^pronghorn:" | tail -3
       done
     done ;;

@@ -225,8 +225,10 @@ def _child(spec: dict) -> None:
     out["peak_gib"] = round(_peak_bytes(cuda, model) / _GIB, 3)
     if cuda:
         out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / _GIB, 3)
-        graphs = getattr(getattr(model, "model", None), "graphs", None)
-        out["graph_pool_gib"] = round(graphs.pool_bytes() / _GIB, 3) if graphs is not None else 0.0
+        decoder = getattr(model, "model", None)
+        for name, key in (("graphs", "graph_pool_gib"), ("kept_graphs", "kept_pool_gib")):
+            graphs = getattr(decoder, name, None)
+            out[key] = round(graphs.pool_bytes() / _GIB, 3) if graphs is not None else 0.0
     est, summary = _plan_estimate(model) if model is not None else (None, None)
     out.update(est_gib=None if est is None else round(est / _GIB, 3), plan=summary)
     if est is not None and out["status"] == "ok" and out["peak_gib"]:

@@ -251,11 +251,14 @@ class ReplayGraphs:
         return self._outputs(entry, statics)
 
     def pool_bytes(self) -> int:
-        """Bytes the graphs' memory pool holds (reserved for the step, unseen by ``max_memory_allocated``)."""
+        """Bytes the graphs' memory pool holds beyond its live tensors: reserved for the step, unseen by
+        ``max_memory_allocated`` (a replayed layer's graphs leave nothing live in it: all of it; kept layers' keep
+        their saved tensors there, which the allocated count sees)."""
         if self.pool is None or not torch.cuda.is_available():
             return 0
         pool = tuple(self.pool)
-        return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == pool)
+        return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+                   if tuple(s.get("segment_pool_id", ())) == pool)
 
     # --- internals ---
 
