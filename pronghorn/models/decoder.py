@@ -233,13 +233,13 @@ class DecoderModel(nn.Module):
         else:  # inference: tiled only when asked ("on"), for long prompts
             on = tiled_mlp_mode(self.tiled_mlp) == "on" and b * t > self.tiled_mlp_chunk
             mlp_chunk = self.tiled_mlp_chunk if on else None
-        graphs = None
+        graphs = kept = None
         if plan is not None and plan.replay_graphs:
             graphs = self.graphs = self.graphs or ReplayGraphs()
-        elif plan is not None and plan.kept_graphs:
-            graphs = self.kept_graphs = self.kept_graphs or KeptGraphs()
+        if plan is not None and plan.kept_graphs:
+            kept = self.kept_graphs = self.kept_graphs or KeptGraphs()
         with training_operands(self.step_operands if plan is not None else None):
-            x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs)
+            x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs, kept)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

@@ -129,7 +129,7 @@ class MemoryPlan:
     table_on_host: str | None = None  # None | "untied" | "tied": the input table in pinned host memory
     park_offloaded: bool = False  # an offloaded layer parks its MLP block's input beside its own, replays split
     replay_graphs: bool = False  # replayed layers run as CUDA graphs (models/replay_graphs.py)
-    kept_graphs: bool = False  # every layer kept, each run as CUDA graphs (models/kept_graphs.py)
+    kept_graphs: bool = False  # the kept layers (the top ones) run as CUDA graphs (models/kept_graphs.py)
     estimate_bytes: int = 0  # the estimated peak of the step
     budget_bytes: int | None = None
     budget_source: str = ""
@@ -228,8 +228,9 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     def pending(j: int) -> int:  # layer gradients counted in to_come that do not exist yet at layer j's backward
         return 0 if s.grads_in_backward else j * s.layer_grads
 
-    # kept graphs: their pool holds the largest layer backward's transients for the whole step (the loss's too),
-    # beside the first layer's input and two input gradients, one layer's parameter gradients and their copy
+    # kept graphs: their pool holds the largest kept layer backward's transients for the whole step (beside the
+    # loss's and the replayed layers' own), the first kept layer's input and two input gradients, one layer's
+    # parameter gradients and their copy
     statics = 3 * s.layer_input + 2 * s.layer_grads + GRAPH_POOL_SLACK if plan.kept_graphs else 0
     kept_pool = statics + max(mlp_backward, attn_backward) if plan.kept_graphs else 0
 
@@ -242,7 +243,9 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     loss = s.loss(plan.loss_chunk_bytes, streamed=plan.table_on_host == "tied")
     moments = [below[-1] + copying + loss + pool + kept_pool
                - (s.layer_grads if s.grads_in_backward else n * s.layer_grads)]
-    moments += [below[j] + backward(m) + statics - pending(j) for j, m in enumerate(plan.layers)]
+    # a kept layer's backward transients are its own (in the pool); a replayed layer's are beside the pool's
+    moments += [below[j] + backward(m) + (statics if m == "keep" else kept_pool) - pending(j)
+                for j, m in enumerate(plan.layers)]
     return [held + m for m in moments]
 
 
@@ -254,7 +257,7 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     no plan puts a tied table on the host (a model that decodes between its steps, as GRPO's, needs it on the
     device for every generated token: decoding would copy it back whole each forward). ``graphs``: plans that
     replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP);
-    ``kept_graphs``: a plan that keeps every layer may run them as CUDA graphs (models/kept_graphs.py)."""
+    ``kept_graphs``: a plan that keeps layers may run them as CUDA graphs (models/kept_graphs.py)."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -279,9 +282,9 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     def graph_kinds(layers: tuple, chunk) -> tuple:  # (replay_graphs, kept_graphs) pairs to try, graphed first
         if chunk is not None:
             return ((False, False),)
-        if layers.count("keep") < n:
-            return ((True, False), (False, False)) if graphs else ((False, False),)
-        return ((False, True), (False, False)) if kept_graphs else ((False, False),)
+        replayed = (True, False) if graphs and layers.count("keep") < n else (False,)
+        kept = (True, False) if kept_graphs and "keep" in layers else (False,)
+        return tuple((r, k) for r in replayed for k in kept)
 
     plans = [MemoryPlan(layers, split, reuse, chunk, loss_chunk, table, park_offloaded=park, replay_graphs=graphed,
                         kept_graphs=kept)
@@ -306,7 +309,8 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     Replays as CUDA graphs are counted 5% cheaper: enough to take them where the same layers are replayed either
     way (a tight budget, where a small model's step is bound by launches), not to give up a kept layer for them
     (a large model's replay is bound by its matmuls, which a graph does not speed up). Not yet calibrated on a
-    GPU. Kept layers as CUDA graphs are counted 0.02 cheaper each: taken wherever their pool fits. ``tokens``: the batch's (0: unknown, counted as 8,192)."""
+    GPU. Kept layers as CUDA graphs only break ties: the plan takes them where their pool fits beside the same
+    layers, chunks and table (unmeasured: what they save depends on the host). ``tokens``: the batch's (0: unknown, counted as 8,192)."""
     cost = 0.0
     graphed = 0.95 if plan.replay_graphs else 1.0
     for m in plan.layers:
@@ -319,7 +323,7 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
             chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)
             cost += (0.2 if replayed else 0.35) + 0.33 * chunks
-    cost -= 0.02 * len(plan.layers) * plan.kept_graphs  # fewer launches: taken wherever its pool fits
+    cost -= 0.005 * plan.kept_graphs  # a tie-break: never for a kept layer, a loss chunk or the table
     cost += {LOSS_CHUNK_BYTES[0]: 0.0, LOSS_CHUNK_BYTES[1]: 0.01, LOSS_CHUNK_BYTES[2]: 0.05}[plan.loss_chunk_bytes]
     cost += {None: 0.0, "untied": 0.001, "tied": 3.0}[plan.table_on_host]
     return cost

@@ -65,19 +65,26 @@ def checkpoint_mode(value) -> str:
 
 # --- running the layers ---
 
-def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None, graphs=None) -> torch.Tensor:
+def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None, graphs=None, kept=None) -> torch.Tensor:
     """``x`` through every layer (called as ``layer(x, *args)``) as ``plan`` says (None: keep everything).
     ``graphs``: a :class:`~pronghorn.models.replay_graphs.ReplayGraphs` that runs the replays (with
-    ``plan.replay_graphs``), or a :class:`~pronghorn.models.kept_graphs.KeptGraphs` that runs every layer (with
-    ``plan.kept_graphs``), else None."""
-    if plan is not None and plan.kept_graphs and graphs is not None:
-        out = graphs.run(layers, x, args)
-        if out is not None:
-            return out
-    if plan is None or not plan.replays:
-        for layer in layers:
-            x = layer(x, *args)
-        return x
+    ``plan.replay_graphs``), else None; ``kept``: a :class:`~pronghorn.models.kept_graphs.KeptGraphs` that runs
+    the kept layers, the top ones (with ``plan.kept_graphs``), else None."""
+    modes = plan.layers if plan is not None else ("keep",) * len(layers)
+    first_kept = len(layers)  # the kept layers at the top
+    while first_kept and modes[first_kept - 1] == "keep":
+        first_kept -= 1
+    x = _replayed(layers[:first_kept], x, args, plan, graphs) if first_kept else x
+    out = kept.run(layers[first_kept:], x, args) if kept is not None and first_kept < len(layers) else None
+    if out is not None:
+        return out
+    for layer in layers[first_kept:]:
+        x = layer(x, *args)
+    return x
+
+
+def _replayed(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan, graphs) -> torch.Tensor:
+    """``x`` through the layers below the kept ones at the top (``plan.layers`` from the first)."""
     previous = None  # the host slot fetched last in the backward of the last offloaded layer: ours come next
     for layer, mode in zip(layers, plan.layers):
         params = [p for p in layer.parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ import torch
 from helpers import moving_padding_batch as _batch, randomize_lora_b, tiny_lora_model
 from pronghorn.models.kept_graphs import KeptGraphs
 from pronghorn.models.memory_plan import MemoryPlan
-from pronghorn.models.replay_graphs import EagerGraph, graphs_possible
+from pronghorn.models.replay_graphs import EagerGraph, ReplayGraphs, graphs_possible
 
 GRAPHED = MemoryPlan(("keep", "keep"), kept_graphs=True)
 EAGER = MemoryPlan(("keep", "keep"))
@@ -28,6 +28,8 @@ def _trained(plan, graphs, device="cpu", dtype=torch.float32, autocast=False, st
     """Losses and final trainable weights of ``steps`` AdamW steps under ``plan``, and the last step's grads."""
     model = _model(device, dtype)
     model.model.forced_plan, model.model.kept_graphs = plan, graphs
+    stand_in = (EagerGraph,) if device == "cpu" else ()
+    model.model.graphs = ReplayGraphs(*stand_in) if plan.replay_graphs else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     losses = []
@@ -63,6 +65,17 @@ def test_kept_graphs_train_bitwise_as_the_eager_step_on_the_cpu():
     assert got[1]["model.layers.0.self_attn.q_proj.lora_A"].abs().sum() > 0
     model = got[3]
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # the captures' own leaves swapped back
+
+
+def test_the_kept_layers_above_replayed_ones_run_as_graphs_too():
+    """A plan that replays the bottom layer and keeps the top one: the replay as its graphs (models/replay_graphs.py),
+    the kept layer as its own, bitwise the same plan run eagerly."""
+    mixed = MemoryPlan(("recompute", "keep"), replay_graphs=True, kept_graphs=True)
+    graphs = KeptGraphs(EagerGraph)
+    got = _trained(mixed, graphs)
+    _assert_same(got, _trained(MemoryPlan(("recompute", "keep")), None))
+    shape = next(iter(graphs.shapes.values()))
+    assert shape.complete and len(shape.layers) == 1 and shape.need_x  # the kept layer's input needs its gradient
 
 
 def test_a_second_forward_before_the_backward_runs_eagerly():

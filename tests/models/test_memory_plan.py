@@ -379,14 +379,19 @@ def test_replay_graphs_cost_their_pool_at_every_moment_and_are_taken_where_they_
 
 
 def test_the_plan_takes_kept_graphs_where_every_layer_is_kept():
-    """Kept layers as graphs (models/kept_graphs.py): first where every layer is kept, their pool counted."""
+    """Kept layers as graphs (models/kept_graphs.py): first where every layer is kept, their pool counted; the
+    kept layers above replayed ones too."""
     s = _sizes()
     first = candidate_plans(s, kept_graphs=True)[0]
     assert first.kept_graphs and not first.replays
     eager = MemoryPlan(first.layers, loss_chunk_bytes=first.loss_chunk_bytes)
     assert estimate_peak(s, first) > estimate_peak(s, eager)
     assert not candidate_plans(s, kept_graphs=False)[0].kept_graphs
-    assert not any(p.kept_graphs and p.replays for p in candidate_plans(s, kept_graphs=True, graphs=True))
+    plans = candidate_plans(s, kept_graphs=True, graphs=True)
+    assert all("keep" in p.layers and p.mlp_chunk is None for p in plans if p.kept_graphs)
+    mixed = MemoryPlan(("recompute",) * 20 + ("keep",) * 12, replay_graphs=True)
+    assert estimate_peak(s, replace(mixed, kept_graphs=True)) > estimate_peak(s, mixed)
+    assert relative_cost(replace(mixed, kept_graphs=True)) < relative_cost(mixed)
     leanest_kept = MemoryPlan(first.layers, loss_chunk_bytes=min(LOSS_CHUNK_BYTES), table_on_host="untied")
     need = estimate_peak(s, leanest_kept)
     snug = make_plan(s, int(need / (1 - HEADROOM)) + 1, kept_graphs=True)  # the eager step fits, the pool does not
