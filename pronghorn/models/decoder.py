@@ -182,6 +182,8 @@ class DecoderModel(nn.Module):
                graphs, kept_graphs_allowed())
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
+            if self.kept_graphs is not None:  # a new plan: measured and run without an old shape's pool
+                self.kept_graphs.release()
             budget, source = device_budget(device, self.memory_budget)
             expand_segments_under_budget(device, source)
             state = self.optimizer_state_allocated  # None (unknown): only the first plan counts it to come
@@ -238,6 +240,8 @@ class DecoderModel(nn.Module):
             graphs = self.graphs = self.graphs or ReplayGraphs()
         if plan is not None and plan.kept_graphs:
             kept = self.kept_graphs = self.kept_graphs or KeptGraphs()
+        elif plan is not None and self.kept_graphs is not None:
+            self.kept_graphs.release()  # a plan without them (a shape or budget whose plan was made before)
         with training_operands(self.step_operands if plan is not None else None):
             x = run_layers(self.layers, x, (cos, sin, masks, cache, mlp_chunk), plan, graphs, kept)
         if cache is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import moving_padding_batch as _batch, randomize_lora_b, tiny_lora_model
-from pronghorn.models.kept_graphs import KeptGraphs
+from pronghorn.models.kept_graphs import KeptGraphs, kept_graphs_allowed
 from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.replay_graphs import EagerGraph, ReplayGraphs, graphs_possible
 
@@ -136,8 +136,12 @@ def test_moved_adapters_are_captured_again_and_changing_shapes_never_are():
     assert not graphs.shapes and not graphs.capture_counts
 
 
-def test_kept_graphs_need_a_gpu():
+def test_kept_graphs_need_a_gpu_and_are_on_by_default_there(monkeypatch):
     assert not graphs_possible(_model().model.layers, torch.device("cpu"))
+    monkeypatch.delenv("PRONGHORN_KEPT_GRAPHS", raising=False)
+    assert kept_graphs_allowed()
+    monkeypatch.setenv("PRONGHORN_KEPT_GRAPHS", "0")
+    assert not kept_graphs_allowed()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -148,3 +152,12 @@ def test_kept_graphs_train_bitwise_as_the_eager_step_on_the_gpu(dtype, autocast)
     got = _trained(GRAPHED, graphs, "cuda", dtype, autocast, steps=5)
     _assert_same(got, _trained(EAGER, None, "cuda", dtype, autocast, steps=5))
     assert graphs.failed is None and list(graphs.capture_counts.values()) == [1]
+
+
+def test_a_plan_without_kept_graphs_gives_their_pool_back():
+    graphs = KeptGraphs(EagerGraph)
+    model = _captured_model(graphs)
+    assert graphs.shapes
+    model.model.forced_plan = MemoryPlan(("recompute", "keep"))
+    model(**_batch(0)).loss.backward()
+    assert not graphs.shapes and graphs.pool is None

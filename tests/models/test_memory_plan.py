@@ -307,8 +307,9 @@ def _measured_step(model, budget, steps=3):
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        graphs = model.model.graphs  # replay graphs: their pool is reserved for the step, unseen as allocated
-        return torch.cuda.max_memory_allocated() + (graphs.pool_bytes() if graphs else 0), model.memory_plan
+        # replay and kept-layer graphs: their pools are reserved for the step, partly unseen as allocated
+        pools = [g for g in (model.model.graphs, model.model.kept_graphs) if g is not None]
+        return torch.cuda.max_memory_allocated() + sum(g.pool_bytes() for g in pools), model.memory_plan
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         del opt

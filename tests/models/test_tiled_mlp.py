@@ -197,7 +197,7 @@ def test_auto_tiles_only_when_the_plan_needs_it(monkeypatch, capsys):
 
     model, batch, chunks = _model(), _padded_batch(), []
     model.gradient_checkpointing_enable(mode="on", tiled_mlp="auto", tiled_mlp_chunk=5)
-    monkeypatch.setattr(decoder, "run_layers", lambda layers, x, args, plan, graphs: chunks.append(args[-1]) or x)
+    monkeypatch.setattr(decoder, "run_layers", lambda layers, x, args, plan, *graphs: chunks.append(args[-1]) or x)
     monkeypatch.setattr(decoder, "device_budget", lambda device, mx: (2**40, "sim"))
     # this tiny layer's attention backward outweighs its MLP's: give the MLP a long-context model's share
     wide = lambda *a, **k: (lambda s: replace(s, mlp_block=8 * s.mlp_block))(step_sizes(*a, **k))  # noqa: E731
