@@ -23,13 +23,13 @@ from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
 from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding, offload_embedding
+from .kept_graphs import KeptGraphs, kept_graphs_allowed
 from .kv_cache import KVCache
 from .linear import Linear
 from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan, parse_budget,
                           step_sizes)
 from .norm import RMSNorm
 from .recompute import checkpoint_mode, run_layers
-from .kept_graphs import KeptGraphs, kept_graphs_allowed
 from .replay_graphs import ReplayGraphs, default_setting, graphs_possible
 from .rope_scaling import rope_inv_freq
 from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mode

@@ -74,11 +74,12 @@ def run_layers(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan | None, gr
     first_kept = len(layers)  # the kept layers at the top
     while first_kept and modes[first_kept - 1] == "keep":
         first_kept -= 1
+    top = layers if first_kept == 0 else layers[first_kept:]  # (no slice made on the common path: decoding too)
     x = _replayed(layers[:first_kept], x, args, plan, graphs) if first_kept else x
-    out = kept.run(layers[first_kept:], x, args) if kept is not None and first_kept < len(layers) else None
+    out = kept.run(top, x, args) if kept is not None and len(top) else None
     if out is not None:
         return out
-    for layer in layers[first_kept:]:
+    for layer in top:
         x = layer(x, *args)
     return x
 
