@@ -67,13 +67,15 @@ def test_kept_graphs_train_bitwise_as_the_eager_step_on_the_cpu():
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # the captures' own leaves swapped back
 
 
-def test_the_kept_layers_above_replayed_ones_run_as_graphs_too():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU"))])
+def test_the_kept_layers_above_replayed_ones_run_as_graphs_too(device):
     """A plan that replays the bottom layer and keeps the top one: the replay as its graphs (models/replay_graphs.py),
-    the kept layer as its own, bitwise the same plan run eagerly."""
+    the kept layer as its own (its input needs its gradient), bitwise the same plan run eagerly."""
     mixed = MemoryPlan(("recompute", "keep"), replay_graphs=True, kept_graphs=True)
-    graphs = KeptGraphs(EagerGraph)
-    got = _trained(mixed, graphs)
-    _assert_same(got, _trained(MemoryPlan(("recompute", "keep")), None))
+    graphs = KeptGraphs(*((EagerGraph,) if device == "cpu" else ()))
+    got = _trained(mixed, graphs, device, steps=5)
+    _assert_same(got, _trained(MemoryPlan(("recompute", "keep")), None, device, steps=5))
     shape = next(iter(graphs.shapes.values()))
     assert shape.complete and len(shape.layers) == 1 and shape.need_x  # the kept layer's input needs its gradient
 
