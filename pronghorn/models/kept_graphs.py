@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..kernels.adapter_operands import operands_kept
-from .replay_graphs import CudaGraph, EagerGraph, LayerGraph, ReplayGraphs, StaticArgs, module_signature, own_leaves
+from .replay_graphs import CudaGraph, EagerGraph, GraphSet, LayerGraph, StaticArgs, module_signature, own_leaves
 
 MAX_CAPTURES = 3  # per batch shape: the first capture and two after the model's tensors moved
 ENV = "PRONGHORN_KEPT_GRAPHS"  # "0": never
@@ -75,10 +75,9 @@ class _Shape:
         return bool(self.layers) and all(held.backward is not None for held in self.layers)
 
 
-class KeptGraphs(ReplayGraphs):
+class KeptGraphs(GraphSet):
     """A model's kept-layer graphs: :meth:`run` sends the batch through every layer as graphs (None: run them
-    eagerly this step). Shares the replay graphs' stand-ins (``graph_type``), argument flattening and flat
-    gradient buffers."""
+    eagerly this step)."""
 
     def __init__(self, graph_type=CudaGraph):
         super().__init__(graph_type)
@@ -90,8 +89,7 @@ class KeptGraphs(ReplayGraphs):
     def run(self, layers: nn.ModuleList, x: torch.Tensor, args: tuple) -> torch.Tensor | None:
         """``x`` through ``layers`` (each called as ``layer(x, *args)``) as graphs; None: eagerly this time."""
         if self.failed is not None:
-            if self.shapes:
-                self.release()
+            self.release()
             return None
         if self._busy():
             return None
@@ -121,9 +119,10 @@ class KeptGraphs(ReplayGraphs):
     def release(self) -> None:
         """Drop every graph and buffer: their pool goes back to the device (once a step still in flight, which
         holds them, is gone)."""
-        held = bool(self.shapes)
+        if not self.shapes:  # (called at every step whose plan has no kept graphs)
+            return
         self.shapes, self.flat, self.pool, self.in_flight = {}, {}, None, None
-        if held and self.graph_type is CudaGraph:
+        if self.graph_type is CudaGraph:
             torch.cuda.empty_cache()  # a pool with no graph left is freed here, not when its graphs are
 
     def forward_layer(self, shape: _Shape, i: int, layer: nn.Module, autocast, params: list) -> torch.Tensor:

@@ -176,19 +176,80 @@ class LayerGraph:
             self.used[v.dtype] = max(self.used.get(v.dtype, 0), v.storage_offset() + v.numel())
 
 
-class ReplayGraphs:
-    """A model's replay graphs: :meth:`forward` gives a replayed layer's output from its graph, :meth:`backward`
-    its gradients; None when the layer runs eagerly this time."""
+class GraphSet:
+    """What a model's graphs of layers share (these replays', models/kept_graphs.py's kept layers'): the graph
+    type (:class:`CudaGraph`, or the CPU stand-in), one memory pool, the flat parameter-gradient buffers, the
+    step's arguments flattened once, and whether a capture failed."""
 
     def __init__(self, graph_type=CudaGraph):
         self.graph_type = graph_type
         self.pool = None
+        self.flat: dict = {}  # dtype -> the parameter-gradient buffer
+        self.failed: str | None = None  # a capture failed: every layer runs eagerly
+        self._args = (None, None, None, None)  # (args, leaves, spec, their key) of the last call
+
+    def pool_bytes(self) -> int:
+        """Bytes the graphs' memory pool holds beyond its live tensors: reserved for the step, unseen by
+        ``max_memory_allocated`` (a replayed layer's graphs leave nothing live in it: all of it; kept layers' keep
+        their saved tensors there, which the allocated count sees)."""
+        if self.pool is None or not torch.cuda.is_available():
+            return 0
+        pool = tuple(self.pool)
+        return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+                   if tuple(s.get("segment_pool_id", ())) == pool)
+
+    def _flatten(self, args):
+        if args is self._args[0]:
+            return self._args[1:]
+        leaves, spec = pytree.tree_flatten(args)
+        meta = []
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                meta.append((tuple(t.shape), t.dtype, t.device))
+            elif t is None or isinstance(t, (bool, int, float, str)):
+                meta.append(t)
+            else:  # something a graph cannot key on (a cache object): eager
+                self._args = (args, leaves, spec, None)
+                return self._args[1:]
+        self._args = (args, leaves, spec, (str(spec), tuple(meta)))
+        return self._args[1:]
+
+    def _views(self, params: list) -> list:
+        """Each parameter's gradient slot in the flat buffer of its dtype (grown when too small)."""
+        sizes: dict = {}
+        for p in params:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        for dtype, n in sizes.items():
+            if dtype not in self.flat or self.flat[dtype].numel() < n:
+                self.flat[dtype] = torch.empty(n, dtype=dtype, device=params[0].device)
+        offsets: dict = {}
+        views = []
+        for p in params:
+            start = offsets.get(p.dtype, 0)
+            views.append(self.flat[p.dtype][start:start + p.numel()].view(p.shape))
+            offsets[p.dtype] = start + p.numel()
+        return views
+
+    def _outputs(self, entry: LayerGraph, statics: _Statics | None) -> list:
+        """The input gradient and the parameter gradients, cloned out of the static buffers (one kernel each
+        and per dtype): the next replay overwrites those, and autograd may keep what it is given as ``.grad``."""
+        out = [statics.gx.clone()] if entry.need_x else []
+        copies = {dtype: entry.flats[dtype][:n].clone() for dtype, n in entry.used.items()}
+        for view in entry.views:
+            start = None if view is None else view.storage_offset()
+            out.append(None if view is None else copies[view.dtype][start:start + view.numel()].view(view.shape))
+        return out
+
+
+class ReplayGraphs(GraphSet):
+    """A model's replay graphs: :meth:`forward` gives a replayed layer's output from its graph, :meth:`backward`
+    its gradients; None when the layer runs eagerly this time."""
+
+    def __init__(self, graph_type=CudaGraph):
+        super().__init__(graph_type)
         self.layers: dict = {}  # (id(layer), shape, how it replays) -> "seen" | "eager" | LayerGraph
         self.captures: dict = {}  # the same keys -> captures so far
         self.statics: dict = {}  # shape -> _Statics
-        self.flat: dict = {}  # dtype -> the parameter-gradient buffer
-        self.failed: str | None = None  # a capture failed: every replay runs eagerly
-        self._args = (None, None, None, None)  # (args, leaves, spec, their key) of the last call
         self.previous: dict = {}  # (id(layer), how it replays) -> the shape of its last call
 
     def forward(self, layer: nn.Module, x: torch.Tensor, args: tuple, parked: bool):
@@ -250,16 +311,6 @@ class ReplayGraphs:
         entry.graph.replay()
         return self._outputs(entry, statics)
 
-    def pool_bytes(self) -> int:
-        """Bytes the graphs' memory pool holds beyond its live tensors: reserved for the step, unseen by
-        ``max_memory_allocated`` (a replayed layer's graphs leave nothing live in it: all of it; kept layers' keep
-        their saved tensors there, which the allocated count sees)."""
-        if self.pool is None or not torch.cuda.is_available():
-            return 0
-        pool = tuple(self.pool)
-        return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
-                   if tuple(s.get("segment_pool_id", ())) == pool)
-
     # --- internals ---
 
     def _prepare(self, layer: nn.Module, like: torch.Tensor, parked: bool, args: tuple, how: tuple):
@@ -291,22 +342,6 @@ class ReplayGraphs:
         statics.load_args(args, leaves)
         return slot, entry, signature, statics
 
-    def _flatten(self, args):
-        if args is self._args[0]:
-            return self._args[1:]
-        leaves, spec = pytree.tree_flatten(args)
-        meta = []
-        for t in leaves:
-            if isinstance(t, torch.Tensor):
-                meta.append((tuple(t.shape), t.dtype, t.device))
-            elif t is None or isinstance(t, (bool, int, float, str)):
-                meta.append(t)
-            else:  # something a graph cannot key on (a cache object): eager
-                self._args = (args, leaves, spec, None)
-                return self._args[1:]
-        self._args = (args, leaves, spec, (str(spec), tuple(meta)))
-        return self._args[1:]
-
     def _evict(self, keep: int) -> None:
         """Drop the graphs and buffers of all but the ``keep`` shapes used last."""
         while len(self.statics) > keep:
@@ -314,22 +349,6 @@ class ReplayGraphs:
             del self.statics[old]
             for slot in [slot for slot in self.layers if slot[1] == old]:
                 del self.layers[slot]
-
-    def _views(self, params: list) -> list:
-        """Each parameter's gradient slot in the flat buffer of its dtype (grown when too small)."""
-        sizes: dict = {}
-        for p in params:
-            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
-        for dtype, n in sizes.items():
-            if dtype not in self.flat or self.flat[dtype].numel() < n:
-                self.flat[dtype] = torch.empty(n, dtype=dtype, device=params[0].device)
-        offsets: dict = {}
-        views = []
-        for p in params:
-            start = offsets.get(p.dtype, 0)
-            views.append(self.flat[p.dtype][start:start + p.numel()].view(p.shape))
-            offsets[p.dtype] = start + p.numel()
-        return views
 
     def _backward_body(self, ctx, statics: _Statics, need_x: bool, params: list, views: list, replay):
         weights = [m.weight for m in ctx.layer.modules() if ctx.plan.reuse_dequantized and hasattr(m, "weight")]
@@ -373,13 +392,3 @@ class ReplayGraphs:
         entry = LayerGraph(graph, signature, views, present, need_x)
         self.layers[slot] = entry
         return entry
-
-    def _outputs(self, entry: LayerGraph, statics: _Statics) -> list:
-        """The input gradient and the parameter gradients, cloned out of the static buffers (one kernel each
-        and per dtype): the next replay overwrites those, and autograd may keep what it is given as ``.grad``."""
-        out = [statics.gx.clone()] if entry.need_x else []
-        copies = {dtype: entry.flats[dtype][:n].clone() for dtype, n in entry.used.items()}
-        for view in entry.views:
-            start = None if view is None else view.storage_offset()
-            out.append(None if view is None else copies[view.dtype][start:start + view.numel()].view(view.shape))
-        return out
