@@ -32,7 +32,8 @@
 # list: kept graphs on by default there, never run whole), families-gemma3 (Gemma 3 beside Unsloth with kept
 # graphs: this session's Unsloth row was lost), KEPT_WORKLOADS=1b-lora kept on another host, budget-8b and
 # budget-qlora, scenarios (capped plans that keep layers now graph them), grpo with all three systems.
-# FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
+# FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
+# memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
 set -uo pipefail
 stage=${1:?stage: tests | budget-1b | budget-8b | budget-qlora | scenarios | profile | full-ft | grpo | softcap | families-*}
@@ -77,6 +78,7 @@ case "$stage" in
     # compiles nothing in training; session 14: its rows within 3% of session 13's without this)
     [[ $w == *gemma2* ]] && export TORCHDYNAMO_DISABLE=1
     python3 benchmarks/memory_budget.py --workloads "$w" --budgets unsloth,none --systems ${FAMILY_SYSTEMS:-pronghorn,unsloth,hf+peft} \
+      --autocast ${AUTOCAST:-both} --cap-mode ${CAP_MODE:-both} \
       --peer-scripts $PWD/.benchwheels/bench --json "$OUT/mb-$w.json" --time-limit ${TIME_LIMIT:-560} 2>&1 \
       | tee "$OUT/mb-$w.log" | tail -40 ;;
   full-ft)
