@@ -74,6 +74,7 @@ case "$stage" in
     peers
     w=${stage#families}; w=${w#-}; w=${w:-families}
     w=${w/gemma2/gemma2-9b-qlora}; w=${w/phi3/phi3.5-mini-lora}; w=${w/gemma3/gemma3-4b-lora}
+    w=${FAMILY_WORKLOADS:-$w}  # e.g. gemma3-4b-lora,phi3.5-mini-lora: two families in one call
     # Unsloth 2026.10.9's compiled Gemma 2 fails in Inductor on torch 2.11: eager for every system (pronghorn
     # compiles nothing in training; session 14: its rows within 3% of session 13's without this)
     [[ $w == *gemma2* ]] && export TORCHDYNAMO_DISABLE=1
