@@ -62,16 +62,26 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The Hugging Face fast tokenizer embedded in the GGUF at ``path`` (with its chat template)."""
-    from transformers import AutoTokenizer
+    """The Hugging Face fast tokenizer embedded in the GGUF at ``path`` (with its chat template). Architectures
+    transformers' GGUF reading lacks (Gemma 1: AutoTokenizer refuses the file) take the tokenizer class their
+    family names (``FamilySpec.gguf_tokenizer_class``), which reads the same tokenizer fields."""
+    import transformers
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # transformers raises assorted types for bad metadata
-        raise CheckpointError(f"{path}: cannot build the tokenizer from the GGUF metadata: {e}") from e
+        error = e
+    spec = _READERS.get(gguf_field(_open_reader(path), "general.architecture"))
+    tokenizer_class = getattr(transformers, spec.gguf_tokenizer_class or "", None) if spec else None
+    if tokenizer_class is not None:
+        try:
+            return tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # noqa: BLE001 - reported below with the first error
+            error = e
+    raise CheckpointError(f"{path}: cannot build the tokenizer from the GGUF metadata: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------- reading

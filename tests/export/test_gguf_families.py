@@ -118,3 +118,22 @@ def test_phi3_gguf_loads_back_through_from_pretrained(name, tmp_path, tiny_token
     assert full.keys() == half.keys() == fused.keys()
     for key, w in fused.items():
         assert torch.equal(full[key], w) and torch.equal(half[key], w.half().float() if w.dim() == 2 else w), key
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2_gguf", "gemma3_text_gguf", "mistral_nemo_headdim"])
+def test_gemma_and_nemo_gguf_load_through_from_pretrained(name, tmp_path, tiny_tokenizer):
+    """What a user does with the file: ``FastLanguageModel.from_pretrained`` on it gives the adapter model's logits
+    (merged on export) and its family's parts, layer pattern and head size (Nemo: head_dim != hidden / heads)."""
+    from pronghorn.api import FastLanguageModel
+
+    _, model = _with_adapter(name)
+    save_gguf(model, tmp_path / "g", tiny_tokenizer, "f32")
+    loaded, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "g" / "model.F32.gguf"),
+                                                          dtype=torch.float32, device="cpu")
+    cfg, want = loaded.config, model.config
+    assert (cfg.parts, cfg.layer_types, cfg.head_dim) == (want.parts, want.layer_types, want.head_dim)
+    assert tokenizer("hello world")["input_ids"] == tiny_tokenizer("hello world")["input_ids"]
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref = loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5

@@ -9,7 +9,7 @@ from helpers import make_pair, randomize_lora_b
 from pronghorn.export.merged import save_merged
 from pronghorn.models.lora import LoRAConfig, attach_lora
 
-FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3_longrope", "phi3_partial_sliding"]
+FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3_longrope", "phi3_partial_sliding", "mistral_nemo_headdim"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -21,7 +21,8 @@ def _cuda_pair(name, dtype=torch.float32):
     return hf.cuda(), ours.cuda()
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm", "smollm2_tied"])
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm", "smollm2_tied",
+                                  "gemma2", "gemma3_text", "phi3_partial_sliding"])
 def test_graph_step_logits_equal_the_eager_static_step(name):
     _, ours = _cuda_pair(name)
     ids, mask = _batch([12, 7, 3], seed=1)
@@ -37,7 +38,8 @@ def test_graph_step_logits_equal_the_eager_static_step(name):
     assert runners[True].graph is not None
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen2_sliding", "smollm2_tied"])
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen2_sliding", "smollm2_tied",
+                                  "mistral_nemo_headdim", "gemma", "gemma2", "gemma3_text", "phi3_partial_sliding"])
 def test_graph_greedy_equals_eager_and_transformers(name):
     hf, ours = _cuda_pair(name)
     ids, mask = _batch([12, 7, 3], seed=2)

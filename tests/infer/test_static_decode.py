@@ -13,7 +13,8 @@ from pronghorn.models.lora import LoRAConfig, attach_lora, merge_lora
 
 NEVER = 96  # an EOS id no run here should reach (if one does, transformers must stop identically)
 FAMILIES = ["llama3_gqa_rope_scaling", "llama_dynamic_rope", "mistral_sliding", "qwen2_sliding", "qwen3_qknorm",
-            "smollm2_tied"]
+            "smollm2_tied", "mistral_nemo_headdim", "gemma", "gemma2", "gemma3_text", "phi3_partial_sliding"]
+HOST_READING = ["llama_dynamic_rope", "phi3_longrope"]  # read the largest position each step: decoded eagerly
 
 
 def _step_logits(model, **kw):
@@ -223,10 +224,10 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + ["phi3_longrope"])
 def test_decode_step_reads_nothing_on_the_host(name):
-    """What a CUDA graph needs of the step, checked on the CPU; dynamic NTK rope is the known exception
-    (it reads the largest position), so graphs_supported() keeps it on the eager loop."""
+    """What a CUDA graph needs of the step, checked on the CPU; dynamic NTK and LongRoPE are the known exceptions
+    (they read the largest position), so graphs_supported() keeps them on the eager loop."""
     _, ours = make_pair(name)
     ids, mask = _batch([7, 3], seed=9)
     attach_lora(ours, LoRAConfig(r=2))  # adapters unmerged are part of the step
@@ -236,5 +237,17 @@ def test_decode_step_reads_nothing_on_the_host(name):
         with HostReads() as reads:
             for _ in range(3):
                 logits = runner.step(ours, logits.argmax(-1))
-    assert bool(reads.seen) == (name == "llama_dynamic_rope"), reads.seen
-    assert ours.config.rope["rope_type"] != "dynamic" or not graphs_supported(ours.to("cpu"))
+    assert bool(reads.seen) == (name in HOST_READING), reads.seen
+    assert ours.config.rope["rope_type"] not in ("dynamic", "longrope") or not graphs_supported(ours.to("cpu"))
+
+
+def test_longrope_decodes_eagerly_under_auto_and_refuses_static_clearly():
+    """Phi-3's LongRoPE switches its factors once the sequence passes the original context: "auto" takes the eager
+    loop (equal to transformers across the switch), "static" says why it cannot."""
+    hf, ours = make_pair("phi3_longrope")
+    ids, mask = _batch([12, 7, 3], seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_token_id=NEVER, pad_token_id=0)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=NEVER)
+    assert torch.equal(generate(ours, **kw), ref)
+    with pytest.raises(ValueError, match="LongRoPE"):
+        generate(ours, decode_mode="static", **kw)

@@ -34,13 +34,19 @@ def _peft_pair(name, rslora=False, targets=TARGETS):
                                           ("qwen3_qknorm", False), ("mistral_sliding", False),
                                           ("mistral_nemo_headdim", False), ("gemma", False),
                                           ("gemma_mha_untied", True), ("gemma2", False),
-                                          ("gemma2_no_softcap", False), ("gemma3_text", False)])
-def test_lora_gradients_match_peft(name, rslora):
+                                          ("gemma2_no_softcap", False), ("gemma3_text", False),
+                                          ("gemma3_text_softcap", False)])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_lora_gradients_match_peft(name, rslora, padding):
     hf, ours = _peft_pair(name, rslora)
     ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 11:] = 0
+    if padding == "left":
+        mask = mask.flip(-1)
     labels = ids.masked_fill(mask == 0, -100)
+    if padding == "left":
+        labels[1, 4] = -100  # its prediction comes from a padding position, whose output is unspecified
     hf.train(), ours.train()
     hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -52,7 +58,7 @@ def test_lora_gradients_match_peft(name, rslora):
             got = getattr(module, part).grad
             assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7 * ref.abs().max()), (pname, part)
             n += 1
-    assert n == 2 * 7 * 2
+    assert n == 2 * 7 * ours.config.num_hidden_layers
     assert all(p.grad is None for n_, p in ours.named_parameters() if "lora" not in n_)
 
 
@@ -64,9 +70,11 @@ def test_only_adapters_are_trainable():
     assert all(n.split(".")[-2] in ("q_proj", "v_proj") for n in trainable)
 
 
-def test_saved_adapter_loads_in_peft_with_same_logits(tmp_path):
-    hf, ours = _peft_pair("llama3_gqa_rope_scaling")
-    base_hf, _ = make_pair("llama3_gqa_rope_scaling")
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_nemo_headdim", "gemma", "gemma2",
+                                  "gemma3_text"])
+def test_saved_adapter_loads_in_peft_with_same_logits(name, tmp_path):
+    hf, ours = _peft_pair(name)
+    base_hf, _ = make_pair(name)
     save_adapter(ours, tmp_path / "a", base_model_name_or_path="tiny-llama")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "tiny-llama" and cfg["peft_type"] == "LORA"

@@ -13,7 +13,11 @@ from pronghorn.models.kv_cache import KVCache
 from pronghorn.models.lora import LoRAConfig, attach_lora
 from tests.helpers import make_pair, random_examples
 
-NAMES = ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm"]
+NAMES = ["llama3_gqa_rope_scaling", "mistral_sliding", "qwen3_qknorm", "mistral_nemo_headdim", "gemma", "gemma2",
+         "gemma3_text", "phi3_partial_sliding"]
+# LongRoPE picks its factors from the batch's largest position, as transformers does (a short sequence packed or
+# padded beside a long one gets the long factors): packed equals padded, not each sequence alone
+LONGROPE = ["phi3_longrope"]
 
 
 def _token_losses(logits, labels):
@@ -44,7 +48,7 @@ def test_sequence_ids_and_fast_path():
 def test_packed_losses_equal_alone(name):
     _, model = make_pair(name)
     examples = random_examples(n=10, seed=5)
-    if name == "mistral_sliding":
+    if name in ("mistral_sliding", "gemma2", "gemma3_text", "phi3_partial_sliding"):
         assert model.config.sliding_window < min(len(ex["input_ids"]) for ex in examples)
     rows = pack_examples(examples, max_length=48)
     assert len(rows) < len(examples)
@@ -69,7 +73,7 @@ def test_packed_losses_equal_alone(name):
     assert len(rows[short]["input_ids"]) < batch["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + LONGROPE)
 def test_packed_lora_grads_equal_padded(name):
     grads = []
     examples = random_examples(n=8, seed=7)

@@ -46,4 +46,4 @@ def warn_if_llama_cpp_scales_otherwise(cfg, layers_27b: int) -> None:
 
 
 SPEC = FamilySpec("gemma", "GemmaForCausalLM", read_config, chat_template="gemma", gguf_arch="gemma",
-                  gguf_reads=True, gguf_config=GGUF_CONFIG)
+                  gguf_reads=True, gguf_config=GGUF_CONFIG, gguf_tokenizer_class="GemmaTokenizerFast")

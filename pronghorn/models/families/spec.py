@@ -66,6 +66,9 @@ class FamilySpec:
     fusions: tuple[Fusion, ...] = ()
     gguf_arch: str | None = None  # llama.cpp architecture written on export (None: no GGUF export)
     gguf_reads: bool = False  # GGUF files of ``gguf_arch`` load as this family
+    # transformers' tokenizer class for such a file where transformers' GGUF reading lacks the architecture
+    # (AutoTokenizer refuses it; the class reads the file's tokenizer all the same)
+    gguf_tokenizer_class: str | None = None
     gguf_permute_qk: bool = False  # llama.cpp's interleaved-rope row order for q/k ("llama" arch)
     gguf_layers: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GGUF_LAYERS))
     gguf_config: dict[str, Any] = field(default_factory=dict)  # config.json fields a GGUF of it implies

@@ -12,7 +12,7 @@ from pronghorn.models.linear import Linear
 from pronghorn.models.lora import LoRAConfig, attach_lora, lora_modules
 from pronghorn.models.quantized_checkpoint import quantize_model_nf4
 
-NAMES = ["gemma", "gemma2", "gemma3_text", "phi3_longrope"]
+NAMES = ["gemma", "gemma2", "gemma3_text", "phi3_longrope", "mistral_nemo_headdim"]
 FP32 = dict(rtol=1e-5, atol=1e-6)  # tests/models/test_tiled_mlp.py: only the order of the sums over chunks differs
 
 
