@@ -72,8 +72,10 @@ def test_trainer_runs_on_cuda_with_autocast(tmp_path):
     assert res.losses[-1] < res.losses[0]
 
 
-def test_training_loss_takes_the_fused_head(monkeypatch):
-    """The model's training loss must run the Triton head on CUDA (int64 labels included), not the reference."""
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "gemma2", "gemma3_text_softcap"])
+def test_training_loss_takes_the_fused_head(monkeypatch, name):
+    """The model's training loss must run the Triton head on CUDA (int64 labels included), not the reference:
+    with Gemma 2 / 3's final logit soft-cap too."""
     import importlib
 
     lce = importlib.import_module("pronghorn.kernels.linear_cross_entropy")  # the module, not the function
@@ -82,7 +84,7 @@ def test_training_loss_takes_the_fused_head(monkeypatch):
         raise AssertionError("the reference head ran on CUDA")
 
     monkeypatch.setattr(lce, "linear_cross_entropy_reference", refuse)
-    _, model = make_pair("llama3_gqa_rope_scaling")
+    _, model = make_pair(name)
     model = model.to("cuda", torch.bfloat16).train()
     ids = torch.randint(0, 97, (2, 17), device="cuda")
     model(input_ids=ids, labels=ids).loss.backward()

@@ -32,7 +32,7 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name", ["llama2", "smollm2_tied"])
+@pytest.mark.parametrize("name", ["llama2", "smollm2_tied", "gemma", "gemma2"])
 def test_tables_train_once_and_round_trip_through_peft(name, tmp_path):
     _, model = make_pair(name)
     attach_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=3)
