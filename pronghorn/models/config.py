@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError, UnsupportedModelError
 from .families import FAMILIES, LayerParts
+from .wrapped_text import WRAPPERS, text_config
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _DEFAULT_THETA = 10000.0
@@ -76,12 +77,14 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
         if not isinstance(d, dict):
             raise CheckpointError(f"{source}: must hold a JSON object, found {type(d).__name__}")
+        d = text_config(d, source) or d  # an image-text checkpoint (Gemma 3 4B+): its text decoder
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = d.get("architectures")
             raise UnsupportedModelError(
                 f"{source}: model_type {model_type!r} (architectures {archs}) is not supported; "
-                f"pronghorn implements {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is llama)"
+                f"pronghorn implements {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is llama), and the text decoder of "
+                f"{', '.join(WRAPPERS)} image-text checkpoints"
             )
         try:
             heads = int(d["num_attention_heads"])

@@ -18,6 +18,7 @@ from .default_model import DEFAULT_NAMES
 from .hf_checkpoint import read_state_dict
 from .hf_layout import split_fused
 from .quantized_checkpoint import prepare_state_dict
+from .wrapped_text import text_state_dict
 
 @dataclass
 class Loaded:
@@ -105,7 +106,8 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
         base_dir = None
     elif path.is_dir():
         cfg = ModelConfig.from_file(path / "config.json")
-        hf_sd = split_fused(cfg, read_state_dict(path), str(path))  # the family's fused tensors, split
+        hf_sd = text_state_dict(read_state_dict(path))  # an image-text checkpoint's: its text decoder's
+        hf_sd = split_fused(cfg, hf_sd, str(path))  # the family's fused tensors, split
         sd = prepare_state_dict(hf_sd, cfg.hf_config, load_in_4bit, dtype, device, str(path))
         model = build_model(cfg, sd, dtype, device, str(path), model_cls)
         tokenizer = load_tokenizer(path)

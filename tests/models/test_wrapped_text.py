@@ -1,0 +1,89 @@
+"""An image-text Gemma 3 checkpoint (model_type gemma3, Gemma3ForConditionalGeneration: what the hub holds for
+Gemma 3 4B+) loads as its text decoder: the logits of transformers' own image-text model on text, a hub-sparse
+text_config filled with transformers' defaults, the vision tower left out, and the text model's exports."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from helpers import make_tiny_tokenizer
+from pronghorn.api import FastLanguageModel
+from pronghorn.errors import UnsupportedModelError
+from pronghorn.models.config import ModelConfig
+
+TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, rope_scaling=dict(rope_type="linear", factor=2.0))
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+
+
+def _image_text_dir(tmp_path, layout: str):
+    """A tiny Gemma3ForConditionalGeneration saved as transformers saves it (the hub's ``language_model.model.``
+    names), or renamed to transformers 5's in-memory ``model.language_model.`` ones."""
+    cfg = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
+                                    image_token_index=96, boi_token_index=95, eoi_token_index=94, eos_token_id=[2, 3])
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # away from the default init (norms at 0, i.e. 1 + w = 1)
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path)
+    make_tiny_tokenizer().save_pretrained(tmp_path)
+    if layout == "in-memory":
+        sd = load_file(tmp_path / "model.safetensors")
+        sd = {("model.language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.")
+               else k): v for k, v in sd.items()}
+        save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return hf
+
+
+@pytest.mark.parametrize("layout", ["hub", "in-memory"])
+def test_loads_as_its_text_decoder_with_transformers_logits(tmp_path, layout):
+    hf = _image_text_dir(tmp_path, layout)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert any("vision_tower" in k for k in keys)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
+    assert model.config.model_type == "gemma3_text" and model.config.eos_token_id == 2  # the text config names one
+    assert model.config.layer_types == ["sliding_attention", "sliding_attention", "sliding_attention"]
+    ids = torch.randint(3, 90, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = hf(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_a_hub_sparse_text_config_takes_transformers_defaults():
+    d = {"model_type": "gemma3", "eos_token_id": [1, 106],
+         "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                         "num_hidden_layers": 34, "sliding_window": 1024,
+                         "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}}  # google/gemma-3-4b-it's
+    cfg = ModelConfig.from_hf_dict(d, source="config.json")
+    assert (cfg.model_type, cfg.vocab_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        "gemma3_text", 262208, 8, 4, 256)
+    assert cfg.eos_token_id == [1, 106] and cfg.parts.attn_scale == 256 ** -0.5
+    assert cfg.rope == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+    assert cfg.local_rope["rope_theta"] == 10000.0
+    assert cfg.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert cfg.hf_config["architectures"] == ["Gemma3ForCausalLM"]
+
+
+def test_a_bidirectional_text_config_is_refused_clearly():
+    d = {"model_type": "gemma3", "text_config": {"hidden_size": 64, "use_bidirectional_attention": True}}
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        ModelConfig.from_hf_dict(d, source="config.json")
+
+
+def test_the_merged_export_is_the_text_model(tmp_path):
+    hf = _image_text_dir(tmp_path / "in", "hub")
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "in"), dtype=torch.float32, device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    model.save_pretrained_merged(str(tmp_path / "out"), tokenizer, dtype=torch.float32)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the adapter starts at zero: the merged model is the base
+        want, got = hf(input_ids=ids).logits, text(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
