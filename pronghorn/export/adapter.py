@@ -20,6 +20,7 @@ from ..files import atomic_file, check_output_dir
 from ..models.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_record, peft_config_dict, peft_state_dict
 from ..models.fused_adapter import fuse_adapter
 from ..models.lora import is_tied, trained_modules
+from ..models.wrapped_text import adapter_to_wrapper
 
 MODEL_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "model.safetensors", "model.safetensors.index.json")
 
@@ -40,6 +41,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     base, metadata = base_record(base_model_name_or_path or getattr(model, "name_or_path", None))
     # a family whose checkpoints fuse projections (Phi-3): the parts' adapters on the fused modules PEFT knows
     tensors, targets, ranks, alphas = fuse_adapter(model.config, config, peft_state_dict(model))
+    wrapper = getattr(model.config, "wrapper", None)
+    if wrapper is not None:  # loaded from an image-text checkpoint: the adapter PEFT loads on that base
+        tensors, targets = adapter_to_wrapper(wrapper, tensors, targets)
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     peft_config = peft_config_dict(config, base, tied=is_tied(model))
     peft_config.update(target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)

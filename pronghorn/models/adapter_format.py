@@ -14,6 +14,7 @@ from ..errors import CheckpointError
 from .default_model import DEFAULT_HUB_ID, DEFAULT_NAMES
 from .fused_adapter import split_adapter_tensors
 from .lora import LoRAConfig, attach_lora, is_tied, lora_modules, trained_modules
+from .wrapped_text import adapter_from_wrapper, targets_of_regex
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,7 +61,7 @@ def base_record(base: str | None) -> tuple[str | None, dict[str, str]]:
 def adapter_base(path: str | Path) -> str | None:
     """The base model an adapter directory applies to, as pronghorn loads it: "default" (the embedded copy it was
     trained on) when the weights' metadata says so, else adapter_config.json's ``base_model_name_or_path``."""
-    _, raw = read_adapter_config(path)
+    raw = _raw_config(Path(path) / ADAPTER_CONFIG)
     weights = Path(path) / ADAPTER_WEIGHTS
     if weights.is_file():
         try:
@@ -102,15 +103,23 @@ def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str | None, ti
     }
 
 
-def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
-    """(LoRAConfig, raw dict) from an adapter directory, refusing what pronghorn cannot represent exactly."""
-    cfg_path = Path(path) / ADAPTER_CONFIG
+def _raw_config(cfg_path: Path) -> dict:
     try:
         raw = json.loads(cfg_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{cfg_path}: not found (not a PEFT adapter directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: must hold a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def read_adapter_config(path: str | Path, model: nn.Module | None = None) -> tuple[LoRAConfig, dict]:
+    """(LoRAConfig, raw dict) from an adapter directory, refusing what pronghorn cannot represent exactly. A regex
+    ``target_modules`` is resolved against ``model``'s projections, as PEFT matches it (without a model: refused)."""
+    cfg_path = Path(path) / ADAPTER_CONFIG
+    raw = _raw_config(cfg_path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
     for key in ("use_dora", "layers_pattern", "trainable_token_indices"):
@@ -119,12 +128,15 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
     if raw.get("fan_in_fan_out"):
         raise CheckpointError(f"{cfg_path}: field 'fan_in_fan_out' is true; only nn.Linear layouts are supported")
     targets = raw.get("target_modules")
+    layers = raw.get("layers_to_transform")
     if isinstance(targets, str) and targets != "all-linear":
-        raise CheckpointError(f"{cfg_path}: regex target_modules {targets!r} are not supported; list module names")
+        if model is None or layers:
+            raise CheckpointError(f"{cfg_path}: regex target_modules {targets!r} are not supported; list module names")
+        cfg = model.config
+        targets, layers = targets_of_regex(getattr(cfg, "wrapper", None), targets, cfg.num_hidden_layers, str(cfg_path))
     saved = raw.get("modules_to_save") or []
     if isinstance(saved, str) or not all(isinstance(m, str) for m in saved):
         raise CheckpointError(f"{cfg_path}: field 'modules_to_save' must be a list of module names, got {saved!r}")
-    layers = raw.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
     try:
@@ -145,7 +157,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Attach the adapter stored at ``path`` (PEFT format) to ``model``; every tensor must match a module."""
     path = Path(path)
-    config, raw = read_adapter_config(path)
+    config, raw = read_adapter_config(path, model)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
@@ -157,6 +169,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: cannot be read ({e})") from None
     tensors = {_strip_adapter_name(k): v for k, v in tensors.items()}
+    tensors = adapter_from_wrapper(getattr(model.config, "wrapper", None), tensors)  # an image-text base's names
     _fit_vocab(model, tensors, weights)
     attach_lora(model, config)
     expected = peft_state_dict(model)

@@ -44,6 +44,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the original dict, for export
+    wrapper: str | None = None  # the image-text model_type this text decoder was loaded from (models/wrapped_text.py)
 
     def window_of(self, layer_idx: int) -> int | None:
         return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
@@ -77,7 +78,8 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
         if not isinstance(d, dict):
             raise CheckpointError(f"{source}: must hold a JSON object, found {type(d).__name__}")
-        d = text_config(d, source) or d  # an image-text checkpoint (Gemma 3 4B+): its text decoder
+        text = text_config(d, source)  # an image-text checkpoint (Gemma 3 4B+): its text decoder
+        wrapper, d = (d.get("model_type"), text) if text is not None else (None, d)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = d.get("architectures")
@@ -124,6 +126,7 @@ class ModelConfig:
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             hf_config=dict(d),
+            wrapper=wrapper,
         )
 
 

@@ -10,19 +10,28 @@ pronghorn loads the decoder alone, as Unsloth's text notebooks do:
 - the tensors are the decoder's under ``language_model.model.`` (the hub's layout) or ``model.language_model.``
   (transformers 5's in memory); the vision tower's and projector's are left out.
 
-A model loaded so is a ``gemma3_text`` model: its adapter and merged exports are the text decoder's
-(``Gemma3ForCausalLM``), which transformers loads as such.
+A model loaded so is a ``gemma3_text`` model that remembers its wrapper (``ModelConfig.wrapper``):
+
+- its merged exports are the text decoder's (``Gemma3ForCausalLM``), which transformers loads as such;
+- its adapters are the wrapper's, as PEFT loads them on the image-text base their config names: keys under the
+  wrapper's module names (``model.language_model.layers.0...``) and ``target_modules`` a regex that PEFT matches
+  against the language model's projections alone (a list of names would also put adapters on the vision tower's
+  ``q_proj``... with none of the file's weights in them). Such adapters load back here, as do PEFT's own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import re
+
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
 
-WRAPPERS = {"gemma3": ("Gemma3TextConfig", "gemma3_text", "Gemma3ForCausalLM")}  # wrapper -> its text decoder
+# wrapper -> (its text decoder's config class, model_type and architecture, the decoder's module prefix in it)
+WRAPPERS = {"gemma3": ("Gemma3TextConfig", "gemma3_text", "Gemma3ForCausalLM", "model.language_model.")}
+_ADAPTER = "base_model.model."  # PEFT's prefix of a module name in an adapter file
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 _HEADS = ("language_model.lm_head.", "lm_head.")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -32,7 +41,7 @@ def text_config(d: dict[str, Any], source: str) -> dict[str, Any] | None:
     """The config.json of the text decoder inside ``d`` when ``d`` is an image-text checkpoint's (else None)."""
     if d.get("model_type") not in WRAPPERS:
         return None
-    config_class, model_type, architecture = WRAPPERS[d["model_type"]]
+    config_class, model_type, architecture, _ = WRAPPERS[d["model_type"]]
     text = d.get("text_config")
     if not isinstance(text, dict):
         raise CheckpointError(f"{source}: model_type {d['model_type']!r} without a 'text_config' object")
@@ -52,6 +61,53 @@ def text_config(d: dict[str, Any], source: str) -> dict[str, Any] | None:
     full.pop("_sliding_window_pattern", None)  # transformers' private copy of layer_types
     full.update(model_type=model_type, architectures=[architecture])
     return full
+
+
+def wrapper_name(wrapper: str, name: str) -> str:
+    """The wrapper's name of the text model's module ``name`` (``model.layers.0.mlp`` ->
+    ``model.language_model.layers.0.mlp``; the head keeps its name)."""
+    return WRAPPERS[wrapper][3] + name[len("model."):] if name.startswith("model.") else name
+
+
+def adapter_to_wrapper(wrapper: str, tensors: dict, targets: list[str]) -> tuple[dict, str]:
+    """An adapter of the text model as the wrapper's: its tensors under the wrapper's names, and its
+    ``target_modules`` as a regex matching those projections inside the language model only."""
+    out = {_ADAPTER + wrapper_name(wrapper, k[len(_ADAPTER):]): v for k, v in tensors.items()}
+    prefix = re.escape(WRAPPERS[wrapper][3])
+    return out, rf"{prefix}layers\.\d+\.(?:self_attn|mlp)\.(?:{'|'.join(targets)})"
+
+
+def adapter_from_wrapper(wrapper: str | None, tensors: dict) -> dict:
+    """An adapter file's tensors under the text model's names: those saved on the wrapper renamed."""
+    if wrapper is None:
+        return tensors
+    inner = _ADAPTER + WRAPPERS[wrapper][3]
+    return {(_ADAPTER + "model." + k[len(inner):] if k.startswith(inner) else k): v for k, v in tensors.items()}
+
+
+def targets_of_regex(wrapper: str | None, regex: str, layers: int, source: str) -> tuple[list[str], list[int] | None]:
+    """(projection names, layers_to_transform or None) that PEFT's regex ``target_modules`` picks among the model's
+    projections, matched as PEFT matches it (the whole module name, the wrapper's where there is one); a choice
+    that is not the same projections in each chosen layer is refused."""
+    from .lora import ALL_TARGETS
+
+    def name(layer: int, target: str) -> str:
+        block = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        text = f"model.layers.{layer}.{block}.{target}"
+        return wrapper_name(wrapper, text) if wrapper else text
+
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise CheckpointError(f"{source}: target_modules {regex!r} is not a valid regex ({e})") from None
+    chosen = {t: [i for i in range(layers) if pattern.fullmatch(name(i, t))] for t in ALL_TARGETS}
+    chosen = {t: ls for t, ls in chosen.items() if ls}
+    layer_sets = {tuple(ls) for ls in chosen.values()}
+    if not chosen or len(layer_sets) > 1:
+        raise CheckpointError(f"{source}: regex target_modules {regex!r} picks {chosen or 'no projection'} "
+                              "(projection: layers); pronghorn needs the same projections in every chosen layer")
+    picked = list(layer_sets.pop())
+    return list(chosen), (None if picked == list(range(layers)) else picked)
 
 
 def text_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

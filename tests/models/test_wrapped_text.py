@@ -87,3 +87,62 @@ def test_the_merged_export_is_the_text_model(tmp_path):
     with torch.no_grad():  # the adapter starts at zero: the merged model is the base
         want, got = hf(input_ids=ids).logits, text(input_ids=ids).logits
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def _trained_adapter(tmp_path):
+    hf = _image_text_dir(tmp_path / "base", "hub")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    return hf, model.eval()
+
+
+def test_the_adapter_is_the_image_text_models_in_peft(tmp_path):
+    """PEFT on the image-text base applies every tensor of the saved adapter to the language model and puts none on
+    the vision tower (a list of names would: its q_proj... match), giving pronghorn's logits."""
+    import peft
+
+    _, model = _trained_adapter(tmp_path)
+    model.save_pretrained(str(tmp_path / "a"))
+    base = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    lora = [n for n, _ in loaded.named_modules() if n.endswith(".lora_A")]
+    assert lora and not any("vision" in n for n in lora) and len(lora) == 3 * 7
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = loaded(input_ids=ids).logits, model(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_the_adapter_loads_back_and_peft_made_ones_load(tmp_path):
+    import peft
+
+    _, model = _trained_adapter(tmp_path)
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(4))
+    model.save_pretrained(str(tmp_path / "a"))
+    back, _ = FastLanguageModel.from_pretrained(str(tmp_path / "a"), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert torch.equal(back.eval()(input_ids=ids).logits, want)
+    # PEFT's own, on the image-text model: the seven projections of the language model's layers 1 and 2 (a regex
+    # as Unsloth writes them for such models)
+    base = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    regex = r".*language_model.*\.layers\.[12]\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    made = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=regex)).eval()
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        want = made(input_ids=ids).logits
+    made.save_pretrained(tmp_path / "peft")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, device="cpu")
+    from pronghorn.models.adapter_format import load_adapter
+
+    load_adapter(ours, tmp_path / "peft")
+    assert ours.lora_config.layers_to_transform == [1, 2] and len(ours.lora_config.target_modules) == 7
+    with torch.no_grad():
+        got = ours.eval()(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
