@@ -1,18 +1,22 @@
 """The text decoder inside an image-text checkpoint: Gemma 3 4B, 12B and 27B (``model_type`` gemma3,
-``Gemma3ForConditionalGeneration``), as users find them on the hub (``google/gemma-3-4b-it``, Unsloth's copies).
+``Gemma3ForConditionalGeneration``) and Mistral Small 3.1 / 3.2 (``mistral3``), as users find them on the hub
+(``google/gemma-3-4b-it``, ``mistralai/Mistral-Small-3.2-24B-Instruct-2506``, Unsloth's copies).
 
-Such a checkpoint holds a Gemma 3 text decoder beside a vision tower and its projector. For text fine-tuning
-pronghorn loads the decoder alone, as Unsloth's text notebooks do:
+Such a checkpoint holds a text decoder of a supported family beside a vision tower and its projector. For text
+fine-tuning pronghorn loads the decoder alone, as Unsloth's text notebooks do:
 
-- config.json's ``text_config`` is the decoder's config. It is sparse on the hub (a few fields; the rest are
-  ``Gemma3TextConfig``'s defaults), so transformers' own config class fills it in; the wrapper's token ids
-  (``eos_token_id`` [1, 106] in the instruct models) win where the text config names none.
+- config.json's ``text_config`` is the decoder's config. It is sparse on the hub (Gemma 3 4B: a few fields; the
+  rest are ``Gemma3TextConfig``'s defaults), so transformers' own config class fills it in; the wrapper's token
+  ids (``eos_token_id`` [1, 106] in Gemma 3's instruct models) win where the text config names none, and its
+  ``tie_word_embeddings`` wins, as transformers ties the image-text model's head by it.
 - the tensors are the decoder's under ``language_model.model.`` (the hub's layout) or ``model.language_model.``
   (transformers 5's in memory); the vision tower's and projector's are left out.
 
-A model loaded so is a ``gemma3_text`` model that remembers its wrapper (``ModelConfig.wrapper``):
+A model loaded so is a text model of its family (``gemma3_text``, ``mistral``) that remembers its wrapper
+(``ModelConfig.wrapper``):
 
-- its merged exports are the text decoder's (``Gemma3ForCausalLM``), which transformers loads as such;
+- its merged exports are the text decoder's (``Gemma3ForCausalLM``, ``MistralForCausalLM``), which transformers
+  loads as such;
 - its adapters are the wrapper's, as PEFT loads them on the image-text base their config names: keys under the
   wrapper's module names (``model.language_model.layers.0...``) and ``target_modules`` a regex that PEFT matches
   against the language model's projections alone (a list of names would also put adapters on the vision tower's
@@ -30,7 +34,8 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 
 # wrapper -> (its text decoder's config class, model_type and architecture, the decoder's module prefix in it)
-WRAPPERS = {"gemma3": ("Gemma3TextConfig", "gemma3_text", "Gemma3ForCausalLM", "model.language_model.")}
+WRAPPERS = {"gemma3": ("Gemma3TextConfig", "gemma3_text", "Gemma3ForCausalLM", "model.language_model."),
+            "mistral3": ("MistralConfig", "mistral", "MistralForCausalLM", "model.language_model.")}
 _ADAPTER = "base_model.model."  # PEFT's prefix of a module name in an adapter file
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 _HEADS = ("language_model.lm_head.", "lm_head.")
@@ -58,6 +63,8 @@ def text_config(d: dict[str, Any], source: str) -> dict[str, Any] | None:
     for key in _TOKEN_IDS:
         if text.get(key) is None and d.get(key) is not None:
             full[key] = d[key]
+    if "tie_word_embeddings" in d:  # transformers ties the image-text model's head by the wrapper's own flag
+        full["tie_word_embeddings"] = bool(d["tie_word_embeddings"])
     full.pop("_sliding_window_pattern", None)  # transformers' private copy of layer_types
     full.update(model_type=model_type, architectures=[architecture])
     return full

@@ -1,6 +1,7 @@
-"""An image-text Gemma 3 checkpoint (model_type gemma3, Gemma3ForConditionalGeneration: what the hub holds for
-Gemma 3 4B+) loads as its text decoder: the logits of transformers' own image-text model on text, a hub-sparse
-text_config filled with transformers' defaults, the vision tower left out, and the text model's exports."""
+"""Image-text checkpoints (Gemma 3 4B+: model_type gemma3; Mistral Small 3.1 / 3.2: mistral3) load as their text
+decoder: the logits of transformers' own image-text model on text, a hub-sparse text_config filled with
+transformers' defaults, the vision tower left out, the text model's merged export and the image-text model's
+adapters."""
 
 import json
 
@@ -19,15 +20,26 @@ TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_laye
             bos_token_id=1, eos_token_id=2, rope_scaling=dict(rope_type="linear", factor=2.0))
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)
+MISTRAL_TEXT = dict(model_type="mistral", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=None, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2)  # head_dim 32 != 64 / 4, as Mistral Small's 128 != 5120 / 32
 
 
-def _image_text_dir(tmp_path, layout: str):
-    """A tiny Gemma3ForConditionalGeneration saved as transformers saves it (the hub's ``language_model.model.``
-    names), or renamed to transformers 5's in-memory ``model.language_model.`` ones."""
+def _image_text_model(wrapper: str):
+    if wrapper == "mistral3":  # the top-level flag ties the head (the text config's says untied)
+        cfg = transformers.Mistral3Config(text_config=MISTRAL_TEXT, vision_config=dict(VISION, head_dim=16),
+                                          image_token_index=96, spatial_merge_size=2)
+        return transformers.Mistral3ForConditionalGeneration(cfg)
     cfg = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
                                     image_token_index=96, boi_token_index=95, eoi_token_index=94, eos_token_id=[2, 3])
+    return transformers.Gemma3ForConditionalGeneration(cfg)
+
+
+def _image_text_dir(tmp_path, layout: str, wrapper: str = "gemma3"):
+    """A tiny image-text model saved as transformers saves it (the hub's ``language_model.model.`` names), or
+    renamed to transformers 5's in-memory ``model.language_model.`` ones."""
     torch.manual_seed(0)
-    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    hf = _image_text_model(wrapper).eval()
     with torch.no_grad():  # away from the default init (norms at 0, i.e. 1 + w = 1)
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -41,14 +53,18 @@ def _image_text_dir(tmp_path, layout: str):
     return hf
 
 
-@pytest.mark.parametrize("layout", ["hub", "in-memory"])
-def test_loads_as_its_text_decoder_with_transformers_logits(tmp_path, layout):
-    hf = _image_text_dir(tmp_path, layout)
+@pytest.mark.parametrize("layout,wrapper", [("hub", "gemma3"), ("in-memory", "gemma3"), ("hub", "mistral3")])
+def test_loads_as_its_text_decoder_with_transformers_logits(tmp_path, layout, wrapper):
+    hf = _image_text_dir(tmp_path, layout, wrapper)
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert any("vision_tower" in k for k in keys)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
-    assert model.config.model_type == "gemma3_text" and model.config.eos_token_id == 2  # the text config names one
-    assert model.config.layer_types == ["sliding_attention", "sliding_attention", "sliding_attention"]
+    assert model.config.eos_token_id == 2  # the text config names one
+    if wrapper == "gemma3":
+        assert model.config.model_type == "gemma3_text" and model.config.layer_types == ["sliding_attention"] * 3
+    else:
+        assert (model.config.model_type, model.config.head_dim, model.config.tie_word_embeddings) == ("mistral", 32,
+                                                                                                    True)
     ids = torch.randint(3, 90, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = hf(input_ids=ids).logits, model.eval()(input_ids=ids).logits
@@ -89,8 +105,8 @@ def test_the_merged_export_is_the_text_model(tmp_path):
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
-def _trained_adapter(tmp_path):
-    hf = _image_text_dir(tmp_path / "base", "hub")
+def _trained_adapter(tmp_path, wrapper="gemma3"):
+    hf = _image_text_dir(tmp_path / "base", "hub", wrapper)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, device="cpu")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
     with torch.no_grad():
@@ -100,14 +116,15 @@ def _trained_adapter(tmp_path):
     return hf, model.eval()
 
 
-def test_the_adapter_is_the_image_text_models_in_peft(tmp_path):
+@pytest.mark.parametrize("wrapper", ["gemma3", "mistral3"])
+def test_the_adapter_is_the_image_text_models_in_peft(tmp_path, wrapper):
     """PEFT on the image-text base applies every tensor of the saved adapter to the language model and puts none on
     the vision tower (a list of names would: its q_proj... match), giving pronghorn's logits."""
     import peft
 
-    _, model = _trained_adapter(tmp_path)
+    _, model = _trained_adapter(tmp_path, wrapper)
     model.save_pretrained(str(tmp_path / "a"))
-    base = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    base = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "base", dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
     lora = [n for n, _ in loaded.named_modules() if n.endswith(".lora_A")]
     assert lora and not any("vision" in n for n in lora) and len(lora) == 3 * 7
