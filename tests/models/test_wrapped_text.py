@@ -163,3 +163,21 @@ def test_the_adapter_loads_back_and_peft_made_ones_load(tmp_path):
     with torch.no_grad():
         got = ours.eval()(input_ids=ids).logits
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("wrapper", ["gemma3", "mistral3"])
+def test_the_text_decoder_loads_in_4bit_and_exports_gguf(tmp_path, wrapper):
+    """QLoRA from an image-text checkpoint (its decoder's projections in NF4), and its GGUF: the text family's."""
+    from gguf import GGUFReader
+
+    _image_text_dir(tmp_path / "base", "hub", wrapper)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, device="cpu",
+                                                         load_in_4bit=True)
+    assert model.model.layers[0].self_attn.q_proj.is_quantized
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(5))
+    model(input_ids=ids, labels=ids).loss.backward()
+    full, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, device="cpu")
+    (path,) = full.save_pretrained_gguf(str(tmp_path / "g"), tokenizer, "f32")
+    arch = GGUFReader(path).fields["general.architecture"]
+    assert bytes(arch.parts[-1]).decode() == {"gemma3": "gemma3", "mistral3": "llama"}[wrapper]
