@@ -1,6 +1,6 @@
 """pronghorn: fast, exact LoRA fine-tuning of Llama-family models."""
 
-from .api import FastLanguageModel
+from .api import FastLanguageModel, FastModel
 from .causal_lm import PronghornForCausalLM
 from .errors import CheckpointError, DataError, OutputExistsError, PronghornError, UnsupportedModelError
 from .models.vocab import add_new_tokens
@@ -10,8 +10,8 @@ from .train.evaluate import evaluate_perplexity
 from .train.run import train
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "DataError", "FastLanguageModel", "GRPOTrainer", "OutputExistsError", "PronghornError",
-           "PronghornForCausalLM", "PronghornTrainer", "PronghornTrainingArguments", "TrainConfig",
+__all__ = ["CheckpointError", "DataError", "FastLanguageModel", "FastModel", "GRPOTrainer", "OutputExistsError",
+           "PronghornError", "PronghornForCausalLM", "PronghornTrainer", "PronghornTrainingArguments", "TrainConfig",
            "UnsupportedModelError", "add_new_tokens", "evaluate_perplexity", "train"]
 
 

@@ -66,6 +66,8 @@ class FastLanguageModel:
                        use_rslora: bool = False, layers_to_transform: list[int] | None = None,
                        max_seq_length: int | None = None, loftq_config=None, tiled_mlp: bool | str = "auto",
                        adapter_math: str = "base", max_memory=None, modules_to_save: list[str] | None = None,
+                       finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
+                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
                        **_ignored) -> nn.Module:
         """Freeze the base and attach LoRA adapters (PEFT-compatible init and naming).
         "embed_tokens" / "lm_head" in target_modules (or modules_to_save, PEFT's name) train those tables fully
@@ -79,9 +81,14 @@ class FastLanguageModel:
         loss chunks, the input table on the host) is the fastest that fits, made at the first step of each batch
         shape and printed (models/memory_plan.py); when none fits, a clear error names the budget that would.
         adapter_math: "base" (adapters on a bf16 base compute in bf16 with or without torch.autocast: one fast
-        path) or "adapter" (PEFT's numerics without autocast: in the adapters' fp32); kernels/policy.py."""
+        path) or "adapter" (PEFT's numerics without autocast: in the adapters' fp32); kernels/policy.py.
+        finetune_attention_modules / finetune_mlp_modules (Unsloth's FastModel switches): with the default
+        target_modules, leave out the attention's or the MLP's projections. pronghorn trains the text decoder of an
+        image-text checkpoint only: finetune_vision_layers=True and finetune_language_layers=False are errors."""
         if loftq_config:
             raise NotImplementedError("LoftQ initialisation is not supported")
+        target_modules = _targets_of_switches(target_modules, finetune_vision_layers, finetune_language_layers,
+                                              finetune_attention_modules, finetune_mlp_modules)
         if model.__dict__.get("full_finetuning"):  # as Unsloth: the call changes nothing but the settings below
             print("pronghorn: full_finetuning=True: every weight trains, get_peft_model attaches no adapters (its "
                   "use_gradient_checkpointing and max_memory apply)", flush=True)
@@ -119,3 +126,32 @@ class FastLanguageModel:
             model.gradient_checkpointing_enable(mode=None if use_gradient_checkpointing is True
                                                 else use_gradient_checkpointing)
         return model
+
+
+class FastModel(FastLanguageModel):
+    """Unsloth's name for the same API in its Gemma 3, Mistral Small 3.x and Phi-4 notebooks
+    (``FastModel.from_pretrained`` ... ``FastModel.get_peft_model(model, finetune_vision_layers=False, ...)``)."""
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _targets_of_switches(targets, vision: bool, language: bool, attention: bool, mlp: bool):
+    """``target_modules`` after Unsloth's finetune_* switches: they pick among the default targets only."""
+    if vision:
+        raise PronghornError("finetune_vision_layers=True: pronghorn trains language models (an image-text "
+                             "checkpoint loads as its text decoder); pass finetune_vision_layers=False")
+    if not language:
+        raise PronghornError("finetune_language_layers=False leaves nothing to train: pronghorn trains the language "
+                             "model's layers")
+    if attention and mlp:
+        return targets
+    if list(targets) != list(ALL_TARGETS):
+        raise PronghornError("finetune_attention_modules / finetune_mlp_modules pick among the default targets; "
+                             f"with target_modules={list(targets)!r} name the modules there instead")
+    picked = [t for t in ALL_TARGETS if (attention and t in _ATTENTION) or (mlp and t in _MLP)]
+    if not picked:
+        raise PronghornError("finetune_attention_modules=False and finetune_mlp_modules=False leave no projection "
+                             "to adapt")
+    return picked

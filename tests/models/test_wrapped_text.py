@@ -181,3 +181,21 @@ def test_the_text_decoder_loads_in_4bit_and_exports_gguf(tmp_path, wrapper):
     (path,) = full.save_pretrained_gguf(str(tmp_path / "g"), tokenizer, "f32")
     arch = GGUFReader(path).fields["general.architecture"]
     assert bytes(arch.parts[-1]).decode() == {"gemma3": "gemma3", "mistral3": "llama"}[wrapper]
+
+
+def test_unsloths_fastmodel_flow_on_an_image_text_checkpoint(tmp_path):
+    """Unsloth's Gemma 3 notebook: FastModel.from_pretrained, then get_peft_model with its finetune_* switches
+    (the attention only here); the vision switch is refused clearly, as pronghorn loads the text decoder only."""
+    from pronghorn import FastModel, PronghornError
+
+    _image_text_dir(tmp_path, "hub")
+    model, _ = FastModel.from_pretrained(str(tmp_path), max_seq_length=64, load_in_4bit=False, dtype=torch.float32,
+                                         device="cpu", full_finetuning=False)
+    with pytest.raises(PronghornError, match="finetune_vision_layers"):
+        FastModel.get_peft_model(model, finetune_vision_layers=True)
+    model = FastModel.get_peft_model(model, finetune_vision_layers=False, finetune_language_layers=True,
+                                     finetune_attention_modules=True, finetune_mlp_modules=False, r=8, lora_alpha=8,
+                                     lora_dropout=0, bias="none", random_state=3407)
+    assert model.lora_config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(PronghornError, match="default targets"):
+        FastModel.get_peft_model(model, target_modules=["q_proj"], finetune_mlp_modules=False)
