@@ -90,3 +90,28 @@ def test_bad_patterns_are_refused(tmp_path):
         load_adapter(ours, tmp_path / "peft")
     with pytest.raises(Exception, match="positive rank"):
         LoRAConfig(rank_pattern={"q_proj": 0})
+
+
+def test_peft_adapter_with_regex_target_modules_loads_with_peft_logits(tmp_path):
+    """A regex ``target_modules`` (PEFT fullmatches it against each module name) loads as the projections and layers
+    it picks; one that picks different projections in different layers is refused clearly."""
+    import json
+
+    import peft
+
+    hf, ours = make_pair("llama3_gqa_rope_scaling")
+    regex = r"model\.layers\.1\..*\.(q_proj|v_proj|down_proj)"
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=regex))
+    randomize_lora_b(hf)
+    hf.save_pretrained(tmp_path / "peft")
+    load_adapter(ours, tmp_path / "peft")
+    assert ours.lora_config.target_modules == ["q_proj", "v_proj", "down_proj"]
+    assert ours.lora_config.layers_to_transform == [1]
+    with torch.no_grad():
+        assert rel(ours.eval()(input_ids=IDS).logits, hf.eval()(input_ids=IDS).logits) <= RTOL
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config["target_modules"] = r"model\.layers\.(0\..*\.q_proj|1\..*\.v_proj)"
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    _, other = make_pair("llama3_gqa_rope_scaling")
+    with pytest.raises(CheckpointError, match="same projections in every chosen layer"):
+        load_adapter(other, tmp_path / "peft")
