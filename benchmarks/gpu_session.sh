@@ -32,6 +32,10 @@
 # list: kept graphs on by default there, never run whole), families-gemma3 (Gemma 3 beside Unsloth with kept
 # graphs: this session's Unsloth row was lost), KEPT_WORKLOADS=1b-lora kept on another host, budget-8b and
 # budget-qlora, scenarios (capped plans that keep layers now graph them), grpo with all three systems.
+# Session 20 (2026-12-07): no machine started in 17 tries; the order stands, the family rows first on an H200:
+#   FAMILY_WORKLOADS=gemma3-4b-lora,phi3.5-mini-lora FAMILY_SYSTEMS=unsloth,pronghorn AUTOCAST=on CAP_MODE=kwarg \
+#     bash benchmarks/gpu_session.sh families      (about 400 s), then families-gemma2 with the same flags; `tests`
+#   now also runs the CUDA-graph decoder on every family.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
