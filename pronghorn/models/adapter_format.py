@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -13,8 +14,9 @@ from torch import nn
 from ..errors import CheckpointError
 from .default_model import DEFAULT_HUB_ID, DEFAULT_NAMES
 from .fused_adapter import split_adapter_tensors
-from .lora import LoRAConfig, attach_lora, is_tied, lora_modules, trained_modules
-from .wrapped_text import adapter_from_wrapper, targets_of_regex
+from .lora import (ALL_TARGETS, LoRAConfig, attach_lora, is_tied, layer_index, lora_modules, lora_targets,
+                   trained_modules)
+from .wrapped_text import adapter_from_wrapper, wrapper_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -132,8 +134,7 @@ def read_adapter_config(path: str | Path, model: nn.Module | None = None) -> tup
     if isinstance(targets, str) and targets != "all-linear":
         if model is None or layers:
             raise CheckpointError(f"{cfg_path}: regex target_modules {targets!r} are not supported; list module names")
-        cfg = model.config
-        targets, layers = targets_of_regex(getattr(cfg, "wrapper", None), targets, cfg.num_hidden_layers, str(cfg_path))
+        targets, layers = _targets_of_regex(model, targets, cfg_path)
     saved = raw.get("modules_to_save") or []
     if isinstance(saved, str) or not all(isinstance(m, str) for m in saved):
         raise CheckpointError(f"{cfg_path}: field 'modules_to_save' must be a list of module names, got {saved!r}")
@@ -152,6 +153,27 @@ def read_adapter_config(path: str | Path, model: nn.Module | None = None) -> tup
     except Exception as e:  # LoRAConfig validation
         raise CheckpointError(f"{cfg_path}: {e}") from None
     return config, raw
+
+
+def _targets_of_regex(model: nn.Module, regex: str, cfg_path: Path) -> tuple[list[str], list[int] | None]:
+    """(projection names, layers_to_transform or None) that PEFT's regex ``target_modules`` picks among ``model``'s
+    projections, matched as PEFT matches it: the whole module name (an image-text base's name where the model was
+    loaded from one). A choice that is not the same projections in each chosen layer is refused."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise CheckpointError(f"{cfg_path}: target_modules {regex!r} is not a valid regex ({e})") from None
+    wrapper = getattr(model.config, "wrapper", None)
+    chosen: dict[str, list[int]] = {}
+    for name, _ in lora_targets(model, ALL_TARGETS):
+        if pattern.fullmatch(wrapper_name(wrapper, name) if wrapper else name):
+            chosen.setdefault(name.split(".")[-1], []).append(layer_index(name))
+    layer_sets = {tuple(ls) for ls in chosen.values()}
+    if not chosen or len(layer_sets) > 1:
+        raise CheckpointError(f"{cfg_path}: regex target_modules {regex!r} picks {chosen or 'no projection'} "
+                              "(projection: layers); pronghorn needs the same projections in every chosen layer")
+    picked, every = list(layer_sets.pop()), sorted({layer_index(n) for n, _ in lora_targets(model, ALL_TARGETS)})
+    return [t for t in ALL_TARGETS if t in chosen], (None if picked == every else picked)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:

@@ -99,12 +99,12 @@ def lora_targets(model: nn.Module, targets: list[str], layers: list[int] | None 
     """(name, Linear) for every projection whose last name part is in ``targets``, in module order."""
     for name, module in model.named_modules():
         if isinstance(module, Linear) and name.split(".")[-1] in targets:
-            if layers is not None and _layer_index(name) not in layers:
+            if layers is not None and layer_index(name) not in layers:
                 continue
             yield name, module
 
 
-def _layer_index(name: str) -> int | None:
+def layer_index(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 

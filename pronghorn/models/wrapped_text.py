@@ -92,31 +92,6 @@ def adapter_from_wrapper(wrapper: str | None, tensors: dict) -> dict:
     return {(_ADAPTER + "model." + k[len(inner):] if k.startswith(inner) else k): v for k, v in tensors.items()}
 
 
-def targets_of_regex(wrapper: str | None, regex: str, layers: int, source: str) -> tuple[list[str], list[int] | None]:
-    """(projection names, layers_to_transform or None) that PEFT's regex ``target_modules`` picks among the model's
-    projections, matched as PEFT matches it (the whole module name, the wrapper's where there is one); a choice
-    that is not the same projections in each chosen layer is refused."""
-    from .lora import ALL_TARGETS
-
-    def name(layer: int, target: str) -> str:
-        block = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        text = f"model.layers.{layer}.{block}.{target}"
-        return wrapper_name(wrapper, text) if wrapper else text
-
-    try:
-        pattern = re.compile(regex)
-    except re.error as e:
-        raise CheckpointError(f"{source}: target_modules {regex!r} is not a valid regex ({e})") from None
-    chosen = {t: [i for i in range(layers) if pattern.fullmatch(name(i, t))] for t in ALL_TARGETS}
-    chosen = {t: ls for t, ls in chosen.items() if ls}
-    layer_sets = {tuple(ls) for ls in chosen.values()}
-    if not chosen or len(layer_sets) > 1:
-        raise CheckpointError(f"{source}: regex target_modules {regex!r} picks {chosen or 'no projection'} "
-                              "(projection: layers); pronghorn needs the same projections in every chosen layer")
-    picked = list(layer_sets.pop())
-    return list(chosen), (None if picked == list(range(layers)) else picked)
-
-
 def text_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The decoder's tensors under the text model's own names (``model.*``, ``lm_head.*``), when
     ``state_dict`` is an image-text checkpoint's; else ``state_dict`` itself."""
