@@ -21,6 +21,7 @@
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
+#   bash benchmarks/gpu_session.sh split-1b     # issue 15: 1B at Unsloth's peak, split graphed replays vs auto
 #   bash benchmarks/gpu_session.sh kept         # kept layers as CUDA graphs: GPU tests, no-cap rows on/off/on
 #                                               #   beside Unsloth (KEPT_WORKLOADS="1b-lora gemma3-4b-lora")
 #   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
@@ -135,6 +136,18 @@ case "$stage" in
       --replay ${REPLAY:-auto} --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" \
       --time-limit ${EAGER_TIME_LIMIT:-110} 2>&1 \
       | tee "$OUT/graphs-$w-eager.log" | grep -v "^pronghorn:" | tail -8 ;;
+  split-1b)  # issue 15 item 3: 1B at Unsloth's peak, the auto plan (eager whole replays, session 18) against split
+    # replays as CUDA graphs ("16 offload, MLP input parked, graphs": plan_preview --replay split --graphs), Unsloth
+    # and the no-cap row in the same call
+    peers
+    python3 benchmarks/memory_budget.py --workloads 1b-lora --budgets unsloth,replay-all,none --systems unsloth,pronghorn \
+      --autocast on --cap-mode kwarg --peer-scripts $PWD/.benchwheels/bench --json "$OUT/split-1b.json" \
+      --time-limit ${TIME_LIMIT:-240} 2>&1 | tee "$OUT/split-1b.log" | grep -v "^pronghorn:" | tail -8
+    budget=$(python3 -c "import json; r=json.load(open('$OUT/split-1b.json'))['results']; print(next(x['peak_gib']
+      for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo 3.66)
+    python3 benchmarks/memory_budget.py --workloads 1b-lora --budgets $budget,replay-all --systems pronghorn \
+      --replay split --autocast on --cap-mode kwarg --json "$OUT/split-1b-split.json" --time-limit 100 2>&1 \
+      | tee "$OUT/split-1b-split.log" | grep -v "^pronghorn:" | tail -6 ;;
   lever)  # session 18: the adapters' operands kept across steps and fp32 adapter gradients from their matmuls
     # (kernels/step_operands.py, lora_math.grad_mm) against neither (PRONGHORN_STEP_OPERANDS=0
     # PRONGHORN_GRAD_OUT_DTYPE=0), at Unsloth's peak and with no cap, Unsloth in the same call; on, off, on again
