@@ -3,6 +3,7 @@
 from .api import FastLanguageModel, FastModel
 from .causal_lm import PronghornForCausalLM
 from .errors import CheckpointError, DataError, OutputExistsError, PronghornError, UnsupportedModelError
+from .models.precision import is_bfloat16_supported
 from .models.vocab import add_new_tokens
 from .train.config import TrainConfig
 from .train.grpo_trainer import GRPOTrainer
@@ -12,7 +13,7 @@ from .train.run import train
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "DataError", "FastLanguageModel", "FastModel", "GRPOTrainer", "OutputExistsError",
            "PronghornError", "PronghornForCausalLM", "PronghornTrainer", "PronghornTrainingArguments", "TrainConfig",
-           "UnsupportedModelError", "add_new_tokens", "evaluate_perplexity", "train"]
+           "UnsupportedModelError", "add_new_tokens", "evaluate_perplexity", "is_bfloat16_supported", "train"]
 
 
 def __getattr__(name: str):

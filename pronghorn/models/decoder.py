@@ -29,6 +29,7 @@ from .linear import Linear
 from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan, parse_budget,
                           step_sizes)
 from .norm import RMSNorm
+from .precision import leaves_fp16_autocast
 from .recompute import checkpoint_mode, run_layers
 from .replay_graphs import ReplayGraphs, default_setting, graphs_possible
 from .rope_scaling import rope_inv_freq
@@ -359,6 +360,7 @@ class DecoderForCausalLM(nn.Module):
             self.__dict__["_disabled_checkpoint_mode"] = self.model.gradient_checkpointing
         self.model.gradient_checkpointing = False
 
+    @leaves_fp16_autocast  # where the family overflows fp16 and the weights are fp32 (models/precision.py)
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

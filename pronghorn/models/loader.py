@@ -17,6 +17,7 @@ from .decoder import DecoderForCausalLM
 from .default_model import DEFAULT_NAMES
 from .hf_checkpoint import read_state_dict
 from .hf_layout import split_fused
+from .precision import default_dtype, warn_if_fp16_overflows
 from .quantized_checkpoint import prepare_state_dict
 from .wrapped_text import text_state_dict
 
@@ -26,14 +27,6 @@ class Loaded:
     tokenizer: object
     base_name: str  # what to record as base_model_name_or_path
     base_dir: Path | None  # the local HF directory of the base weights, when there is one
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on a GPU (fp16 if it lacks bf16), fp32 on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def default_device() -> torch.device:
@@ -81,7 +74,6 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
                     revision: str | None = None, load_in_4bit: bool = False) -> Loaded:
     """Load a base model (or a base + PEFT adapter when ``name`` is an adapter directory) and its tokenizer."""
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
     path, recorded = resolve_local(str(name), token, revision)
     if path.is_dir() and is_adapter_dir(path):
         base = adapter_base(path)
@@ -99,6 +91,7 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
 
         ckpt = read_gguf(path)
         cfg = ModelConfig.from_hf_dict(ckpt.config, source=str(path))
+        dtype = _dtype_for(cfg, dtype, device, str(path))
         hf_sd = split_fused(cfg, ckpt.state_dict, str(path))  # the family's fused tensors (Phi-3), split
         sd = prepare_state_dict(hf_sd, ckpt.config, load_in_4bit, dtype, device, str(path))
         model = build_model(cfg, sd, dtype, device, str(path), model_cls)
@@ -106,6 +99,7 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
         base_dir = None
     elif path.is_dir():
         cfg = ModelConfig.from_file(path / "config.json")
+        dtype = _dtype_for(cfg, dtype, device, str(path))
         hf_sd = text_state_dict(read_state_dict(path))  # an image-text checkpoint's: its text decoder's
         hf_sd = split_fused(cfg, hf_sd, str(path))  # the family's fused tensors, split
         sd = prepare_state_dict(hf_sd, cfg.hf_config, load_in_4bit, dtype, device, str(path))
@@ -117,6 +111,14 @@ def load_pretrained(name: str, dtype: torch.dtype | None = None, device: torch.d
     model.name_or_path = recorded
     _apply_generation_config(model, path)
     return Loaded(model, tokenizer, recorded, base_dir)
+
+
+def _dtype_for(cfg: ModelConfig, dtype: torch.dtype | None, device: torch.device, source: str) -> torch.dtype:
+    """The dtype asked for (warned if the family overflows it), else the device's default for the family."""
+    if dtype is None:
+        return default_dtype(device, cfg.model_type)
+    warn_if_fp16_overflows(cfg.model_type, dtype, source)
+    return dtype
 
 
 def _apply_generation_config(model: DecoderForCausalLM, path: Path) -> None:

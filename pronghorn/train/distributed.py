@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import LostPeersError, PronghornError
+from ..models.precision import default_dtype
 from ..kernels import IGNORE_INDEX
 from .metrics import MetricsLog
 
@@ -177,13 +178,13 @@ def shard_examples(examples: Sequence[Any], rank: int, world_size: int, batch_si
 
 def load_placement(strategy: str, env: DistEnv, device: str | None, dtype: torch.dtype | None):
     """(device, dtype) to load the base model with on this rank: its own GPU for DDP; the CPU for FSDP,
-    which then moves only this rank's shards to the GPU. bf16 by default when the ranks have GPUs."""
+    which then moves only this rank's shards to the GPU. bf16 by default when the ranks' GPUs have it, else fp16."""
     if not env.distributed:
         return device, dtype
     if device in (None, "cuda"):
         device = "cpu" if strategy == "fsdp" else str(env.device)
     if dtype is None and env.device.type == "cuda":
-        dtype = torch.bfloat16
+        dtype = default_dtype(env.device)  # bf16, or fp16 on a GPU without it (2 x T4)
     return device, dtype
 
 

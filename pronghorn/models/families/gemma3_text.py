@@ -58,4 +58,4 @@ SPEC = FamilySpec("gemma3_text", "Gemma3ForCausalLM", read_config, chat_template
                   gguf_reads=True, gguf_config=GGUF_CONFIG, gguf_read=gguf_read,
                   gguf_layers={**SANDWICH_GGUF_LAYERS, "self_attn.q_norm": "attn_q_norm",
                                "self_attn.k_norm": "attn_k_norm"},
-                  gguf_metadata=gguf_metadata)
+                  gguf_metadata=gguf_metadata, fp16_overflows=True)

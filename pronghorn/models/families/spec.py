@@ -77,6 +77,9 @@ class FamilySpec:
     gguf_metadata: Callable[[Any, Any], None] | None = None
     # (field: "<arch>.<key>" -> value or None, config.json dict so far) -> the fields those keys give on reading
     gguf_read: Callable[[Callable[[str], Any], dict], dict] | None = None
+    # its published weights drive activations past float16's range: computes in fp32 where a GPU lacks bf16
+    # (models/precision.py)
+    fp16_overflows: bool = False
 
 
 def activation(d: dict, source: str, key: str = "hidden_act", default: str = "silu",
