@@ -64,6 +64,7 @@ from .distributed import all_gather_rows, all_reduce_sum
 from .grpo_advantages import combine_rewards, group_advantages, nan_std
 from .grpo_logps import PackedCompletions, pack_completions, packed_logps
 from .grpo_loss import CLIP_METRICS, grpo_loss
+from .loss_scaling import backward
 from .grpo_rewards import resolve_rewards, score
 from .grpo_memory import (GENERATION_WORKSPACES, TRAINING_RETRIES, generation_peak, lower_plan_target, rows_at_once,
                           sampling_copies)
@@ -340,7 +341,7 @@ class GRPOTrainer(Trainer):
                                 epsilon_high=cfg.epsilon_high, max_completion_length=cfg.max_completion_length,
                                 num_sequences=sequences, num_tokens=dapo_tokens(gen),
                                 use_bias_correction_kl=cfg.use_bias_correction_kl)
-                out.loss.backward()
+                backward(self.scaler, out.loss)
             tokens += packed.tokens
             total = total + out.loss.detach()
             for key, v in {**out.sums, "entropy": (entropy * mask).sum()}.items():

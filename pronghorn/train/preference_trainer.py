@@ -39,6 +39,7 @@ from ..models.decoder import DecoderForCausalLM
 from ..models.lora import set_lora_enabled
 from .config import TrainConfig
 from .distributed import FILLER, all_reduce_sum, env_from_os
+from .loss_scaling import backward
 from .preference_losses import DPO_LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from .trainer import Trainer
 
@@ -236,7 +237,7 @@ class PreferenceTrainer(Trainer):
                                                     num_chosen_tokens, counted)
                 if not counted:  # a filler micro-batch: zero loss and statistics, same reductions
                     loss, stats = loss * 0.0, {k: v * 0 for k, v in stats.items()}
-                loss.backward()
+                backward(self.scaler, loss)
             tokens += sum(len(r["prompt_ids"]) * (1 if self.cfg.method == "kto" else 2)
                           + len(r.get("completion_ids", ())) + len(r.get("chosen_ids", ()))
                           + len(r.get("rejected_ids", ())) for r in rows)

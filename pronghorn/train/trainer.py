@@ -33,6 +33,7 @@ from .distributed import DataParallel
 from .full_finetune import optimizer_footprint, resolve_optim
 from .evaluate import evaluate_examples
 from .held_out import held_out_examples
+from .loss_scaling import backward, clip_and_step, load_scaler_state, loss_scaler, scaler_state
 from .optimizers import build_optimizer
 from .progress import TrainProgress
 from .report import open_reporter
@@ -84,6 +85,7 @@ class Trainer:
         compute = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
                        torch.float32)
         self.autocast_dtype = compute if self.device.type == "cuda" and compute != torch.float32 else None
+        self.scaler = loss_scaler(self.device, self.autocast_dtype, config.optimizer_in_backward)  # fp16 only
 
     def _build_optimizer(self):
         """``optim`` over the trained parameters; with ``optimizer_in_backward`` one per parameter, stepped in the
@@ -163,7 +165,7 @@ class Trainer:
             tokens += sum(len(e["input_ids"]) for e in chunk)
             with self._autocast(), self.dist.grad_sync(i + self.cfg.batch_size >= len(examples)):
                 loss = self.dist.forward(**batch, num_items_in_batch=num_items).loss
-            loss.backward()
+            backward(self.scaler, loss)
             total = loss.detach() if total is None else total + loss.detach()
         return self.dist.reduce_stats(float(total), tokens)
 
@@ -179,10 +181,8 @@ class Trainer:
             decoder.optimizer_state_allocated = True
         if isinstance(self.optimizer, StepInBackward):  # every weight stepped in the backward pass
             return loss, self.optimizer.grad_norm(), tokens
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, float(norm), tokens
+        norm = clip_and_step(self.scaler, self.optimizer, self.params, self.cfg.max_grad_norm)
+        return loss, norm, tokens
 
     def evaluate_held_out(self) -> dict:
         """Loss and perplexity on the held-out rows (every rank runs the same batches: an FSDP forward takes
@@ -218,7 +218,7 @@ class Trainer:
         return Path(r)
 
     def _save_checkpoint(self, step: int) -> None:
-        state = {"global_step": step, "total_steps": self.total_steps}
+        state = {"global_step": step, "total_steps": self.total_steps, **scaler_state(self.scaler)}
         path = self.out / f"checkpoint-{step}"
         if self.full_finetuning:  # every rank writes its shards (train/sharded_checkpoint.py)
             save_sharded_checkpoint(path, self.model, self.optimizer, state)
@@ -254,7 +254,9 @@ class Trainer:
         start = 0
         if resume is not None:
             load = load_sharded_checkpoint if self.full_finetuning else load_checkpoint
-            start = load(resume, self.model, self.optimizer)["global_step"]
+            state = load(resume, self.model, self.optimizer)
+            load_scaler_state(self.scaler, state)
+            start = state["global_step"]
             log.truncate_after(start)
         losses = [r["loss"] for r in log.rows if "loss" in r]
         report = open_reporter(cfg.report_to if self.dist.is_main else "none", self.out, dataclasses.asdict(cfg))
