@@ -14,9 +14,14 @@ import torch
 from ..errors import PronghornError
 
 
-def loss_scaler(device: torch.device, autocast_dtype: torch.dtype | None, in_backward: bool = False):
-    """A ``torch.amp.GradScaler`` for fp16 autocast, else None."""
+def loss_scaler(device: torch.device, autocast_dtype: torch.dtype | None, in_backward: bool = False, params=()):
+    """A ``torch.amp.GradScaler`` for fp16 autocast, else None. fp16 weights trained themselves (full fine-tuning
+    of a fp16 model) get none: their fp16 gradients cannot be unscaled in place, as HF Trainer refuses them too."""
     if autocast_dtype != torch.float16:
+        return None
+    if any(p.dtype == torch.float16 for p in params):
+        print("pronghorn: float16 weights train without loss scaling (small gradients may underflow); load the model "
+              "in float32 (dtype) to train it under fp16 autocast with loss scaling", flush=True)
         return None
     if in_backward:
         raise PronghornError("optimizer_in_backward cannot train in float16: each weight steps before the loss "

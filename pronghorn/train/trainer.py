@@ -85,7 +85,7 @@ class Trainer:
         compute = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
                        torch.float32)
         self.autocast_dtype = compute if self.device.type == "cuda" and compute != torch.float32 else None
-        self.scaler = loss_scaler(self.device, self.autocast_dtype, config.optimizer_in_backward)  # fp16 only
+        self.scaler = loss_scaler(self.device, self.autocast_dtype, config.optimizer_in_backward, self.params)
 
     def _build_optimizer(self):
         """``optim`` over the trained parameters; with ``optimizer_in_backward`` one per parameter, stepped in the

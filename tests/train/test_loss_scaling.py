@@ -20,6 +20,8 @@ def test_a_scaler_for_fp16_only():
     assert isinstance(loss_scaler(cpu, torch.float16), torch.amp.GradScaler)
     with pytest.raises(PronghornError, match="optimizer_in_backward cannot train in float16"):
         loss_scaler(cpu, torch.float16, in_backward=True)
+    fp16_weights = [torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))]  # full fine-tuning of a fp16 model
+    assert loss_scaler(cpu, torch.float16, params=fp16_weights) is None
 
 
 def _model():
