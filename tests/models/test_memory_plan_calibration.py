@@ -79,6 +79,19 @@ MEASURED = [
      3.658, "H100 s18"),
     ("gemma-3-4b", 2, 2048, False, "15 recompute, 19 offload; replays as CUDA graphs; loss logits chunk 64 MiB",
      8.739, "H100 s18"),
+    ("llama-3.2-1b", 4, 2048, False, "16 offload; offloaded layers split, MLP input parked; replays as CUDA graphs; "
+     "loss logits chunk 64 MiB", 3.365, "H100 s21"),
+    ("llama-3.2-1b", 4, 2048, False, "16 recompute; split replay; replays as CUDA graphs", 4.947, "H100 s21"),
+    ("llama-3.2-1b", 4, 2048, False, "16 recompute; replays as CUDA graphs", 5.041, "H100 s21"),
+    ("llama-3.2-1b", 4, 2048, False, "12 recompute, 4 offload; loss logits chunk 256 MiB", 3.533, "H100 s21"),
+    ("gemma-3-4b", 2, 2048, False, "7 recompute, 27 offload; replays as CUDA graphs; loss logits chunk 64 MiB",
+     8.52, "H100 s21"),
+    ("phi-3.5-mini", 4, 2048, False, "11 recompute, 21 offload; replays as CUDA graphs; loss logits chunk 256 MiB; "
+     "untied input table", 9.385, "H100 s21"),
+    # kept layers as CUDA graphs: their pool beside every layer's activations
+    ("llama-3.2-1b", 4, 2048, False, "16 keep; kept layers as CUDA graphs", 13.299, "H100 s21"),
+    ("gemma-3-4b", 2, 2048, False, "34 keep; kept layers as CUDA graphs", 23.815, "H100 s21"),
+    ("phi-3.5-mini", 4, 2048, False, "32 keep; kept layers as CUDA graphs", 32.906, "H100 s21"),
 ]
 
 
@@ -125,7 +138,8 @@ def _plan(summary: str, layers: int) -> MemoryPlan:
     return MemoryPlan(modes, split_replay="split replay" in summary, mlp_chunk=int(chunk[1]) if chunk else None,
                       loss_chunk_bytes=int(loss[1]) * 2**20 if loss else LOSS_CHUNK_BYTES[0],
                       table_on_host="untied" if "untied input table" in summary else None,
-                      replay_graphs="replays as CUDA graphs" in summary)
+                      replay_graphs="replays as CUDA graphs" in summary,
+                      park_offloaded="MLP input parked" in summary, kept_graphs="kept layers as CUDA graphs" in summary)
 
 
 @pytest.mark.parametrize("model_name,batch,seq,qlora,summary,peak,where", MEASURED,
