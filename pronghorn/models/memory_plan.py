@@ -312,8 +312,10 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     way (a tight budget, where a small model's step is bound by launches), not to give up a kept layer for them
     (a large model's replay is bound by its matmuls, which a graph does not speed up). A graphed offloaded layer
     replayed from its parked MLP input is :data:`PARKED_GRAPHED_SAVING` cheaper than a whole replay, not dearer as
-    eagerly: measured on the 1B row at Unsloth's peak (H100, session 21), not yet on the 8B rows. Kept layers as CUDA graphs only break ties: the plan takes them where their pool fits beside the same
-    layers, chunks and table (unmeasured: what they save depends on the host). ``tokens``: the batch's (0: unknown, counted as 8,192)."""
+    eagerly: measured on the 1B row at Unsloth's peak (H100, session 21), not yet on the 8B rows. Kept layers as
+    CUDA graphs only break ties: the plan takes them where their pool fits beside the same layers, chunks and
+    table (unmeasured: what they save depends on the host). ``tokens``: the batch's (0: unknown, counted as
+    8,192)."""
     cost = 0.0
     graphed = 0.95 if plan.replay_graphs else 1.0
     for m in plan.layers:

@@ -3,7 +3,7 @@
 - :func:`is_bfloat16_supported` (Unsloth's name, for ``SFTConfig(bf16=is_bfloat16_supported(),
   fp16=not is_bfloat16_supported())``): whether the GPU computes bfloat16 natively (compute capability 8.0 and
   later, or ROCm). ``torch.cuda.is_bf16_supported()`` also says yes for a T4 or a V100, where bfloat16 is only
-  emulated: slow, and Triton's kernels do not compile for it. Those GPUs compute in float16.
+  emulated: slow, and Triton's matmuls need compute capability 8.0 for it. Those GPUs compute in float16.
 - :func:`default_dtype`: bfloat16 on such a GPU, float16 on an older one, float32 on the CPU. A family whose
   published weights drive activations past float16's largest value (65,504) computes in float32 where the GPU
   has no bfloat16 (``FamilySpec.fp16_overflows``: Gemma 3, whose RMSNorm scales and gate projections overflow
