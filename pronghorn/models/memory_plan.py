@@ -37,8 +37,6 @@ HEADROOM = 0.04  # of the budget, left to fragmentation and allocator rounding
 # what the replay graphs' pool reserves beyond the bytes it holds at once (its segments' rounding and the forward
 # and backward graphs' different block sizes): measured 0.16-0.18 GiB on the 1B and Gemma-3-4B rows (H100, session 18)
 GRAPH_POOL_SLACK = 176 * 2**20
-# o_proj's share of a replayed layer's step (about 7% of its forward's matmuls), which a parked replay skips
-PARKED_GRAPHED_SAVING = 0.03
 LOSS_CHUNK_BYTES = (CHUNK_BYTES, CHUNK_BYTES // 4, CHUNK_BYTES // 16)  # logits buffer of the loss, tried in order
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -310,9 +308,10 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     1,024-token chunks of a 4,096-token batch added about 1.5 per layer (8B LoRA, 30 layers offloaded).
     Replays as CUDA graphs are counted 5% cheaper: enough to take them where the same layers are replayed either
     way (a tight budget, where a small model's step is bound by launches), not to give up a kept layer for them
-    (a large model's replay is bound by its matmuls, which a graph does not speed up). A graphed offloaded layer
-    replayed from its parked MLP input is :data:`PARKED_GRAPHED_SAVING` cheaper than a whole replay, not dearer as
-    eagerly: measured on the 1B row at Unsloth's peak (H100, session 21), not yet on the 8B rows. Kept layers as
+    (a large model's replay is bound by its matmuls, which a graph does not speed up). Graphed, parking an
+    offloaded layer's MLP input costs nothing beyond its whole replay (eagerly it costs host time): 1B LoRA at
+    Unsloth's 3.66 GiB then replays every layer as graphs, parked, at 1.26x the eager plan (H100, session 21),
+    while a graphed parked replay measured 0.96x a graphed whole one where both fit. Kept layers as
     CUDA graphs only break ties: the plan takes them where their pool fits beside the same layers, chunks and
     table (unmeasured: what they save depends on the host). ``tokens``: the batch's (0: unknown, counted as
     8,192)."""
@@ -322,12 +321,11 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
         replayed = m != "keep"
         cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m] * graphed
         # a split replay: a recomputed layer's attention block once more; an offloaded one parks the MLP block's
-        # input on the host instead (one more overlapped copy each way, and more host time eagerly). Graphed, a
-        # parked replay skips o_proj's matmul too and launches nothing from the host: cheaper than a whole replay
-        # (1B LoRA at 3.66 GiB, H100: 57,190 tok/s against 45,278 for 12 recompute + 4 offload eagerly)
+        # input on the host instead (one more overlapped copy each way, and more host time eagerly; graphed, no
+        # host time, and the o_proj matmul its replay skips pays for the copy)
         split = {"keep": 0.0, "recompute": 0.07, "offload": 0.01}[m] if replayed and plan.splits(m) else 0.0
-        if m == "offload" and plan.splits(m) and plan.replay_graphs and not plan.split_replay:
-            split = -PARKED_GRAPHED_SAVING
+        if m == "offload" and plan.replay_graphs and not plan.split_replay:
+            split = 0.0
         cost += split + 0.04 * (replayed and not plan.reuse_dequantized)
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
             chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)
