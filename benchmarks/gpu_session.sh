@@ -38,9 +38,10 @@
 #     bash benchmarks/gpu_session.sh families      (about 400 s), then families-gemma2 with the same flags; `tests`
 #   now also runs the CUDA-graph decoder on every family.
 # Session 21 (H100, 2026-12-07): families (Gemma 3, Phi-3.5) and split-1b ran; split replays as graphs gave the 1B
-#   row 1.35x Unsloth at its peak and auto now plans them. Next: the 8B rows at Unsloth's peak with that plan
+#   row 1.35x Unsloth at its peak and auto now plans them there. Next: the 8B rows at Unsloth's peak beside Unsloth
 #   (FAMILY_WORKLOADS=8b-lora then 8b-qlora, FAMILY_SYSTEMS=unsloth,pronghorn AUTOCAST=on CAP_MODE=kwarg families),
-#   the family rows on an H200 (families, families-gemma2), `tests`, then the budget, scenario and grpo stages.
+#   each also with memory_budget.py --replay split at that budget; the family rows on an H200 (families,
+#   families-gemma2); `tests`; then the budget, scenario and grpo stages.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
