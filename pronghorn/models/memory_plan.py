@@ -323,9 +323,8 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
         # a split replay: a recomputed layer's attention block once more; an offloaded one parks the MLP block's
         # input on the host instead (one more overlapped copy each way, and more host time eagerly; graphed, no
         # host time, and the o_proj matmul its replay skips pays for the copy)
-        split = {"keep": 0.0, "recompute": 0.07, "offload": 0.01}[m] if replayed and plan.splits(m) else 0.0
-        if m == "offload" and plan.replay_graphs and not plan.split_replay:
-            split = 0.0
+        parking = 0.0 if plan.replay_graphs else 0.01
+        split = {"keep": 0.0, "recompute": 0.07, "offload": parking}[m] if replayed and plan.splits(m) else 0.0
         cost += split + 0.04 * (replayed and not plan.reuse_dequantized)
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time
             chunks = math.ceil((tokens or 8192) / plan.mlp_chunk)

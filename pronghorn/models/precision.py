@@ -70,6 +70,8 @@ def leaves_fp16_autocast(forward):
 
     @functools.wraps(forward)
     def run(model, *args, **kwargs):
+        if not overflows_fp16(model.config.model_type):  # every other family: one dict lookup a forward
+            return forward(model, *args, **kwargs)
         device = model.device.type
         if not fp16_autocast_refused(model.config.model_type, model.dtype, device):
             return forward(model, *args, **kwargs)
