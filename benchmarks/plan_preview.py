@@ -1,7 +1,7 @@
 """What the memory plan picks, and its estimated peak, for the benchmark workloads under given budgets: no GPU needed.
 
 The model is built on the meta device (no memory, no weights), so this runs anywhere in seconds; the resident
-bytes are the weights' (bf16; QLoRA's projections at NF4's 4.5 bits per weight with double-quantized statistics)
+bytes are the weights' (bf16; QLoRA's projections at NF4's stored size, pronghorn/models/plan_preview.py)
 plus the LoRA adapters, as ``torch.cuda.memory_allocated`` would count them at the first step. It shows what
 ``get_peft_model(..., max_memory=...)`` would do on a GPU of that size, e.g. at Unsloth's measured peaks:
 
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta, write_results  # noqa: E402
 from train_e2e import TARGETS, WORKLOADS  # noqa: E402
 
 GIB = 2**30
-NF4_BYTES_PER_WEIGHT = 4.5 / 8  # 4-bit codes + fp8 absmax per 64 + fp32 statistics per 256 blocks (bnb's layout)
 CASES = {  # name: (workload, batch, seq, qlora)
     "1b-lora": ("llama-3.2-1b", 4, 2048, False),
     "8b-lora": ("llama-3.1-8b", 2, 2048, False),
@@ -37,30 +33,14 @@ CASES = {  # name: (workload, batch, seq, qlora)
 
 def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
-    from pronghorn.models.decoder import DecoderForCausalLM
-    from pronghorn.models.linear import Linear
-    from pronghorn.models.lora import LoRAConfig, attach_lora
-    from pronghorn.models.memory_plan import make_plan, step_sizes
+    from pronghorn.models.lora import LoRAConfig
+    from pronghorn.models.memory_plan import make_plan
+    from pronghorn.models.plan_preview import meta_step_sizes
 
     workload, batch, seq, qlora = CASES[case]
     cfg = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
                                     **WORKLOADS[workload][0]})
-    with torch.device("meta"):
-        model = DecoderForCausalLM(cfg, dtype=torch.bfloat16)
-    model.tie_weights()
-    attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
-    meta = torch.device("meta")
-    s = step_sizes(model.model, batch, seq, torch.bfloat16, meta, model.lm_head)
-    if qlora:  # the projections' bases as NF4, dense again only inside a layer's replay
-        proj = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear))
-        dense_layer = sum(m.weight.numel() * 2 for m in model.model.layers[0].modules() if isinstance(m, Linear))
-        s = replace(s, resident=int(s.resident - proj * (2 - NF4_BYTES_PER_WEIGHT)), dense_layer=dense_layer,
-                    backward_extra=s.backward_extra + cfg.intermediate_size * cfg.hidden_size * 2)
-    # on a GPU the table could move to the host: the meta device can't say, so offer it as on CUDA
-    table = model.model.embed_tokens.weight
-    table_bytes = table.numel() * 2
-    tied = model.lm_head.weight is table
-    s = replace(s, untied_table=0 if tied else table_bytes, tied_table=table_bytes if tied else 0)
+    s = meta_step_sizes(cfg, batch, seq, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS), load_in_4bit=qlora)
     row = dict(case=case, batch=batch, seq=seq, budget_gib=budget_gib, mode=mode,
                resident_gib=round(s.resident / GIB, 3))
     try:

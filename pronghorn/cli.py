@@ -1,5 +1,5 @@
-"""``pronghorn`` (or ``python -m pronghorn``) command line: train | eval | chat | export | demo. Thin: parses arguments and
-calls the Python API."""
+"""``pronghorn`` (or ``python -m pronghorn``) command line: train | plan | eval | chat | export | demo. Thin: parses
+arguments and calls the Python API."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .train.settings import SETTINGS
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, described by train/settings.py (help, default, choices or range)."""
-    p.add_argument("--config", help="YAML recipe whose keys are the settings below; flags override it")
+    p.add_argument("--config", help="YAML recipe whose keys are the settings below; flags override it (default: none)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, rule = "--" + f.name.replace("_", "-"), SETTINGS[f.name]
@@ -42,14 +42,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                            metavar=metavar)
 
 
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe (``--config``) with the flags given over it."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **overrides)
+    return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train.run import train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if args.config:
-        cfg = TrainConfig.from_yaml(args.config, **overrides)
-    else:
-        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = _train_config(args)
     res = train(cfg)
     from .train.distributed import env_from_os
 
@@ -59,6 +63,28 @@ def _train(args: argparse.Namespace) -> int:
         if res.eval_metrics:
             print(f"held-out loss {res.eval_metrics['eval_loss']:.4f}  perplexity "
                   f"{res.eval_metrics['eval_perplexity']:.4f} after step {res.eval_metrics['step']}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """The memory plan of the training step a recipe and flags describe, without a GPU or the weights."""
+    from .models.lora import LoRAConfig
+    from .models.plan_preview import read_config, preview_plan
+
+    cfg = _train_config(args)
+    if cfg.method != "sft" or cfg.full_finetuning:
+        raise PronghornError("pronghorn plan previews LoRA and QLoRA SFT steps; this recipe is "
+                             + ("full fine-tuning" if cfg.full_finetuning else f"method {cfg.method!r}"))
+    model_cfg = read_config(cfg.model)
+    lora = LoRAConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
+                      use_rslora=cfg.use_rslora)
+    what = (f"{cfg.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers), "
+            f"{'QLoRA' if cfg.load_in_4bit else 'LoRA'} r={cfg.r}, batch {cfg.batch_size} x {cfg.max_length} tokens")
+    plan = preview_plan(model_cfg, cfg.batch_size, cfg.max_length, cfg.max_memory, lora, cfg.load_in_4bit,
+                        cfg.gradient_checkpointing)
+    print(f"memory plan for {what} on a CUDA GPU:\n  {plan.summary()}")
+    if cfg.max_memory is None:
+        print("  (no budget: pass --max-memory, e.g. 16GiB, for the plan under a card's memory)")
     return 0
 
 
@@ -166,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with LoRA (flags or a YAML recipe)")
     _add_train_args(t)
     t.set_defaults(func=_train)
+    pl = sub.add_parser("plan", help="the memory plan of a training step (what fits --max-memory, and how) "
+                                     "without a GPU or the weights")
+    _add_train_args(pl)
+    pl.set_defaults(func=_plan)
     v = sub.add_parser("eval", help="held-out loss and perplexity of a model or a trained adapter on a dataset")
     _add_eval_args(v)
     v.set_defaults(func=_eval)

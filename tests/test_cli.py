@@ -278,8 +278,6 @@ def test_every_flag_has_a_description_a_default_and_its_choices():
     flags = dict(_actions(build_parser()))
     assert "train --load-in-4bit" in flags and "train --learning-rate" in flags
     for name, action in flags.items():
-        if name == "train --config":
-            continue
         assert action.help and ("default" in action.help or action.required), name
     for setting, rule in SETTINGS.items():
         action = flags[f"train --{setting.replace('_', '-')}"]

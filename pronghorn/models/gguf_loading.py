@@ -46,6 +46,18 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     applies, the tensor) and :class:`UnsupportedModelError` for architectures not in SUPPORTED_ARCHITECTURES.
     """
     path = Path(path)
+    reader, arch, spec, tensors, config = _read_config(path)
+    state_dict = _state_dict(path, arch, spec, config, tensors)
+    return GGUFCheckpoint(config=config, state_dict=state_dict, chat_template=gguf_field(reader, "tokenizer.chat_template"))
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The Hugging Face ``config.json``-style dict of the GGUF file at ``path``, read from its metadata and tensor
+    shapes alone (no weights are read); errors as :func:`read_gguf`."""
+    return _read_config(Path(path))[-1]
+
+
+def _read_config(path: Path):
     reader = _open_reader(path)
     arch = gguf_field(reader, "general.architecture")
     if arch is None:
@@ -56,9 +68,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         )
     tensors = {t.name: t for t in reader.tensors}
     spec = _READERS[arch]
-    config = _config(reader, path, arch, spec, tensors)
-    state_dict = _state_dict(path, arch, spec, config, tensors)
-    return GGUFCheckpoint(config=config, state_dict=state_dict, chat_template=gguf_field(reader, "tokenizer.chat_template"))
+    return reader, arch, spec, tensors, _config(reader, path, arch, spec, tensors)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

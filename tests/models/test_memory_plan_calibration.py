@@ -9,19 +9,17 @@ plans the planner picks: keep everything, recompute, offload, the mixes, tiled M
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 import torch
 
 from pronghorn.models.config import ModelConfig
 from pronghorn.models.decoder import DecoderForCausalLM
-from pronghorn.models.linear import Linear
-from pronghorn.models.lora import LoRAConfig, attach_lora
+from pronghorn.models.lora import LoRAConfig
 from pronghorn.models.memory_plan import LOSS_CHUNK_BYTES, MemoryPlan, estimate_peak, step_sizes
+from pronghorn.models.plan_preview import meta_step_sizes
 
 GIB = 2**30
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, a uint8 absmax per 64, an fp32 scale per 256 absmaxes
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=131072)
 MODELS = {
@@ -110,19 +108,7 @@ FULL_FT_MEASURED = [
 def _sizes(model_name: str, batch: int, seq: int, qlora: bool):
     """The step's sizes as the planner saw them at the first step on the GPU (optimizer state still to come)."""
     cfg = ModelConfig.from_hf_dict(dict(MODELS[model_name]))
-    with torch.device("meta"):
-        model = DecoderForCausalLM(cfg, dtype=torch.bfloat16)
-    model.tie_weights()
-    attach_lora(model, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS))
-    sizes = step_sizes(model.model, batch, seq, torch.bfloat16, torch.device("meta"), model.lm_head)
-    if qlora:  # the projections' bases stored as NF4, dense again only inside a layer's backward (or its replay)
-        proj = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear))
-        dense = [m.weight.numel() * 2 for m in model.model.layers[0].modules() if isinstance(m, Linear)]
-        sizes = replace(sizes, resident=int(sizes.resident - proj * (2 - NF4_BYTES)), dense_layer=sum(dense),
-                        backward_extra=sizes.backward_extra + max(dense))
-    table = model.model.embed_tokens.weight.numel() * 2  # on a GPU the table may move to the host
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    return replace(sizes, untied_table=0 if tied else table, tied_table=table if tied else 0)
+    return meta_step_sizes(cfg, batch, seq, LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS), qlora)
 
 
 def _plan(summary: str, layers: int) -> MemoryPlan:
