@@ -66,6 +66,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# cards' memory in GB, and the budget each leaves a process, in GiB (its size less the CUDA context and a margin)
+CARD_BUDGETS = ((8, 7.5), (12, 11.5), (16, 15.5), (24, 23.5), (40, 39.5), (80, 79))
+
+
 def _plan(args: argparse.Namespace) -> int:
     """The memory plan of the training step a recipe and flags describe, without a GPU or the weights."""
     from .models.lora import LoRAConfig
@@ -80,11 +84,19 @@ def _plan(args: argparse.Namespace) -> int:
                       use_rslora=cfg.use_rslora)
     what = (f"{cfg.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers), "
             f"{'QLoRA' if cfg.load_in_4bit else 'LoRA'} r={cfg.r}, batch {cfg.batch_size} x {cfg.max_length} tokens")
-    plan = preview_plan(model_cfg, cfg.batch_size, cfg.max_length, cfg.max_memory, lora, cfg.load_in_4bit,
-                        cfg.gradient_checkpointing)
-    print(f"memory plan for {what} on a CUDA GPU:\n  {plan.summary()}")
-    if cfg.max_memory is None:
-        print("  (no budget: pass --max-memory, e.g. 16GiB, for the plan under a card's memory)")
+    def plan(budget):
+        return preview_plan(model_cfg, cfg.batch_size, cfg.max_length, budget, lora, cfg.load_in_4bit,
+                            cfg.gradient_checkpointing)
+
+    print(f"memory plan for {what} on a CUDA GPU:\n  {plan(cfg.max_memory).summary()}")
+    if cfg.max_memory is None:  # what common cards' memory would get
+        print("with --max-memory set to what a card leaves the process:")
+        for card, gib in CARD_BUDGETS:
+            try:
+                fits = plan(f"{gib}GiB").summary().split("; estimated peak")[0]
+            except PronghornError as e:
+                fits = "does not fit: " + str(e).split(". ", 1)[-1].split(", or")[0]
+            print(f"  {card:>2} GB card, {gib:>4} GiB: {fits}")
     return 0
 
 

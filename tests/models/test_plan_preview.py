@@ -106,5 +106,10 @@ def test_plan_command_prints_the_plan_and_refuses_what_does_not_fit(tmp_path, ca
     assert main(["plan", "--model", str(config), "--batch-size", "2", "--max-length", "4096",
                  "--max-memory", "12GiB"]) == 2
     assert "Raise max_memory to at least" in capsys.readouterr().err
+    assert main(["plan", "--model", str(config), "--batch-size", "2", "--max-length", "2048"]) == 0
+    lines = capsys.readouterr().out.splitlines()  # no budget: the plan, then what common cards would get
+    assert "32 keep" in lines[1] and "no budget" in lines[1]
+    assert lines[3].startswith("   8 GB card,  7.5 GiB: does not fit: Raise max_memory to at least")
+    assert lines[6].startswith("  24 GB card, 23.5 GiB: 32 layers:") and "recompute" in lines[6]
     assert main(["plan", "--model", str(config), "--method", "dpo", "--max-memory", "24GiB"]) == 2
     assert "previews LoRA and QLoRA SFT steps" in capsys.readouterr().err
