@@ -22,7 +22,7 @@
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
 #   bash benchmarks/gpu_session.sh split-1b     # issue 15: 1B at Unsloth's peak, split graphed replays vs auto
-#   bash benchmarks/gpu_session.sh peak-8b      # issue 15: an 8B row at Unsloth's peak, auto and split (PEAK_WORKLOAD)
+#   bash benchmarks/gpu_session.sh peak-8b      # issue 15: the 8B rows at Unsloth's peak, auto and split (~5 min)
 #   bash benchmarks/gpu_session.sh kept         # kept layers as CUDA graphs: GPU tests, no-cap rows on/off/on
 #                                               #   beside Unsloth (KEPT_WORKLOADS="1b-lora gemma3-4b-lora")
 #   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
@@ -154,18 +154,20 @@ case "$stage" in
     python3 benchmarks/memory_budget.py --workloads 1b-lora --budgets $budget,replay-all --systems pronghorn \
       --replay split --autocast on --cap-mode kwarg --json "$OUT/split-1b-split.json" --time-limit 100 2>&1 \
       | tee "$OUT/split-1b-split.log" | grep -v "^pronghorn:" | tail -6 ;;
-  peak-8b)  # issue 15 item 3: an 8B row (PEAK_WORKLOAD: 8b-lora or 8b-qlora) at Unsloth's peak beside Unsloth, the
-    # auto plan, then the same budget with split replays (graphed when they fit), in one call
+  peak-8b)  # issue 15 item 3: the 8B rows (PEAK_WORKLOADS, default both) at Unsloth's peak beside Unsloth, the auto
+    # plan, then the same budget with split replays (graphed when they fit); about 150 s (LoRA) and 100 s (QLoRA)
     peers
-    w=${PEAK_WORKLOAD:-8b-lora}
-    python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth --systems unsloth,pronghorn \
-      --autocast on --cap-mode kwarg --peer-scripts $PWD/.benchwheels/bench --json "$OUT/peak-$w.json" \
-      --time-limit ${TIME_LIMIT:-380} 2>&1 | tee "$OUT/peak-$w.log" | grep -v "^pronghorn:" | tail -6
-    budget=$(python3 -c "import json; r=json.load(open('$OUT/peak-$w.json'))['results']; print(next(x['peak_gib']
-      for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo 16.68)
-    python3 benchmarks/memory_budget.py --workloads $w --budgets $budget --systems pronghorn --replay split \
-      --autocast on --cap-mode kwarg --json "$OUT/peak-$w-split.json" --time-limit ${SPLIT_TIME_LIMIT:-150} 2>&1 \
-      | tee "$OUT/peak-$w-split.log" | grep -v "^pronghorn:" | tail -4 ;;
+    for w in ${PEAK_WORKLOADS:-8b-lora 8b-qlora}; do
+      python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth --systems unsloth,pronghorn \
+        --autocast on --cap-mode kwarg --peer-scripts $PWD/.benchwheels/bench --json "$OUT/peak-$w.json" \
+        --time-limit ${TIME_LIMIT:-220} 2>&1 | tee "$OUT/peak-$w.log" | grep -v "^pronghorn:" | tail -5
+      budget=$(python3 -c "import json; r=json.load(open('$OUT/peak-$w.json'))['results']; print(next(x['peak_gib']
+        for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo none)
+      [[ $budget == none ]] && continue
+      python3 benchmarks/memory_budget.py --workloads $w --budgets $budget --systems pronghorn --replay split \
+        --autocast on --cap-mode kwarg --json "$OUT/peak-$w-split.json" --time-limit ${SPLIT_TIME_LIMIT:-80} 2>&1 \
+        | tee "$OUT/peak-$w-split.log" | grep -v "^pronghorn:" | tail -3
+    done ;;
   lever)  # session 18: the adapters' operands kept across steps and fp32 adapter gradients from their matmuls
     # (kernels/step_operands.py, lora_math.grad_mm) against neither (PRONGHORN_STEP_OPERANDS=0
     # PRONGHORN_GRAD_OUT_DTYPE=0), at Unsloth's peak and with no cap, Unsloth in the same call; on, off, on again
