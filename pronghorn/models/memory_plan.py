@@ -186,8 +186,9 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
     frees what it saved before the attention block's backward makes its own transients (``attention_extra``),
     so a layer's backward peaks at the larger of the two. An offloaded layer's moment also holds the input being
     prefetched for the layer below. Layer gradients exist from their layer's backward on (with the step in the
-    backward, one layer's at a time). Checked against 29 peaks measured on H100/H200 (LoRA, QLoRA, full
-    fine-tuning; tests/models/test_memory_plan_calibration.py): every estimate within 0.989-1.051 of the peak."""
+    backward, one layer's at a time). Checked against 50 peaks measured on H100/H200 (LoRA and QLoRA of five
+    models, full fine-tuning; tests/models/test_memory_plan_calibration.py): every estimate within 0.97-1.05 of
+    the peak."""
     tiled = plan.mlp_chunk is not None and s.tiled_token > 0 and plan.mlp_chunk < s.tokens
     mlp = s.tiled_block if tiled else s.mlp_block
     keep_layer = s.attn_block + mlp
@@ -309,9 +310,11 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     Replays as CUDA graphs are counted 5% cheaper: enough to take them where the same layers are replayed either
     way (a tight budget, where a small model's step is bound by launches), not to give up a kept layer for them
     (a large model's replay is bound by its matmuls, which a graph does not speed up). Graphed, parking an
-    offloaded layer's MLP input costs nothing beyond its whole replay (eagerly it costs host time): 1B LoRA at
-    Unsloth's 3.66 GiB then replays every layer as graphs, parked, at 1.26x the eager plan (H100, session 21),
-    while a graphed parked replay measured 0.96x a graphed whole one where both fit. Kept layers as
+    offloaded layer's MLP input makes its replay 0.01 cheaper than a whole one (it skips o_proj's matmul; eagerly
+    it costs host time): 1B LoRA at Unsloth's 3.66 GiB then replays every layer as graphs, parked, at 1.26x the
+    eager plan (H100, session 21), and at Unsloth's peaks the 8B rows (LoRA and QLoRA) ran parked at 1.03x the
+    graphed whole replays of "16 recompute, 16 offload" and "12 recompute, 20 offload" (H100, session 22). At
+    0.01 a kept layer is still worth more than parking every replayed one. Kept layers as
     CUDA graphs only break ties: the plan takes them where their pool fits beside the same layers, chunks and
     table (unmeasured: what they save depends on the host). ``tokens``: the batch's (0: unknown, counted as
     8,192)."""
@@ -322,8 +325,8 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
         cost += {"keep": 0.0, "recompute": 0.38, "offload": 0.39}[m] * graphed
         # a split replay: a recomputed layer's attention block once more; an offloaded one parks the MLP block's
         # input on the host instead (one more overlapped copy each way, and more host time eagerly; graphed, no
-        # host time, and the o_proj matmul its replay skips pays for the copy)
-        parking = 0.0 if plan.replay_graphs else 0.01
+        # host time, and its replay skips the o_proj matmul: 0.97x a whole replay's step on both 8B rows)
+        parking = -0.01 if plan.replay_graphs else 0.01
         split = {"keep": 0.0, "recompute": 0.07, "offload": parking}[m] if replayed and plan.splits(m) else 0.0
         cost += split + 0.04 * (replayed and not plan.reuse_dequantized)
         if plan.mlp_chunk:  # per chunk: the MLP's matmuls on fewer rows, its replay and backward one at a time

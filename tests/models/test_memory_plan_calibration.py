@@ -90,6 +90,17 @@ MEASURED = [
     ("llama-3.2-1b", 4, 2048, False, "16 keep; kept layers as CUDA graphs", 13.299, "H100 s21"),
     ("gemma-3-4b", 2, 2048, False, "34 keep; kept layers as CUDA graphs", 23.815, "H100 s21"),
     ("phi-3.5-mini", 4, 2048, False, "32 keep; kept layers as CUDA graphs", 32.906, "H100 s21"),
+    # the 8B rows at Unsloth's peak, graphed, whole and parked split replays (QLoRA's with NF4 at its stored size)
+    ("llama-3.1-8b", 2, 2048, False, "32 keep; kept layers as CUDA graphs", 34.185, "H100 s22"),
+    ("llama-3.1-8b", 2, 2048, False, "16 recompute, 16 offload; replays as CUDA graphs; loss logits chunk 64 MiB; "
+     "untied input table", 15.955, "H100 s22"),
+    ("llama-3.1-8b", 2, 2048, False, "32 offload; offloaded layers split, MLP input parked; replays as CUDA graphs; "
+     "loss logits chunk 256 MiB; untied input table", 15.52, "H100 s22"),
+    ("llama-3.1-8b", 2, 2048, True, "32 keep; kept layers as CUDA graphs", 24.597, "H100 s22"),
+    ("llama-3.1-8b", 2, 2048, True, "12 recompute, 20 offload; replays as CUDA graphs; loss logits chunk 64 MiB; "
+     "untied input table", 6.594, "H100 s22"),
+    ("llama-3.1-8b", 2, 2048, True, "32 offload; offloaded layers split, MLP input parked; replays as CUDA graphs; "
+     "loss logits chunk 256 MiB; untied input table", 6.342, "H100 s22"),
 ]
 
 
