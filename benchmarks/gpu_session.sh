@@ -43,6 +43,9 @@
 #   (FAMILY_WORKLOADS=8b-lora then 8b-qlora, FAMILY_SYSTEMS=unsloth,pronghorn AUTOCAST=on CAP_MODE=kwarg families),
 #   each also with memory_budget.py --replay split at that budget; the family rows on an H200 (families,
 #   families-gemma2); `tests`; then the budget, scenario and grpo stages.
+# Session 22 (H100, 2026-12-07): peak-8b ran (1.13x and 1.14x Unsloth with parked graphed replays, now auto's plan;
+#   1.3x is out of reach there: docs/benchmarks.md "Session 22"). Next: the family rows on an H200 (families, then
+#   families-gemma2, flags as above); peak-8b again to run auto's new plans; `tests`; the budget, scenario, grpo stages.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
