@@ -84,9 +84,10 @@ def _plan(args: argparse.Namespace) -> int:
                       use_rslora=cfg.use_rslora)
     what = (f"{cfg.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers), "
             f"{'QLoRA' if cfg.load_in_4bit else 'LoRA'} r={cfg.r}, batch {cfg.batch_size} x {cfg.max_length} tokens")
+
     def plan(budget):
         return preview_plan(model_cfg, cfg.batch_size, cfg.max_length, budget, lora, cfg.load_in_4bit,
-                            cfg.gradient_checkpointing)
+                            cfg.gradient_checkpointing, tiled_mlp=cfg.tiled_mlp, mlp_chunk=cfg.tiled_mlp_chunk)
 
     print(f"memory plan for {what} on a CUDA GPU:\n  {plan(cfg.max_memory).summary()}")
     if cfg.max_memory is None:  # what common cards' memory would get

@@ -24,6 +24,7 @@ from .linear import Linear
 from .lora import LoRAConfig, attach_lora
 from .memory_plan import MemoryPlan, StepSizes, make_plan, parse_budget, step_sizes
 from .recompute import checkpoint_mode
+from .tiled_mlp import tiled_mlp_mode
 
 # bitsandbytes' NF4 layout per weight: a 4-bit code, a uint8 absmax per 64 weights, an fp32 scale per 256 absmaxes
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -88,13 +89,16 @@ def meta_step_sizes(cfg: ModelConfig, batch: int, seq_len: int, lora: LoRAConfig
 
 
 def preview_plan(cfg: ModelConfig, batch: int, seq_len: int, max_memory=None, lora: LoRAConfig | None = None,
-                 load_in_4bit: bool = False, mode: str = "auto", replay: str = "auto",
-                 graphs: bool = True) -> MemoryPlan:
+                 load_in_4bit: bool = False, mode: str = "auto", replay: str = "auto", graphs: bool = True,
+                 tiled_mlp="auto", mlp_chunk: int = 8192) -> MemoryPlan:
     """The plan of that step under ``max_memory`` (bytes, "16GiB", "24GB"; None: unlimited) on a CUDA GPU
     (``graphs``: replays and kept layers may run as CUDA graphs, as they do there). ``mode``: the
-    ``use_gradient_checkpointing`` setting ("auto", True, False, "unsloth", or on | offload | off). Raises the
-    planner's error, naming the smallest budget that fits, when nothing does."""
+    ``use_gradient_checkpointing`` setting ("auto", True, False, "unsloth", or on | offload | off); ``tiled_mlp``
+    and ``mlp_chunk``: the tiled MLP's (auto | on | off, tokens a chunk). The optimizer's state is counted as
+    AdamW's two fp32 moments (8-bit AdamW keeps less). Raises the planner's error, naming the smallest budget that
+    fits, when nothing does."""
     sizes = meta_step_sizes(cfg, batch, seq_len, lora, load_in_4bit)
     budget = parse_budget(max_memory)
-    return make_plan(sizes, budget, "max_memory", (batch, seq_len), mode=checkpoint_mode(mode), tiled_mlp="auto",
-                     replay=replay, graphs=graphs, kept_graphs=graphs)
+    return make_plan(sizes, budget, "max_memory", (batch, seq_len), mode=checkpoint_mode(mode),
+                     tiled_mlp=tiled_mlp_mode(tiled_mlp), mlp_chunk=mlp_chunk, replay=replay, graphs=graphs,
+                     kept_graphs=graphs)

@@ -67,6 +67,8 @@ def test_preview_plan_keeps_everything_without_a_budget_and_fits_a_budget():
     qlora = preview_plan(cfg, 2, 2048, "16.68GiB", load_in_4bit=True)
     assert qlora.layers.count("keep") > 0  # NF4 weights leave room to keep layers
     assert set(preview_plan(cfg, 2, 2048, "40GiB", mode="unsloth").layers) == {"offload"}
+    tight = preview_plan(cfg, 2, 4096, "20GiB", tiled_mlp="on", mlp_chunk=2048)
+    assert tight.mlp_chunk == 2048 and preview_plan(cfg, 2, 4096, "24GiB", tiled_mlp=False).mlp_chunk is None
 
 
 def test_preview_plan_names_the_smallest_budget_when_nothing_fits():
