@@ -42,9 +42,14 @@ def resolve_local(name: str, token: str | None = None, revision: str | None = No
     path = Path(os.path.expanduser(name))
     if path.exists():
         return path, str(name)
+    check_hub_id(name)
+    return _download(name, token, revision), name
+
+
+def check_hub_id(name: str) -> None:
+    """Raise for a name that is neither an existing path nor a hub id (owner/name)."""
     if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1:
         raise CheckpointError(f"{name}: no such file or directory (and not a hub id of the form owner/name)")
-    return _download(name, token, revision), name
 
 
 def _download(repo_id: str, token: str | None, revision: str | None) -> Path:

@@ -314,9 +314,9 @@ def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:
     it costs host time): 1B LoRA at Unsloth's 3.66 GiB then replays every layer as graphs, parked, at 1.26x the
     eager plan (H100, session 21), and at Unsloth's peaks the 8B rows (LoRA and QLoRA) ran parked at 1.03x the
     graphed whole replays of "16 recompute, 16 offload" and "12 recompute, 20 offload" (H100, session 22). At
-    0.01 a kept layer is still worth more than parking every replayed one. Kept layers as
-    CUDA graphs only break ties: the plan takes them where their pool fits beside the same layers, chunks and
-    table (unmeasured: what they save depends on the host). ``tokens``: the batch's (0: unknown, counted as
+    0.01 a kept layer is still worth more than parking every replayed one. Kept layers as CUDA graphs only break
+    ties: the plan takes them where their pool fits beside the same layers, chunks and table (unmeasured: what
+    they save depends on the host). ``tokens``: the batch's (0: unknown, counted as
     8,192)."""
     cost = 0.0
     graphed = 0.95 if plan.replay_graphs else 1.0

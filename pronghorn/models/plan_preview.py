@@ -35,6 +35,7 @@ def read_config(source: str | Path, token: str | None = None, revision: str | No
     (its metadata), a PEFT adapter directory (its base's), or a hub id (its ``config.json`` alone is fetched)."""
     from .adapter_format import adapter_base, is_adapter_dir
     from .default_model import DEFAULT_NAMES
+    from .loader import check_hub_id
 
     name = str(source)
     if name in DEFAULT_NAMES:
@@ -55,8 +56,7 @@ def read_config(source: str | Path, token: str | None = None, revision: str | No
         return ModelConfig.from_hf_dict(read_gguf_config(path), source=str(path))
     if path.is_file():
         return ModelConfig.from_file(path)
-    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1:
-        raise CheckpointError(f"{name}: no such file or directory (and not a hub id of the form owner/name)")
+    check_hub_id(name)
     try:
         from huggingface_hub import hf_hub_download
 
