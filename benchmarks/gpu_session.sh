@@ -166,7 +166,7 @@ case "$stage" in
         --time-limit ${TIME_LIMIT:-220} 2>&1 | tee "$OUT/peak-$w.log" | grep -v "^pronghorn:" | tail -5
       budget=$(python3 -c "import json; r=json.load(open('$OUT/peak-$w.json'))['results']; print(next(x['peak_gib']
         for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo none)
-      [[ $budget == none ]] && continue
+      [[ $budget == none || ${PEAK_SPLIT:-1} == 0 ]] && continue  # PEAK_SPLIT=0: auto's plan only
       python3 benchmarks/memory_budget.py --workloads $w --budgets $budget --systems pronghorn --replay split \
         --autocast on --cap-mode kwarg --json "$OUT/peak-$w-split.json" --time-limit ${SPLIT_TIME_LIMIT:-80} 2>&1 \
         | tee "$OUT/peak-$w-split.log" | grep -v "^pronghorn:" | tail -3

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels.adapter_operands import GraphOperands, operands_kept
+from ..models.allocator import note_graph
 from ..models.kv_cache import StaticKVCache
 from ..models.replay_graphs import module_signature
 from ..models.shared_prefix_cache import SharedPrefixCache
@@ -139,6 +140,7 @@ class DecodeRunner:
             self.cache.index.copy_(index)
             self.pos.copy_(pos)
         graph = torch.cuda.CUDAGraph()
+        note_graph(graph)
         with torch.cuda.graph(graph, stream=stream):  # the warm-up's stream: one cuBLAS workspace for both
             self.logits = self._forward(model)
         self.graph = graph

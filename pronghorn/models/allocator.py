@@ -16,11 +16,13 @@ before that stay as they are; later ones (activations, the loss's chunks) expand
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
 _ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 _state = {"done": False}
+_graphs: weakref.WeakSet = weakref.WeakSet()  # captured CUDA graphs alive in this process (note_graph)
 
 
 def user_allocator_choice() -> str | None:
@@ -65,10 +67,24 @@ def expand_segments_under_budget(device: torch.device, budget_source: str) -> bo
     return True
 
 
-def release_workspaces() -> None:
+def note_graph(graph) -> None:
+    """Record a captured CUDA graph: it bakes in the cuBLAS workspace of its capture stream, so the workspaces
+    may not be freed while it lives (:func:`release_workspaces`)."""
+    _graphs.add(graph)
+
+
+def workspaces_baked() -> bool:
+    """Whether a captured CUDA graph that may use a cuBLAS workspace is alive (noted by :func:`note_graph`)."""
+    return len(_graphs) > 0
+
+
+def release_workspaces() -> bool:
     """Free the cuBLAS workspaces torch keeps per (handle, stream), those of streams gone included: they count
-    as allocated memory (32 MiB each on Hopper) and are made again, lazily, on a live stream's next matmul. For a
-    retry after running out of memory."""
+    as allocated memory (32 MiB each on Hopper) and are made again, lazily, on a live stream's next matmul.
+    Nothing is freed while a captured graph lives (a freed workspace could be handed to a tensor the graph's
+    matmuls would then overwrite). Returns whether they were freed."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_available():
-        clear()
+    if clear is None or not torch.cuda.is_available() or workspaces_baked():
+        return False
+    clear()
+    return True

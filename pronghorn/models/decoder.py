@@ -18,7 +18,7 @@ from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, s
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from ..kernels.step_operands import StepOperands, step_store, training_operands
-from .allocator import expand_segments_under_budget
+from .allocator import expand_segments_under_budget, release_workspaces
 from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
 from .hf_outputs import causal_lm_output
@@ -185,6 +185,8 @@ class DecoderModel(nn.Module):
         if key not in plans:
             if self.kept_graphs is not None:  # a new plan: measured and run without an old shape's pool
                 self.kept_graphs.release()
+            if device.type == "cuda":  # measured without cuBLAS workspaces, as a first plan is (the estimate's
+                release_workspaces()  # calibration counts them in): else a replan counts them twice (128 MiB)
             budget, source = device_budget(device, self.memory_budget)
             expand_segments_under_budget(device, source)
             state = self.optimizer_state_allocated  # None (unknown): only the first plan counts it to come

@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 
 from ..kernels.adapter_operands import operands_kept
 from ..kernels.nf4 import dequantized_once
+from .allocator import note_graph
 
 MAX_CAPTURES = 3  # per layer and shape: the first capture and two after its tensors moved
 MAX_SHAPES = 2  # shapes with graphs and static buffers at once (batches of varying length: the latest two)
@@ -116,6 +117,7 @@ class CudaGraph:
 
     def capture(self, body, pool):
         self.graph = torch.cuda.CUDAGraph()
+        note_graph(self.graph)
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             return body()
 
