@@ -82,7 +82,9 @@ def release_workspaces() -> bool:
     """Free the cuBLAS workspaces torch keeps per (handle, stream), those of streams gone included: they count
     as allocated memory (32 MiB each on Hopper) and are made again, lazily, on a live stream's next matmul.
     Nothing is freed while a captured graph lives (a freed workspace could be handed to a tensor the graph's
-    matmuls would then overwrite). Returns whether they were freed."""
+    matmuls would then overwrite): pronghorn's own graphs are noted (:func:`note_graph`); a graph a user captures
+    around our matmuls is not known here (torch.compile's graph trees clear workspaces around their captures, so
+    theirs hold none). Returns whether they were freed."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is None or not torch.cuda.is_available() or workspaces_baked():
         return False
