@@ -48,7 +48,8 @@
 #   families-gemma2, flags as above); peak-8b again to run auto's new plans; `tests`; the budget, scenario, grpo stages.
 # Session 23 (H100, 2026-12-07): peak-8b (PEAK_SPLIT=0: auto took the parked plans, 1.13x/1.12x), tests (one failure,
 #   fixed: a replan counted cuBLAS workspaces twice), scenarios, budget-8b ran. Next: the family rows on an H200
-#   (families, then families-gemma2, flags as above); budget-1b and budget-qlora; grpo.
+#   (families, then families-gemma2, flags as above); budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
+#   the first call (a call with no kind, or nvidia-h100-x1, got only H100s) and branch on nvidia-smi's name.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
