@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
 #   bash benchmarks/gpu_session.sh split-1b     # issue 15: 1B at Unsloth's peak, split graphed replays vs auto
 #   bash benchmarks/gpu_session.sh peak-8b      # issue 15: the 8B rows at Unsloth's peak, auto and split (~5 min)
+#   bash benchmarks/gpu_session.sh offload-kept # auto with the replayed layers below kept ones offloaded, off/on
 #   bash benchmarks/gpu_session.sh kept         # kept layers as CUDA graphs: GPU tests, no-cap rows on/off/on
 #                                               #   beside Unsloth (KEPT_WORKLOADS="1b-lora gemma3-4b-lora")
 #   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
@@ -48,7 +49,8 @@
 #   families-gemma2, flags as above); peak-8b again to run auto's new plans; `tests`; the budget, scenario, grpo stages.
 # Session 23 (H100, 2026-12-07): peak-8b (PEAK_SPLIT=0: auto took the parked plans, 1.13x/1.12x), tests (one failure,
 #   fixed: a replan counted cuBLAS workspaces twice), scenarios, budget-8b ran. Next: the family rows on an H200
-#   (families, then families-gemma2, flags as above); budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
+#   (families, then families-gemma2, flags as above); offload-kept (flip PRONGHORN_OFFLOAD_BELOW_KEPT's default
+#   if on is faster); budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
 #   the first call (a call with no kind, or nvidia-h100-x1, got only H100s) and branch on nvidia-smi's name.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
@@ -174,6 +176,13 @@ case "$stage" in
       python3 benchmarks/memory_budget.py --workloads $w --budgets $budget --systems pronghorn --replay split \
         --autocast on --cap-mode kwarg --json "$OUT/peak-$w-split.json" --time-limit ${SPLIT_TIME_LIMIT:-80} 2>&1 \
         | tee "$OUT/peak-$w-split.log" | grep -v "^pronghorn:" | tail -3
+    done ;;
+  offload-kept)  # session 23: auto with PRONGHORN_OFFLOAD_BELOW_KEPT off then on (the replayed layers below kept
+    # ones offloaded where that keeps more layers), the consumer caps and 8B LoRA at 20 and 24 GiB; about 5 min
+    for on in 0 1; do
+      PRONGHORN_OFFLOAD_BELOW_KEPT=$on python3 benchmarks/memory_budget.py --workloads 8b-lora --budgets 20,24 \
+        --scenarios all --systems pronghorn --autocast on --cap-mode kwarg --json "$OUT/offload-kept-$on.json" \
+        --time-limit ${TIME_LIMIT:-270} 2>&1 | tee "$OUT/offload-kept-$on.log" | grep -v "^pronghorn:" | grep "^pronghorn " | tail -8
     done ;;
   lever)  # session 18: the adapters' operands kept across steps and fp32 adapter gradients from their matmuls
     # (kernels/step_operands.py, lora_math.grad_mm) against neither (PRONGHORN_STEP_OPERANDS=0

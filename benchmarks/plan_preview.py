@@ -34,7 +34,7 @@ CASES = {  # name: (workload, batch, seq, qlora)
 def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig
-    from pronghorn.models.memory_plan import make_plan
+    from pronghorn.models.memory_plan import make_plan, offload_below_kept
     from pronghorn.models.plan_preview import meta_step_sizes
 
     workload, batch, seq, qlora = CASES[case]
@@ -45,7 +45,8 @@ def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str
                resident_gib=round(s.resident / GIB, 3))
     try:
         plan = make_plan(s, None if budget_gib is None else int(budget_gib * GIB), "--budgets", (batch, seq),
-                         mode=mode, tiled_mlp="auto", mlp_chunk=8192, replay=replay, graphs=graphs)
+                         mode=mode, tiled_mlp="auto", mlp_chunk=8192, replay=replay, graphs=graphs,
+                         offload_below_kept=offload_below_kept())
         row.update(ok=True, estimate_gib=round(plan.estimate_bytes / GIB, 3), plan=plan.summary(),
                    layers={m: plan.layers.count(m) for m in ("keep", "recompute", "offload")})
     except Exception as e:  # the planner's "does not fit" error, with the smallest budget that would

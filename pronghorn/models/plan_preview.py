@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .decoder import DecoderForCausalLM
 from .linear import Linear
 from .lora import LoRAConfig, attach_lora
-from .memory_plan import MemoryPlan, StepSizes, make_plan, parse_budget, step_sizes
+from .memory_plan import MemoryPlan, StepSizes, make_plan, offload_below_kept, parse_budget, step_sizes
 from .recompute import checkpoint_mode
 from .tiled_mlp import tiled_mlp_mode
 
@@ -101,4 +101,4 @@ def preview_plan(cfg: ModelConfig, batch: int, seq_len: int, max_memory=None, lo
     budget = parse_budget(max_memory)
     return make_plan(sizes, budget, "max_memory", (batch, seq_len), mode=checkpoint_mode(mode),
                      tiled_mlp=tiled_mlp_mode(tiled_mlp), mlp_chunk=mlp_chunk, replay=replay, graphs=graphs,
-                     kept_graphs=graphs)
+                     kept_graphs=graphs, offload_below_kept=offload_below_kept())

@@ -15,7 +15,8 @@ from pronghorn.models.replay_graphs import (MAX_SHAPES, EagerGraph, ReplayGraphs
 PLANS = [MemoryPlan(("recompute", "recompute"), replay_graphs=True),
          MemoryPlan(("recompute", "keep"), split_replay=True, replay_graphs=True),
          MemoryPlan(("offload", "offload"), park_offloaded=True, replay_graphs=True),
-         MemoryPlan(("offload", "recompute"), replay_graphs=True)]
+         MemoryPlan(("offload", "recompute"), replay_graphs=True),
+         MemoryPlan(("offload", "keep"), park_offloaded=True, replay_graphs=True)]  # kept above a parked replay
 
 
 def _model(device="cpu", dtype=torch.float32):
@@ -106,7 +107,7 @@ def test_graphs_are_not_used_on_a_cpu_with_dropout_or_when_switched_off(monkeypa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [None, "bf16"])
-@pytest.mark.parametrize("plan", PLANS[::2], ids=["recompute", "offload-parked"])
+@pytest.mark.parametrize("plan", [PLANS[0], PLANS[2], PLANS[4]], ids=["recompute", "offload-parked", "offload-keep"])
 def test_cuda_graphed_replays_equal_eager_ones(plan, autocast):
     graphs = ReplayGraphs()
     _compare_steps(_model("cuda"), plan, graphs, "cuda", autocast)
