@@ -50,7 +50,8 @@
 # Session 23 (H100, 2026-12-07): peak-8b (PEAK_SPLIT=0: auto took the parked plans, 1.13x/1.12x), tests (one failure,
 #   fixed: a replan counted cuBLAS workspaces twice), scenarios, budget-8b ran. Next: the family rows on an H200
 #   (families, then families-gemma2, flags as above); offload-kept (flip PRONGHORN_OFFLOAD_BELOW_KEPT's default
-#   if on is faster); budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
+#   if on is faster); PROFILE_SPECS=llama-3.1-8b:none profile (the no-cap 8B step sits at the 1.5x line);
+#   budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
 #   the first call (a call with no kind, or nvidia-h100-x1, got only H100s) and branch on nvidia-smi's name.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
@@ -110,11 +111,13 @@ case "$stage" in
     peers
     python3 benchmarks/grpo.py --systems ${GRPO_SYSTEMS:-trl+peft,pronghorn,unsloth} --pronghorn-budget trl+peft \
       --json "$OUT/grpo.json" 2>&1 | tee "$OUT/grpo.log" | tail -40 ;;
-  profile)
-    for spec in "llama-3.1-8b 16" "llama-3.1-8b 16.68" "llama-3.2-1b 3.66"; do
-      set -- $spec
-      python3 benchmarks/train_e2e.py --workloads "$1" --systems pronghorn --gc auto --max-memory "$2" --profile \
-        --json "$OUT/profile-$1-$2.json" 2>&1 | tee -a "$OUT/profile.log" | grep -A3 "^per step"
+  profile)  # PROFILE_SPECS: workload:GiB pairs, GiB "none" for no cap (the 8B no-cap step, 1.47-1.50x Unsloth:
+    # PROFILE_SPECS="llama-3.1-8b:none" shows what limits it)
+    for spec in ${PROFILE_SPECS:-llama-3.1-8b:16 llama-3.1-8b:16.68 llama-3.2-1b:3.66}; do
+      w=${spec%%:*} gib=${spec#*:}
+      cap=(); [[ $gib != none ]] && cap=(--max-memory "$gib")
+      python3 benchmarks/train_e2e.py --workloads "$w" --systems pronghorn --gc auto ${cap[@]+"${cap[@]}"} --profile \
+        --json "$OUT/profile-$w-$gib.json" 2>&1 | tee -a "$OUT/profile.log" | grep -A3 "^per step"
     done ;;
   gsm8k-stash)  # .gguf_a/part: the GGUF's first 40 MiB (head -c 41943040); carry .benchwheels too (the peers'
     # gguf package converts the GGUF in the next call, which has no room to carry it)
