@@ -34,7 +34,7 @@ CASES = {  # name: (workload, batch, seq, qlora)
 def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig
-    from pronghorn.models.memory_plan import make_plan, offload_below_kept
+    from pronghorn.models.memory_plan import make_plan, offload_below_kept, relative_cost
     from pronghorn.models.plan_preview import meta_step_sizes
 
     workload, batch, seq, qlora = CASES[case]
@@ -46,9 +46,12 @@ def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str
     try:
         plan = make_plan(s, None if budget_gib is None else int(budget_gib * GIB), "--budgets", (batch, seq),
                          mode=mode, tiled_mlp="auto", mlp_chunk=8192, replay=replay, graphs=graphs,
-                         offload_below_kept=offload_below_kept())
+                         kept_graphs=graphs, offload_below_kept=offload_below_kept())
+        # the cost model's step in layer-steps (keeping every layer: one per layer), for comparing plans
+        step = len(plan.layers) + relative_cost(plan, s.tokens)
         row.update(ok=True, estimate_gib=round(plan.estimate_bytes / GIB, 3), plan=plan.summary(),
-                   layers={m: plan.layers.count(m) for m in ("keep", "recompute", "offload")})
+                   layers={m: plan.layers.count(m) for m in ("keep", "recompute", "offload")},
+                   model_step=round(step, 2))
     except Exception as e:  # the planner's "does not fit" error, with the smallest budget that would
         row.update(ok=False, error=str(e))
     return row
@@ -60,7 +63,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", default="none,3.65,8,16,16.68,24,48", help="GiB, comma-separated; none: unlimited")
     ap.add_argument("--modes", default="auto", help="auto | on | offload | off, comma-separated")
     ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"), help="a replayed layer's replay")
-    ap.add_argument("--graphs", action="store_true", help="plans may replay as CUDA graphs (as on a GPU)")
+    ap.add_argument("--graphs", action="store_true", help="plans may replay and keep layers as CUDA graphs (as on a "
+                    "GPU); PRONGHORN_OFFLOAD_BELOW_KEPT=1 in the environment: the planner's offload-below-kept plans")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows = []
@@ -70,7 +74,8 @@ def main(argv=None) -> None:
                 gib = None if budget == "none" else float(budget)
                 row = preview(case, gib, mode, a.replay, a.graphs)
                 rows.append(row)
-                what = f"est {row['estimate_gib']:6.2f} GiB  {row['plan']}" if row["ok"] else row["error"][:160]
+                what = (f"est {row['estimate_gib']:6.2f} GiB  step {row['model_step']:5.2f}  {row['plan']}"
+                        if row["ok"] else row["error"][:160])
                 print(f"{case:16s} {budget:>6s} GiB {mode:8s} {what}", flush=True)
     if a.json:
         write_results(a.json, run_meta(device="meta (no GPU)"), rows)
