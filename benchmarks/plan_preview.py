@@ -34,8 +34,8 @@ CASES = {  # name: (workload, batch, seq, qlora)
 def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig
-    from pronghorn.models.memory_plan import make_plan, offload_below_kept, relative_cost
-    from pronghorn.models.plan_preview import meta_step_sizes
+    from pronghorn.models.memory_plan import relative_cost
+    from pronghorn.models.plan_preview import meta_step_sizes, plan_for_sizes
 
     workload, batch, seq, qlora = CASES[case]
     cfg = ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
@@ -44,9 +44,8 @@ def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str
     row = dict(case=case, batch=batch, seq=seq, budget_gib=budget_gib, mode=mode,
                resident_gib=round(s.resident / GIB, 3))
     try:
-        plan = make_plan(s, None if budget_gib is None else int(budget_gib * GIB), "--budgets", (batch, seq),
-                         mode=mode, tiled_mlp="auto", mlp_chunk=8192, replay=replay, graphs=graphs,
-                         kept_graphs=graphs, offload_below_kept=offload_below_kept())
+        plan = plan_for_sizes(s, batch, seq, None if budget_gib is None else int(budget_gib * GIB), "--budgets",
+                              mode=mode, replay=replay, graphs=graphs)
         # the cost model's step in layer-steps (keeping every layer: one per layer), for comparing plans
         step = len(plan.layers) + relative_cost(plan, s.tokens)
         row.update(ok=True, estimate_gib=round(plan.estimate_bytes / GIB, 3), plan=plan.summary(),

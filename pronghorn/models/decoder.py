@@ -27,7 +27,7 @@ from .kept_graphs import KeptGraphs, kept_graphs_allowed
 from .kv_cache import KVCache
 from .linear import Linear
 from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan,
-                          offload_below_kept, parse_budget, step_sizes)
+                          offload_below_kept_allowed, parse_budget, step_sizes)
 from .norm import RMSNorm
 from .precision import leaves_fp16_autocast
 from .recompute import checkpoint_mode, run_layers
@@ -180,7 +180,7 @@ class DecoderModel(nn.Module):
         graphs = self.replay_graphs != "off" and not self.decodes_between_steps and graphs_possible(self.layers, device)
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
                fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target,
-               graphs, kept_graphs_allowed(), offload_below_kept())
+               graphs, kept_graphs_allowed(), offload_below_kept_allowed())
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             if self.kept_graphs is not None:  # a new plan: measured and run without an old shape's pool
@@ -195,7 +195,8 @@ class DecoderModel(nn.Module):
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
                              host_tied_table=not self.decodes_between_steps, target=self.plan_target, graphs=graphs,
-                             kept_graphs=graphs and kept_graphs_allowed(), offload_below_kept=offload_below_kept())
+                             kept_graphs=graphs and kept_graphs_allowed(),
+                             offload_below_kept=offload_below_kept_allowed())
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)

@@ -6,7 +6,7 @@ and by what the GPU has free. From the budget and the batch shape, :func:`make_p
 estimated peak fits, trying in order of speed:
 
 1. per layer: keep every activation, else recompute the fewest layers, else offload the inputs of the earliest
-   layers to pinned host memory (models/recompute.py; with :func:`offload_below_kept`, also below kept layers);
+   layers to pinned host memory (models/recompute.py; with :func:`offload_below_kept_allowed`, also below kept layers);
 2. for a replayed layer: the whole layer at once, else its two residual blocks apart (split replay, a smaller
    peak for one more attention-block forward, or for an offloaded layer the MLP block's input parked on the host
    beside the layer's); an NF4 layer's dequantized weights kept from its replay for its
@@ -260,7 +260,8 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     device for every generated token: decoding would copy it back whole each forward). ``graphs``: plans that
     replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP);
     ``kept_graphs``: a plan that keeps layers may run them as CUDA graphs (models/kept_graphs.py).
-    ``offload_below_kept``: plans may also offload the replayed layers below kept ones (:func:`offload_below_kept`)."""
+    ``offload_below_kept``: plans may also offload the replayed layers below kept ones
+    (:func:`offload_below_kept_allowed`)."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -303,7 +304,7 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     return sorted(plans, key=lambda plan: relative_cost(plan, s.tokens))
 
 
-def offload_below_kept() -> bool:
+def offload_below_kept_allowed() -> bool:
     """Whether auto may offload the replayed layers below kept ones (``PRONGHORN_OFFLOAD_BELOW_KEPT=1``; off by
     default until measured). Recomputing them keeps each one's input on the device; offloading it costs an
     overlapped copy and, by the CPU preview, buys a kept layer or two at 16-24 GiB (8B QLoRA 1 x 8192 at 16 GiB:

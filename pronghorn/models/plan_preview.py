@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .decoder import DecoderForCausalLM
 from .linear import Linear
 from .lora import LoRAConfig, attach_lora
-from .memory_plan import MemoryPlan, StepSizes, make_plan, offload_below_kept, parse_budget, step_sizes
+from .memory_plan import MemoryPlan, StepSizes, make_plan, offload_below_kept_allowed, parse_budget, step_sizes
 from .recompute import checkpoint_mode
 from .tiled_mlp import tiled_mlp_mode
 
@@ -97,8 +97,15 @@ def preview_plan(cfg: ModelConfig, batch: int, seq_len: int, max_memory=None, lo
     and ``mlp_chunk``: the tiled MLP's (auto | on | off, tokens a chunk). The optimizer's state is counted as
     AdamW's two fp32 moments (8-bit AdamW keeps less). Raises the planner's error, naming the smallest budget that
     fits, when nothing does."""
-    sizes = meta_step_sizes(cfg, batch, seq_len, lora, load_in_4bit)
-    budget = parse_budget(max_memory)
-    return make_plan(sizes, budget, "max_memory", (batch, seq_len), mode=checkpoint_mode(mode),
+    return plan_for_sizes(meta_step_sizes(cfg, batch, seq_len, lora, load_in_4bit), batch, seq_len, max_memory,
+                          mode=mode, replay=replay, graphs=graphs, tiled_mlp=tiled_mlp, mlp_chunk=mlp_chunk)
+
+
+def plan_for_sizes(sizes: StepSizes, batch: int, seq_len: int, max_memory=None, source: str = "max_memory",
+                   mode: str = "auto", replay: str = "auto", graphs: bool = True, tiled_mlp="auto",
+                   mlp_chunk: int = 8192) -> MemoryPlan:
+    """:func:`preview_plan` from the step's sizes (``source``: what the budget is called in the plan's summary);
+    the planner's settings as a model on a GPU passes them (``DecoderModel.plan_step``)."""
+    return make_plan(sizes, parse_budget(max_memory), source, (batch, seq_len), mode=checkpoint_mode(mode),
                      tiled_mlp=tiled_mlp_mode(tiled_mlp), mlp_chunk=mlp_chunk, replay=replay, graphs=graphs,
-                     kept_graphs=graphs, offload_below_kept=offload_below_kept())
+                     kept_graphs=graphs, offload_below_kept=offload_below_kept_allowed())
