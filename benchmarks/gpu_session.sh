@@ -18,6 +18,7 @@
 #                                               #   (REPLAY=split: split replays, the graphs' smaller pool)
 #   bash benchmarks/gpu_session.sh gemma3-profile  # issue 16: Gemma-3-4B under a budget, profiled per point
 #   bash benchmarks/gpu_session.sh softcap      # issue 16: the soft-capped attention kernel vs FlexAttention
+#   bash benchmarks/gpu_session.sh attention    # SDPA's backends (flash, cuDNN, efficient) per family head size (~1 min)
 #   bash benchmarks/gpu_session.sh families-gemma2  # issue 16 item 7: Gemma-2-9B QLoRA 2x2048 beside Unsloth, HF+PEFT
 #   bash benchmarks/gpu_session.sh families-phi3    # Phi-3.5-mini LoRA 4x2048 (one family a call: ~6-9 min each)
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
@@ -244,6 +245,10 @@ case "$stage" in
       --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40
     PRONGHORN_SOFTCAP_AUTOTUNE=0 python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 \
       --ops softcapped_attention --json "$OUT/softcap-untuned.json" 2>&1 | tail -12 ;;
+  attention)  # session 24: which SDPA backend is fastest at each family's head size (fwd and fwd+bwd, errors
+    # against fp32 math); the model's attention is ~8% of the no-cap 8B step (session 4's profile: 20 of 265 ms)
+    python3 benchmarks/kernel_speed.py --shapes llama-3.1-8b,llama-3.2-1b,phi-3.5-mini,gemma-3-4b --tokens 4096,16384 \
+      --ops attention --no-compile --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | grep -A80 "^shape" ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac

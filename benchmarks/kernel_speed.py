@@ -19,6 +19,7 @@ random upstream gradient. Bandwidth (GB/s) counts each input read once and each 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -28,11 +29,13 @@ SHAPES = {
     "llama-3.1-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256),
     "llama-3.2-1b": dict(hidden=2048, inter=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256),
     "gemma-2-9b": dict(hidden=3584, inter=14336, heads=16, kv_heads=8, head_dim=256, vocab=256000),
+    "gemma-3-4b": dict(hidden=2560, inter=10240, heads=8, kv_heads=4, head_dim=256, vocab=262208),
+    "phi-3.5-mini": dict(hidden=3072, inter=8192, heads=32, kv_heads=32, head_dim=96, vocab=32064),
     "smoke": dict(hidden=48, inter=80, heads=4, kv_heads=2, head_dim=12, vocab=97),
 }
 LORA_RANK = 16
 FLOP_OPS = {"linear_cross_entropy": 3, "lora_linear": 2, "lora_qkv": 2, "lora_mlp": 2,  # fwd+bwd / fwd FLOPs
-            "softcapped_attention": 3.5}
+            "softcapped_attention": 3.5, "attention": 3.5}
 
 
 def _bench(fn, iters: int) -> tuple[float, float]:
@@ -122,6 +125,37 @@ def cases(shape: dict, tokens: int, dtype=torch.bfloat16):
 
     yield from lora_cases(shape, tokens, dev, dtype)
     yield softcapped_attention_case(shape, tokens, dev, dtype)
+    yield attention_case(shape, tokens, dev, dtype)
+
+
+def attention_case(shape: dict, tokens: int, dev: str, dtype=torch.bfloat16):
+    """Causal GQA attention (rows of up to 2048 tokens) through each SDPA backend this torch has, one at a time
+    (``sdpa_kernel``), beside the default choice and the math backend (the reference). Which backend is fastest
+    at each family's head size decides the model's attention (models/attention.py)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, seq, hd = tokens // 2048 or 1, min(tokens, 2048), shape["head_dim"]
+    q, k, v = (torch.randn(b, n, seq, hd, device=dev, dtype=dtype).requires_grad_()
+               for n in (shape["heads"], shape["kv_heads"], shape["kv_heads"]))
+
+    def backend(which):
+        def run(q_, k_, v_):
+            with sdpa_kernel([which]) if which is not None else contextlib.nullcontext():
+                return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
+        return run
+
+    def reference(q_, k_, v_):  # the math backend in fp32: the error column's yardstick
+        return backend(SDPBackend.MATH)(q_.float(), k_.float(), v_.float()).to(q_.dtype)
+
+    impls = dict(default=backend(None), reference=reference)
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        if hasattr(SDPBackend, name):
+            impls[name.split("_")[0].lower()] = backend(getattr(SDPBackend, name))
+    if hasattr(SDPBackend, "CUDNN_ATTENTION") and shape["kv_heads"] != shape["heads"]:  # k/v repeated per query head
+        rep, cudnn = shape["heads"] // shape["kv_heads"], backend(SDPBackend.CUDNN_ATTENTION)
+        impls["cudnn_repeat_kv"] = lambda q_, k_, v_: cudnn(q_, k_.repeat_interleave(rep, 1), v_.repeat_interleave(rep, 1))
+    flops = 2 * 2 * b * shape["heads"] * seq * seq * hd // 2  # QK^T and PV, causal half
+    return "attention", (q, k, v), impls, flops
 
 
 def softcapped_attention_case(shape: dict, tokens: int, dev: str, dtype=torch.bfloat16):
@@ -253,6 +287,10 @@ def main() -> None:
                         rows.append(dict(shape=sname, tokens=tokens, op=op, pass_="fwd+bwd" if backward else "fwd",
                                          impl=name, ms=round(ms, 4), peak_gib=round(gib, 3),
                                          rate=round(rate, 1), unit=unit))
+                        if op == "attention" and not backward:  # each backend's largest error against fp32 math
+                            with torch.no_grad():
+                                rows[-1]["max_err"] = float((fn(*inputs).float() - impls["reference"](*inputs)
+                                                             .float()).abs().max())
                         if a.graphs and torch.cuda.is_available() and name != "torch.compile":
                             g = _bench_graph(_runner(fn, inputs, backward), a.iters)
                             rows[-1]["graph_ms"] = round(g, 4) if isinstance(g, float) else g
@@ -263,7 +301,8 @@ def main() -> None:
             print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14} {r['error']}")
         else:
             print(f"{r['shape']:<13}{r['tokens']:>6} {r['op']:<21}{r['pass_']:<8}{r['impl']:<14}{r['ms']:>9}"
-                  f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}" + (f"  graph {r['graph_ms']}" if "graph_ms" in r else ""))
+                  f"{r['peak_gib']:>8}{r['rate']:>7} {r['unit']}" + (f"  graph {r['graph_ms']}" if "graph_ms" in r else "")
+                  + (f"  max err {r['max_err']:.2e}" if "max_err" in r else ""))
     write_results(a.json, run_meta(), rows)
 
 if __name__ == "__main__":
