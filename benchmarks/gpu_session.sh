@@ -79,7 +79,7 @@ case "$stage" in
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
-      tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
+      tests/models/test_attention_backends.py tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
       tests/models/test_replay_graphs.py tests/infer/test_sampling.py tests/train/test_optimizer_parking.py \
       tests/models/test_shared_prefix_cache.py tests/kernels/test_step_operands.py tests/models/test_kept_graphs.py \
       tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
@@ -246,9 +246,16 @@ case "$stage" in
     PRONGHORN_SOFTCAP_AUTOTUNE=0 python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 \
       --ops softcapped_attention --json "$OUT/softcap-untuned.json" 2>&1 | tail -12 ;;
   attention)  # session 24: which SDPA backend is fastest at each family's head size (fwd and fwd+bwd, errors
-    # against fp32 math); the model's attention is ~8% of the no-cap 8B step (session 4's profile: 20 of 265 ms)
+    # against fp32 math; the model's attention is ~8% of the no-cap 8B step: session 4's profile, 20 of 265 ms),
+    # the backends' GPU tests, then the no-cap rows of ATTN_WORKLOADS with the policy's attention auto and cudnn
+    python3 -m pytest -q -p no:cacheprovider tests/models/test_attention_backends.py 2>&1 | tail -4
     python3 benchmarks/kernel_speed.py --shapes llama-3.1-8b,llama-3.2-1b,phi-3.5-mini,gemma-3-4b --tokens 4096,16384 \
-      --ops attention --no-compile --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | grep -A80 "^shape" ;;
+      --ops attention --no-compile --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | grep -A80 "^shape"
+    for choice in ${ATTN_CHOICES:-auto cudnn}; do
+      python3 benchmarks/memory_budget.py --workloads ${ATTN_WORKLOADS:-1b-lora,8b-lora} --budgets none \
+        --systems pronghorn --autocast on --cap-mode kwarg --attention $choice --json "$OUT/attn-e2e-$choice.json" \
+        --time-limit ${TIME_LIMIT:-150} 2>&1 | tee "$OUT/attn-e2e-$choice.log" | grep "^pronghorn " | tail -3
+    done ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import io
 import json
@@ -184,6 +185,8 @@ def _child(spec: dict) -> None:
                                                  random_state=3407, max_seq_length=spec["seq"], **kwargs)
         if spec.get("replay", "auto") != "auto":  # how a replayed layer runs: whole | split (the plan's choice: auto)
             model.gradient_checkpointing_enable(replay=spec["replay"])
+        if spec.get("attention", "auto") != "auto":  # the SDPA backend tried first (kernels/policy.py)
+            model.set_kernel_policy(dataclasses.replace(model.kernel_policy, attention=spec["attention"]))
         out["build_s"] = round(time.perf_counter() - t0, 1)
         stage = "step"
         model.train()
@@ -304,7 +307,7 @@ def _peer_point(pt: dict, a, env: dict, timeout: float) -> dict:
 
 def _pronghorn_point(pt: dict, a, env: dict, timeout: float) -> dict:
     spec = {k: pt[k] for k in ("model", "batch", "seq", "q4", "gc", "autocast", "budget_gib", "dir")}
-    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile, replay=a.replay)
+    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile, replay=a.replay, attention=a.attention)
     rc, out, err = _run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], timeout, env)
     found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
     log = [line for line in out.splitlines() if line.startswith("pronghorn:")][:3]
@@ -487,6 +490,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"),
                     help="pronghorn points: how a replayed layer runs (auto: the plan picks)")
+    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
+                    help="pronghorn points: the SDPA backend the attention tries first (auto: torch's order)")
     ap.add_argument("--point-timeout", type=float, default=300)
     ap.add_argument("--time-limit", type=float, default=560, help="seconds: points that would start later are skipped")
     ap.add_argument("--peer-scripts", type=Path, default=PEER_SCRIPTS)

@@ -6,11 +6,13 @@ partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import apply_rope, fusable_projections, lora_qkv, softcapped_attention
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
@@ -19,7 +21,19 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
 
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# torch's own order of SDPA backends; a policy's choice goes first, the rest stay as fallbacks
+_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH)
+_SDPA_CHOICE = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                    efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH)
+
+
+def sdpa_backends(choice: str):
+    """A context in which SDPA tries ``choice`` (kernels/policy.py ATTENTION) first; "auto": torch's order."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    first = _SDPA_CHOICE[choice]
+    return sdpa_kernel([first, *(b for b in _SDPA_ORDER if b != first)], set_priority=True)
 
 
 def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -114,11 +128,11 @@ def attention_visibility(
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-         scale: float | None = None) -> torch.Tensor:
-    """Scaled dot-product attention with GQA (k/v have fewer heads than q); ``scale`` None: head_dim ** -0.5."""
-    if scale is not None:
-        return _sdpa(q, k, v, mask, causal, dict(scale=scale))
-    return _sdpa(q, k, v, mask, causal, {})
+         scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention with GQA (k/v have fewer heads than q); ``scale`` None: head_dim ** -0.5;
+    ``backend``: the SDPA backend tried first (:func:`sdpa_backends`)."""
+    with sdpa_backends(backend):
+        return _sdpa(q, k, v, mask, causal, {} if scale is None else dict(scale=scale))
 
 
 def _sdpa(q, k, v, mask, causal, kw):
@@ -130,10 +144,7 @@ def _sdpa(q, k, v, mask, causal, kw):
             out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], hq // k.shape[1], d), k, v, attn_mask=mask,
                                                  **kw)
             return out.reshape(b, hq, 1, v.shape[-1])
-        if _SDPA_HAS_GQA:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True, **kw)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True, **kw)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
 
 
@@ -187,7 +198,7 @@ class Attention(nn.Module):
         elif self.softcap:  # a dense mask: the static cache's decode masks
             out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale, self.kernel_policy)
         else:
-            out = sdpa(q, k, v, mask, causal, self.scale)
+            out = sdpa(q, k, v, mask, causal, self.scale, self.kernel_policy.attention)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), output_unused=output_unused)
 
 
