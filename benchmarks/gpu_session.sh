@@ -54,7 +54,7 @@
 #   if on is faster); PROFILE_SPECS=llama-3.1-8b:none profile (the no-cap 8B step sits at the 1.5x line);
 #   budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
 #   the first call (a call with no kind, or nvidia-h100-x1, got only H100s) and branch on nvidia-smi's name.
-# Session 24 (2026-12-07): no machine started in 12 calls (H100 or H200). Added `attention` (SDPA's backends per
+# Session 24 (2026-12-07): no machine started in 13 calls (H100 or H200). Added `attention` (SDPA's backends per
 #   head size, their GPU tests, the no-cap 1B and 8B rows with the policy's attention auto vs cudnn, ~5 min). Order:
 #   on an H200 families then families-gemma2; on an H100 attention, offload-kept, PROFILE_SPECS=llama-3.1-8b:none
 #   profile; then budget-1b, budget-qlora, grpo, and `JOBS=8 tests` (the new backend tests are in its list).
