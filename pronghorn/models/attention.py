@@ -21,7 +21,7 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
 
-# torch's own order of SDPA backends; a policy's choice goes first, the rest stay as fallbacks
+# the SDPA backends behind a policy's choice, as fallbacks for the calls it cannot take ("auto" keeps torch's order)
 _SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH)
 _SDPA_CHOICE = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
