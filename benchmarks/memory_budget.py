@@ -477,6 +477,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
+    from pronghorn.kernels.policy import ATTENTION
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=None, help=f"of {list(WORKLOADS)} or {list(GROUPS)} (default: the "
                     "three Llama ones; --dry-run: tiny, or the tiny ones named)")
@@ -490,7 +492,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"),
                     help="pronghorn points: how a replayed layer runs (auto: the plan picks)")
-    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
+    ap.add_argument("--attention", default="auto", choices=ATTENTION,
                     help="pronghorn points: the SDPA backend the attention tries first (auto: torch's order)")
     ap.add_argument("--point-timeout", type=float, default=300)
     ap.add_argument("--time-limit", type=float, default=560, help="seconds: points that would start later are skipped")
