@@ -50,7 +50,7 @@
 #   families-gemma2, flags as above); peak-8b again to run auto's new plans; `tests`; the budget, scenario, grpo stages.
 # Session 23 (H100, 2026-12-07): peak-8b (PEAK_SPLIT=0: auto took the parked plans, 1.13x/1.12x), tests (one failure,
 #   fixed: a replan counted cuBLAS workspaces twice), scenarios, budget-8b ran. Next: the family rows on an H200
-#   (families, then families-gemma2, flags as above); offload-kept (flip PRONGHORN_OFFLOAD_BELOW_KEPT's default
+#   (families, then families-gemma2, flags as above); offload-kept (flip offload_below_kept's default
 #   if on is faster); PROFILE_SPECS=llama-3.1-8b:none profile (the no-cap 8B step sits at the 1.5x line);
 #   budget-1b and budget-qlora; grpo. Name kind nvidia-h200 on
 #   the first call (a call with no kind, or nvidia-h100-x1, got only H100s) and branch on nvidia-smi's name.
@@ -145,17 +145,17 @@ case "$stage" in
     python3 benchmarks/generate.py --lora 16 --batches 32,64 --prompt 64 --new 256 \
       --systems pronghorn-graph,pronghorn-graph-nokeep,pronghorn-static --json "$OUT/decode-lora.json" 2>&1 \
       | tee "$OUT/decode-lora.log" | tail -12 ;;
-  graphs)  # issue 15 item 3: replayed layers as CUDA graphs (PRONGHORN_REPLAY_GRAPHS=1; 1B LoRA at Unsloth's peak and
-    # with every layer replayed, beside Unsloth), then the same points with the graphs off (PRONGHORN_REPLAY_GRAPHS=0)
+  graphs)  # issue 15 item 3: replayed layers as CUDA graphs (the default; 1B LoRA at Unsloth's peak and with every
+    # layer replayed, beside Unsloth), then the same points with the graphs off (--replay-graphs off)
     peers
     w=${GRAPH_WORKLOAD:-1b-lora}
-    PRONGHORN_REPLAY_GRAPHS=1 python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all \
+    python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,replay-all \
       --systems unsloth,pronghorn --replay ${REPLAY:-auto} --autocast on --peer-scripts $PWD/.benchwheels/bench \
       --json "$OUT/graphs-$w.json" --time-limit ${TIME_LIMIT:-200} 2>&1 \
       | tee "$OUT/graphs-$w.log" | grep -v "^pronghorn:" | tail -14
     budget=$(python3 -c "import json; r=json.load(open('$OUT/graphs-$w.json'))['results']; print(next(x['peak_gib']
       for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
-    PRONGHORN_REPLAY_GRAPHS=0 python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,replay-all \
+    python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,replay-all --replay-graphs off \
       --replay ${REPLAY:-auto} --systems pronghorn --autocast on --json "$OUT/graphs-$w-eager.json" \
       --time-limit ${EAGER_TIME_LIMIT:-110} 2>&1 \
       | tee "$OUT/graphs-$w-eager.log" | grep -v "^pronghorn:" | tail -8 ;;
@@ -185,16 +185,17 @@ case "$stage" in
         --autocast on --cap-mode kwarg --json "$OUT/peak-$w-split.json" --time-limit ${SPLIT_TIME_LIMIT:-80} 2>&1 \
         | tee "$OUT/peak-$w-split.log" | grep -v "^pronghorn:" | tail -3
     done ;;
-  offload-kept)  # session 23: auto with PRONGHORN_OFFLOAD_BELOW_KEPT off then on (the replayed layers below kept
-    # ones offloaded where that keeps more layers), the consumer caps and 8B LoRA at 20 and 24 GiB; about 5 min
+  offload-kept)  # session 23: auto without then with --offload-below-kept (the replayed layers below kept ones
+    # offloaded where that keeps more layers), the consumer caps and 8B LoRA at 20 and 24 GiB; about 5 min
     for on in 0 1; do
-      PRONGHORN_OFFLOAD_BELOW_KEPT=$on python3 benchmarks/memory_budget.py --workloads 8b-lora --budgets 20,24 \
+      flag=$([[ $on == 1 ]] && echo --offload-below-kept)
+      python3 benchmarks/memory_budget.py --workloads 8b-lora --budgets 20,24 $flag \
         --scenarios all --systems pronghorn --autocast on --cap-mode kwarg --json "$OUT/offload-kept-$on.json" \
         --time-limit ${TIME_LIMIT:-270} 2>&1 | tee "$OUT/offload-kept-$on.log" | grep -v "^pronghorn:" | grep "^pronghorn " | tail -8
     done ;;
   lever)  # session 18: the adapters' operands kept across steps and fp32 adapter gradients from their matmuls
-    # (kernels/step_operands.py, lora_math.grad_mm) against neither (PRONGHORN_STEP_OPERANDS=0
-    # PRONGHORN_GRAD_OUT_DTYPE=0), at Unsloth's peak and with no cap, Unsloth in the same call; on, off, on again
+    # (kernels/step_operands.py, lora_math.grad_mm) against neither (memory_budget.py --levers off), at Unsloth's
+    # peak and with no cap, Unsloth in the same call; on, off, on again
     peers
     w=${LEVER_WORKLOAD:-1b-lora}
     python3 benchmarks/memory_budget.py --workloads $w --budgets unsloth,none --systems unsloth,pronghorn --autocast on \
@@ -203,14 +204,13 @@ case "$stage" in
     budget=$(python3 -c "import json; r=json.load(open('$OUT/lever-$w.json'))['results']; print(next(x['peak_gib']
       for x in r if x.get('system') == 'unsloth' and x.get('status') == 'ok'))" 2>/dev/null || echo ${EAGER_BUDGET:-3.66})
     for run in ${LEVER_RUNS:-off on}; do
-      [[ $run == off ]] && export PRONGHORN_STEP_OPERANDS=0 PRONGHORN_GRAD_OUT_DTYPE=0
-      [[ $run == on ]] && unset PRONGHORN_STEP_OPERANDS PRONGHORN_GRAD_OUT_DTYPE
       python3 benchmarks/memory_budget.py --workloads $w --budgets $budget,none --systems pronghorn --autocast on \
+        --levers $run \
         --json "$OUT/lever-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-100} 2>&1 | tee "$OUT/lever-$w-$run.log" \
         | grep -v "^pronghorn:" | tail -5
     done ;;
   kept)  # session 19: kept layers as CUDA graphs (models/kept_graphs.py): their GPU tests, then the no-cap rows on,
-    # off (PRONGHORN_KEPT_GRAPHS=0) and on again (the default), Unsloth (and pronghorn at its peak) in the same
+    # off (--kept-graphs off) and on again (the default), Unsloth (and pronghorn at its peak) in the same
     # call (KEPT_WORKLOADS: space-separated; one workload a call: session 19's two ran past 600 s on a slow host)
     PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider tests/models/test_kept_graphs.py \
       tests/models/test_replay_graphs.py 2>&1 | tee "$OUT/tests-kept.log" | tail -8
@@ -220,9 +220,9 @@ case "$stage" in
         --peer-scripts $PWD/.benchwheels/bench --json "$OUT/kept-$w.json" --time-limit ${TIME_LIMIT:-300} 2>&1 \
         | tee "$OUT/kept-$w.log" | grep -v "^pronghorn:" | tail -5
       for run in off on; do
-        [[ $run == off ]] && export PRONGHORN_KEPT_GRAPHS=0
-        [[ $run == on ]] && export PRONGHORN_KEPT_GRAPHS=1
+        kept=$([[ $run == off ]] && echo off || echo auto)
         python3 benchmarks/memory_budget.py --workloads $w --budgets none --systems pronghorn --autocast ${AUTOCAST:-on} \
+          --kept-graphs $kept \
           --json "$OUT/kept-$w-$run.json" --time-limit ${OFF_TIME_LIMIT:-60} 2>&1 | tee "$OUT/kept-$w-$run.log" \
           | grep -v "^pronghorn:" | tail -3
       done

@@ -6,7 +6,6 @@ autocast pick them, the rank-r matmuls of the forward and backward, and the book
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch
@@ -67,9 +66,9 @@ def mm_scaled(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
 
 
-# whether this torch's CUDA matmuls take ``out_dtype`` (cleared at the first that does not);
-# PRONGHORN_GRAD_OUT_DTYPE=0: matmul then cast, the benchmarks' ablation
-_OUT_DTYPE = [os.environ.get("PRONGHORN_GRAD_OUT_DTYPE", "1") != "0"]
+# whether this torch's CUDA matmuls take ``out_dtype`` (cleared at the first that does not): what this torch can do,
+# not a setting
+_OUT_DTYPE = [True]
 
 
 def grad_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0) -> torch.Tensor:

@@ -19,12 +19,14 @@ an in-place write that neither bumps a version nor goes through a ``torch.optim.
 merged adapters), and so is one whose adapters' data moved (``Module.to``, an assignment to
 ``.data``). Writing an entry in place bumps its version, so a backward through a graph recorded before
 the adapters changed fails loudly instead of using new values.
+
+``DecoderModel.step_operands = None``: no store, each op makes its operands (the ablation of
+``benchmarks/memory_budget.py --levers off``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import defaultdict
 
 import torch
@@ -132,12 +134,6 @@ def remake(entries) -> None:
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` is ``b``'s memory in ``b``'s dtype (a cast to the adapter's own dtype): nothing to remake."""
     return a.dtype == b.dtype and a.data_ptr() == b.data_ptr() and a.shape == b.shape
-
-
-def step_store() -> StepOperands | None:
-    """A new model's store; None (each op makes its operands, as before) with ``PRONGHORN_STEP_OPERANDS=0``, the
-    benchmarks' ablation."""
-    return None if os.environ.get("PRONGHORN_STEP_OPERANDS", "1") == "0" else StepOperands()
 
 
 @contextlib.contextmanager

@@ -17,21 +17,21 @@ from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
-from ..kernels.step_operands import StepOperands, step_store, training_operands
+from ..kernels.step_operands import StepOperands, training_operands
 from .allocator import expand_segments_under_budget, release_workspaces
 from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
 from .hf_outputs import causal_lm_output
 from .host_embedding import Embedding, offload_embedding
-from .kept_graphs import KeptGraphs, kept_graphs_allowed
+from .kept_graphs import KeptGraphs
 from .kv_cache import KVCache
 from .linear import Linear
-from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan,
-                          offload_below_kept_allowed, parse_budget, step_sizes)
+from .memory_plan import (LOSS_CHUNK_BYTES, MemoryPlan, OptimizerFootprint, device_budget, make_plan, parse_budget,
+                          step_sizes)
 from .norm import RMSNorm
 from .precision import leaves_fp16_autocast
 from .recompute import checkpoint_mode, run_layers
-from .replay_graphs import ReplayGraphs, default_setting, graphs_possible
+from .replay_graphs import GRAPH_SETTINGS, ReplayGraphs, graphs_possible
 from .rope_scaling import rope_inv_freq
 from .tiled_mlp import DEFAULT_CHUNK, chunk_tokens, sequence_tiled, tiled_mlp_mode
 
@@ -130,12 +130,16 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False
         self.tiled_mlp, self.tiled_mlp_chunk = "auto", DEFAULT_CHUNK  # models/tiled_mlp.py
         self.replay = "auto"  # auto | whole | split: how a replayed layer runs (models/recompute.py)
-        # auto (the plan decides) | off: replayed layers as CUDA graphs; off with PRONGHORN_REPLAY_GRAPHS=0
-        self.replay_graphs = default_setting()
+        # auto (the plan decides) | off: replayed layers as CUDA graphs (off: kept layers' graphs too)
+        self.replay_graphs = "auto"
+        self.kept_graphs_setting = "auto"  # auto (the plan decides) | off: kept layers as CUDA graphs
+        # the plan may offload the replayed layers below kept ones (models/memory_plan.candidate_plans; off until
+        # measured on a GPU)
+        self.offload_below_kept = False
         self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
         self.kept_graphs: KeptGraphs | None = None  # kept layers as graphs (models/kept_graphs.py), made when used
         # the adapters' operands, made once per optimizer step for every layer (kernels/step_operands.py)
-        self.step_operands: StepOperands | None = step_store()
+        self.step_operands: StepOperands | None = StepOperands()  # None: each op makes its own
         self.memory_budget: int | None = None  # bytes (max_memory); None: what the device gives
         self.memory_plan: MemoryPlan | None = None  # the plan of the last training forward (models/memory_plan.py)
         self.forced_plan: MemoryPlan | None = None  # set: every training step runs this plan, unplanned
@@ -178,9 +182,10 @@ class DecoderModel(nn.Module):
             if device.type == "cuda" else 1.0
         # GRPO's model decodes between its steps: a graph pool reserved for the whole step would sit beside the KV cache
         graphs = self.replay_graphs != "off" and not self.decodes_between_steps and graphs_possible(self.layers, device)
+        kept_graphs = graphs and self.kept_graphs_setting != "off"
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
                fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target,
-               graphs, kept_graphs_allowed(), offload_below_kept_allowed())
+               graphs, kept_graphs, self.offload_below_kept)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             if self.kept_graphs is not None:  # a new plan: measured and run without an old shape's pool
@@ -195,8 +200,7 @@ class DecoderModel(nn.Module):
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
                              host_tied_table=not self.decodes_between_steps, target=self.plan_target, graphs=graphs,
-                             kept_graphs=graphs and kept_graphs_allowed(),
-                             offload_below_kept=offload_below_kept_allowed())
+                             kept_graphs=kept_graphs, offload_below_kept=self.offload_below_kept)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)
@@ -304,7 +308,9 @@ class DecoderForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, mode: str | bool | None = None,
                                       tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None,
                                       every_n_layers: int | None = None, offload: bool | None = None,
-                                      replay: str | None = None, max_memory=None, **hf_options) -> None:
+                                      replay: str | None = None, max_memory=None, replay_graphs: str | None = None,
+                                      kept_graphs: str | None = None, offload_below_kept: bool | None = None,
+                                      **hf_options) -> None:
         """``mode``: on | offload | auto | off (models/recompute.py). Without one (how HF Trainer and TRL
         call it), a model already set to a checkpointing mode keeps it, one switched off by
         ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
@@ -313,14 +319,18 @@ class DecoderForCausalLM(nn.Module):
         Trainer also passes: ``every_n_layers`` None or 1 (pronghorn's "auto" mode picks the layers instead),
         ``offload`` True (without a ``mode``: "offload"); any other option only unset. ``replay``: auto | whole |
         split, how a replayed layer runs (auto: the memory plan picks). ``max_memory``: the memory budget ("16GiB",
-        bytes; "none": the device's; None keeps the current one), models/memory_plan.py."""
+        bytes; "none": the device's; None keeps the current one), models/memory_plan.py. ``replay_graphs`` and
+        ``kept_graphs``: auto | off, whether the plan may run replayed layers (and kept ones) as CUDA graphs
+        (models/replay_graphs.py, models/kept_graphs.py; "off" for replays turns off both); ``offload_below_kept``:
+        whether it may offload the replayed layers below kept ones (off by default). None keeps each setting."""
         if every_n_layers not in (None, 1):
             raise PronghornError(f"gradient_checkpointing_enable(every_n_layers={every_n_layers!r}): pronghorn "
                                  "checkpoints every layer in its mode; mode='auto' keeps the layers that fit")
         unknown = {k: v for k, v in hf_options.items() if v not in (None, False)}
         if unknown:
             raise PronghornError(f"gradient_checkpointing_enable: unsupported options {unknown}; pronghorn's own "
-                                 "are mode (on | offload | auto | off), tiled_mlp and tiled_mlp_chunk")
+                                 "are mode (on | offload | auto | off), tiled_mlp, tiled_mlp_chunk, replay, "
+                                 "max_memory, replay_graphs, kept_graphs and offload_below_kept")
         if mode is None and offload:
             mode = "offload"
         if mode is None:
@@ -338,6 +348,15 @@ class DecoderForCausalLM(nn.Module):
             self.model.replay = replay
         if max_memory is not None:
             self.set_memory_budget(max_memory)
+        for name, value in (("replay_graphs", replay_graphs), ("kept_graphs", kept_graphs)):
+            if value is not None and value not in GRAPH_SETTINGS:
+                raise PronghornError(f"{name} must be one of {GRAPH_SETTINGS}, got {value!r}")
+        if replay_graphs is not None:
+            self.model.replay_graphs = replay_graphs
+        if kept_graphs is not None:
+            self.model.kept_graphs_setting = kept_graphs
+        if offload_below_kept is not None:
+            self.model.offload_below_kept = bool(offload_below_kept)
 
     def set_kernel_policy(self, policy: KernelPolicy) -> None:
         """Every op of the model takes ``policy`` (kernels/policy.py): the reference everywhere (the test oracle)

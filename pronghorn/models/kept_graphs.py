@@ -24,7 +24,8 @@ no tiled MLP), in the manner of ``torch.cuda.make_graphed_callables``:
 Exactness: a graph runs the eager layer's kernels on the same values, so losses and gradients are the eager ones
 bit for bit (tests/models/test_kept_graphs.py; on an H100, fp32, bf16 and under autocast). Used where nothing
 draws random numbers and not under torch.distributed (:func:`~pronghorn.models.replay_graphs.graphs_possible`);
-on by default, ``PRONGHORN_KEPT_GRAPHS=0`` (or ``DecoderModel.replay_graphs = "off"``) turns them off.
+on by default; ``gradient_checkpointing_enable(kept_graphs="off")`` (``DecoderModel.kept_graphs_setting``)
+turns them off, ``replay_graphs="off"`` turns off these and the replays' graphs.
 
 Measured (H100, session 19, a host whose launches were the limit): Gemma-3-4B LoRA 2 x 2048 with no cap ran
 21,397 tok/s against 15,018 eagerly (1.42x), Llama-3.2-1B LoRA 4 x 2048 75,260 against 54,938 (1.37x), for
@@ -41,7 +42,6 @@ without them, gives their pool back first.
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 from types import SimpleNamespace
@@ -53,12 +53,6 @@ from ..kernels.adapter_operands import operands_kept
 from .replay_graphs import CudaGraph, EagerGraph, GraphSet, LayerGraph, StaticArgs, module_signature, own_leaves
 
 MAX_CAPTURES = 3  # per batch shape: the first capture and two after the model's tensors moved
-ENV = "PRONGHORN_KEPT_GRAPHS"  # "0": never
-
-
-def kept_graphs_allowed() -> bool:
-    """Whether the memory plan may run kept layers as graphs (``PRONGHORN_KEPT_GRAPHS=0``: never)."""
-    return os.environ.get(ENV, "1") != "0"
 
 
 class _Shape:

@@ -6,7 +6,7 @@ and by what the GPU has free. From the budget and the batch shape, :func:`make_p
 estimated peak fits, trying in order of speed:
 
 1. per layer: keep every activation, else recompute the fewest layers, else offload the inputs of the earliest
-   layers to pinned host memory (models/recompute.py; with :func:`offload_below_kept_allowed`, also below kept layers);
+   layers to pinned host memory (models/recompute.py; with ``offload_below_kept``, also below kept layers);
 2. for a replayed layer: the whole layer at once, else its two residual blocks apart (split replay, a smaller
    peak for one more attention-block forward, or for an offloaded layer the MLP block's input parked on the host
    beside the layer's); an NF4 layer's dequantized weights kept from its replay for its
@@ -23,7 +23,6 @@ come, the kept activations and the larger of the loss's and a replayed layer's b
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 
@@ -260,8 +259,12 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     device for every generated token: decoding would copy it back whole each forward). ``graphs``: plans that
     replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP);
     ``kept_graphs``: a plan that keeps layers may run them as CUDA graphs (models/kept_graphs.py).
-    ``offload_below_kept``: plans may also offload the replayed layers below kept ones
-    (:func:`offload_below_kept_allowed`)."""
+    ``offload_below_kept``: plans may also offload the replayed layers below kept ones (``DecoderModel``'s
+    setting of that name; off by default until measured). Recomputing them keeps each one's input on the device;
+    offloading it costs an overlapped copy and, by the CPU preview, buys a kept layer or two at 16-24 GiB (8B
+    QLoRA 1 x 8192 at 16 GiB: 9 kept layers, not 7), an estimated 0.5-1.7% of the step. The copy's cost is the
+    doubt: offloaded eagerly, 8B LoRA's layers cost 0.44 of a layer-step against 0.38 recomputed (H200, session 9),
+    which would undo it."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -302,15 +305,6 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
              for chunk in tilings for loss_chunk in LOSS_CHUNK_BYTES for table in tables
              for graphed, kept in graph_kinds(layers, chunk)]
     return sorted(plans, key=lambda plan: relative_cost(plan, s.tokens))
-
-
-def offload_below_kept_allowed() -> bool:
-    """Whether auto may offload the replayed layers below kept ones (``PRONGHORN_OFFLOAD_BELOW_KEPT=1``; off by
-    default until measured). Recomputing them keeps each one's input on the device; offloading it costs an
-    overlapped copy and, by the CPU preview, buys a kept layer or two at 16-24 GiB (8B QLoRA 1 x 8192 at 16 GiB:
-    9 kept layers, not 7), an estimated 0.5-1.7% of the step. The copy's cost is the doubt: offloaded eagerly,
-    8B LoRA's layers cost 0.44 of a layer-step against 0.38 recomputed (H200, session 9), which would undo it."""
-    return os.environ.get("PRONGHORN_OFFLOAD_BELOW_KEPT", "0") == "1"
 
 
 def relative_cost(plan: MemoryPlan, tokens: int = 0) -> float:

@@ -28,7 +28,8 @@ Memory: the pool and the static buffers stay reserved for the whole step, the lo
 counts them and takes graphs only where they fit (``MemoryPlan.replay_graphs``). ``torch.cuda.max_memory_allocated``
 does not see the pool between replays: :meth:`ReplayGraphs.pool_bytes` says what it holds.
 
-On by default (``DecoderModel.replay_graphs`` "auto"; ``PRONGHORN_REPLAY_GRAPHS=0`` turns them off): on Gemma-3-4B at
+On by default (``DecoderModel.replay_graphs`` "auto"; ``gradient_checkpointing_enable(replay_graphs="off")``
+turns them off, and the kept layers' graphs with them): on Gemma-3-4B at
 Unsloth's peak (H100, session 18) the plan with graphs ran 1.12x the eager one, and every layer replayed 1.81x; on
 the 1B row at Unsloth's peak (session 16) 0.98x, where the pool (a whole replayed layer's backward, 0.69 GiB) cost
 the plan what the graphs saved.
@@ -37,7 +38,6 @@ the plan what the graphs saved.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from types import SimpleNamespace
 
@@ -51,7 +51,7 @@ from .allocator import note_graph
 
 MAX_CAPTURES = 3  # per layer and shape: the first capture and two after its tensors moved
 MAX_SHAPES = 2  # shapes with graphs and static buffers at once (batches of varying length: the latest two)
-ENV = "PRONGHORN_REPLAY_GRAPHS"  # "0": never; otherwise the plan may take graphs
+GRAPH_SETTINGS = ("auto", "off")  # DecoderModel.replay_graphs / kept_graphs_setting: the plan may take graphs | never
 
 
 def module_signature(module: nn.Module) -> tuple:
@@ -63,19 +63,10 @@ def module_signature(module: nn.Module) -> tuple:
     return tensors, adapters
 
 
-def default_setting() -> str:
-    """``DecoderModel.replay_graphs``'s default: "auto" (the plan may take graphs), "off" with
-    ``PRONGHORN_REPLAY_GRAPHS=0``. Measured on H100s: Gemma-3-4B at Unsloth's 8.89 GiB ran 1.12x the eager plan
-    (15,122 against 13,497 tok/s, session 18), every layer replayed 1.81x (16,728 against 9,219), the host's launches
-    being the limit there; the 1B row at Unsloth's peak 0.98x (session 16: the pool's 0.69 GiB cost more offloaded
-    layers and smaller loss chunks than the graphs saved on a fast host)."""
-    return "off" if os.environ.get(ENV) == "0" else "auto"
-
-
 def graphs_possible(layers: nn.ModuleList, device: torch.device) -> bool:
-    """Whether replayed layers may run as graphs: on a GPU, unless ``PRONGHORN_REPLAY_GRAPHS=0``; no random draws
-    in the layers (dropout); not under torch.distributed."""
-    if device.type != "cuda" or os.environ.get(ENV, "1") == "0":
+    """Whether replayed layers may run as graphs: on a GPU; no random draws in the layers (dropout); not under
+    torch.distributed."""
+    if device.type != "cuda":
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import moving_padding_batch as _batch, randomize_lora_b, tiny_lora_model
-from pronghorn.models.kept_graphs import KeptGraphs, kept_graphs_allowed
+from pronghorn.models.kept_graphs import KeptGraphs
 from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.replay_graphs import EagerGraph, ReplayGraphs, graphs_possible
 
@@ -138,12 +138,10 @@ def test_moved_adapters_are_captured_again_and_changing_shapes_never_are():
     assert not graphs.shapes and not graphs.capture_counts
 
 
-def test_kept_graphs_need_a_gpu_and_are_on_by_default_there(monkeypatch):
-    assert not graphs_possible(_model().model.layers, torch.device("cpu"))
-    monkeypatch.delenv("PRONGHORN_KEPT_GRAPHS", raising=False)
-    assert kept_graphs_allowed()
-    monkeypatch.setenv("PRONGHORN_KEPT_GRAPHS", "0")
-    assert not kept_graphs_allowed()
+def test_kept_graphs_need_a_gpu_and_are_on_by_default_there():
+    model = _model()
+    assert not graphs_possible(model.model.layers, torch.device("cpu"))
+    assert model.model.kept_graphs_setting == "auto"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -11,8 +11,7 @@ from pronghorn.errors import PronghornError
 from pronghorn.models import decoder as decoder_module
 from pronghorn.models.lora import LoRAConfig, attach_lora
 from pronghorn.models.memory_plan import (HEADROOM, LOSS_CHUNK_BYTES, MemoryPlan, StepSizes, candidate_plans,
-                                          estimate_peak, make_plan, offload_below_kept_allowed, parse_budget,
-                                          relative_cost, step_sizes)
+                                          estimate_peak, make_plan, parse_budget, relative_cost, step_sizes)
 
 GIB, MIB = 2**30, 2**20
 
@@ -422,16 +421,14 @@ def test_parking_makes_a_graphed_replay_cheaper_but_never_worth_a_kept_layer():
     assert relative_cost(replace(parked, layers=("keep",) + ("offload",) * 15)) < relative_cost(parked)
 
 
-def test_replayed_layers_below_kept_ones_go_to_the_host_where_that_keeps_one_more(monkeypatch):
-    """``PRONGHORN_OFFLOAD_BELOW_KEPT=1`` (off by default until measured on a GPU): a replayed layer below kept
+def test_replayed_layers_below_kept_ones_go_to_the_host_where_that_keeps_one_more():
+    """``offload_below_kept`` (off by default until measured on a GPU): a replayed layer below kept
     ones may park its input on the host rather than on the device, the same work and a copy (0.39 against 0.38
     of a layer-step). Where the recomputed layers' inputs are what keeps a layer from being kept, the plan
     offloads them and keeps more layers than it could before; with one layer replayed it recomputes it as
     before (session 23, CPU: 8B QLoRA 1 x 8192 at 16 GiB keeps 9 layers, not 7). Off, no plan mixes them."""
     s = _sizes()
     assert not any("offload" in p.layers and "keep" in p.layers for p in candidate_plans(s))
-    monkeypatch.setenv("PRONGHORN_OFFLOAD_BELOW_KEPT", "1")
-    assert offload_below_kept_allowed()
     more_kept = 0
     for budget in [int(19 * GIB + i * GIB / 4) for i in range(12)]:
         plan = make_plan(s, budget, "test", offload_below_kept=True)
@@ -448,7 +445,7 @@ def test_replayed_layers_below_kept_ones_go_to_the_host_where_that_keeps_one_mor
 
 
 def test_the_model_reads_the_offload_below_kept_setting_at_each_new_plan(monkeypatch):
-    """The model's plan takes ``PRONGHORN_OFFLOAD_BELOW_KEPT`` into its key: a budget between the two plans'
+    """The model's plan takes its ``offload_below_kept`` setting into its key: a budget between the two plans'
     estimates gives "offload, keep" with it and not without it (the CPU runs an offloaded layer as recomputed)."""
     model = tiny_lora_model().train()
     model.gradient_checkpointing_enable(mode="auto")
@@ -457,10 +454,9 @@ def test_the_model_reads_the_offload_below_kept_setting_at_each_new_plan(monkeyp
     assert lean < rich
     budget = int((lean + rich) / 2 / (1 - HEADROOM))
     monkeypatch.setattr(decoder_module, "device_budget", lambda device, mx: (budget, "sim"))
-    monkeypatch.delenv("PRONGHORN_OFFLOAD_BELOW_KEPT", raising=False)
     model(**_batch()).loss.backward()
     assert model.memory_plan.layers != ("offload", "keep")
-    monkeypatch.setenv("PRONGHORN_OFFLOAD_BELOW_KEPT", "1")
+    model.gradient_checkpointing_enable(offload_below_kept=True)
     model(**_batch()).loss.backward()
     assert model.memory_plan.layers == ("offload", "keep")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import moving_padding_batch as _batch, randomize_lora_b, tiny_lora_model
+from pronghorn.errors import PronghornError
 from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.replay_graphs import (MAX_SHAPES, EagerGraph, ReplayGraphs, graphs_possible,
                                             module_signature)
@@ -85,21 +86,29 @@ def test_only_the_latest_shapes_keep_graphs():
     assert {shape[0][1] for shape in graphs.statics} == {12, 8}
 
 
-def test_graphs_are_on_by_default_and_off_with_the_variable(monkeypatch):
-    monkeypatch.delenv("PRONGHORN_REPLAY_GRAPHS", raising=False)
-    assert _model().model.replay_graphs == "auto"
-    monkeypatch.setenv("PRONGHORN_REPLAY_GRAPHS", "0")
-    assert _model().model.replay_graphs == "off"
-
-
-def test_graphs_are_not_used_on_a_cpu_with_dropout_or_when_switched_off(monkeypatch):
+def test_graphs_are_on_by_default_and_a_setting_of_the_model():
+    """Whether the plan may take graphs is the model's setting (``gradient_checkpointing_enable``), not the
+    environment's; a bad value is an error naming the choices, and None keeps the setting."""
     model = _model()
-    model.model.replay_graphs = "auto"
+    assert (model.model.replay_graphs, model.model.kept_graphs_setting, model.model.offload_below_kept) == \
+        ("auto", "auto", False)
+    model.gradient_checkpointing_enable(mode="auto", replay_graphs="off", kept_graphs="off", offload_below_kept=True)
+    assert (model.model.replay_graphs, model.model.kept_graphs_setting, model.model.offload_below_kept) == \
+        ("off", "off", True)
+    model.gradient_checkpointing_enable(mode="auto")
+    assert (model.model.replay_graphs, model.model.kept_graphs_setting, model.model.offload_below_kept) == \
+        ("off", "off", True)
+    with pytest.raises(PronghornError, match="replay_graphs must be one of"):
+        model.gradient_checkpointing_enable(replay_graphs="on")
+    with pytest.raises(PronghornError, match="kept_graphs must be one of"):
+        model.gradient_checkpointing_enable(kept_graphs=True)
+
+
+def test_graphs_are_not_used_on_a_cpu():
+    model = _model()
     assert not graphs_possible(model.model.layers, torch.device("cpu"))
     if torch.cuda.is_available():
         assert graphs_possible(model.model.layers, torch.device("cuda"))
-        monkeypatch.setenv("PRONGHORN_REPLAY_GRAPHS", "0")
-        assert not graphs_possible(model.model.layers, torch.device("cuda"))
     model.gradient_checkpointing_enable(mode="on")
     model(**_batch(0)).loss.backward()
     assert not model.memory_plan.replay_graphs and model.model.graphs is None
@@ -119,7 +128,6 @@ def test_cuda_graphed_replays_equal_eager_ones(plan, autocast):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_budgeted_plan_takes_graphs_on_a_gpu_and_stays_exact():
     model = _model("cuda", torch.bfloat16)
-    model.model.replay_graphs = "auto"  # (the default; this test may run with PRONGHORN_REPLAY_GRAPHS=0 set)
     model.gradient_checkpointing_enable(mode="on")
     steps = [_step(model, _batch(s, "cuda")) for s in range(3)]
     assert model.memory_plan.replay_graphs and model.model.graphs is not None
