@@ -24,7 +24,6 @@
 #   bash benchmarks/gpu_session.sh families-gemma3  # Gemma-3-4B text LoRA 2x2048 (`families`: all three, one run)
 #   bash benchmarks/gpu_session.sh split-1b     # issue 15: 1B at Unsloth's peak, split graphed replays vs auto
 #   bash benchmarks/gpu_session.sh peak-8b      # issue 15: the 8B rows at Unsloth's peak, auto and split (~5 min)
-#   bash benchmarks/gpu_session.sh offload-kept # auto with the replayed layers below kept ones offloaded, off/on
 #   bash benchmarks/gpu_session.sh kept         # kept layers as CUDA graphs: GPU tests, no-cap rows on/off/on
 #                                               #   beside Unsloth (KEPT_WORKLOADS="1b-lora gemma3-4b-lora")
 #   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
@@ -58,6 +57,9 @@
 #   head size, their GPU tests, the no-cap 1B and 8B rows with the policy's attention auto vs cudnn, ~5 min). Order:
 #   on an H200 families then families-gemma2; on an H100 attention, offload-kept, PROFILE_SPECS=llama-3.1-8b:none
 #   profile; then budget-1b, budget-qlora, grpo, and `JOBS=8 tests` (the new backend tests are in its list).
+# Session 25 (H100, 2026-12-07): attention (torch's default already runs cuDNN; the policy setting removed), the
+#   offload-below-kept rows (within noise; removed), the no-cap 8B profile (196 of 254 ms in GEMMs). Order: on an
+#   H200 families then families-gemma2 (flags as above); then budget-1b, budget-qlora, grpo, and `JOBS=8 tests`.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
@@ -83,7 +85,7 @@ case "$stage" in
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
       tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
-      tests/models/test_attention_backends.py tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
+      tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
       tests/models/test_replay_graphs.py tests/infer/test_sampling.py tests/train/test_optimizer_parking.py \
       tests/models/test_shared_prefix_cache.py tests/kernels/test_step_operands.py tests/models/test_kept_graphs.py \
       tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
@@ -185,14 +187,6 @@ case "$stage" in
         --autocast on --cap-mode kwarg --json "$OUT/peak-$w-split.json" --time-limit ${SPLIT_TIME_LIMIT:-80} 2>&1 \
         | tee "$OUT/peak-$w-split.log" | grep -v "^pronghorn:" | tail -3
     done ;;
-  offload-kept)  # session 23: auto without then with --offload-below-kept (the replayed layers below kept ones
-    # offloaded where that keeps more layers), the consumer caps and 8B LoRA at 20 and 24 GiB; about 5 min
-    for on in 0 1; do
-      flag=$([[ $on == 1 ]] && echo --offload-below-kept)
-      python3 benchmarks/memory_budget.py --workloads 8b-lora --budgets 20,24 $flag \
-        --scenarios all --systems pronghorn --autocast on --cap-mode kwarg --json "$OUT/offload-kept-$on.json" \
-        --time-limit ${TIME_LIMIT:-270} 2>&1 | tee "$OUT/offload-kept-$on.log" | grep -v "^pronghorn:" | grep "^pronghorn " | tail -8
-    done ;;
   lever)  # session 18: the adapters' operands kept across steps and fp32 adapter gradients from their matmuls
     # (kernels/step_operands.py, lora_math.grad_mm) against neither (memory_budget.py --levers off), at Unsloth's
     # peak and with no cap, Unsloth in the same call; on, off, on again
@@ -249,17 +243,11 @@ case "$stage" in
       --json "$OUT/softcap.json" 2>&1 | tee "$OUT/softcap.log" | tail -40
     PRONGHORN_SOFTCAP_AUTOTUNE=0 python3 benchmarks/kernel_speed.py --shapes gemma-2-9b --tokens 4096,16384 \
       --ops softcapped_attention --json "$OUT/softcap-untuned.json" 2>&1 | tail -12 ;;
-  attention)  # session 24: which SDPA backend is fastest at each family's head size (fwd and fwd+bwd, errors
-    # against fp32 math; the model's attention is ~8% of the no-cap 8B step: session 4's profile, 20 of 265 ms),
-    # the backends' GPU tests, then the no-cap rows of ATTN_WORKLOADS with the policy's attention auto and cudnn
-    python3 -m pytest -q -p no:cacheprovider tests/models/test_attention_backends.py 2>&1 | tail -4
+  attention)  # session 25: which SDPA backend is fastest at each family's head size (fwd and fwd+bwd, errors
+    # against fp32 math): torch's default ran cuDNN's and was as fast as any forced first (H100, torch 2.11)
     python3 benchmarks/kernel_speed.py --shapes llama-3.1-8b,llama-3.2-1b,phi-3.5-mini,gemma-3-4b --tokens 4096,16384 \
       --ops attention --no-compile --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | grep -A80 "^shape"
-    for choice in ${ATTN_CHOICES:-auto cudnn}; do
-      python3 benchmarks/memory_budget.py --workloads ${ATTN_WORKLOADS:-1b-lora,8b-lora} --budgets none \
-        --systems pronghorn --autocast on --cap-mode kwarg --attention $choice --json "$OUT/attn-e2e-$choice.json" \
-        --time-limit ${TIME_LIMIT:-150} 2>&1 | tee "$OUT/attn-e2e-$choice.log" | grep "^pronghorn " | tail -3
-    done ;;
+    ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import inspect
 import io
 import json
@@ -183,18 +182,15 @@ def _child(spec: dict) -> None:
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                                  target_modules=TARGETS, use_gradient_checkpointing=spec["gc"],
                                                  random_state=3407, max_seq_length=spec["seq"], **kwargs)
-        # how a replayed layer runs (whole | split; auto: the plan's choice), which layers may run as CUDA graphs,
-        # and whether replayed layers below kept ones may be offloaded: the model's planner settings
+        # how a replayed layer runs (whole | split; auto: the plan's choice) and which layers may run as CUDA
+        # graphs: the model's planner settings
         model.gradient_checkpointing_enable(mode=spec["gc"], replay=spec.get("replay", "auto"),
                                             replay_graphs=spec.get("replay_graphs", "auto"),
-                                            kept_graphs=spec.get("kept_graphs", "auto"),
-                                            offload_below_kept=spec.get("offload_below_kept", False))
+                                            kept_graphs=spec.get("kept_graphs", "auto"))
         if spec.get("levers") == "off":  # session 18's ablation: no step store, fp32 adapter grads by a cast
             from pronghorn.kernels import lora_math
             model.model.step_operands = None
             lora_math._OUT_DTYPE[0] = False
-        if spec.get("attention", "auto") != "auto":  # the SDPA backend tried first (kernels/policy.py)
-            model.set_kernel_policy(dataclasses.replace(model.kernel_policy, attention=spec["attention"]))
         out["build_s"] = round(time.perf_counter() - t0, 1)
         stage = "step"
         model.train()
@@ -315,9 +311,8 @@ def _peer_point(pt: dict, a, env: dict, timeout: float) -> dict:
 
 def _pronghorn_point(pt: dict, a, env: dict, timeout: float) -> dict:
     spec = {k: pt[k] for k in ("model", "batch", "seq", "q4", "gc", "autocast", "budget_gib", "dir")}
-    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile, replay=a.replay, attention=a.attention,
-                replay_graphs=a.replay_graphs, kept_graphs=a.kept_graphs, offload_below_kept=a.offload_below_kept,
-                levers=a.levers)
+    spec.update(cap_mode=a.cap_mode, steps=a.steps, profile=a.profile, replay=a.replay,
+                replay_graphs=a.replay_graphs, kept_graphs=a.kept_graphs, levers=a.levers)
     rc, out, err = _run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], timeout, env)
     found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
     log = [line for line in out.splitlines() if line.startswith("pronghorn:")][:3]
@@ -487,7 +482,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    from pronghorn.kernels.policy import ATTENTION
     from pronghorn.models.replay_graphs import GRAPH_SETTINGS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -503,14 +497,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"),
                     help="pronghorn points: how a replayed layer runs (auto: the plan picks)")
-    ap.add_argument("--attention", default="auto", choices=ATTENTION,
-                    help="pronghorn points: the SDPA backend the attention tries first (auto: torch's order)")
     ap.add_argument("--replay-graphs", default="auto", choices=GRAPH_SETTINGS,
                     help="pronghorn points: replayed layers (and kept ones) as CUDA graphs where the plan takes them")
     ap.add_argument("--kept-graphs", default="auto", choices=GRAPH_SETTINGS,
                     help="pronghorn points: kept layers as CUDA graphs where the plan takes them")
-    ap.add_argument("--offload-below-kept", action="store_true",
-                    help="pronghorn points: the plan may offload the replayed layers below kept ones")
     ap.add_argument("--levers", default="on", choices=("on", "off"), help="pronghorn points, off: no step store of "
                     "the adapters' operands and fp32 adapter gradients by a cast (session 18's ablation)")
     ap.add_argument("--point-timeout", type=float, default=300)

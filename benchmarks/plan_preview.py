@@ -31,8 +31,7 @@ CASES = {  # name: (workload, batch, seq, qlora)
 }
 
 
-def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False,
-            offload_below_kept: bool = False) -> dict:
+def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig
     from pronghorn.models.memory_plan import relative_cost
@@ -46,7 +45,7 @@ def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str
                resident_gib=round(s.resident / GIB, 3))
     try:
         plan = plan_for_sizes(s, batch, seq, None if budget_gib is None else int(budget_gib * GIB), "--budgets",
-                              mode=mode, replay=replay, graphs=graphs, offload_below_kept=offload_below_kept)
+                              mode=mode, replay=replay, graphs=graphs)
         # the cost model's step in layer-steps (keeping every layer: one per layer), for comparing plans
         step = len(plan.layers) + relative_cost(plan, s.tokens)
         row.update(ok=True, estimate_gib=round(plan.estimate_bytes / GIB, 3), plan=plan.summary(),
@@ -65,8 +64,6 @@ def main(argv=None) -> None:
     ap.add_argument("--replay", default="auto", choices=("auto", "whole", "split"), help="a replayed layer's replay")
     ap.add_argument("--graphs", action="store_true", help="plans may replay and keep layers as CUDA graphs (as on a "
                     "GPU)")
-    ap.add_argument("--offload-below-kept", action="store_true", help="plans may offload the replayed layers below "
-                    "kept ones (the model's offload_below_kept setting)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows = []
@@ -74,7 +71,7 @@ def main(argv=None) -> None:
         for budget in a.budgets.split(","):
             for mode in a.modes.split(","):
                 gib = None if budget == "none" else float(budget)
-                row = preview(case, gib, mode, a.replay, a.graphs, a.offload_below_kept)
+                row = preview(case, gib, mode, a.replay, a.graphs)
                 rows.append(row)
                 what = (f"est {row['estimate_gib']:6.2f} GiB  step {row['model_step']:5.2f}  {row['plan']}"
                         if row["ok"] else row["error"][:160])

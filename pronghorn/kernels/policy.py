@@ -15,10 +15,6 @@ against, e.g. a whole training run); otherwise CUDA tensors take the Triton kern
   bf16 base: the delta in fp32, cast back), at the cost of fp32 [tokens, out] temporaries in every projection.
 
 Under autocast both are autocast's dtype, exactly as PEFT.
-
-``attention`` picks the SDPA backend the model's (uncapped) attention asks for first: ``"auto"`` (torch's own
-order), ``"flash"``, ``"cudnn"``, ``"efficient"`` or ``"math"``; a call the chosen one cannot take falls back to
-torch's order. ``benchmarks/kernel_speed.py --ops attention`` times each one at every family's head size.
 """
 
 from __future__ import annotations
@@ -30,20 +26,16 @@ import torch
 from ..errors import PronghornError
 
 ADAPTER_MATH = ("base", "adapter")
-ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 @dataclass(frozen=True)
 class KernelPolicy:
     adapter_math: str = "base"
     reference: bool = False
-    attention: str = "auto"
 
     def __post_init__(self):
         if self.adapter_math not in ADAPTER_MATH:
             raise PronghornError(f"adapter_math must be one of {ADAPTER_MATH}, got {self.adapter_math!r}")
-        if self.attention not in ATTENTION:
-            raise PronghornError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
 
     def compute_dtype(self, x: torch.Tensor, weight) -> torch.dtype | None:
         """The dtype the LoRA op's matmuls run in for input ``x`` on base ``weight`` (a tensor or an NF4 weight

@@ -6,13 +6,11 @@ partial rotary embeddings (Phi-3 / Phi-4-mini) and the q/k norms' offset."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import apply_rope, fusable_projections, lora_qkv, softcapped_attention
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
@@ -20,21 +18,6 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
-
-# the SDPA backends behind a policy's choice, as fallbacks for the calls it cannot take ("auto" keeps torch's order)
-_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH)
-_SDPA_CHOICE = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
-                    efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH)
-
-
-def sdpa_backends(choice: str):
-    """A context in which SDPA tries ``choice`` (kernels/policy.py ATTENTION) first; "auto": torch's order."""
-    if choice == "auto":
-        return contextlib.nullcontext()
-    first = _SDPA_CHOICE[choice]
-    return sdpa_kernel([first, *(b for b in _SDPA_ORDER if b != first)], set_priority=True)
-
 
 def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Per-token sequence index [B, T] of a packed batch: a new sequence starts wherever a position does not
@@ -128,11 +111,11 @@ def attention_visibility(
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-         scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """Scaled dot-product attention with GQA (k/v have fewer heads than q); ``scale`` None: head_dim ** -0.5;
-    ``backend``: the SDPA backend tried first (:func:`sdpa_backends`)."""
-    with sdpa_backends(backend):
-        return _sdpa(q, k, v, mask, causal, {} if scale is None else dict(scale=scale))
+         scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with GQA (k/v have fewer heads than q); ``scale`` None: head_dim ** -0.5.
+    The backend is torch's choice: on Hopper (torch 2.11) that is cuDNN's fused attention at training shapes,
+    as fast as any backend forced first (benchmarks/kernel_speed.py --ops attention, docs/benchmarks.md session 25)."""
+    return _sdpa(q, k, v, mask, causal, {} if scale is None else dict(scale=scale))
 
 
 def _sdpa(q, k, v, mask, causal, kw):
@@ -198,7 +181,7 @@ class Attention(nn.Module):
         elif self.softcap:  # a dense mask: the static cache's decode masks
             out = softcapped_attention(q, k, v, mask, causal, self.softcap, self.scale, self.kernel_policy)
         else:
-            out = sdpa(q, k, v, mask, causal, self.scale, self.kernel_policy.attention)
+            out = sdpa(q, k, v, mask, causal, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), output_unused=output_unused)
 
 

@@ -133,9 +133,6 @@ class DecoderModel(nn.Module):
         # auto (the plan decides) | off: replayed layers as CUDA graphs (off: kept layers' graphs too)
         self.replay_graphs = "auto"
         self.kept_graphs_setting = "auto"  # auto (the plan decides) | off: kept layers as CUDA graphs
-        # the plan may offload the replayed layers below kept ones (models/memory_plan.candidate_plans; off until
-        # measured on a GPU)
-        self.offload_below_kept = False
         self.graphs: ReplayGraphs | None = None  # the captured replays (models/replay_graphs.py), made when used
         self.kept_graphs: KeptGraphs | None = None  # kept layers as graphs (models/kept_graphs.py), made when used
         # the adapters' operands, made once per optimizer step for every layer (kernels/step_operands.py)
@@ -185,7 +182,7 @@ class DecoderModel(nn.Module):
         kept_graphs = graphs and self.kept_graphs_setting != "off"
         key = (batch, seq, dtype, device, mode, tiled, self.tiled_mlp_chunk, self.replay, self.memory_budget,
                fraction, head is not None, self.optimizer_footprint, self.decodes_between_steps, self.plan_target,
-               graphs, kept_graphs, self.offload_below_kept)
+               graphs, kept_graphs)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             if self.kept_graphs is not None:  # a new plan: measured and run without an old shape's pool
@@ -200,7 +197,7 @@ class DecoderModel(nn.Module):
             plan = make_plan(sizes, budget, source, (batch, seq), self.optimizer_footprint.advice, mode=mode,
                              tiled_mlp=tiled, mlp_chunk=self.tiled_mlp_chunk, replay=self.replay,
                              host_tied_table=not self.decodes_between_steps, target=self.plan_target, graphs=graphs,
-                             kept_graphs=kept_graphs, offload_below_kept=self.offload_below_kept)
+                             kept_graphs=kept_graphs)
             plans[key] = plan
             if plan != self.__dict__.get("_logged_plan"):  # one line per change of plan
                 print(f"pronghorn: memory plan for batch {batch} x {seq} tokens: {plan.summary()}", flush=True)
@@ -309,8 +306,7 @@ class DecoderForCausalLM(nn.Module):
                                       tiled_mlp: str | bool | None = None, tiled_mlp_chunk: int | None = None,
                                       every_n_layers: int | None = None, offload: bool | None = None,
                                       replay: str | None = None, max_memory=None, replay_graphs: str | None = None,
-                                      kept_graphs: str | None = None, offload_below_kept: bool | None = None,
-                                      **hf_options) -> None:
+                                      kept_graphs: str | None = None, **hf_options) -> None:
         """``mode``: on | offload | auto | off (models/recompute.py). Without one (how HF Trainer and TRL
         call it), a model already set to a checkpointing mode keeps it, one switched off by
         ``gradient_checkpointing_disable`` gets its mode back (TRL disables and re-enables it around reference
@@ -321,8 +317,7 @@ class DecoderForCausalLM(nn.Module):
         split, how a replayed layer runs (auto: the memory plan picks). ``max_memory``: the memory budget ("16GiB",
         bytes; "none": the device's; None keeps the current one), models/memory_plan.py. ``replay_graphs`` and
         ``kept_graphs``: auto | off, whether the plan may run replayed layers (and kept ones) as CUDA graphs
-        (models/replay_graphs.py, models/kept_graphs.py; "off" for replays turns off both); ``offload_below_kept``:
-        whether it may offload the replayed layers below kept ones (off by default). None keeps each setting."""
+        (models/replay_graphs.py, models/kept_graphs.py; "off" for replays turns off both); None keeps each."""
         if every_n_layers not in (None, 1):
             raise PronghornError(f"gradient_checkpointing_enable(every_n_layers={every_n_layers!r}): pronghorn "
                                  "checkpoints every layer in its mode; mode='auto' keeps the layers that fit")
@@ -330,7 +325,7 @@ class DecoderForCausalLM(nn.Module):
         if unknown:
             raise PronghornError(f"gradient_checkpointing_enable: unsupported options {unknown}; pronghorn's own "
                                  "are mode (on | offload | auto | off), tiled_mlp, tiled_mlp_chunk, replay, "
-                                 "max_memory, replay_graphs, kept_graphs and offload_below_kept")
+                                 "max_memory, replay_graphs and kept_graphs")
         if mode is None and offload:
             mode = "offload"
         if mode is None:
@@ -355,8 +350,6 @@ class DecoderForCausalLM(nn.Module):
             self.model.replay_graphs = replay_graphs
         if kept_graphs is not None:
             self.model.kept_graphs_setting = kept_graphs
-        if offload_below_kept is not None:
-            self.model.offload_below_kept = bool(offload_below_kept)
 
     def set_kernel_policy(self, policy: KernelPolicy) -> None:
         """Every op of the model takes ``policy`` (kernels/policy.py): the reference everywhere (the test oracle)

@@ -6,7 +6,7 @@ and by what the GPU has free. From the budget and the batch shape, :func:`make_p
 estimated peak fits, trying in order of speed:
 
 1. per layer: keep every activation, else recompute the fewest layers, else offload the inputs of the earliest
-   layers to pinned host memory (models/recompute.py; with ``offload_below_kept``, also below kept layers);
+   layers to pinned host memory (models/recompute.py);
 2. for a replayed layer: the whole layer at once, else its two residual blocks apart (split replay, a smaller
    peak for one more attention-block forward, or for an offloaded layer the MLP block's input parked on the host
    beside the layer's); an NF4 layer's dequantized weights kept from its replay for its
@@ -252,19 +252,17 @@ def step_moments(s: StepSizes, plan: MemoryPlan) -> list[int]:
 
 def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", mlp_chunk: int = 8192,
                     replay: str = "auto", host_tied_table: bool = True, graphs: bool = False,
-                    kept_graphs: bool = False, offload_below_kept: bool = False) -> list[MemoryPlan]:
+                    kept_graphs: bool = False) -> list[MemoryPlan]:
     """Every plan within the user's settings, fastest first (:func:`relative_cost`): ``mode`` auto | off | on |
     offload (layers), ``tiled_mlp`` auto | on | off, ``replay`` auto | whole | split. ``host_tied_table=False``:
     no plan puts a tied table on the host (a model that decodes between its steps, as GRPO's, needs it on the
     device for every generated token: decoding would copy it back whole each forward). ``graphs``: plans that
     replay layers may run the replays as CUDA graphs (models/replay_graphs.py; not with a tiled MLP);
     ``kept_graphs``: a plan that keeps layers may run them as CUDA graphs (models/kept_graphs.py).
-    ``offload_below_kept``: plans may also offload the replayed layers below kept ones (``DecoderModel``'s
-    setting of that name; off by default until measured). Recomputing them keeps each one's input on the device;
-    offloading it costs an overlapped copy and, by the CPU preview, buys a kept layer or two at 16-24 GiB (8B
-    QLoRA 1 x 8192 at 16 GiB: 9 kept layers, not 7), an estimated 0.5-1.7% of the step. The copy's cost is the
-    doubt: offloaded eagerly, 8B LoRA's layers cost 0.44 of a layer-step against 0.38 recomputed (H200, session 9),
-    which would undo it."""
+
+    Replayed layers below kept ones are recomputed, never offloaded: offloading them buys a kept layer or two at
+    16-24 GiB, and measured that was within noise (-0.4% to +1.9% on five 8B rows, H100, session 25,
+    docs/benchmarks.md), so those plans were dropped."""
     n = s.layers
     if mode == "off":
         layer_sets = [("keep",) * n]
@@ -275,9 +273,6 @@ def candidate_plans(s: StepSizes, mode: str = "auto", tiled_mlp: str = "auto", m
     else:  # earliest layers first: their inputs are needed last in the backward
         layer_sets = [("recompute",) * k + ("keep",) * (n - k) for k in range(n + 1)]
         layer_sets += [("offload",) * k + ("recompute",) * (n - k) for k in range(1, n + 1)]
-        if offload_below_kept:  # replayed layers below kept ones with their inputs on the host: the same work as
-            # recomputing them and an overlapped copy, for one more kept layer where their inputs did not fit
-            layer_sets += [("offload",) * k + ("keep",) * (n - k) for k in range(1, n)]
     # auto: the configured chunk, and smaller ones down to 1,024 tokens for short batches and tight budgets
     smaller = [c for c in (mlp_chunk // 2, mlp_chunk // 4, mlp_chunk // 8) if 1024 <= c < s.tokens]
     smaller = ([mlp_chunk] if mlp_chunk < s.tokens else []) + smaller

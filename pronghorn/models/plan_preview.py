@@ -103,10 +103,9 @@ def preview_plan(cfg: ModelConfig, batch: int, seq_len: int, max_memory=None, lo
 
 def plan_for_sizes(sizes: StepSizes, batch: int, seq_len: int, max_memory=None, source: str = "max_memory",
                    mode: str = "auto", replay: str = "auto", graphs: bool = True, tiled_mlp="auto",
-                   mlp_chunk: int = 8192, offload_below_kept: bool = False) -> MemoryPlan:
+                   mlp_chunk: int = 8192) -> MemoryPlan:
     """:func:`preview_plan` from the step's sizes (``source``: what the budget is called in the plan's summary);
-    the planner's settings as a model on a GPU passes them (``DecoderModel.plan_step``); ``offload_below_kept``:
-    that setting of the model's (``gradient_checkpointing_enable``)."""
+    the planner's settings as a model on a GPU passes them (``DecoderModel.plan_step``)."""
     return make_plan(sizes, parse_budget(max_memory), source, (batch, seq_len), mode=checkpoint_mode(mode),
                      tiled_mlp=tiled_mlp_mode(tiled_mlp), mlp_chunk=mlp_chunk, replay=replay, graphs=graphs,
-                     kept_graphs=graphs, offload_below_kept=offload_below_kept)
+                     kept_graphs=graphs)

@@ -421,42 +421,8 @@ def test_parking_makes_a_graphed_replay_cheaper_but_never_worth_a_kept_layer():
     assert relative_cost(replace(parked, layers=("keep",) + ("offload",) * 15)) < relative_cost(parked)
 
 
-def test_replayed_layers_below_kept_ones_go_to_the_host_where_that_keeps_one_more():
-    """``offload_below_kept`` (off by default until measured on a GPU): a replayed layer below kept
-    ones may park its input on the host rather than on the device, the same work and a copy (0.39 against 0.38
-    of a layer-step). Where the recomputed layers' inputs are what keeps a layer from being kept, the plan
-    offloads them and keeps more layers than it could before; with one layer replayed it recomputes it as
-    before (session 23, CPU: 8B QLoRA 1 x 8192 at 16 GiB keeps 9 layers, not 7). Off, no plan mixes them."""
-    s = _sizes()
-    assert not any("offload" in p.layers and "keep" in p.layers for p in candidate_plans(s))
-    more_kept = 0
-    for budget in [int(19 * GIB + i * GIB / 4) for i in range(12)]:
-        plan = make_plan(s, budget, "test", offload_below_kept=True)
-        k = plan.layers.count("offload")
-        assert plan.layers == ("offload",) * k + ("keep",) * (32 - k) and 0 < k < 32
-        # the fastest plan that fits without offloading (what the planner took before)
-        before = next(p for p in candidate_plans(s)
-                      if "offload" not in p.layers and _fits(replace_estimate(s, p), budget))
-        assert before.layers.count("keep") <= 32 - k  # as many kept layers at least (then a larger loss chunk)
-        more_kept += before.layers.count("keep") < 32 - k
-    assert more_kept >= 6
-    one = make_plan(s, int(31.25 * GIB), "test", offload_below_kept=True)
-    assert one.layers == ("recompute",) + ("keep",) * 31  # one layer replayed: recomputed
-
-
-def test_the_model_reads_the_offload_below_kept_setting_at_each_new_plan(monkeypatch):
-    """The model's plan takes its ``offload_below_kept`` setting into its key: a budget between the two plans'
-    estimates gives "offload, keep" with it and not without it (the CPU runs an offloaded layer as recomputed)."""
-    model = tiny_lora_model().train()
-    model.gradient_checkpointing_enable(mode="auto")
-    sizes = step_sizes(model.model, 2, 256, torch.float32, torch.device("cpu"), head=model.lm_head)
-    lean, rich = (estimate_peak(sizes, MemoryPlan(m)) for m in (("offload", "keep"), ("recompute", "keep")))
-    assert lean < rich
-    budget = int((lean + rich) / 2 / (1 - HEADROOM))
-    monkeypatch.setattr(decoder_module, "device_budget", lambda device, mx: (budget, "sim"))
-    model(**_batch()).loss.backward()
-    assert model.memory_plan.layers != ("offload", "keep")
-    model.gradient_checkpointing_enable(offload_below_kept=True)
-    model(**_batch()).loss.backward()
-    assert model.memory_plan.layers == ("offload", "keep")
-
+def test_replayed_layers_below_kept_ones_are_recomputed_never_offloaded():
+    """Offloading the replayed layers below kept ones bought a kept layer or two at 16-24 GiB and measured within
+    noise (session 25, H100: -0.4% to +1.9% on five 8B rows): no plan mixes offloaded and kept layers."""
+    plans = candidate_plans(_sizes(), graphs=True, kept_graphs=True)
+    assert not any("offload" in p.layers and "keep" in p.layers for p in plans)

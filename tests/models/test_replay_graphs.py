@@ -90,14 +90,11 @@ def test_graphs_are_on_by_default_and_a_setting_of_the_model():
     """Whether the plan may take graphs is the model's setting (``gradient_checkpointing_enable``), not the
     environment's; a bad value is an error naming the choices, and None keeps the setting."""
     model = _model()
-    assert (model.model.replay_graphs, model.model.kept_graphs_setting, model.model.offload_below_kept) == \
-        ("auto", "auto", False)
-    model.gradient_checkpointing_enable(mode="auto", replay_graphs="off", kept_graphs="off", offload_below_kept=True)
-    assert (model.model.replay_graphs, model.model.kept_graphs_setting, model.model.offload_below_kept) == \
-        ("off", "off", True)
+    assert (model.model.replay_graphs, model.model.kept_graphs_setting) == ("auto", "auto")
+    model.gradient_checkpointing_enable(mode="auto", replay_graphs="off", kept_graphs="off")
+    assert (model.model.replay_graphs, model.model.kept_graphs_setting) == ("off", "off")
     model.gradient_checkpointing_enable(mode="auto")
-    assert (model.model.replay_graphs, model.model.kept_graphs_setting, model.model.offload_below_kept) == \
-        ("off", "off", True)
+    assert (model.model.replay_graphs, model.model.kept_graphs_setting) == ("off", "off")
     with pytest.raises(PronghornError, match="replay_graphs must be one of"):
         model.gradient_checkpointing_enable(replay_graphs="on")
     with pytest.raises(PronghornError, match="kept_graphs must be one of"):
