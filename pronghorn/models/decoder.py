@@ -326,6 +326,9 @@ class DecoderForCausalLM(nn.Module):
             raise PronghornError(f"gradient_checkpointing_enable: unsupported options {unknown}; pronghorn's own "
                                  "are mode (on | offload | auto | off), tiled_mlp, tiled_mlp_chunk, replay, "
                                  "max_memory, replay_graphs and kept_graphs")
+        for name, value in (("replay_graphs", replay_graphs), ("kept_graphs", kept_graphs)):
+            if value is not None and value not in GRAPH_SETTINGS:
+                raise PronghornError(f"{name} must be one of {GRAPH_SETTINGS}, got {value!r}")
         if mode is None and offload:
             mode = "offload"
         if mode is None:
@@ -343,9 +346,6 @@ class DecoderForCausalLM(nn.Module):
             self.model.replay = replay
         if max_memory is not None:
             self.set_memory_budget(max_memory)
-        for name, value in (("replay_graphs", replay_graphs), ("kept_graphs", kept_graphs)):
-            if value is not None and value not in GRAPH_SETTINGS:
-                raise PronghornError(f"{name} must be one of {GRAPH_SETTINGS}, got {value!r}")
         if replay_graphs is not None:
             self.model.replay_graphs = replay_graphs
         if kept_graphs is not None:

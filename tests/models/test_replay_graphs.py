@@ -96,7 +96,8 @@ def test_graphs_are_on_by_default_and_a_setting_of_the_model():
     model.gradient_checkpointing_enable(mode="auto")
     assert (model.model.replay_graphs, model.model.kept_graphs_setting) == ("off", "off")
     with pytest.raises(PronghornError, match="replay_graphs must be one of"):
-        model.gradient_checkpointing_enable(replay_graphs="on")
+        model.gradient_checkpointing_enable(mode="on", replay_graphs="on")
+    assert model.model.gradient_checkpointing == "auto"  # a refused call changes nothing
     with pytest.raises(PronghornError, match="kept_graphs must be one of"):
         model.gradient_checkpointing_enable(kept_graphs=True)
 
