@@ -31,7 +31,8 @@ CASES = {  # name: (workload, batch, seq, qlora)
 }
 
 
-def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto", graphs: bool = False) -> dict:
+def preview(case: str, budget_gib: float | None, mode: str = "auto", replay: str = "auto",
+            graphs: bool = False) -> dict:
     from pronghorn.models.config import ModelConfig
     from pronghorn.models.lora import LoRAConfig
     from pronghorn.models.memory_plan import relative_cost
