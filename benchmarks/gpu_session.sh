@@ -60,6 +60,8 @@
 # Session 25 (H100, 2026-12-07): attention (torch's default already runs cuDNN; the policy setting removed), the
 #   offload-below-kept rows (within noise; removed), the no-cap 8B profile (196 of 254 ms in GEMMs). Order: on an
 #   H200 families then families-gemma2 (flags as above); then budget-1b, budget-qlora, grpo, and `JOBS=8 tests`.
+#   Naming kind nvidia-h200 still gave an H100 (only needs_h200 forces one, and that is for work that cannot fit
+#   78 GiB); Unsloth's first Gemma-3 point alone ran past 141 s (its compile): give `families` its full 380 s.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
