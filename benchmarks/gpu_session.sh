@@ -62,6 +62,10 @@
 #   H200 families then families-gemma2 (flags as above); then budget-1b, budget-qlora, grpo, and `JOBS=8 tests`.
 #   Naming kind nvidia-h200 still gave an H100 (only needs_h200 forces one, and that is for work that cannot fit
 #   78 GiB); Unsloth's first Gemma-3 point alone ran past 141 s (its compile): give `families` its full 380 s.
+# Session 26 (H100, 2026-12-07): the three Llama rows beside Unsloth (8B 1.55x / 1.17x, QLoRA 1.50x / 1.17x, 1B
+#   1.46x / 1.10x on a host where Unsloth's 1B ran 52k), profiles of the 8B and 1B steps, `tests`. Order: on an
+#   H200 families then families-gemma2; on an H100 PROFILE_TRACE=$OUT/t with train_e2e.py --profile (1B and 8B, no
+#   cap) to trace the step-start gaps; then budget-1b, budget-qlora, grpo.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
@@ -86,7 +90,7 @@ case "$stage" in
       tests/kernels/test_policy.py tests/models/test_memory_plan.py tests/models/test_recompute.py \
       tests/models/test_tiled_mlp.py tests/kernels/test_lora_fused_model.py tests/kernels/test_softcapped_attention.py \
       tests/kernels/test_linear_logprobs.py tests/kernels/test_streamed_logprobs.py tests/kernels/test_adamw_sr.py \
-      tests/kernels/test_linear_cross_entropy.py tests/models/test_allocator.py \
+      tests/kernels/test_linear_cross_entropy.py tests/kernels/test_valid_rows.py tests/models/test_allocator.py \
       tests/train/test_full_finetuning_gpu.py tests/train/test_optimizers.py tests/infer/test_decode_graph.py \
       tests/models/test_replay_graphs.py tests/infer/test_sampling.py tests/train/test_optimizer_parking.py \
       tests/models/test_shared_prefix_cache.py tests/kernels/test_step_operands.py tests/models/test_kept_graphs.py \
@@ -105,13 +109,14 @@ case "$stage" in
     w=${stage#families}; w=${w#-}; w=${w:-families}
     w=${w/gemma2/gemma2-9b-qlora}; w=${w/phi3/phi3.5-mini-lora}; w=${w/gemma3/gemma3-4b-lora}
     w=${FAMILY_WORKLOADS:-$w}  # e.g. gemma3-4b-lora,phi3.5-mini-lora: two families in one call
+    name=${w//,/_}  # a comma in a file name keeps the file from coming back (session 26 lost two rows' files)
     # Unsloth 2026.10.9's compiled Gemma 2 fails in Inductor on torch 2.11: eager for every system (pronghorn
     # compiles nothing in training; session 14: its rows within 3% of session 13's without this)
     [[ $w == *gemma2* ]] && export TORCHDYNAMO_DISABLE=1
     python3 benchmarks/memory_budget.py --workloads "$w" --budgets unsloth,none --systems ${FAMILY_SYSTEMS:-pronghorn,unsloth,hf+peft} \
       --autocast ${AUTOCAST:-both} --cap-mode ${CAP_MODE:-both} \
-      --peer-scripts $PWD/.benchwheels/bench --json "$OUT/mb-$w.json" --time-limit ${TIME_LIMIT:-560} 2>&1 \
-      | tee "$OUT/mb-$w.log" | tail -40 ;;
+      --peer-scripts $PWD/.benchwheels/bench --json "$OUT/mb-$name.json" --time-limit ${TIME_LIMIT:-560} 2>&1 \
+      | tee "$OUT/mb-$name.log" | tail -40 ;;
   full-ft)
     peers
     python3 benchmarks/full_finetune.py --peer-scripts $PWD/.benchwheels/bench --json "$OUT/full_ft.json" 2>&1 \

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -197,7 +198,9 @@ def measure(system: str, workload: str, steps: int, gc_mode: str, optim: str, de
     if profile:  # after the timed steps, so the profiler's overhead does not touch tok/s or the peak
         from step_profile import limit, profile_steps
 
-        out["profile"] = profile_steps(lambda: step(batches[-1]), steps=2)
+        trace = os.environ.get("PROFILE_TRACE")  # a path: also the Chrome trace of the profiled steps, gzipped
+        out["profile"] = profile_steps(lambda: step(batches[-1]), steps=2,
+                                       trace=trace and f"{trace}-{workload}-{gc_mode}.json")
         out["limit"] = limit(out["profile"])
     model = opt = params = loss = batches = None  # free before the next row (the closure holds them too)
     gc.collect()

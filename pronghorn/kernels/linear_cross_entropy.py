@@ -53,9 +53,11 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     policy: KernelPolicy = DEFAULT_POLICY,
+    valid_rows=None,
 ) -> torch.Tensor:
     """The single entry point model code calls for the training loss. ``chunk_size``: rows of logits at a time
-    (None: the fused path's ~1 GiB buffer, the reference's 4096 rows).
+    (None: the fused path's ~1 GiB buffer, the reference's 4096 rows). ``valid_rows``: a ``ValidRows`` of
+    ``labels`` started earlier (``kernels/valid_rows.py``), for the fused path (the others do not need it).
 
     CUDA tensors take the fused chunked Triton path (``linear_cross_entropy_triton``), anything else the
     PyTorch reference; both compute the same function. A frozen head weight on the host while ``hidden`` is on
@@ -72,5 +74,6 @@ def linear_cross_entropy(
     if not policy.reference and use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
         from .linear_cross_entropy_triton import linear_cross_entropy_triton
 
-        return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size)
+        return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size,
+                                           valid_rows=valid_rows)
     return linear_cross_entropy_reference(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size or 4096)

@@ -41,10 +41,11 @@ no sync but spends matmul time on every ignored row: with prompt-masked SFT data
 head's ~10-30 ms, against the ~10-30 us a sync costs. So the count is copied to pinned host memory
 asynchronously, the argsort is enqueued behind that copy, and the host waits on an event recorded right
 after the copy: the GPU keeps busy with the sort while the host wakes up, so the GPU does not idle. What
-the sync does cost: the host loses its lead over the GPU once per step (the head's multi-millisecond
-matmuls rebuild it), and the call cannot be captured in a CUDA graph. The caller's ``num_items`` (int or
-tensor, any device) is never read back: a device tensor is used as a device tensor, a CPU tensor is read
-on the host, which needs no device sync.
+the sync does cost: the call cannot be captured in a CUDA graph, and, when the count is taken here, the host
+loses its lead over the GPU once per step. The model's forward takes it at its top instead
+(``kernels/valid_rows.py``), so that the copy has landed long before the loss asks for it. The caller's
+``num_items`` (int or tensor, any device) is never read back: a device tensor is used as a device tensor, a
+CPU tensor is read on the host, which needs no device sync.
 
 **Scaling.** The gradients stored between forward and backward are *unscaled* (for a summed loss); the
 factor ``grad_output / num_items`` is applied once in backward, in fp32. Scaling by ``1 / num_items``
@@ -66,6 +67,7 @@ import triton.language as tl
 
 from .linear_cross_entropy import IGNORE_INDEX
 from .logits_chunks import chunk_rows
+from .valid_rows import ValidRows
 
 _BLOCK_V = 16384  # vocab elements per loop step of the CE kernel on the GPU (H100 sweep: best with 16 warps)
 _NUM_WARPS = 16
@@ -178,21 +180,6 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, igno
     )
 
 
-def _valid_count_and_order(labels: torch.Tensor, ignore_index: int) -> tuple[int, torch.Tensor]:
-    """(number of non-ignored rows on the host, row order with the valid rows first, order kept)."""
-    ignored = (labels == ignore_index).to(torch.uint8)
-    if not labels.is_cuda:
-        return int(labels.numel() - ignored.sum()), torch.argsort(ignored, stable=True)
-    count = labels.numel() - ignored.sum()
-    host = torch.empty((), dtype=count.dtype, pin_memory=True)
-    host.copy_(count, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    order = torch.argsort(ignored, stable=True)  # enqueued behind the copy: the GPU works while we wait
-    copied.synchronize()
-    return int(host), order
-
-
 def _dweight(acc: torch.Tensor | None, dlogits: torch.Tensor, h: torch.Tensor, fp32: bool) -> torch.Tensor:
     """dlogits^T @ h, added to ``acc`` when given; with ``fp32`` the result (and the sum) is fp32."""
     a = dlogits.t()
@@ -210,10 +197,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, num_items, ignore_index, softcap, chunk_size, need_dh, need_dw,
-                block_v):
+                block_v, valid_rows):
         N, H = hidden.shape
         V = weight.shape[0]
-        n, order = _valid_count_and_order(labels, ignore_index)
+        if valid_rows is None:
+            valid_rows = ValidRows(labels, ignore_index)
+        n, order = valid_rows.count(), valid_rows.order
         all_valid = n == N
         idx = order[:n]
         y = labels.contiguous() if all_valid else labels.index_select(0, idx)
@@ -264,7 +253,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         scale = (grad_out.to(torch.float32) / ctx.denom).reshape(())  # 0-d fp32 on the device
         gh = _scaled(dh, scale, dh.dtype) if dh is not None else None
         gw = _scaled(dw, scale, ctx.weight_dtype) if dw is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy_triton(
@@ -276,12 +265,16 @@ def linear_cross_entropy_triton(
     softcap: float | None = None,
     chunk_size: int | None = None,
     block_v: int | None = None,
+    valid_rows: ValidRows | None = None,
 ) -> torch.Tensor:
-    """Fused chunked head + CE; ``chunk_size`` caps rows per chunk (default: a ~1 GiB logits buffer)."""
+    """Fused chunked head + CE; ``chunk_size`` caps rows per chunk (default: a ~1 GiB logits buffer).
+    ``valid_rows``: ``labels``' count and order of valid rows, started earlier (``kernels/valid_rows.py``)."""
+    if valid_rows is not None and not valid_rows.matches(labels, ignore_index):
+        raise ValueError("linear_cross_entropy: valid_rows were counted for other labels")
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)  # differentiable cast (autocast-style mixed dtypes)
     grad = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(
         hidden, weight, labels, num_items, ignore_index, softcap, chunk_size,
-        grad and hidden.requires_grad, grad and weight.requires_grad, block_v,
+        grad and hidden.requires_grad, grad and weight.requires_grad, block_v, valid_rows,
     )

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
+from ..kernels.valid_rows import ValidRows
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from ..kernels.step_operands import StepOperands, training_operands
@@ -408,10 +409,14 @@ class DecoderForCausalLM(nn.Module):
         whose cap comes first); ``return_entropy``: also ``token_entropy`` [batch, seq], each distribution's
         entropy (no gradient, 0 where ignored)."""
         plan = self.training_plan(*(input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
+        valid_rows = None
+        if labels is not None:
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if shift_labels is None else shift_labels
+            if shifted.is_cuda and not return_token_logps:  # the loss's row count, copied while the layers run
+                valid_rows = ValidRows(shifted.reshape(-1))
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if shift_labels is None else shift_labels
             weight = self.lm_head.weight
             small = plan is not None and plan.loss_chunk_bytes < LOSS_CHUNK_BYTES[0]  # else the loss's own default
             rows = max(1, plan.loss_chunk_bytes // (weight.shape[0] * hidden.element_size())) if small else None
@@ -427,9 +432,10 @@ class DecoderForCausalLM(nn.Module):
                     tok, out["token_entropy"] = tok
                 out["token_logps"] = tok
                 return out
-            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
-                                        num_items_in_batch, softcap=self.config.parts.final_softcap, chunk_size=rows,
-                                        policy=self.kernel_policy)
+            flat = shifted.reshape(-1) if valid_rows is None else valid_rows.labels
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat, num_items_in_batch,
+                                        softcap=self.config.parts.final_softcap, chunk_size=rows,
+                                        policy=self.kernel_policy, valid_rows=valid_rows)
         if return_logits is None:
             return_logits = labels is None or not (self.training and torch.is_grad_enabled())
         logits = None

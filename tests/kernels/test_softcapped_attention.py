@@ -208,8 +208,11 @@ def test_wide_head_with_the_gpu_blocks(kernel, monkeypatch):
 
 def test_autotuned_launch_takes_its_config(kernel, monkeypatch):
     """The GPU's autotuned launch (grids from the config's blocks, the dQ kernel's blocks swapped) run here with
-    one config each, which the tuner takes without timing (the backward's blocks differ from the untuned launch's,
-    so sums run in another order: fp32, 1e-6)."""
+    one config each, which the tuner takes without timing. The backward's blocks differ from the untuned launch's,
+    so its dots run in another order, and the capped scores z it recomputes may differ by an ulp: at |z| < 32 (the
+    cap is 30) that is 2^-19, the same relative error in P = exp(z - lse), so the two launches' gradients may be
+    2 x 2^-19 apart (a bound of 1e-6 held on one CPU's numpy and not on another's: dv 1.6e-6 apart, each launch
+    within 1.6e-6 of the float64 result, the file's fp32 bound 1e-5)."""
     (q, k, v, do), kp = _case(37, 37, 24, torch.float32, seed=5, padding=3)
     kw = dict(window=9, key_padding=kp)
     want = _run(lambda *t: softcapped_attention(*t, None, True, 30.0, 0.2, **kw), q, k, v, do)
@@ -221,7 +224,7 @@ def test_autotuned_launch_takes_its_config(kernel, monkeypatch):
     got = _run(lambda *t: softcapped_attention(*t, None, True, 30.0, 0.2, **kw), q, k, v, do)
     assert {k.fn.__name__ for k in sa_triton._TUNED} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert _rel(a, b) <= 1e-6, name
+        assert _rel(a, b) <= 2 * 2 ** -19, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner's configs are GPU blocks")
