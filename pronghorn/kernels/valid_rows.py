@@ -3,9 +3,9 @@
 The fused head + cross-entropy (``linear_cross_entropy_triton``) drops ignored rows before its matmuls, and a
 cuBLAS call needs its row count on the host. Read at the loss, that count is a wait on the GPU: the host, until
 then ahead of the GPU by as much as the whole forward, stops until the GPU has run every layer, then launches the
-loss's small kernels one at a time onto an idle GPU. Started at the top of the model's forward (``DecoderForCausalLM
-.forward`` does), the count's copy is done as soon as the GPU starts the first layer, so by the time the host
-reaches the loss the wait returns at once and the host keeps its lead.
+loss's small kernels one at a time onto an idle GPU. Started at the top of the model's forward
+(``DecoderForCausalLM.forward`` does), the count's copy lands as soon as the GPU starts the forward: a host that
+reaches the loss before that waits with every layer still queued behind the copy, so the GPU never runs dry.
 
 The values are the same either way: the count of labels not equal to ``ignore_index`` and the stable argsort of
 the ignore mask (valid rows first, in their order).
