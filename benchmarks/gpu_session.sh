@@ -65,7 +65,8 @@
 # Session 26 (H100, 2026-12-07): the three Llama rows beside Unsloth (8B 1.55x / 1.17x, QLoRA 1.50x / 1.17x, 1B
 #   1.46x / 1.10x on a host where Unsloth's 1B ran 52k), profiles of the 8B and 1B steps, `tests`. Order: on an
 #   H200 families then families-gemma2; on an H100 PROFILE_TRACE=$OUT/t with train_e2e.py --profile (1B and 8B, no
-#   cap) to trace the step-start gaps; then budget-1b, budget-qlora, grpo.
+#   cap) to trace the step-start gaps (read the traces with benchmarks/trace_gaps.py); then budget-1b,
+#   budget-qlora, grpo.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
