@@ -15,10 +15,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
-from ..kernels.valid_rows import ValidRows
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from ..kernels.step_operands import StepOperands, training_operands
+from ..kernels.valid_rows import ValidRows
 from .allocator import expand_segments_under_budget, release_workspaces
 from .attention import Attention, attention_visibility, build_attention_mask
 from .config import ModelConfig
@@ -412,8 +412,9 @@ class DecoderForCausalLM(nn.Module):
         valid_rows = None
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if shift_labels is None else shift_labels
-            if shifted.is_cuda and not return_token_logps:  # the loss's row count, copied while the layers run
-                valid_rows = ValidRows(shifted.reshape(-1))
+            flat = None if return_token_logps else shifted.reshape(-1)  # the loss's labels
+            if flat is not None and flat.is_cuda:  # the loss's row count, copied while the layers run
+                valid_rows = ValidRows(flat)
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None
         if labels is not None:
@@ -432,7 +433,6 @@ class DecoderForCausalLM(nn.Module):
                     tok, out["token_entropy"] = tok
                 out["token_logps"] = tok
                 return out
-            flat = shifted.reshape(-1) if valid_rows is None else valid_rows.labels
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat, num_items_in_batch,
                                         softcap=self.config.parts.final_softcap, chunk_size=rows,
                                         policy=self.kernel_policy, valid_rows=valid_rows)
