@@ -32,3 +32,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
         return RMSNormFunction.apply(x, weight, eps, offset)
     return rms_norm_reference(x, weight, eps, offset)
+
+
+def rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                           policy: KernelPolicy = DEFAULT_POLICY) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x), x)`` for a pre-norm block, ``x + f(normed)``: take the residual from here. On the Triton
+    path the returned ``x`` is an alias whose gradient reaches the norm's backward, which adds it into dX as it
+    writes it (no separate add of the two gradients); elsewhere it is ``x`` itself."""
+    if not policy.reference and use_triton(x, weight):
+        from .rmsnorm_triton import ResidualRMSNormFunction
+
+        return ResidualRMSNormFunction.apply(x, weight, eps, offset)
+    return rms_norm_reference(x, weight, eps, offset), x

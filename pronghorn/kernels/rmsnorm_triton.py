@@ -8,6 +8,13 @@ The forward saves one fp32 ``1/rms`` per row; the backward recomputes the normal
 from it and returns dX always and dW only when the weight needs a gradient, from per-program fp32 partial
 sums that torch reduces afterwards (no atomics, deterministic).
 
+A pre-norm block's input feeds both its norm and its residual sum, so autograd adds two gradients into it: the
+norm's dX and the block output's gradient (an add kernel over [tokens, hidden] per block, two per layer).
+:class:`ResidualRMSNormFunction` hands the input back as the residual's operand, so both gradients reach its one
+backward, whose kernel adds the residual's in as it writes dX: two passes over [tokens, hidden] fewer per block.
+It rounds dX to its dtype before the add, then adds in fp32 and rounds, as torch's add of the two does: the sum
+is the unfused one bit for bit.
+
 Rows are tiles of ``ROWS x BLOCK`` (several short rows per program, one long row); row offsets are int64, so
 ``row * stride`` may exceed 2^31.
 """
@@ -65,9 +72,10 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DX, DW_PARTIAL, DY, X, W, RSTD,
-    stride_dx, stride_dy, stride_x, n_rows, n_cols, offset,
-    OFFSET: tl.constexpr, HAS_DW: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    DX, DW_PARTIAL, DY, X, W, RSTD, DRES,
+    stride_dx, stride_dy, stride_x, stride_dres, n_rows, n_cols, offset,
+    OFFSET: tl.constexpr, HAS_DW: tl.constexpr, HAS_DRES: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first_row = pid * (TILES * ROWS)  # each program owns TILES whole tiles of ROWS rows
@@ -90,6 +98,9 @@ def _rms_norm_bwd_kernel(
         # d/dx of x * rstd(x):  rstd * (dn - n * mean(dn * n))
         dot = tl.sum(dnormed * normed, axis=1) / n_cols
         dx = rstd[:, None] * (dnormed - normed * dot[:, None])
+        if HAS_DRES:  # the residual's gradient, added as torch adds two gradients of dX's dtype
+            dres = tl.load(DRES + r64 * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx = dx.to(DX.dtype.element_ty).to(tl.float32) + dres
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DW:  # y = w * n: dW sums dy times the normalised value as the forward scaled it
             dw += tl.sum(dy * _as_scaled(normed, X, OFFSET), axis=0)
@@ -139,10 +150,15 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
     return y.view(x.shape), x2, rstd
 
 
-def rms_norm_backward(dy, x2, weight, rstd, offset: float, need_dw: bool):
-    """(dx as rows, dw or None) from the upstream gradient and what the forward saved."""
+def rms_norm_backward(dy, x2, weight, rstd, offset: float, need_dw: bool, dres: torch.Tensor | None = None):
+    """(dx as rows, dw or None) from the upstream gradient and what the forward saved; ``dres``: a gradient of
+    the input's shape and dtype that dx gets added (the residual's, ``ResidualRMSNormFunction``)."""
     n_rows, n_cols = x2.shape
     dy2 = _rows(dy)
+    dres2 = dy2 if dres is None else _rows(dres)  # without one: a placeholder the kernel does not read
+    if dres is not None and (dres2.shape != x2.shape or dres.dtype != x2.dtype):
+        raise ValueError(f"rms_norm_backward: the residual's gradient is {tuple(dres.shape)} {dres.dtype}, "
+                         f"expected the input's {tuple(x2.shape)} {x2.dtype}")
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if need_dw else None
@@ -154,9 +170,10 @@ def rms_norm_backward(dy, x2, weight, rstd, offset: float, need_dw: bool):
     programs = triton.cdiv(n_rows, tiles * rows)
     partial = torch.empty((programs, n_cols) if need_dw else (1,), dtype=torch.float32, device=x2.device)
     _rms_norm_bwd_kernel[(programs,)](
-        dx, partial, dy2, x2, weight, rstd,
-        dx.stride(0), dy2.stride(0), x2.stride(0), n_rows, n_cols, offset,
-        OFFSET=bool(offset), HAS_DW=need_dw, TILES=tiles, ROWS=rows, BLOCK=block, num_warps=warps,
+        dx, partial, dy2, x2, weight, rstd, dres2,
+        dx.stride(0), dy2.stride(0), x2.stride(0), dres2.stride(0), n_rows, n_cols, offset,
+        OFFSET=bool(offset), HAS_DW=need_dw, HAS_DRES=dres is not None, TILES=tiles, ROWS=rows, BLOCK=block,
+        num_warps=warps,
     )
     return dx, partial.sum(0).to(weight.dtype) if need_dw else None
 
@@ -178,3 +195,26 @@ class RMSNormFunction(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(dy, x2, weight, rstd, ctx.offset, ctx.needs_input_grad[1])
         return dx.view(ctx.x_shape), dw, None, None
+
+
+class ResidualRMSNormFunction(torch.autograd.Function):
+    """``(rms_norm(x), x)``: the norm and its input handed back for the block's residual sum, so the backward
+    gets both gradients and writes their sum as dX in one kernel; ``apply(x, weight, eps, offset)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0):
+        weight = weight.contiguous()
+        y, x2, rstd = rms_norm_forward(x, weight, float(eps), float(offset))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.offset, ctx.x_shape = float(offset), x.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to add
+        return y, x  # x as is: autograd hands the residual an alias whose gradient comes back here
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor | None, dres: torch.Tensor | None):
+        x2, weight, rstd = ctx.saved_tensors
+        if dy is None:  # the norm's output took no part in the loss: dX is the residual's alone
+            return (dres if ctx.needs_input_grad[0] else None), None, None, None
+        dx, dw = rms_norm_backward(dy, x2, weight, rstd, ctx.offset, ctx.needs_input_grad[1], dres)
+        return (dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None), dw, None, None

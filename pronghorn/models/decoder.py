@@ -95,8 +95,9 @@ class DecoderLayer(nn.Module):
     def attention_block(self, x, cos, sin, masks, cache, output_unused: bool = False):
         """The first residual block: ``x`` plus self-attention of its norm (checkpointing replays the two blocks
         apart). ``output_unused``: a replay whose values are thrown away (o_proj skips its matmul)."""
+        normed, x = self.input_layernorm.with_residual(x)  # the residual's gradient joins the norm's backward
         # a sandwich post-norm's backward reads the attention output: its values are used even in a replay
-        h = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, output_unused and not self.sandwich)
+        h = self.self_attn(normed, cos, sin, masks, cache, output_unused and not self.sandwich)
         return x + (self.post_attention_layernorm(h) if self.sandwich else h)
 
     def mlp_block(self, x, mlp_chunk: int | None = None, output_unused: bool = False):
@@ -105,7 +106,11 @@ class DecoderLayer(nn.Module):
         if mlp_chunk:
             params = [*self._mlp_norms_parameters(), *self.mlp.parameters()]
             return x + sequence_tiled(self._norm_mlp, x, mlp_chunk, params, output_unused)
-        return x + self._norm_mlp(x, output_unused)
+        normed, x = self._mlp_norm().with_residual(x)
+        return x + self._mlp_of_normed(normed, output_unused)
+
+    def _mlp_norm(self) -> RMSNorm:
+        return self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
 
     def _mlp_norms_parameters(self):
         if self.sandwich:
@@ -113,9 +118,12 @@ class DecoderLayer(nn.Module):
         return list(self.post_attention_layernorm.parameters())
 
     def _norm_mlp(self, x, output_unused: bool = False):
+        return self._mlp_of_normed(self._mlp_norm()(x), output_unused)
+
+    def _mlp_of_normed(self, normed, output_unused: bool = False):
         if self.sandwich:  # the post-norm's backward reads the MLP's output: its values are used even in a replay
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return self.mlp(self.post_attention_layernorm(x), output_unused=output_unused)
+            return self.post_feedforward_layernorm(self.mlp(normed))
+        return self.mlp(normed, output_unused=output_unused)
 
 
 class DecoderModel(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import rms_norm
+from ..kernels import rms_norm, rms_norm_with_residual
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 
 
@@ -21,3 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.offset, self.kernel_policy)
+
+    def with_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x), x)`` for a pre-norm block: its residual sum takes this ``x``, so the two gradients into
+        ``x`` are summed in the norm's backward (kernels.rms_norm_with_residual)."""
+        return rms_norm_with_residual(x, self.weight, self.eps, self.offset, self.kernel_policy)
