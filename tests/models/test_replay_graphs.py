@@ -112,6 +112,21 @@ def test_graphs_are_not_used_on_a_cpu():
     assert not model.memory_plan.replay_graphs and model.model.graphs is None
 
 
+def test_graphs_are_refused_where_a_layer_draws_random_numbers():
+    """Adapters with dropout, or a dropout module anywhere inside a layer: no graphs (the check walks every
+    submodule; the device is only looked at by its type, so a CPU run can ask about CUDA)."""
+    cuda = torch.device("cuda")
+    model = _model()
+    assert graphs_possible(model.model.layers, cuda)
+    model.model.layers[1].mlp.down_proj.lora_dropout = 0.1
+    assert not graphs_possible(model.model.layers, cuda)
+    model.model.layers[1].mlp.down_proj.lora_dropout = 0.0
+    model.model.layers[-1].self_attn.extra = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.1))
+    assert not graphs_possible(model.model.layers, cuda)
+    model.model.layers[-1].self_attn.extra[1].p = 0.0
+    assert graphs_possible(model.model.layers, cuda)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [None, "bf16"])
 @pytest.mark.parametrize("plan", [PLANS[0], PLANS[2], PLANS[4]], ids=["recompute", "offload-parked", "offload-keep"])
