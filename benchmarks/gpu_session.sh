@@ -26,6 +26,8 @@
 #   bash benchmarks/gpu_session.sh peak-8b      # issue 15: the 8B rows at Unsloth's peak, auto and split (~5 min)
 #   bash benchmarks/gpu_session.sh kept         # kept layers as CUDA graphs: GPU tests, no-cap rows on/off/on
 #                                               #   beside Unsloth (KEPT_WORKLOADS="1b-lora gemma3-4b-lora")
+#   bash benchmarks/gpu_session.sh residual     # session 27: the residual-summing norms' GPU tests, no-cap rows
+#                                               #   fused/unfused/fused, the 1B trace's long gaps (~6-8 min)
 #   bash benchmarks/gpu_session.sh gsm8k-stash  # issue 18: the default model's GGUF (98 MB) cannot travel in one
 #   bash benchmarks/gpu_session.sh gsm8k        #   call (64 MiB): carry .gguf_a in one call (stash), .gguf_b in the
 #                                               #   next, back to back on the warm machine; gsm8k GRPO on the real model
@@ -67,6 +69,11 @@
 #   H200 families then families-gemma2; on an H100 PROFILE_TRACE=$OUT/t with train_e2e.py --profile (1B and 8B, no
 #   cap) to trace the step-start gaps (read the traces with benchmarks/trace_gaps.py); then budget-1b,
 #   budget-qlora, grpo.
+# Session 27 (2026-12-07): no machine was lent. Built: the pre-norms sum their block's residual gradient in their
+#   backward kernel; graphs_possible (every step, GPU idle) is 3-5x cheaper; the early loss count only on the fused
+#   path. Order: `residual` (their GPU tests, the no-cap rows fused/unfused/fused, the 1B trace), then the Llama rows
+#   beside Unsloth (FAMILY_WORKLOADS=1b-lora,8b-lora FAMILY_SYSTEMS=unsloth,pronghorn CAP_MODE=kwarg families,
+#   AUTOCAST both); on an H200 families then families-gemma2; budget-1b, budget-qlora, grpo.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
@@ -257,6 +264,22 @@ case "$stage" in
     python3 benchmarks/kernel_speed.py --shapes llama-3.1-8b,llama-3.2-1b,phi-3.5-mini,gemma-3-4b --tokens 4096,16384 \
       --ops attention --no-compile --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | grep -A80 "^shape"
     ;;
+  residual)  # session 27: the pre-norms that sum their block's residual gradient (kernels/rmsnorm_triton), their GPU
+    # tests and the paths around them (kept and replayed graphs, the early count), then the no-cap 1B and 8B rows,
+    # fused / unfused / fused (one process each: an A/B/A in one call), then the 1B step's trace and its long gaps
+    PRONGHORN_TESTS_WITHOUT_DEFAULT_MODEL=1 python3 -m pytest -q -p no:cacheprovider -n ${JOBS:-6} \
+      tests/kernels/test_rmsnorm.py tests/kernels/test_rmsnorm_residual.py tests/kernels/test_valid_rows.py \
+      tests/models/test_kept_graphs.py tests/models/test_replay_graphs.py tests/models/test_recompute.py \
+      tests/kernels/test_lora_fused_model.py 2>&1 | tee "$OUT/residual-tests.log" | tail -6
+    i=0
+    for r in fused unfused fused; do
+      i=$((i + 1))
+      python3 benchmarks/train_e2e.py --workloads ${RESIDUAL_WORKLOADS:-llama-3.2-1b,llama-3.1-8b} --systems pronghorn \
+        --residual-norm $r --json "$OUT/residual-$i-$r.json" 2>&1 | grep "^llama"
+    done
+    PROFILE_TRACE=$OUT/trace python3 benchmarks/train_e2e.py --workloads llama-3.2-1b --systems pronghorn --profile \
+      --json "$OUT/trace-1b.json" 2>&1 | grep -A3 "^per step"
+    python3 benchmarks/trace_gaps.py "$OUT/trace-llama-3.2-1b-auto.json.gz" | head -80 ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -223,6 +223,8 @@ def main(argv=None) -> None:
                                                                      "in pinned host memory (models/host_embedding)")
     ap.add_argument("--replay", default="auto", choices=("auto", "split", "whole"), help="pronghorn: a replayed "
                     "layer's backward one residual block at a time, whole, or as the memory plan picks (recompute.py)")
+    ap.add_argument("--residual-norm", default="fused", choices=("fused", "unfused"), help="pronghorn ablation: "
+                    "unfused: the pre-norms hand back x and autograd sums its two gradients (kernels/rmsnorm_triton)")
     ap.add_argument("--optim", default="adamw_torch_fused", help="adamw_torch_fused | adamw_torch | adamw_8bit")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB: pronghorn's memory budget (the plan "
                                                                    "that fits it, e.g. to profile a lean plan)")
@@ -242,6 +244,10 @@ def main(argv=None) -> None:
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
     global REPLAY
     REPLAY = a.replay
+    if a.residual_norm == "unfused":  # the ablation: the norm's own Function, the residual's sum left to autograd
+        from pronghorn.models.norm import RMSNorm
+
+        RMSNorm.with_residual = lambda self, x: (self(x), x)
     modes = a.gc.split(",")
     bad = [m for m in modes if m not in GC_MODES]
     if bad:
@@ -266,7 +272,7 @@ def main(argv=None) -> None:
             print(f"{r['workload']:<20} {r['system']:<16} {r['gc']:<8} " +
                   " ".join(f"{k}={v}" for k, v in r["profile"].items()))
     write_results(a.json, run_meta(optim=a.optim, steps=a.steps, offload_embedding=a.offload_embedding,
-                                   replay=a.replay), rows)
+                                   replay=a.replay, residual_norm=a.residual_norm), rows)
 
 if __name__ == "__main__":
     main()

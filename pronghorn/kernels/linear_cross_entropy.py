@@ -63,7 +63,7 @@ def linear_cross_entropy(
     PyTorch reference; both compute the same function. A frozen head weight on the host while ``hidden`` is on
     a GPU (a tied table kept there) is streamed slice by slice (``streamed_logprobs``): minus the summed
     log-probs over the same count."""
-    if weight.device != hidden.device and not weight.requires_grad:
+    if _streamed(weight, hidden.device):
         from .streamed_logprobs import streamed_logprobs
 
         logp = streamed_logprobs(hidden, weight, labels, ignore_index, softcap=softcap)
@@ -71,9 +71,22 @@ def linear_cross_entropy(
         if isinstance(count, torch.Tensor):
             count = count.to(logp.device)
         return -logp.sum() / count
-    if not policy.reference and use_triton(hidden, weight, labels) and hidden.dtype in _TRITON_DTYPES:
+    if fused_loss_path(weight, labels, hidden.device, policy) and use_triton(hidden) and hidden.dtype in _TRITON_DTYPES:
         from .linear_cross_entropy_triton import linear_cross_entropy_triton
 
         return linear_cross_entropy_triton(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size,
                                            valid_rows=valid_rows)
     return linear_cross_entropy_reference(hidden, weight, labels, num_items, ignore_index, softcap, chunk_size or 4096)
+
+
+def _streamed(weight: torch.Tensor, device: torch.device) -> bool:
+    """A frozen head weight away from the hidden states (a tied table kept on the host): streamed."""
+    return weight.device != device and not weight.requires_grad
+
+
+def fused_loss_path(weight: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                    policy: KernelPolicy = DEFAULT_POLICY) -> bool:
+    """Whether ``linear_cross_entropy`` of hidden states on ``device`` (of a kernel dtype) takes the fused Triton
+    path, the one that reads a ``ValidRows``: asked by the model before its layers run, where it starts one only
+    for this path."""
+    return not policy.reference and weight.device == device and use_triton(weight, labels)

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PronghornError
 from ..kernels import IGNORE_INDEX, geglu, linear_cross_entropy, rope_cos_sin, swiglu
+from ..kernels.linear_cross_entropy import fused_loss_path
 from ..kernels.linear_logprobs import linear_logprobs
 from ..kernels.policy import DEFAULT_POLICY, KernelPolicy
 from ..kernels.step_operands import StepOperands, training_operands
@@ -421,7 +422,8 @@ class DecoderForCausalLM(nn.Module):
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if shift_labels is None else shift_labels
             flat = None if return_token_logps else shifted.reshape(-1)  # the loss's labels
-            if flat is not None and flat.is_cuda:  # the loss's row count, copied while the layers run
+            # the fused loss's row count, copied while the layers run
+            if flat is not None and fused_loss_path(self.lm_head.weight, flat, self.device, self.kernel_policy):
                 valid_rows = ValidRows(flat)
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, plan)
         loss = None

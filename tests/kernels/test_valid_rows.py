@@ -70,6 +70,7 @@ def test_the_reference_path_ignores_them():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the model starts the count only for CUDA labels")
 def test_the_model_starts_the_count_before_its_first_layer(monkeypatch):
     from helpers import moving_padding_batch, tiny_lora_model
+    from pronghorn.kernels.policy import KernelPolicy
     from pronghorn.models import decoder
 
     events = []
@@ -88,3 +89,21 @@ def test_the_model_starts_the_count_before_its_first_layer(monkeypatch):
     model.model.layers[0].register_forward_pre_hook(lambda *_: events.append("layer 0"))
     model(**moving_padding_batch(0, "cuda")).loss.backward()
     assert events == ["count started", "layer 0", "count read"]
+    events.clear()
+    model.set_kernel_policy(KernelPolicy(reference=True))  # the reference loss counts for itself
+    model(**moving_padding_batch(0, "cuda")).loss.backward()
+    assert events == ["layer 0"]
+
+
+def test_the_count_is_started_only_for_the_fused_path():
+    """The model asks ``fused_loss_path`` before its layers: a reference policy, a CPU and a head on another
+    device (a tied table kept on the host, which the loss streams) take other paths, which read no count."""
+    from pronghorn.kernels.linear_cross_entropy import fused_loss_path
+    from pronghorn.kernels.policy import KernelPolicy
+
+    labels, weight = _labels(), torch.randn(50, 16, device=DEV)
+    assert not fused_loss_path(weight.cpu(), labels.cpu(), torch.device("cpu"))
+    assert not fused_loss_path(weight, labels, weight.device, KernelPolicy(reference=True))
+    if torch.cuda.is_available():
+        assert fused_loss_path(weight, labels, weight.device)
+        assert not fused_loss_path(weight.cpu(), labels, weight.device)  # the streamed head
