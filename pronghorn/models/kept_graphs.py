@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..kernels.adapter_operands import operands_kept
-from .replay_graphs import CudaGraph, EagerGraph, GraphSet, LayerGraph, StaticArgs, module_signature, own_leaves
+from .replay_graphs import CudaGraph, EagerGraph, GraphSet, LayerGraph, StaticArgs, layer_state, own_leaves
 
 MAX_CAPTURES = 3  # per batch shape: the first capture and two after the model's tensors moved
 
@@ -88,14 +88,15 @@ class KeptGraphs(GraphSet):
         if self._busy():
             return None
         leaves, spec, arg_key = self._flatten(args)
-        params = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+        states = [layer_state(layer) for layer in layers]  # (trainable parameters, signature) per layer
+        params = [state[0] for state in states]
         if arg_key is None or not all(params):
             return None
         device = x.device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         key = (tuple(x.shape), x.dtype, x.device, x.requires_grad, arg_key, autocast)
         repeated, self.last_key = self.last_key == key, key
-        signature = tuple(module_signature(layer) for layer in layers)
+        signature = tuple(state[1] for state in states)
         shape = self.shapes.get(key)
         if shape is None or not shape.complete or shape.signature != signature:
             if not repeated or self.capture_counts.get(key, 0) >= MAX_CAPTURES:

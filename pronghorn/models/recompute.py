@@ -36,6 +36,7 @@ from ..kernels.adapter_operands import open_store, operands_kept
 from ..kernels.nf4 import dequantized_once
 from .memory_plan import MemoryPlan
 from .pinned_host import pinned_empty
+from .replay_graphs import layer_state
 
 MODES = ("off", "on", "offload", "auto")
 _ALIASES = {"unsloth": "offload", "true": "on", "false": "off", "none": "off"}
@@ -88,7 +89,7 @@ def _replayed(layers, x: torch.Tensor, args: tuple, plan: MemoryPlan, graphs) ->
     """``x`` through the layers below the kept ones at the top (``plan.layers`` from the first)."""
     previous = None  # the host slot fetched last in the backward of the last offloaded layer: ours come next
     for layer, mode in zip(layers, plan.layers):
-        params = [p for p in layer.parameters() if p.requires_grad]
+        params = layer_state(layer)[0]  # trainable, in parameters() order
         if mode == "keep" or (not params and not x.requires_grad):
             x = layer(x, *args)
             continue
@@ -205,7 +206,7 @@ class _ReplayedLayer(torch.autograd.Function):
         # a parked MLP input is fetched first (that starts the prefetch of the layer input); the layer input is
         # fetched when the replay first needs it (a split replay from a parked input: after the MLP block)
         mid = None if ctx.mid_slot is None else ctx.mid_slot.fetch()
-        params = [p for p in ctx.layer.parameters() if p.requires_grad]
+        params = layer_state(ctx.layer)[0]
         split = (ctx.plan.split_replay or mid is not None) and hasattr(ctx.layer, "mlp_block")
         if ctx.graphs is not None:
             ctx.operands = None

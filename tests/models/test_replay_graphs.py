@@ -11,7 +11,7 @@ from helpers import moving_padding_batch as _batch, randomize_lora_b, tiny_lora_
 from pronghorn.errors import PronghornError
 from pronghorn.models.memory_plan import MemoryPlan
 from pronghorn.models.replay_graphs import (MAX_SHAPES, EagerGraph, ReplayGraphs, graphs_possible,
-                                            module_signature)
+                                            layer_state, module_signature)
 
 PLANS = [MemoryPlan(("recompute", "recompute"), replay_graphs=True),
          MemoryPlan(("recompute", "keep"), split_replay=True, replay_graphs=True),
@@ -190,3 +190,34 @@ def test_shapes_that_change_every_step_are_not_captured():
     for length in (10, 10, 10):
         _step(model, _batch(0, length=length))
     assert sum(graphs.captures.values()) == 4  # two layers' forward and backward graphs, at the second 10
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_one_walk_gives_torchs_lists_and_sees_every_change(qlora):
+    """``layer_state``: the trainable parameters are ``parameters()``'s, in its order; the signature is stable
+    from step to step and changes when a tensor moves, changes dtype or shape, or an adapter is switched,
+    rescaled, replaced or removed."""
+    model = _model()
+    layer = model.model.layers[0]
+    if qlora:
+        for m in layer.modules():
+            if hasattr(m, "quantize_nf4"):
+                m.quantize_nf4()
+    params, signature = layer_state(layer)
+    assert [id(p) for p in params] == [id(p) for p in layer.parameters() if p.requires_grad] and params
+    assert signature == module_signature(layer) == layer_state(layer)[1]
+    n_tensors = len({id(t) for t in (*layer.parameters(), *layer.buffers())})
+    assert len(signature[0]) == n_tensors
+    proj = layer.self_attn.o_proj
+    changes = [
+        lambda: setattr(proj, "lora_enabled", False),
+        lambda: setattr(proj, "lora_scaling", proj.lora_scaling * 2),
+        lambda: setattr(proj.lora_B, "data", proj.lora_B.detach().clone()),  # moved, no new Parameter
+        lambda: setattr(proj.lora_A, "data", proj.lora_A.detach().double()),
+        lambda: setattr(proj, "lora_A", torch.nn.Parameter(proj.lora_A.detach()[:2].clone())),
+        proj.remove_lora,
+    ]
+    for change in changes:
+        before = layer_state(layer)[1]
+        change()
+        assert layer_state(layer)[1] != before
