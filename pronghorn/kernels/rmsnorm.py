@@ -38,9 +38,13 @@ def rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float, of
                            policy: KernelPolicy = DEFAULT_POLICY) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x), x)`` for a pre-norm block, ``x + f(normed)``: take the residual from here. On the Triton
     path the returned ``x`` is an alias whose gradient reaches the norm's backward, which adds it into dX as it
-    writes it (no separate add of the two gradients); elsewhere it is ``x`` itself."""
-    if not policy.reference and use_triton(x, weight):
+    writes it (no separate add of the two gradients); elsewhere it is ``x`` itself.
+
+    16-bit inputs only: there the kernel's sum is autograd's bit for bit. In fp32 the GPU compiler contracts the
+    kernel's last product and the add into one FMA, one rounding fewer than the unfused sum (on an H100 the fp32
+    gradients differed in the last bit), so fp32 keeps the norm's own Function and autograd's add."""
+    if not policy.reference and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x, weight):
         from .rmsnorm_triton import ResidualRMSNormFunction
 
         return ResidualRMSNormFunction.apply(x, weight, eps, offset)
-    return rms_norm_reference(x, weight, eps, offset), x
+    return rms_norm(x, weight, eps, offset, policy), x

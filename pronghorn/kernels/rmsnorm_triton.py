@@ -12,8 +12,10 @@ A pre-norm block's input feeds both its norm and its residual sum, so autograd a
 norm's dX and the block output's gradient (an add kernel over [tokens, hidden] per block, two per layer).
 :class:`ResidualRMSNormFunction` hands the input back as the residual's operand, so both gradients reach its one
 backward, whose kernel adds the residual's in as it writes dX: two passes over [tokens, hidden] fewer per block.
-It rounds dX to its dtype before the add, then adds in fp32 and rounds, as torch's add of the two does: the sum
-is the unfused one bit for bit.
+It rounds dX to its dtype before the add, then adds in fp32 and rounds, as torch's add of the two does: for
+bf16 and fp16 the sum is the unfused one bit for bit. Not for fp32, where nothing separates the last product from
+the add and the GPU compiler fuses them into one FMA (one rounding fewer: ``kernels.rms_norm_with_residual``
+takes this path for 16-bit inputs only).
 
 Rows are tiles of ``ROWS x BLOCK`` (several short rows per program, one long row); row offsets are int64, so
 ``row * stride`` may exceed 2^31.

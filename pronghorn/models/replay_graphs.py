@@ -56,7 +56,8 @@ GRAPH_SETTINGS = ("auto", "off")  # DecoderModel.replay_graphs / kept_graphs_set
 
 def module_signature(module: nn.Module) -> tuple:
     """What a graph captured over ``module`` depends on besides shapes: its parameters' and buffers' storage,
-    dtypes and shapes, and its adapters' switches."""
+    dtypes, shapes and whether they train (a graph's backward returns the gradients it was captured for), and
+    its adapters' switches."""
     return layer_state(module)[1]
 
 
@@ -76,7 +77,7 @@ def layer_state(module: nn.Module) -> tuple[list, tuple]:
                 if t is None or id(t) in seen:
                     continue
                 seen.add(id(t))
-                tensors.append((t.data_ptr(), t.dtype, t.shape))
+                tensors.append((t.data_ptr(), t.dtype, t.shape, t.requires_grad))
                 if trainable and t.requires_grad:
                     params.append(t)
         if "lora_enabled" in d or hasattr(type(m), "lora_enabled"):

@@ -161,3 +161,30 @@ def test_a_plan_without_kept_graphs_gives_their_pool_back():
     model.model.forced_plan = MemoryPlan(("recompute", "keep"))
     model(**_batch(0)).loss.backward()
     assert not graphs.shapes and graphs.pool is None
+
+
+def test_a_layer_moved_since_the_capture_runs_eagerly_from_there_and_is_captured_again(monkeypatch):
+    """A replay checks each layer as its turn comes (the GPU runs the graphs below meanwhile): the layers below a
+    moved one run as graphs, it and those above eagerly, with the eager step's gradients bit for bit; the next
+    step captures them all again."""
+    graphs = KeptGraphs(EagerGraph)
+    model = _captured_model(graphs)
+    ref = _model()
+    ref.model.forced_plan = EAGER
+    for m in (model, ref):
+        proj = m.model.layers[1].mlp.up_proj
+        proj.lora_A = torch.nn.Parameter(proj.lora_A.detach() * 1.5)
+    replayed = []
+    forward_layer = KeptGraphs.forward_layer
+    monkeypatch.setattr(KeptGraphs, "forward_layer", lambda self, shape, i, *a: replayed.append(i) or
+                        forward_layer(self, shape, i, *a))
+    for step in range(3):
+        replayed.clear()
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            m(**_batch(0)).loss.backward()
+        assert replayed == [[0], [0, 1], [0, 1]][step]  # step 0: layer 1 eagerly; 1: captured again; 2: replayed
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if p.requires_grad:
+                assert torch.equal(p.grad, q.grad), (step, name)
+    assert sorted(graphs.capture_counts.values()) == [2] and not next(iter(graphs.shapes.values())).stale

@@ -195,8 +195,8 @@ def test_shapes_that_change_every_step_are_not_captured():
 @pytest.mark.parametrize("qlora", [False, True])
 def test_one_walk_gives_torchs_lists_and_sees_every_change(qlora):
     """``layer_state``: the trainable parameters are ``parameters()``'s, in its order; the signature is stable
-    from step to step and changes when a tensor moves, changes dtype or shape, or an adapter is switched,
-    rescaled, replaced or removed."""
+    from step to step and changes when a tensor moves, changes dtype, shape or whether it trains, or an adapter is
+    switched, rescaled, replaced or removed."""
     model = _model()
     layer = model.model.layers[0]
     if qlora:
@@ -214,6 +214,7 @@ def test_one_walk_gives_torchs_lists_and_sees_every_change(qlora):
         lambda: setattr(proj, "lora_scaling", proj.lora_scaling * 2),
         lambda: setattr(proj.lora_B, "data", proj.lora_B.detach().clone()),  # moved, no new Parameter
         lambda: setattr(proj.lora_A, "data", proj.lora_A.detach().double()),
+        lambda: proj.lora_B.requires_grad_(False),  # a graph's backward returns the gradients it was captured for
         lambda: setattr(proj, "lora_A", torch.nn.Parameter(proj.lora_A.detach()[:2].clone())),
         proj.remove_lora,
     ]
