@@ -96,7 +96,8 @@ class KeptGraphs(GraphSet):
         key = (tuple(x.shape), x.dtype, x.device, x.requires_grad, arg_key, autocast)
         repeated, self.last_key = self.last_key == key, key
         shape = self.shapes.get(key)
-        if shape is None or not shape.complete or shape.stale:  # every layer's state, before any graph runs
+        # every layer's state before any graph runs: to capture, or after a layer moved (or layers came or went)
+        if shape is None or not shape.complete or shape.stale or len(shape.signature) != len(layers):
             states = [layer_state(layer) for layer in layers]  # (trainable parameters, signature) per layer
             if not all(state[0] for state in states):
                 return None

@@ -188,3 +188,22 @@ def test_a_layer_moved_since_the_capture_runs_eagerly_from_there_and_is_captured
             if p.requires_grad:
                 assert torch.equal(p.grad, q.grad), (step, name)
     assert sorted(graphs.capture_counts.values()) == [2] and not next(iter(graphs.shapes.values())).stale
+
+
+def test_a_layer_removed_after_the_capture_captures_again():
+    graphs = KeptGraphs(EagerGraph)
+    model = _captured_model(graphs)
+    ref = _model()
+    ref.model.forced_plan = MemoryPlan(("keep",))
+    model.model.forced_plan = MemoryPlan(("keep",), kept_graphs=True)
+    for m in (model, ref):
+        m.model.layers = torch.nn.ModuleList(m.model.layers[:1])
+    for _ in range(3):
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            m(**_batch(0)).loss.backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if p.requires_grad:
+                assert torch.equal(p.grad, q.grad), name
+    shape = next(iter(graphs.shapes.values()))
+    assert len(shape.layers) == 1 and shape.complete
