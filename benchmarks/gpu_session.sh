@@ -69,11 +69,12 @@
 #   H200 families then families-gemma2; on an H100 PROFILE_TRACE=$OUT/t with train_e2e.py --profile (1B and 8B, no
 #   cap) to trace the step-start gaps (read the traces with benchmarks/trace_gaps.py); then budget-1b,
 #   budget-qlora, grpo.
-# Session 27 (2026-12-07): no machine was lent. Built: the pre-norms sum their block's residual gradient in their
-#   backward kernel; graphs_possible (every step, GPU idle) is 3-5x cheaper; the early loss count only on the fused
-#   path. Order: `residual` (their GPU tests, the no-cap rows fused/unfused/fused, the 1B trace), then the Llama rows
-#   beside Unsloth (FAMILY_WORKLOADS=1b-lora,8b-lora FAMILY_SYSTEMS=unsloth,pronghorn CAP_MODE=kwarg families,
-#   AUTOCAST both); on an H200 families then families-gemma2; budget-1b, budget-qlora, grpo.
+# Session 27 (H100, 2026-12-07): one call (`residual`): the residual-summing norms +1.0% on 8B, +0.3% on 1B (A/B/A);
+#   fp32 was not bitwise there (an FMA), now 16-bit only; the 1B trace's 1.4 ms prologue gap led to per-layer checks
+#   in KeptGraphs.run (not measured). Order: the GPU tests of the last commit (tests/kernels/test_rmsnorm_residual.py,
+#   tests/models/test_kept_graphs.py, test_replay_graphs.py, tests/infer/test_decode_graph.py, tests/test_gpu.py), the
+#   1B trace again, then FAMILY_WORKLOADS=1b-lora (then 8b-lora, 8b-qlora) FAMILY_SYSTEMS=unsloth,pronghorn
+#   CAP_MODE=kwarg families; on an H200 families then families-gemma2; budget-1b, budget-qlora, grpo.
 # FAMILY_SYSTEMS (the families stages' systems, default pronghorn,unsloth,hf+peft; AUTOCAST and CAP_MODE their
 # memory_budget.py flags, default both), JOBS (pytest-xdist workers for `tests`, default 6) and TIME_LIMIT (seconds, the budget stages) fit two stages
 # into one call. Results go to $OUT (JSON, PNG, logs); the reply carries the table each script prints last.
